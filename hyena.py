@@ -1,0 +1,461 @@
+"""GPT-NeoX (Pythia) and its Hyena student, in one readable file.
+
+The teacher is EleutherAI's GPT-NeoX exactly as `transformers.GPTNeoXForCausalLM` computes it (parameter
+names are HF's, so checkpoints load by name). The student is the same network with some or all attention
+blocks replaced by the Hyena operator (Poli et al. 2023, arXiv 2302.10866), as in "Scavenging Hyena"
+(arXiv 2401.17574). The operator mirrors safari's `standalone_hyena.py` (HazyResearch/safari).
+
+Glossary (code name -> paper symbol, Hyena paper section 3):
+  x0, x1, ... x_{N-1}, v   projections of the input u (x^n and v in the paper; N = `order`)
+  short_filter             the depthwise causal convolution (kernel 3) applied to every projection
+  k / HyenaFilter          the implicit long filter h^n(t) = FFN(PositionalEmbedding(t)) * Window(t)
+  bias                     the per-channel skip term D in y = h * u + D u
+  z                        the input of a long convolution (x^n ⊙ z^n), cached for decoding
+  l_max                    the longest sequence the filter is defined for (t = 0 .. l_max-1)
+"""
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hub import HubError, read_safetensors, resolve_file, write_safetensors
+from tokenizer import load_tokenizer  # noqa: F401  (re-exported: `from hyena import load_tokenizer`)
+
+MIXERS = ("attention", "hyena")
+# Buffers that HF checkpoints may carry but that we recompute: never persistent in this model.
+IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
+
+
+@dataclass
+class Config:
+    vocab_size: int = 50304
+    hidden_size: int = 512
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 8
+    intermediate_size: int = 2048
+    max_position_embeddings: int = 2048
+    rotary_pct: float = 0.25
+    rotary_emb_base: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    use_parallel_residual: bool = True
+    mixers: list = field(default_factory=list)  # per layer "attention" | "hyena"; empty = all attention
+    hyena_order: int = 2           # N: number of projections gated in; N-1 long convolutions
+    hyena_filter_order: int = 64   # width of the implicit filter's FFN
+    hyena_emb_dim: int = 33        # positional embedding size (1 + 2 * bands), odd
+    hyena_l_max: int = 0           # 0 = max_position_embeddings
+    hyena_filter_lr: float = 0.0   # own learning rate for filter parameters; 0 = the run's lr
+
+    def __post_init__(self):
+        if not self.mixers:
+            self.mixers = ["attention"] * self.num_hidden_layers
+        self.mixers = list(self.mixers)
+        if len(self.mixers) != self.num_hidden_layers or any(m not in MIXERS for m in self.mixers):
+            raise ValueError(f"Config.mixers must list {self.num_hidden_layers} entries from {MIXERS}, "
+                             f"got {self.mixers}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+
+    @property
+    def l_max(self):
+        return self.hyena_l_max or self.max_position_embeddings
+
+    @classmethod
+    def from_hf(cls, d):
+        """Read an HF GPT-NeoX config.json dict (old rotary_pct/rotary_emb_base keys or rope_parameters)."""
+        if d.get("model_type", "gpt_neox") != "gpt_neox":
+            raise ValueError(f"config.json has model_type {d.get('model_type')!r}; only 'gpt_neox' "
+                             "(Pythia / GPT-NeoX) checkpoints are supported")
+        if d.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (GPT-NeoX uses 'gelu')")
+        if d.get("tie_word_embeddings", False):
+            raise ValueError("tie_word_embeddings=true is not supported: GPT-NeoX unembeds with embed_out")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and not f.name.startswith("hyena_")}
+        kw["rotary_pct"] = d.get("rotary_pct", d.get("partial_rotary_factor",
+                                 rope.get("partial_rotary_factor", 0.25)))
+        kw["rotary_emb_base"] = d.get("rotary_emb_base", d.get("rope_theta", rope.get("rope_theta", 1e4)))
+        kw.update({f"hyena_{k}": v for k, v in d.get("hyena", {}).items()})
+        return cls(**kw)
+
+    def to_hf(self):
+        d = {k: v for k, v in asdict(self).items() if not k.startswith("hyena_") and k != "mixers"}
+        d.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"], hidden_act="gelu",
+                 tie_word_embeddings=False, attention_bias=True, bos_token_id=0, eos_token_id=0,
+                 rope_parameters={"rope_type": "default", "rope_theta": self.rotary_emb_base,
+                                  "partial_rotary_factor": self.rotary_pct})
+        if "hyena" in self.mixers:  # students only: a pure-attention config stays plain GPT-NeoX
+            d["mixers"] = self.mixers
+            d["hyena"] = {k[len("hyena_"):]: v for k, v in asdict(self).items() if k.startswith("hyena_")}
+        return d
+
+
+# ----------------------------------------------------------------------------- attention (the teacher)
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
+        self.rot = int(self.head_dim * cfg.rotary_pct)
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        inv_freq = 1.0 / cfg.rotary_emb_base ** (torch.arange(0, self.rot, 2, dtype=torch.float32) / self.rot)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x, cache=None):
+        B, L, D = x.shape
+        pos = cache["pos"] if cache is not None else 0
+        qkv = self.query_key_value(x).view(B, L, self.n_head, 3 * self.head_dim)  # per-head [q|k|v]
+        q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # (B, H, L, hd) each
+        t = torch.arange(pos, pos + L, device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq)  # (L, rot/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (L, rot)
+        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+        q = torch.cat((q[..., :self.rot] * cos + rotate_half(q[..., :self.rot]) * sin, q[..., self.rot:]), -1)
+        k = torch.cat((k[..., :self.rot] * cos + rotate_half(k[..., :self.rot]) * sin, k[..., self.rot:]), -1)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, hd)
+        else:  # preallocated KV cache: write this chunk, attend over everything so far
+            if "k" not in cache:
+                shape = (B, self.n_head, cache["max_len"], self.head_dim)
+                cache["k"], cache["v"] = k.new_zeros(shape), v.new_zeros(shape)
+            cache["k"][:, :, pos:pos + L], cache["v"][:, :, pos:pos + L] = k, v
+            K, V = cache["k"][:, :, :pos + L], cache["v"][:, :, :pos + L]  # (B, H, pos+L, hd)
+            mask = None if L == 1 else torch.ones(L, pos + L, dtype=torch.bool, device=x.device).tril(pos)
+            y = F.scaled_dot_product_attention(q, K, V, attn_mask=mask)  # (B, H, L, hd)
+        return self.dense(y.transpose(1, 2).reshape(B, L, D))
+
+
+# ----------------------------------------------------------------------------- Hyena (the student)
+
+def fft_size(n):
+    """Smallest 2^a * {1, 3} >= n: cuFFT and pocketfft are fastest on such sizes."""
+    p = 1 << max(0, (n - 1).bit_length())
+    return min(p, 3 * (p >> 2)) if p >= 4 and 3 * (p >> 2) >= n else p
+
+
+def fftconv(u, k, bias):
+    """Causal long convolution y_t = sum_{s<=t} k_{t-s} u_s + bias * u_t, by FFT of size >= 2L.
+
+    u (B, D, L), k (D, L), bias (D,). Runs in fp32 (fp64 if given fp64) even under bf16 autocast: torch.fft
+    rejects bf16, and fp16/bf16 FFTs lose too much precision over long sequences.
+    """
+    L, dtype = u.shape[-1], torch.promote_types(u.dtype, torch.float32)
+    n = fft_size(2 * L)  # zero-padding to >= 2L turns the circular convolution into a linear one
+    with torch.autocast(u.device.type, enabled=False):
+        u32, k32 = u.to(dtype), k.to(dtype)
+        y = torch.fft.irfft(torch.fft.rfft(u32, n=n) * torch.fft.rfft(k32, n=n), n=n)[..., :L]  # (B, D, L)
+        return (y + u32 * bias.to(dtype)[:, None]).to(u.dtype)
+
+
+class Sin(nn.Module):
+    """sin(w x) with a learnable frequency per channel: the implicit filter's activation."""
+    def __init__(self, dim, w=1.0):
+        super().__init__()
+        self.freq = nn.Parameter(w * torch.ones(1, dim))
+
+    def forward(self, x):
+        return torch.sin(self.freq * x)
+
+
+class HyenaFilter(nn.Module):
+    """h(t) = FFN(z(t)) * exp(-|delta| t): implicit filters for `channels` channels, defined up to l_max."""
+    def __init__(self, channels, l_max, emb_dim=33, filter_order=64, fast_decay=0.3, slow_decay=1.5, target=1e-2):
+        super().__init__()
+        if emb_dim % 2 == 0 or emb_dim < 3:
+            raise ValueError(f"hyena_emb_dim must be odd and >= 3 (1 + 2 * bands), got {emb_dim}")
+        self.l_max = l_max
+        t = torch.linspace(0, 1, l_max)[:, None]  # (l_max, 1) normalised time
+        bands = (emb_dim - 1) // 2
+        f = torch.linspace(1e-4, bands - 1, bands)[None]  # (1, bands)
+        angle = 2 * math.pi * f * torch.arange(l_max)[:, None] / l_max  # (l_max, bands)
+        self.register_buffer("t", t, persistent=False)
+        self.register_buffer("z", torch.cat([t, angle.cos(), -angle.sin()], dim=-1), persistent=False)
+        self.implicit_filter = nn.Sequential(
+            nn.Linear(emb_dim, filter_order), Sin(filter_order),
+            nn.Linear(filter_order, filter_order), Sin(filter_order),
+            nn.Linear(filter_order, filter_order), Sin(filter_order),
+            nn.Linear(filter_order, channels, bias=False))
+        # Decay rates spread over channels so some filters are short (local) and some span the sequence.
+        deltas = torch.linspace(math.log(target) / fast_decay, math.log(target) / slow_decay, channels)
+        self.register_buffer("deltas", deltas[None], persistent=False)
+        self.bias = nn.Parameter(torch.randn(channels))
+
+    def forward(self, L):
+        """The filter for lengths 0..L-1, as (channels, L): a prefix of the l_max filter."""
+        if L > self.l_max:
+            raise ValueError(f"sequence length {L} exceeds the Hyena filter's l_max {self.l_max}; "
+                             "build the model with a larger Config.hyena_l_max")
+        h = self.implicit_filter(self.z[:L])  # (L, C)
+        return (h * torch.exp(-self.t[:L] * self.deltas.abs())).transpose(0, 1)  # (C, L)
+
+
+class HyenaOperator(nn.Module):
+    def __init__(self, d_model, l_max, order=2, filter_order=64, emb_dim=33, short_filter_order=3, filter_lr=0.0):
+        super().__init__()
+        if order < 2:
+            raise ValueError(f"Hyena order must be >= 2 (one gate and one long convolution), got {order}")
+        self.d_model, self.order = d_model, order
+        self.in_proj = nn.Linear(d_model, (order + 1) * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        width = (order + 1) * d_model
+        self.short_filter = nn.Conv1d(width, width, short_filter_order, groups=width, padding=short_filter_order - 1)
+        self.filter_fn = HyenaFilter(d_model * (order - 1), l_max, emb_dim, filter_order)
+        for p in self.filter_fn.parameters():  # hints read by optim_groups(): no decay, optionally own lr
+            p._optim = {"weight_decay": 0.0, **({"lr": filter_lr} if filter_lr else {})}
+
+    def filters(self, L):
+        k = self.filter_fn(L).view(self.order - 1, self.d_model, L)  # (N-1, D, L)
+        return k, self.filter_fn.bias.view(self.order - 1, self.d_model)  # (N-1, D)
+
+    def forward(self, u, cache=None):
+        B, L, D = u.shape
+        if cache is not None and cache["pos"] > 0:
+            return self.step(u, cache)
+        p = self.in_proj(u).transpose(1, 2)  # (B, (N+1)D, L)
+        pc = self.short_filter(p)[..., :L]  # (B, (N+1)D, L), causal: output t sees inputs t-2..t
+        *x, v = pc.split(D, dim=1)  # N gates x (B, D, L), value v (B, D, L)
+        k, bias = self.filters(cache["max_len"] if cache is not None else L)
+        for o, x_i in enumerate(reversed(x[1:])):
+            z = v * x_i  # (B, D, L)
+            if cache is not None:  # prefill: remember every long-conv input for O(L D) decoding
+                cache.setdefault("z", []).append(z.new_zeros(B, D, cache["max_len"]))
+                cache["z"][o][..., :L] = z
+            v = fftconv(z, k[o, :, :L], bias[o])  # (B, D, L)
+        if cache is not None:
+            kw = self.short_filter.kernel_size[0] - 1
+            cache["tail"] = F.pad(p, (max(0, kw - L), 0))[..., -kw:]  # (B, (N+1)D, kw) last projections
+            cache["k_rev"], cache["bias"] = k.flip(-1), bias  # (N-1, D, max_len): filter, reversed
+        return self.out_proj((v * x[0]).transpose(1, 2))  # (B, L, D)
+
+    def step(self, u, cache):
+        """One token: short conv from the cached tail, each long conv as a dot product with the filter."""
+        B, L, D = u.shape
+        if L != 1:
+            raise ValueError(f"Hyena decoding takes one token at a time after the prefill, got {L}")
+        pos, T = cache["pos"], cache["max_len"]
+        p = self.in_proj(u[:, 0])[..., None]  # (B, (N+1)D, 1)
+        window = torch.cat([cache["tail"], p], dim=-1)  # (B, (N+1)D, K)
+        cache["tail"] = window[..., 1:]
+        w = self.short_filter.weight[:, 0]  # (N+1)D, K)
+        pc = (window * w).sum(-1) + self.short_filter.bias  # (B, (N+1)D)
+        *x, v = pc.split(D, dim=1)  # (B, D) each
+        dtype = torch.promote_types(v.dtype, torch.float32)
+        for o, x_i in enumerate(reversed(x[1:])):
+            z = v * x_i  # (B, D)
+            cache["z"][o][..., pos] = z
+            hist = cache["z"][o][..., :pos + 1].to(dtype)  # (B, D, pos+1)
+            kr = cache["k_rev"][o, :, T - 1 - pos:].to(dtype)  # (D, pos+1): k[pos], ..., k[0]
+            v = ((hist * kr).sum(-1) + z.to(dtype) * cache["bias"][o].to(dtype)).to(z.dtype)  # (B, D)
+        return self.out_proj(v * x[0])[:, None]  # (B, 1, D)
+
+
+# ----------------------------------------------------------------------------- the network
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))  # exact-erf GELU, as GPT-NeoX
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, mixer):
+        super().__init__()
+        self.mixer, self.parallel = mixer, cfg.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        if mixer == "attention":  # attribute names are HF's, so `gpt_neox.layers.N.attention.*` loads by name
+            self.attention = Attention(cfg)
+        else:
+            self.hyena = HyenaOperator(cfg.hidden_size, cfg.l_max, cfg.hyena_order, cfg.hyena_filter_order,
+                                       cfg.hyena_emb_dim, filter_lr=cfg.hyena_filter_lr)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cache=None):
+        a = getattr(self, self.mixer)(self.input_layernorm(x), cache)  # (B, L, D)
+        if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
+            return x + a + self.mlp(self.post_attention_layernorm(x))
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPTNeoX(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.gpt_neox = nn.Module()
+        self.gpt_neox.embed_in = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.gpt_neox.layers = nn.ModuleList(Block(cfg, m) for m in cfg.mixers)
+        self.gpt_neox.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.embed_out = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        for name, m in self.named_modules():  # GPT-NeoX's N(0, 0.02); the implicit filter keeps torch's
+            if isinstance(m, (nn.Linear, nn.Embedding)) and ".filter_fn." not in name:  # (sin FFN needs it)
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    def head(self, x):
+        return self.embed_out(self.gpt_neox.final_layer_norm(x))  # (B, L, V)
+
+    def hidden_states(self, idx):
+        """[embedding output, output of layer 0, ..., output of layer N-1], each (B, L, D)."""
+        hs = [self.gpt_neox.embed_in(idx)]
+        for block in self.gpt_neox.layers:
+            hs.append(block(hs[-1]))
+        return hs
+
+    def forward(self, idx, targets=None, cache=None):
+        x = self.gpt_neox.embed_in(idx)  # (B, L, D)
+        for i, block in enumerate(self.gpt_neox.layers):
+            x = block(x, cache[i] if cache is not None else None)
+        if cache is not None:
+            for c in cache:
+                c["pos"] += idx.shape[1]
+        logits = self.head(x)  # (B, L, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Sample max_new_tokens after idx (B, T); temperature 0 is greedy. Caches make each step O(T D)."""
+        cache = [{"pos": 0, "max_len": idx.shape[1] + max_new_tokens} for _ in self.gpt_neox.layers]
+        logits, _ = self(idx, cache=cache)
+        for _ in range(max_new_tokens):
+            logits = logits[:, -1].float()  # (B, V)
+            if temperature == 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, -float("inf"))
+                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)  # (B, 1)
+            idx = torch.cat([idx, nxt], dim=1)
+            if idx.shape[1] < cache[0]["max_len"]:
+                logits, _ = self(nxt, cache=cache)
+        return idx
+
+    def optim_groups(self, weight_decay, lr):
+        """AdamW groups: decay matrices and embeddings only; Hyena filter params follow their `_optim` hints."""
+        groups = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            hint = {"weight_decay": weight_decay if p.dim() >= 2 else 0.0, "lr": lr, **getattr(p, "_optim", {})}
+            groups.setdefault((hint["weight_decay"], hint["lr"]), []).append(p)
+        return [{"params": ps, "weight_decay": wd, "lr": glr} for (wd, glr), ps in groups.items()]
+
+    # ------------------------------------------------------------------------- checkpoints
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, revision="main", dtype=torch.float32):
+        """Load a local directory or a hub repo (any revision) holding config.json + safetensors weights."""
+        cfg = Config.from_hf(json.loads(Path(resolve_file(name_or_path, "config.json", revision)).read_text()))
+        model = cls(cfg)
+        expected = model.state_dict()
+        state = {}
+        for path in _weight_files(name_or_path, revision):
+            for key, t in read_safetensors(path).items():
+                key = "embed_out.weight" if key == "lm_head.weight" else key
+                if key.endswith(IGNORED_SUFFIXES):
+                    continue
+                if key not in expected:
+                    raise ValueError(f"{path}: unexpected key {key!r} for a GPT-NeoX with mixers {cfg.mixers}")
+                if t.shape != expected[key].shape:
+                    raise ValueError(f"{path}: {key!r} has shape {list(t.shape)}, the config implies "
+                                     f"{list(expected[key].shape)}")
+                state[key] = t
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ValueError(f"{name_or_path}@{revision}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        model.load_state_dict(state, strict=True)
+        return model.to(dtype)
+
+    def save_pretrained(self, out_dir, metadata=None):
+        """config.json + model.safetensors, readable by from_pretrained and (pure attention) transformers."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        write_safetensors(out / "model.safetensors", tensors, {"format": "pt", **(metadata or {})})
+        tmp = out / "config.json.tmp"
+        tmp.write_text(json.dumps(self.config.to_hf(), indent=2))
+        tmp.replace(out / "config.json")
+
+
+def _weight_files(name_or_path, revision):
+    """model.safetensors, or the shards a model.safetensors.index.json names. Pickle files are refused."""
+    try:
+        return [resolve_file(name_or_path, "model.safetensors", revision)]
+    except (FileNotFoundError, HubError) as single_err:
+        try:
+            index = Path(resolve_file(name_or_path, "model.safetensors.index.json", revision))
+        except (FileNotFoundError, HubError):
+            raise FileNotFoundError(
+                f"{name_or_path}@{revision} has neither model.safetensors nor model.safetensors.index.json "
+                f"({single_err}). Only safetensors are loaded (pickle files are never unpickled); convert "
+                "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True)") from None
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [resolve_file(name_or_path, s, revision) for s in shards]
+
+
+# ----------------------------------------------------------------------------- the student
+
+def make_student(teacher, layers=None, init="teacher"):
+    """The teacher with attention replaced by Hyena in `layers` (all by default); all else copied exactly.
+
+    init="teacher" fills Hyena's projections from the attention they replace, reading Hyena as a gated
+    linear recurrence y_t = x0_t * sum_s h_{t-s} (x1_s * v_s): the post-gate x0 plays the query (C in
+    SSM terms), the pre-gate x1 the key (B), v the value, and out_proj the output `dense` (as MOHAWK and
+    "The Mamba in the Llama" map attention to SSMs). The short filter starts as the identity, so at
+    initialisation every projection the MLP and the residual stream see is the teacher's own.
+    """
+    cfg = teacher.config
+    n = cfg.num_hidden_layers
+    layers = list(range(n)) if layers is None else sorted(set(layers))
+    if any(not 0 <= i < n for i in layers):
+        raise ValueError(f"layers {layers} out of range for a {n}-layer teacher")
+    if init not in ("teacher", "random"):
+        raise ValueError(f"init must be 'teacher' or 'random', got {init!r}")
+    mixers = ["hyena" if i in layers else m for i, m in enumerate(cfg.mixers)]
+    student = GPTNeoX(Config(**{**asdict(cfg), "mixers": mixers})).to(next(teacher.parameters()).device)
+    own = {k for k in student.state_dict() if ".hyena." in k}
+    missing, _ = student.load_state_dict({k: v for k, v in teacher.state_dict().items() if k not in own},
+                                         strict=False)
+    assert set(missing) <= own, f"teacher lacks {set(missing) - own}"
+    if init == "teacher":
+        for i in layers:
+            hy, att = student.gpt_neox.layers[i].hyena, teacher.gpt_neox.layers[i].attention
+            if not hasattr(att, "query_key_value"):
+                raise ValueError(f"teacher layer {i} is not attention; init='teacher' needs attention layers")
+            _init_from_attention(hy, att)
+    return student
+
+
+@torch.no_grad()
+def _init_from_attention(hy, att):
+    D, H, hd, N = hy.d_model, att.n_head, att.head_dim, hy.order
+    w = att.query_key_value.weight.view(H, 3, hd, D).transpose(0, 1).reshape(3, D, D)  # [q, k, v] de-interleaved
+    b = att.query_key_value.bias.view(H, 3, hd).transpose(0, 1).reshape(3, D)
+    # in_proj rows are [x0, x1, ..., x_{N-1}, v]: x0 <- q, every other gate <- k, v <- v
+    src = [0] + [1] * (N - 1) + [2]
+    hy.in_proj.weight.copy_(torch.cat([w[s] for s in src]))
+    hy.in_proj.bias.copy_(torch.cat([b[s] for s in src]))
+    hy.out_proj.load_state_dict(att.dense.state_dict())
+    hy.short_filter.weight.zero_()
+    hy.short_filter.weight[..., -1] = 1.0  # identity: the last tap multiplies the current position
+    hy.short_filter.bias.zero_()

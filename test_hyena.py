@@ -1,0 +1,260 @@
+"""Behaviour of the model file: GPT-NeoX parity with transformers, the Hyena operator, students, generation."""
+import json
+
+import pytest
+import torch
+
+from hyena import Config, GPTNeoX, HyenaOperator, fftconv, make_student
+
+TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=160, num_hidden_layers=3, vocab_size=211,
+            max_position_embeddings=64)
+
+
+def randomized(cfg, seed=0):
+    """A model whose every tensor (LayerNorms and biases too) is random, so parity tests cover them all."""
+    torch.manual_seed(seed)
+    m = GPTNeoX(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+# ----------------------------------------------------------------------------- GPT-NeoX = transformers
+
+PARITY_CONFIGS = {
+    "pythia-70m": Config(),
+    "rotary_pct=1.0": Config(**{**TINY, "rotary_pct": 1.0}),
+    "sequential residual": Config(**{**TINY, "use_parallel_residual": False}),
+    "2 heads, intermediate != 4*hidden": Config(**{**TINY, "num_attention_heads": 2}),
+    "rope base 500": Config(**{**TINY, "rotary_emb_base": 500.0, "rotary_pct": 0.5}),
+}
+
+
+@pytest.mark.parametrize("name", PARITY_CONFIGS)
+def test_logits_match_transformers(name, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = PARITY_CONFIGS[name]
+    ours = randomized(cfg)
+    ours.save_pretrained(tmp_path)
+    hf, info = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info.values()), info  # every tensor we wrote is one transformers expects, and vice versa
+    idx = torch.randint(0, cfg.vocab_size, (2, 48))
+    with torch.no_grad():
+        delta = (GPTNeoX.from_pretrained(tmp_path)(idx)[0] - hf.eval()(idx).logits).abs().max().item()
+    print(f"max |dlogit| {name}: {delta:.2e}")
+    assert delta <= 1e-4
+
+
+def test_loads_transformers_checkpoint_and_config_forms(tmp_path):
+    """A checkpoint written by transformers (lm_head name variants, inv_freq buffers, new config keys) loads."""
+    transformers = pytest.importorskip("transformers")
+    cfg = Config(**{**TINY, "rotary_pct": 0.5})
+    hf_cfg = transformers.GPTNeoXConfig(**{k: v for k, v in cfg.to_hf().items() if k != "architectures"})
+    hf = transformers.GPTNeoXForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    assert Config.from_hf(d) == cfg
+    legacy = {k: v for k, v in d.items() if k != "rope_parameters"} | {"rotary_pct": 0.5, "rotary_emb_base": 1e4}
+    assert Config.from_hf(legacy) == cfg
+    idx = torch.randint(0, cfg.vocab_size, (1, 40))
+    with torch.no_grad():
+        assert torch.allclose(GPTNeoX.from_pretrained(tmp_path)(idx)[0], hf(idx).logits, atol=1e-4)
+
+
+def test_from_pretrained_rejects_bad_checkpoints(tmp_path):
+    from hub import read_safetensors, write_safetensors
+    m = GPTNeoX(Config(**TINY))
+    m.save_pretrained(tmp_path)
+    state = read_safetensors(tmp_path / "model.safetensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type 'llama'"):
+        GPTNeoX.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+
+    write_safetensors(tmp_path / "model.safetensors", {**state, "gpt_neox.extra.weight": torch.zeros(2)})
+    with pytest.raises(ValueError, match="unexpected key 'gpt_neox.extra.weight'"):
+        GPTNeoX.from_pretrained(tmp_path)
+    write_safetensors(tmp_path / "model.safetensors", {**state, "embed_out.weight": torch.zeros(3, 64)})
+    with pytest.raises(ValueError, match=r"'embed_out.weight' has shape \[3, 64\]"):
+        GPTNeoX.from_pretrained(tmp_path)
+    write_safetensors(tmp_path / "model.safetensors", {k: v for k, v in state.items() if "layers.2.mlp" not in k})
+    with pytest.raises(ValueError, match="lacks 4 tensors"):
+        GPTNeoX.from_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
+        GPTNeoX.from_pretrained(tmp_path)
+
+
+def test_sharded_checkpoint_and_lm_head_name(tmp_path):
+    from hub import write_safetensors
+    m = randomized(Config(**TINY))
+    state = {("lm_head.weight" if k == "embed_out.weight" else k): v for k, v in m.state_dict().items()}
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for fname, ks in shards.items():
+        write_safetensors(tmp_path / fname, {k: state[k] for k in ks})
+    weight_map = {k: f for f, ks in shards.items() for k in ks}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "config.json").write_text(json.dumps(m.config.to_hf()))
+    idx = torch.randint(0, 211, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(GPTNeoX.from_pretrained(tmp_path)(idx)[0], m(idx)[0])
+
+
+def test_from_pretrained_through_the_hub(tmp_path, monkeypatch):
+    """A hub repo id with a Pythia-style branch revision downloads once, then loads from the cache alone."""
+    fakehub = pytest.importorskip("fakehub")
+    m = randomized(Config(**TINY))
+    m.save_pretrained(tmp_path / "src")
+    with fakehub.FakeHub() as hub:
+        hub.add_dir("EleutherAI/pythia-tiny", tmp_path / "src", revision="step143000")
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+        a = GPTNeoX.from_pretrained("EleutherAI/pythia-tiny", revision="step143000")
+        n = len(hub.requests)
+        b = GPTNeoX.from_pretrained("EleutherAI/pythia-tiny", revision="step143000")
+        assert n > 0 and len(hub.requests) == n  # the warm cache answers; no request
+    for k, v in m.state_dict().items():
+        assert torch.equal(a.state_dict()[k], v) and torch.equal(b.state_dict()[k], v)
+
+
+# ----------------------------------------------------------------------------- the Hyena operator
+
+def direct_causal_conv(u, k, bias):
+    """y_t = sum_{s<=t} k_{t-s} u_s + bias u_t, the definition, by loops (fp64 reference)."""
+    L = u.shape[-1]
+    y = torch.zeros_like(u)
+    for t in range(L):
+        y[..., t] = (u[..., :t + 1] * k[..., :t + 1].flip(-1)).sum(-1)
+    return y + u * bias[:, None]
+
+
+@pytest.mark.parametrize("L", [64, 100, 1])
+def test_fft_convolution_equals_direct_convolution(L):
+    torch.manual_seed(L)
+    u, k, bias = torch.randn(2, 8, L, dtype=torch.float64), torch.randn(8, L, dtype=torch.float64), torch.randn(8)
+    err = (fftconv(u, k, bias.double()) - direct_causal_conv(u, k, bias.double())).abs().max().item()
+    print(f"fftconv vs direct, L={L}: {err:.1e}")
+    assert err <= 1e-10
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_hyena_is_causal(order):
+    torch.manual_seed(order)
+    op = HyenaOperator(32, l_max=128, order=order).double()
+    x = torch.randn(2, 100, 32, dtype=torch.float64, requires_grad=True)
+    y = op(x)
+    assert y.shape == x.shape
+    t = 57
+    x2 = x.detach().clone()
+    x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:])
+    err = (op(x2)[:, :t + 1] - y[:, :t + 1]).abs().max().item()
+    print(f"order {order}: max change at <= t after editing the future: {err:.1e}")
+    assert err <= 1e-12
+    (g,) = torch.autograd.grad(y[:, t].sum(), x)
+    past, future = g[:, :t + 1].abs().max().item(), g[:, t + 1:].abs().max().item()
+    assert past > 1e-3 and future <= 1e-12 * past  # zero up to fp64 FFT rounding (~1e-18)
+
+
+def test_shorter_filters_are_prefixes_and_limits_are_checked():
+    op = HyenaOperator(16, l_max=64)
+    k64, k10 = op.filter_fn(64), op.filter_fn(10)
+    assert k64.shape == (16, 64) and torch.allclose(k10, k64[:, :10], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="sequence length 65 exceeds the Hyena filter's l_max 64"):
+        op(torch.randn(1, 65, 16))
+    with pytest.raises(ValueError, match="order must be >= 2"):
+        HyenaOperator(16, l_max=64, order=1)
+
+
+def test_hyena_parameter_count_near_attention():
+    cfg = Config()
+    attn = sum(p.numel() for p in GPTNeoX(Config(**{**TINY, "hidden_size": 512, "num_attention_heads": 8,
+                                                     "num_hidden_layers": 1})).gpt_neox.layers[0].attention.parameters())
+    hy = sum(p.numel() for p in HyenaOperator(cfg.hidden_size, cfg.l_max).parameters())
+    print(f"d=512: attention {attn:,} parameters, Hyena order 2 {hy:,} ({hy / attn - 1:+.1%})")
+    assert abs(hy / attn - 1) <= 0.10
+
+
+def test_filter_parameters_get_their_own_optimizer_group():
+    cfg = Config(**{**TINY, "hyena_filter_lr": 3e-4})
+    groups = make_student(GPTNeoX(cfg), layers=[1]).optim_groups(weight_decay=0.1, lr=1e-3)
+    filter_params = {id(p) for p in make_student(GPTNeoX(cfg), layers=[1]).gpt_neox.layers[1].hyena.filter_fn.parameters()}
+    assert len(filter_params) > 0
+    by = {(g["weight_decay"], g["lr"]): len(g["params"]) for g in groups}
+    assert by[(0.0, 3e-4)] == len(filter_params) and (0.1, 1e-3) in by and (0.0, 1e-3) in by
+
+
+# ----------------------------------------------------------------------------- students
+
+def test_make_student_copies_everything_but_the_mixer():
+    teacher = randomized(Config(**TINY))
+    student = make_student(teacher, layers=[0, 2])
+    assert student.config.mixers == ["hyena", "attention", "hyena"]
+    ts = teacher.state_dict()
+    for k, v in student.state_dict().items():
+        if ".hyena." not in k:
+            assert torch.equal(v, ts[k]), k
+    hy, att = student.gpt_neox.layers[0].hyena, teacher.gpt_neox.layers[0].attention
+    assert torch.equal(hy.out_proj.weight, att.dense.weight)
+    q_head0 = att.query_key_value.weight[:16]  # per-head interleaved: head 0's q rows come first
+    assert torch.equal(hy.in_proj.weight[:16], q_head0)
+    idx = torch.randint(0, 211, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(make_student(teacher, layers=[])(idx)[0], teacher(idx)[0])
+        r = make_student(teacher, init="random")
+    assert not torch.equal(r.gpt_neox.layers[0].hyena.out_proj.weight, att.dense.weight)
+    with pytest.raises(ValueError, match="out of range"):
+        make_student(teacher, layers=[3])
+
+
+@pytest.mark.parametrize("mixers", [[0, 1, 2], [1]], ids=["student", "hybrid"])
+def test_student_save_load_round_trip(mixers, tmp_path):
+    student = make_student(randomized(Config(**{**TINY, "hyena_order": 3})), layers=mixers)
+    student.save_pretrained(tmp_path)
+    again = GPTNeoX.from_pretrained(tmp_path)
+    assert again.config == student.config
+    idx = torch.randint(0, 211, (2, 30))
+    with torch.no_grad():
+        assert torch.equal(again(idx)[0], student(idx)[0])
+    assert "mixers" in json.loads((tmp_path / "config.json").read_text())
+
+
+@pytest.mark.parametrize("layers", [None, [], [0, 2]], ids=["hyena", "attention", "hybrid"])
+@pytest.mark.parametrize("order", [2, 3])
+def test_cached_generation_equals_full_forward(layers, order):
+    teacher = randomized(Config(**{**TINY, "hyena_order": order}))
+    model = make_student(teacher, layers=layers).eval()
+    prompt = torch.randint(0, 211, (2, 7))
+    out = model.generate(prompt, max_new_tokens=25, temperature=0)
+    assert out.shape == (2, 32) and torch.equal(out[:, :7], prompt)
+    cache = [{"pos": 0, "max_len": 32} for _ in range(3)]
+    with torch.no_grad():
+        steps = [model(out[:, :7], cache=cache)[0]] + [model(out[:, i:i + 1], cache=cache)[0] for i in range(7, 32)]
+        full = model(out)[0]
+    err = (torch.cat(steps, dim=1) - full).abs().max().item()
+    assert err <= 1e-4, err
+    assert torch.equal(full[:, 6:-1].argmax(-1), out[:, 7:])  # greedy tokens are the full forward's argmax
+
+
+def test_sampling_respects_top_k():
+    model = make_student(randomized(Config(**TINY)), layers=[1]).eval()
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 211, (1, 4))
+    logits = model(prompt)[0][0, -1]
+    out = model.generate(prompt, max_new_tokens=1, temperature=1.0, top_k=1)
+    assert out[0, -1] == logits.argmax()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast check needs CUDA")
+def test_bf16_autocast_forward_close_to_fp32():
+    model = make_student(randomized(Config()), layers=[0, 2, 4]).cuda()
+    idx = torch.randint(0, 50304, (2, 512), device="cuda")
+    with torch.no_grad():
+        ref = model(idx)[0]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low = model(idx)[0].float()
+    assert torch.isfinite(low).all()
+    assert ((low - ref).norm() / ref.norm()).item() <= 2e-2
