@@ -310,10 +310,10 @@ class GPTNeoX(nn.Module):
     def head(self, x):
         return self.embed_out(self.gpt_neox.final_layer_norm(x))  # (B, L, V)
 
-    def hidden_states(self, idx):
-        """[embedding output, output of layer 0, ..., output of layer N-1], each (B, L, D)."""
+    def hidden_states(self, idx, n_layers=None):
+        """[embedding output, output of layer 0, ..., of layer n_layers-1 (default all)], each (B, L, D)."""
         hs = [self.gpt_neox.embed_in(idx)]
-        for block in self.gpt_neox.layers:
+        for block in self.gpt_neox.layers[:n_layers]:
             hs.append(block(hs[-1]))
         return hs
 
