@@ -1,0 +1,436 @@
+"""Safetensors read/write by hand, and a small Hugging Face hub client built on requests.
+
+Nothing read here is ever unpickled: weights come only as safetensors (a JSON header, then raw little-endian
+bytes), and every header field is checked before a byte of tensor data is touched.
+The hub client keeps huggingface_hub's cache layout (models--org--name/{blobs,snapshots,refs}), so the two share
+one cache: a file fetched by either is found by the other.
+"""
+import fcntl
+import hashlib
+import json
+import math
+import mmap
+import os
+import re
+import shutil
+import struct
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote, urljoin, urlparse
+
+import requests
+import torch
+
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+
+# ----------------------------------------------------------------------------------------------------------
+# safetensors
+
+
+def _read_header(path):
+    """Validate the whole header; return (data_start, {name: (dtype, shape, begin, end)}, metadata)."""
+    size = os.path.getsize(path)
+    if size < 8:
+        raise ValueError(f"{path}: file is {size} bytes, shorter than the 8-byte header length: not safetensors")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > min(size - 8, 100_000_000):  # the package's cap too: never read gigabytes hoping for JSON
+            raise ValueError(f"{path}: header length {n} runs past the end of the file ({size} bytes) or over "
+                             "100 MB: truncated, or not a safetensors file (a pickled torch.save file looks like this)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: header is JSON {type(header).__name__}, expected an object")
+    metadata = header.pop("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ValueError(f"{path}: __metadata__ must map strings to strings, got {metadata!r:.200}")
+    data_len = size - 8 - n
+    entries = {}
+    for name, info in header.items():
+        at = f"{path}: tensor {name!r}"
+        if not (isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}):
+            raise ValueError(f"{at} must have exactly dtype, shape and data_offsets, got {info!r:.200}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in DTYPES:
+            raise ValueError(f"{at} has unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        # type() is int, not isinstance: JSON true/false would otherwise pass as 1/0.
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise ValueError(f"{at} shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"{at} data_offsets {offsets!r} are not [begin, end] integers with 0 <= begin <= end")
+        begin, end = offsets
+        if end > data_len:
+            raise ValueError(f"{at} data_offsets {offsets} run past the end of the data section "
+                             f"({data_len} bytes): the file is truncated or the offsets are out of range")
+        need = DTYPES[dtype].itemsize * math.prod(shape)
+        if end - begin != need:
+            raise ValueError(f"{at} data_offsets {offsets} hold {end - begin} bytes but {dtype} shape {shape} "
+                             f"needs {need}")
+        entries[name] = (DTYPES[dtype], shape, begin, end)
+    # Like the safetensors package: the tensors must tile the data section exactly, with no overlap
+    # (two tensors aliasing bytes) and no gaps or trailing bytes (data that no tensor accounts for).
+    end, prev = 0, None
+    for name, (_, _, b, e) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
+        if b < end:
+            raise ValueError(f"{path}: tensors {prev!r} and {name!r} overlap (bytes {b}..{end} of the data section)")
+        if b > end:
+            raise ValueError(f"{path}: gap of {b - end} bytes before tensor {name!r} in the data section")
+        end, prev = e, name
+    if end != data_len:
+        raise ValueError(f"{path}: {data_len - end} trailing bytes after the last tensor in the data section")
+    return 8 + n, entries, metadata
+
+
+def read_safetensors(path):
+    """Load every tensor of a .safetensors file, validated, memory-mapped (pages are read only when used)."""
+    start, entries, _ = _read_header(path)
+    with open(path, "rb") as f:
+        # ACCESS_COPY is a private copy-on-write mapping: the tensors are writable (no torch warning), and
+        # writing to one never changes the file. The mapping lives as long as any tensor made from it.
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    out = {}
+    for name, (dtype, shape, begin, end) in entries.items():
+        if begin == end:  # torch.frombuffer refuses empty buffers
+            out[name] = torch.empty(shape, dtype=dtype)
+        elif (start + begin) % dtype.itemsize:  # a misaligned view is unsafe for some kernels: copy instead
+            out[name] = torch.frombuffer(bytearray(mm[start + begin:start + end]), dtype=dtype).reshape(shape)
+        else:
+            out[name] = torch.frombuffer(mm, dtype=dtype, count=math.prod(shape), offset=start + begin).reshape(shape)
+    return out
+
+
+def read_safetensors_metadata(path):
+    """The __metadata__ block (str -> str) of a .safetensors file; {} when it has none."""
+    return _read_header(path)[2]
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write tensors (name -> Tensor) and optional str -> str metadata; atomic (temp file, then os.replace)."""
+    path = Path(path)
+    header = {}
+    if metadata is not None:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+            raise ValueError(f"{path}: metadata must map str to str, got {metadata!r:.200}")
+        header["__metadata__"] = dict(metadata)
+    for name, t in tensors.items():
+        if not (isinstance(name, str) and isinstance(t, torch.Tensor)):
+            raise TypeError(f"{path}: expected str -> torch.Tensor, got {type(name).__name__} -> {type(t).__name__}")
+        if t.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {t.dtype}, which safetensors here cannot store "
+                             f"(storable: {', '.join(map(str, DTYPES.values()))})")
+    # Widest dtypes first: with the header padded to 8 bytes, every tensor then starts aligned to its itemsize,
+    # so readers can map it in place instead of copying.
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.numel() * t.element_size()]}
+        offset += t.numel() * t.element_size()
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with _atomic_open(path) as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in order:  # one tensor at a time to the CPU, so a GPU model is never copied whole
+            f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # raw bytes
+
+
+@contextmanager
+def _atomic_open(path):
+    """Write to a pid-named temp file beside path and move it into place only when complete, so a crash or
+    a concurrent reader never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hub client
+
+RETRY_BASE_S = 1.0  # first backoff; it doubles on each retry (tests shrink it)
+TRIES = 5
+TIMEOUT = (10, 60)  # (connect, read) seconds: a stalled connection is retried rather than waited on forever
+_REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class HubError(RuntimeError):
+    """A hub request failed; the message names repo, file and revision, and what to do about it."""
+
+
+def hub_endpoint():
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
+def hub_cache_dir():
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "huggingface" / "hub"
+
+
+def _offline():
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _headers():
+    headers = {"User-Agent": "scavenging-hyena (requests)"}
+    if os.environ.get("HF_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['HF_TOKEN']}"
+    return headers
+
+
+def _explain(r):
+    """One line on why the hub said no, using its X-Error-Code / X-Error-Message headers when present."""
+    code, msg = r.headers.get("X-Error-Code", ""), r.headers.get("X-Error-Message", "")
+    if r.status_code in (401, 403):
+        text = ("access denied: the repo is private or gated, or does not exist. Set HF_TOKEN to a token that can "
+                "read it (https://huggingface.co/settings/tokens), and accept the terms on the repo page if gated")
+    elif r.status_code == 404:
+        text = {"RepoNotFound": "repository not found", "RevisionNotFound": "revision not found",
+                "EntryNotFound": "file not found at this revision"}.get(code, "repository, revision or file not found")
+        text += "; check the repo id, the revision and the file name"
+    else:
+        text = r.reason or "error"
+    return f"HTTP {r.status_code} {text}" + (f" [{msg}]" if msg else "")
+
+
+def _request(method, url, what, headers, stream=False, follow=False):
+    """One request: 429, 5xx and connection errors are retried with backoff; other errors raise HubError."""
+    for attempt in range(TRIES):
+        try:
+            r = requests.request(method, url, headers=headers, stream=stream, allow_redirects=follow, timeout=TIMEOUT)
+        except (requests.ConnectionError, requests.Timeout) as e:
+            error, wait = f"could not reach {urlparse(url).netloc} ({type(e).__name__})", 0
+        else:
+            if r.status_code < 400:
+                return r
+            r.close()
+            error = _explain(r)
+            if r.status_code != 429 and r.status_code < 500:
+                raise HubError(f"{what}: {error}")
+            wait = float(r.headers.get("Retry-After", "0")) if r.headers.get("Retry-After", "").isdigit() else 0
+        if attempt + 1 < TRIES:
+            time.sleep(min(max(wait, RETRY_BASE_S * 2 ** attempt), 60))
+    raise HubError(f"{what}: {error}, still failing after {TRIES} tries. Check the network and HF_ENDPOINT "
+                   f"({hub_endpoint()}), or set HF_HUB_OFFLINE=1 to use only the local cache")
+
+
+def _repo_folder(repo_id, repo_type):
+    """The cache folder name, e.g. models--EleutherAI--pythia-70m, after checking both parts."""
+    if repo_type not in ("model", "dataset"):
+        raise ValueError(f"repo_type {repo_type!r} must be 'model' or 'dataset'")
+    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+        raise ValueError(f"repo_id {repo_id!r} is not a hub repo id like 'EleutherAI/pythia-70m'")
+    return f"{repo_type}s--{repo_id.replace('/', '--')}"
+
+
+def _check_relative(value, label):
+    """filename and revision become paths in the cache: refuse anything that could escape it."""
+    parts = PurePosixPath(value).parts
+    if not value or value.startswith("/") or "\\" in value or ".." in parts:
+        raise ValueError(f"{label} {value!r} must be a relative path without '..'")
+
+
+def hf_hub_download(repo_id, filename, revision="main", repo_type="model"):
+    """Return the cached path of one repo file, downloading it first if needed. With the cache warm (revision is a
+    commit in snapshots, or refs/<revision> names one holding the file) or HF_HUB_OFFLINE=1, no request is made;
+    a branch that has since moved on the hub is therefore not noticed: pin a commit, or delete refs/<branch>."""
+    folder = _repo_folder(repo_id, repo_type)
+    _check_relative(filename, "filename")
+    _check_relative(revision, "revision")
+    what = f"{repo_type} {repo_id!r}, file {filename!r}, revision {revision!r}"
+    repo_dir = hub_cache_dir() / folder
+    ref = repo_dir / "refs" / revision
+    commit = revision if _COMMIT.fullmatch(revision) else None
+    if commit is None and ref.is_file():
+        commit = ref.read_text().strip()
+    if commit and (repo_dir / "snapshots" / commit / filename).exists():
+        return repo_dir / "snapshots" / commit / filename
+    if _offline():
+        raise HubError(f"{what}: not in the cache {repo_dir} and HF_HUB_OFFLINE is set, so nothing was fetched. "
+                       "Unset HF_HUB_OFFLINE, or download the file into this cache (HF_HUB_CACHE) beforehand")
+
+    url = f"{hub_endpoint()}/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}/resolve/" \
+          f"{quote(revision, safe='')}/{quote(filename)}"
+    commit, etag, size, download_url = _metadata(url, what)
+    blob = repo_dir / "blobs" / etag
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    # Same lock file as huggingface_hub (filelock uses flock too): concurrent processes (e.g. torchrun ranks)
+    # download a blob once instead of appending to the same .incomplete file.
+    lock = hub_cache_dir() / ".locks" / folder / f"{etag}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        if not blob.exists():
+            _download(download_url, blob, etag, size, what, filename)
+    snapshot = repo_dir / "snapshots" / commit / filename
+    _link(blob, snapshot)
+    if revision != commit:
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        with _atomic_open(ref) as f:
+            f.write(commit.encode())
+    return snapshot
+
+
+def _metadata(url, what):
+    """(commit, etag, size or None, download url) from a HEAD on a resolve URL. Like huggingface_hub, without
+    following the redirect to the CDN: for LFS files the hub's 302 itself carries the commit and the sha256
+    (X-Linked-Etag); small files answer 200 directly, their ETag a git sha1."""
+    r = _request("HEAD", url, what, _headers())
+    for _ in range(5):  # same-host redirects (a renamed repo) lead to the metadata; the CDN's host holds none
+        if not (r.is_redirect and urlparse(urljoin(url, r.headers["Location"])).netloc == urlparse(url).netloc):
+            break
+        url = urljoin(url, r.headers["Location"])
+        r = _request("HEAD", url, what, _headers())
+    commit = r.headers.get("X-Repo-Commit", "")
+    etag = (r.headers.get("X-Linked-Etag") or r.headers.get("ETag") or "").removeprefix("W/").strip('"')
+    size = r.headers.get("X-Linked-Size") or r.headers.get("Content-Length")
+    # Both become cache paths, so a hostile or broken server must not be able to steer them.
+    if not _COMMIT.fullmatch(commit) or not re.fullmatch(r"[\w-]+", etag):
+        raise HubError(f"{what}: {url} answered without a valid X-Repo-Commit/ETag (got {commit!r}, {etag!r}); "
+                       f"is HF_ENDPOINT={hub_endpoint()} a Hugging Face hub?")
+    return commit, etag, int(size) if size else None, urljoin(url, r.headers["Location"]) if r.is_redirect else url
+
+
+def _link(blob, snapshot):
+    """snapshot -> blob as a relative symlink, like huggingface_hub, so the cache can be moved as a whole."""
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    tmp = snapshot.with_name(f"{snapshot.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        tmp.symlink_to(os.path.relpath(blob, snapshot.parent))
+    except OSError:  # filesystems (or Windows accounts) without symlinks: a copy
+        shutil.copyfile(blob, tmp)
+    os.replace(tmp, snapshot)
+
+
+def _download(url, blob, etag, size, what, filename):
+    """Stream url into blob.incomplete, resuming (Range) from what is already there, be it from a dropped
+    connection or a previous process; verify the sha256 if the etag is one; then move it to blob."""
+    part = blob.with_name(blob.name + ".incomplete")
+    headers = {**_headers(), "Accept-Encoding": "identity"}  # sizes on disk must match byte offsets on the wire
+    if urlparse(url).netloc != urlparse(hub_endpoint()).netloc:
+        headers.pop("Authorization", None)  # never hand the token to the CDN: its signed URL is the credential
+    part.touch()  # so an empty file needs no request; touch keeps the bytes of a leftover
+    have = part.stat().st_size
+    progress, stalls = _Progress(filename, size, have), 0
+    # Hash while writing: reading the file back afterwards would cost a third of the download time. A prefix
+    # left by an earlier process is hashed first.
+    digest = hashlib.sha256()
+    if have:
+        with open(part, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256")
+    while size is None or have < size:
+        r = _request("GET", url, what, {**headers, "Range": f"bytes={have}-"} if have else headers, stream=True,
+                     follow=True)
+        if have and r.status_code != 206:  # the server ignored the Range header: start over
+            have, digest, progress = 0, hashlib.sha256(), _Progress(filename, size, 0)
+        before = have
+        try:
+            with r, open(part, "ab" if have else "wb") as f:
+                for chunk in r.iter_content(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    progress.update(len(chunk))
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+            error = e
+        else:
+            if size is None:
+                break  # without a known size, a clean end of stream is the end of the file
+            error = "the stream ended early"
+        have = part.stat().st_size
+        if size is not None and have >= size:
+            break
+        stalls = 0 if have > before else stalls + 1  # give up only when retries stop making progress
+        if stalls >= TRIES:
+            raise HubError(f"{what}: download keeps failing ({error}); the {have} bytes so far stay in {part} "
+                           "and the next call resumes from there")
+        time.sleep(RETRY_BASE_S * 2 ** stalls)
+    have = part.stat().st_size
+    progress.update(0, final=True)
+    if size is not None and have != size:
+        part.unlink()
+        raise HubError(f"{what}: got {have} bytes but the hub announced {size}; the download was deleted, try again")
+    # LFS files: the etag is the sha256 of the content (small files: a git sha1, not checked)
+    if _SHA256.fullmatch(etag) and digest.hexdigest() != etag:
+        part.unlink()
+        raise HubError(f"{what}: sha256 mismatch: the download hashes to {digest.hexdigest()} but the hub says "
+                       f"{etag}; the corrupt download was deleted, try again")
+    os.replace(part, blob)
+
+
+class _Progress:
+    """MB, MB/s and ETA on stderr: redrawn in place on a terminal, a line every 30 s in logs; quiet under 1 MB."""
+
+    def __init__(self, name, total, done):
+        self.name, self.total, self.done, self.start, self.t0 = name, total, done, done, time.monotonic()
+        self.tty, self.shown, self.on = sys.stderr.isatty(), self.t0, total is None or total >= 1 << 20
+
+    def update(self, n, final=False):
+        self.done += n
+        now = time.monotonic()
+        if self.on and (final or now - self.shown >= (0.2 if self.tty else 30)):
+            self.shown, rate = now, (self.done - self.start) / max(now - self.t0, 1e-6)  # bytes/s this session
+            total = f"/{self.total / 1e6:.1f}" if self.total else ""
+            eta = f", ETA {(self.total - self.done) / rate:.0f}s" if self.total and rate else ""
+            print(f"{self.name}: {self.done / 1e6:.1f}{total} MB, {rate / 1e6:.1f} MB/s{eta}",
+                  end="\n" if final or not self.tty else "\r", file=sys.stderr, flush=True)
+
+
+def list_repo_files(repo_id, revision="main", repo_type="model"):
+    """Every file path in the repo at revision (sorted), following the hub's paginated tree listing."""
+    _repo_folder(repo_id, repo_type)
+    what = f"{repo_type} {repo_id!r}, revision {revision!r} (file listing)"
+    if _offline():
+        raise HubError(f"{what}: HF_HUB_OFFLINE is set and listing a repo needs the hub; unset it, or name the "
+                       "files directly (hf_hub_download finds cached files offline)")
+    url = f"{hub_endpoint()}/api/{repo_type}s/{repo_id}/tree/{quote(revision, safe='')}?recursive=true"
+    files = []
+    while url:
+        r = _request("GET", url, what, _headers(), follow=True)
+        try:
+            entries = r.json()
+        except ValueError:
+            entries = None
+        if not isinstance(entries, list):
+            raise HubError(f"{what}: {url} did not answer with a JSON list; is HF_ENDPOINT={hub_endpoint()} a hub?")
+        files += [e["path"] for e in entries if isinstance(e, dict) and e.get("type") == "file"]
+        url = urljoin(url, r.links["next"]["url"]) if "next" in r.links else None  # Link: <...>; rel="next"
+    return sorted(files)
+
+
+def resolve_file(name_or_path, filename, revision="main"):
+    """A local directory -> dir/filename (which must exist); anything else is a hub repo id -> hf_hub_download."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / filename).is_file():
+            raise FileNotFoundError(f"{path / filename}: the local directory {name_or_path} holds no {filename}")
+        return path / filename
+    text = str(name_or_path)
+    if path.exists():
+        raise FileNotFoundError(f"{name_or_path}: is a file; expected a directory holding {filename}, or a hub repo id")
+    if text.startswith((".", "/", "~")) or not _REPO_ID.fullmatch(text):  # plainly meant as a local path
+        raise FileNotFoundError(f"{name_or_path}: no such directory (expected a local directory holding {filename}, "
+                                "or a hub repo id like 'EleutherAI/pythia-70m')")
+    try:
+        return hf_hub_download(text, filename, revision)
+    except HubError as e:
+        raise HubError(f"{e} (and {text!r} is not a local directory either)") from e
