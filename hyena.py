@@ -415,7 +415,7 @@ def _weight_files(name_or_path, revision):
 
 # ----------------------------------------------------------------------------- the student
 
-def make_student(teacher, layers=None, init="teacher"):
+def make_student(teacher, layers=None, init="teacher", order=None, l_max=None, filter_lr=None):
     """The teacher with attention replaced by Hyena in `layers` (all by default); all else copied exactly.
 
     init="teacher" fills Hyena's projections from the attention they replace, reading Hyena as a gated
@@ -423,6 +423,7 @@ def make_student(teacher, layers=None, init="teacher"):
     SSM terms), the pre-gate x1 the key (B), v the value, and out_proj the output `dense` (as MOHAWK and
     "The Mamba in the Llama" map attention to SSMs). The short filter starts as the identity, so at
     initialisation every projection the MLP and the residual stream see is the teacher's own.
+    order / l_max / filter_lr override the teacher config's Hyena settings (None keeps them).
     """
     cfg = teacher.config
     n = cfg.num_hidden_layers
@@ -432,7 +433,8 @@ def make_student(teacher, layers=None, init="teacher"):
     if init not in ("teacher", "random"):
         raise ValueError(f"init must be 'teacher' or 'random', got {init!r}")
     mixers = ["hyena" if i in layers else m for i, m in enumerate(cfg.mixers)]
-    student = GPTNeoX(Config(**{**asdict(cfg), "mixers": mixers})).to(next(teacher.parameters()).device)
+    hyena = {f"hyena_{k}": v for k, v in dict(order=order, l_max=l_max, filter_lr=filter_lr).items() if v is not None}
+    student = GPTNeoX(Config(**{**asdict(cfg), **hyena, "mixers": mixers})).to(next(teacher.parameters()).device)
     own = {k for k in student.state_dict() if ".hyena." in k}
     missing, _ = student.load_state_dict({k: v for k, v in teacher.state_dict().items() if k not in own},
                                          strict=False)
