@@ -144,17 +144,30 @@ def fft_size(n):
 
 
 def fftconv(u, k, bias):
-    """Causal long convolution y_t = sum_{s<=t} k_{t-s} u_s + bias * u_t, by FFT of size >= 2L.
+    """Causal long convolution y_t = sum_{s<=t} k_{t-s} u_s + bias * u_t, by FFT of size >= 2L along time.
 
-    u (B, D, L), k (D, L), bias (D,). Runs in fp32 (fp64 if given fp64) even under bf16 autocast: torch.fft
-    rejects bf16, and fp16/bf16 FFTs lose too much precision over long sequences.
+    u (B, L, D), k (L, D), bias (D,). Runs in fp32 (fp64 if given fp64) even under bf16 autocast: torch.fft
+    rejects bf16, and fp16/bf16 FFTs lose too much precision over long sequences. Time is dim 1, so no
+    activation is ever transposed; under torch.compile the casts fuse into the neighbouring kernels.
     """
-    L, dtype = u.shape[-1], torch.promote_types(u.dtype, torch.float32)
+    L, dtype = u.shape[1], torch.promote_types(u.dtype, torch.float32)
     n = fft_size(2 * L)  # zero-padding to >= 2L turns the circular convolution into a linear one
     with torch.autocast(u.device.type, enabled=False):
-        u32, k32 = u.to(dtype), k.to(dtype)
-        y = torch.fft.irfft(torch.fft.rfft(u32, n=n) * torch.fft.rfft(k32, n=n), n=n)[..., :L]  # (B, D, L)
-        return (y + u32 * bias.to(dtype)[:, None]).to(u.dtype)
+        u32 = u.to(dtype)
+        k_f = torch.fft.rfft(k.to(dtype), n=n, dim=0)  # (n/2+1, D), once for the whole batch
+        y = torch.fft.irfft(torch.fft.rfft(u32, n=n, dim=1) * k_f, n=n, dim=1)[:, :L]  # (B, L, D)
+        return (y + u32 * bias.to(dtype)).to(u.dtype)
+
+
+def short_conv(p, weight, bias):
+    """Depthwise causal convolution along time of p (B, L, C) with weight (C, 1, K): the same numbers as
+    nn.Conv1d(padding=K-1)[..., :L] on p.transpose(1, 2), as K shifted multiply-adds (no transposes; one
+    fused kernel under torch.compile)."""
+    K, L = weight.shape[-1], p.shape[1]
+    out = p * weight[:, 0, K - 1] + bias  # (B, L, C): the last tap multiplies the current position
+    for j in range(1, K):  # tap K-1-j multiplies the input j steps back
+        out = out + F.pad(p, (0, 0, j, 0))[:, :L] * weight[:, 0, K - 1 - j]
+    return out
 
 
 class Sin(nn.Module):
@@ -191,12 +204,13 @@ class HyenaFilter(nn.Module):
         self.bias = nn.Parameter(torch.randn(channels))
 
     def forward(self, L):
-        """The filter for lengths 0..L-1, as (channels, L): a prefix of the l_max filter."""
+        """The filter for lags 0..L-1, as (L, channels): a prefix of the l_max filter."""
         if L > self.l_max:
             raise ValueError(f"sequence length {L} exceeds the Hyena filter's l_max {self.l_max}; "
                              "build the model with a larger Config.hyena_l_max")
-        h = self.implicit_filter(self.z[:L])  # (L, C)
-        return (h * torch.exp(-self.t[:L] * self.deltas.abs())).transpose(0, 1)  # (C, L)
+        with torch.autocast(self.z.device.type, enabled=False):  # tiny, and feeds an fp32 FFT anyway
+            h = self.implicit_filter(self.z[:L])  # (L, C)
+            return h * torch.exp(-self.t[:L] * self.deltas.abs())  # (L, C)
 
 
 class HyenaOperator(nn.Module):
@@ -208,34 +222,35 @@ class HyenaOperator(nn.Module):
         self.in_proj = nn.Linear(d_model, (order + 1) * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
         width = (order + 1) * d_model
+        # An nn.Conv1d only to hold the (C, 1, K) weight under safari's name; short_conv() applies it.
         self.short_filter = nn.Conv1d(width, width, short_filter_order, groups=width, padding=short_filter_order - 1)
         self.filter_fn = HyenaFilter(d_model * (order - 1), l_max, emb_dim, filter_order)
         for p in self.filter_fn.parameters():  # hints read by optim_groups(): no decay, optionally own lr
             p._optim = {"weight_decay": 0.0, **({"lr": filter_lr} if filter_lr else {})}
 
     def filters(self, L):
-        k = self.filter_fn(L).view(self.order - 1, self.d_model, L)  # (N-1, D, L)
+        k = self.filter_fn(L).view(L, self.order - 1, self.d_model)  # (L, N-1, D)
         return k, self.filter_fn.bias.view(self.order - 1, self.d_model)  # (N-1, D)
 
     def forward(self, u, cache=None):
         B, L, D = u.shape
         if cache is not None and cache["pos"] > 0:
             return self.step(u, cache)
-        p = self.in_proj(u).transpose(1, 2)  # (B, (N+1)D, L)
-        pc = self.short_filter(p)[..., :L]  # (B, (N+1)D, L), causal: output t sees inputs t-2..t
-        *x, v = pc.split(D, dim=1)  # N gates x (B, D, L), value v (B, D, L)
+        p = self.in_proj(u)  # (B, L, (N+1)D)
+        pc = short_conv(p, self.short_filter.weight, self.short_filter.bias)  # (B, L, (N+1)D) sees t-2..t
+        *x, v = pc.split(D, dim=-1)  # N gates x (B, L, D), value v (B, L, D)
         k, bias = self.filters(cache["max_len"] if cache is not None else L)
         for o, x_i in enumerate(reversed(x[1:])):
-            z = v * x_i  # (B, D, L)
+            z = v * x_i  # (B, L, D)
             if cache is not None:  # prefill: remember every long-conv input for O(L D) decoding
-                cache.setdefault("z", []).append(z.new_zeros(B, D, cache["max_len"]))
-                cache["z"][o][..., :L] = z
-            v = fftconv(z, k[o, :, :L], bias[o])  # (B, D, L)
+                cache.setdefault("z", []).append(z.new_zeros(B, cache["max_len"], D))
+                cache["z"][o][:, :L] = z
+            v = fftconv(z, k[:L, o], bias[o])  # (B, L, D)
         if cache is not None:
             kw = self.short_filter.kernel_size[0] - 1
-            cache["tail"] = F.pad(p, (max(0, kw - L), 0))[..., -kw:]  # (B, (N+1)D, kw) last projections
-            cache["k_rev"], cache["bias"] = k.flip(-1), bias  # (N-1, D, max_len): filter, reversed
-        return self.out_proj((v * x[0]).transpose(1, 2))  # (B, L, D)
+            cache["tail"] = F.pad(p, (0, 0, max(0, kw - L), 0))[:, -kw:]  # (B, kw, (N+1)D) last projections
+            cache["k_rev"], cache["bias"] = k.flip(0), bias  # (max_len, N-1, D): filter, reversed in time
+        return self.out_proj(v * x[0])  # (B, L, D)
 
     def step(self, u, cache):
         """One token: short conv from the cached tail, each long conv as a dot product with the filter."""
@@ -243,19 +258,17 @@ class HyenaOperator(nn.Module):
         if L != 1:
             raise ValueError(f"Hyena decoding takes one token at a time after the prefill, got {L}")
         pos, T = cache["pos"], cache["max_len"]
-        p = self.in_proj(u[:, 0])[..., None]  # (B, (N+1)D, 1)
-        window = torch.cat([cache["tail"], p], dim=-1)  # (B, (N+1)D, K)
-        cache["tail"] = window[..., 1:]
-        w = self.short_filter.weight[:, 0]  # (N+1)D, K)
-        pc = (window * w).sum(-1) + self.short_filter.bias  # (B, (N+1)D)
-        *x, v = pc.split(D, dim=1)  # (B, D) each
+        window = torch.cat([cache["tail"], self.in_proj(u)], dim=1)  # (B, K, (N+1)D)
+        cache["tail"] = window[:, 1:]
+        pc = short_conv(window, self.short_filter.weight, self.short_filter.bias)[:, -1]  # (B, (N+1)D)
+        *x, v = pc.split(D, dim=-1)  # (B, D) each
         dtype = torch.promote_types(v.dtype, torch.float32)
         for o, x_i in enumerate(reversed(x[1:])):
             z = v * x_i  # (B, D)
-            cache["z"][o][..., pos] = z
-            hist = cache["z"][o][..., :pos + 1].to(dtype)  # (B, D, pos+1)
-            kr = cache["k_rev"][o, :, T - 1 - pos:].to(dtype)  # (D, pos+1): k[pos], ..., k[0]
-            v = ((hist * kr).sum(-1) + z.to(dtype) * cache["bias"][o].to(dtype)).to(z.dtype)  # (B, D)
+            cache["z"][o][:, pos] = z
+            hist = cache["z"][o][:, :pos + 1].to(dtype)  # (B, pos+1, D)
+            kr = cache["k_rev"][T - 1 - pos:, o].to(dtype)  # (pos+1, D): k[pos], ..., k[0]
+            v = ((hist * kr).sum(1) + z.to(dtype) * cache["bias"][o].to(dtype)).to(z.dtype)  # (B, D)
         return self.out_proj(v * x[0])[:, None]  # (B, 1, D)
 
 

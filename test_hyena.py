@@ -124,19 +124,19 @@ def test_from_pretrained_through_the_hub(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- the Hyena operator
 
 def direct_causal_conv(u, k, bias):
-    """y_t = sum_{s<=t} k_{t-s} u_s + bias u_t, the definition, by loops (fp64 reference)."""
-    L = u.shape[-1]
+    """y_t = sum_{s<=t} k_{t-s} u_s + bias u_t, the definition, by loops. u (B, L, D), k (L, D)."""
     y = torch.zeros_like(u)
-    for t in range(L):
-        y[..., t] = (u[..., :t + 1] * k[..., :t + 1].flip(-1)).sum(-1)
-    return y + u * bias[:, None]
+    for t in range(u.shape[1]):
+        y[:, t] = (u[:, :t + 1] * k[:t + 1].flip(0)).sum(1)
+    return y + u * bias
 
 
 @pytest.mark.parametrize("L", [64, 100, 1])
 def test_fft_convolution_equals_direct_convolution(L):
     torch.manual_seed(L)
-    u, k, bias = torch.randn(2, 8, L, dtype=torch.float64), torch.randn(8, L, dtype=torch.float64), torch.randn(8)
-    err = (fftconv(u, k, bias.double()) - direct_causal_conv(u, k, bias.double())).abs().max().item()
+    u, k, bias = (torch.randn(2, L, 8, dtype=torch.float64), torch.randn(L, 8, dtype=torch.float64),
+                  torch.randn(8, dtype=torch.float64))
+    err = (fftconv(u, k, bias) - direct_causal_conv(u, k, bias)).abs().max().item()
     print(f"fftconv vs direct, L={L}: {err:.1e}")
     assert err <= 1e-10
 
@@ -159,10 +159,25 @@ def test_hyena_is_causal(order):
     assert past > 1e-3 and future <= 1e-12 * past  # zero up to fp64 FFT rounding (~1e-18)
 
 
+@pytest.mark.parametrize("order", [2, 3])
+def test_operator_equals_reference_built_from_conv1d_and_direct_convolution(order):
+    """The fast path (shifted-sum short conv, time-major FFT) computes safari's operator exactly."""
+    torch.manual_seed(0)
+    op = HyenaOperator(8, l_max=40, order=order).double()
+    u = torch.randn(2, 33, 8, dtype=torch.float64)
+    p = op.in_proj(u).transpose(1, 2)  # (B, (N+1)D, L): safari's channels-first layout
+    *x, v = op.short_filter(p)[..., :33].transpose(1, 2).split(8, dim=-1)
+    k, bias = op.filters(33)
+    for o, x_i in enumerate(reversed(x[1:])):
+        v = direct_causal_conv(v * x_i, k[:, o], bias[o])
+    ref = op.out_proj(v * x[0])
+    assert (op(u) - ref).abs().max().item() <= 1e-10
+
+
 def test_shorter_filters_are_prefixes_and_limits_are_checked():
     op = HyenaOperator(16, l_max=64)
     k64, k10 = op.filter_fn(64), op.filter_fn(10)
-    assert k64.shape == (16, 64) and torch.allclose(k10, k64[:, :10], rtol=0, atol=1e-6)
+    assert k64.shape == (64, 16) and torch.allclose(k10, k64[:10], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="sequence length 65 exceeds the Hyena filter's l_max 64"):
         op(torch.randn(1, 65, 16))
     with pytest.raises(ValueError, match="order must be >= 2"):
