@@ -243,13 +243,14 @@ class HyenaOperator(nn.Module):
         for o, x_i in enumerate(reversed(x[1:])):
             z = v * x_i  # (B, L, D)
             if cache is not None:  # prefill: remember every long-conv input for O(L D) decoding
-                cache.setdefault("z", []).append(z.new_zeros(B, cache["max_len"], D))
-                cache["z"][o][:, :L] = z
+                cache.setdefault("z", []).append(z.new_zeros(B, D, cache["max_len"]))  # channels-first for bmm
+                cache["z"][o][..., :L] = z.transpose(1, 2)
             v = fftconv(z, k[:L, o], bias[o])  # (B, L, D)
         if cache is not None:
             kw = self.short_filter.kernel_size[0] - 1
             cache["tail"] = F.pad(p, (0, 0, max(0, kw - L), 0))[:, -kw:]  # (B, kw, (N+1)D) last projections
-            cache["k_rev"], cache["bias"] = k.flip(0), bias  # (max_len, N-1, D): filter, reversed in time
+            cache["k_rev"] = k.flip(0).permute(1, 2, 0).to(v.dtype).contiguous()  # (N-1, D, max_len) reversed
+            cache["bias"] = bias
         return self.out_proj(v * x[0])  # (B, L, D)
 
     def step(self, u, cache):
@@ -262,13 +263,13 @@ class HyenaOperator(nn.Module):
         cache["tail"] = window[:, 1:]
         pc = short_conv(window, self.short_filter.weight, self.short_filter.bias)[:, -1]  # (B, (N+1)D)
         *x, v = pc.split(D, dim=-1)  # (B, D) each
-        dtype = torch.promote_types(v.dtype, torch.float32)
         for o, x_i in enumerate(reversed(x[1:])):
             z = v * x_i  # (B, D)
-            cache["z"][o][:, pos] = z
-            hist = cache["z"][o][:, :pos + 1].to(dtype)  # (B, pos+1, D)
-            kr = cache["k_rev"][T - 1 - pos:, o].to(dtype)  # (pos+1, D): k[pos], ..., k[0]
-            v = ((hist * kr).sum(1) + z.to(dtype) * cache["bias"][o].to(dtype)).to(z.dtype)  # (B, D)
+            cache["z"][o][..., pos] = z
+            hist = cache["z"][o][..., :pos + 1].transpose(0, 1)  # (D, B, pos+1), a strided view
+            kr = cache["k_rev"][o, :, T - 1 - pos:, None]  # (D, pos+1, 1): k[pos], ..., k[0]
+            # One batched GEMV per channel (fp32 accumulation even for bf16 caches), no temporaries.
+            v = torch.bmm(hist, kr)[..., 0].transpose(0, 1) + z * cache["bias"][o]  # (B, D)
         return self.out_proj(v * x[0])[:, None]  # (B, 1, D)
 
 
