@@ -1,0 +1,244 @@
+"""Evaluate checkpoints on prepared data (token perplexity, word perplexity, bits per byte), or sample from them.
+
+    python eval.py --ckpt EleutherAI/pythia-70m out/student --data wikitext2 --stride 512 --json out/eval.json
+    python eval.py --ckpt out/student --prompt "The lobster is" --temperature 0
+
+One pass scores every token of the split but the first exactly once (data.eval_windows) and sums the NLL in fp64:
+  token ppl      exp(NLL / tokens scored)
+  word ppl       exp(NLL / words)            } lm-evaluation-harness's tokenizer-independent measures, over
+  bits per byte  NLL / (ln 2 * bytes)        } the text the scored tokens decode to
+bytes = len(text.encode("utf-8")); words = len(text.split()), i.e. the non-empty pieces of lm-eval's
+re.split(r"\\s+", text) (lm-eval also counts the empty strings re.split yields at leading/trailing whitespace).
+The data's <|endoftext|> (one after every document) is scored like any token and decodes to one "\\n": it ends a
+document, so it separates words and counts as one byte.
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data import check_compatible, eval_windows, load_meta, load_split, resolve_data_dir, tokenizer_sha256
+from hub import HubError, resolve_file
+from hyena import Config, GPTNeoX, load_tokenizer
+
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")  # owner/name
+DEFAULT_TOKENIZER = "EleutherAI/pythia-70m"
+
+
+def batched(windows, batch_size):
+    """Stack consecutive windows of equal length, batch_size at a time (eval_windows' last one may be shorter)."""
+    batch = []
+    for x, y in windows:
+        if batch and (len(batch) == batch_size or batch[0][0].shape != x.shape):
+            yield torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch])  # (B, L) each
+            batch = []
+        batch.append((x, y))
+    if batch:
+        yield torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch])
+
+
+@torch.no_grad()
+def evaluate(model, tokens, context, stride=None, batch_size=8, max_tokens=None, device=None, dtype=None,
+             decode=None, progress=None):
+    """NLL of tokens (1-D array of ids) under model, in windows of `context` tokens moving on by `stride`.
+
+    device / dtype (None: the model's own): the whole forward runs in dtype; the model is not changed (a copy is
+    cast when needed, since casting down and back would not restore the weights). Log-softmax runs in fp32 at least,
+    the sum in fp64. decode(ids) -> str turns the scored ids into text for word ppl and bits per byte (None: skip).
+    progress: a label for progress lines on stderr (None: quiet). max_tokens: use only the first max_tokens tokens.
+    Returns {tokens (scored), nll, token_ppl, context, stride, windows, seconds, tokens_per_s} and, with decode,
+    {words, bytes, word_ppl, bits_per_byte}.
+    """
+    p = next(model.parameters())
+    device = torch.empty(0, device=device or p.device).device  # "cuda" -> "cuda:0", comparable with p.device
+    dtype = dtype or p.dtype
+    if (p.device, p.dtype) != (device, dtype):
+        model = copy.deepcopy(model).to(device=device, dtype=dtype)
+    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
+    total = max(0, -(-(n - 1 - context) // (stride or context))) + 1  # windows eval_windows will yield
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    scored, done, t0, shown = 0, 0, time.monotonic(), time.monotonic()
+    for x, y in batched(eval_windows(tokens, context, stride, max_tokens), batch_size):
+        scored += int((y != -1).sum())
+        x, y = x.to(device), y.to(device)  # (B, L) each
+        logits, _ = model(x)  # (B, L, V) in dtype
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        nll += F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none").double().sum()
+        done += x.shape[0]
+        now = time.monotonic()
+        if progress and (now - shown > 10 or done == total):
+            shown, rate = now, scored / (now - t0)
+            print(f"{progress}: {done}/{total} windows, {rate:,.0f} tokens/s, ETA {(n - 1 - scored) / rate:.0f} s",
+                  file=sys.stderr)
+    seconds = time.monotonic() - t0
+    nll = nll.item()
+    out = {"tokens": scored, "nll": nll, "token_ppl": math.exp(nll / scored), "context": context, "stride": stride,
+           "windows": done, "seconds": seconds, "tokens_per_s": scored / seconds}
+    if decode is not None:
+        text = decode(np.asarray(tokens[1:n]))  # exactly the scored tokens
+        words, nbytes = len(text.split()), len(text.encode("utf-8"))
+        out.update(words=words, bytes=nbytes, word_ppl=math.exp(nll / words) if words else None,
+                   bits_per_byte=nll / (math.log(2) * nbytes) if nbytes else None)
+    return out
+
+
+def text_decoder(enc):
+    """ids -> text for word and byte counts, each <|endoftext|> as "\\n" (see the module docstring)."""
+    def decode(ids):
+        docs = np.split(ids, np.flatnonzero(ids == enc.eot_token))  # every piece but the first starts with eot
+        return "\n".join(enc.decode(d[d != enc.eot_token].tolist()) for d in docs)
+    return decode
+
+
+def max_context(cfg):
+    """The longest window the model is defined for: attention's max_position_embeddings, Hyena's l_max."""
+    limits = [cfg.max_position_embeddings] if "attention" in cfg.mixers else []
+    return min(limits + [cfg.l_max] if "hyena" in cfg.mixers else limits)
+
+
+def resolve_ckpt(name):
+    """A folder written by save_pretrained (or a train.py out_dir: its ckpt/), else a hub repo id."""
+    path = Path(name).expanduser()
+    for folder in (path, path / "ckpt"):
+        if (folder / "config.json").is_file():
+            return str(folder)
+    if path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path} holds no config.json (nor ckpt/config.json); "
+                                "expected a folder written by save_pretrained or a train.py --out-dir")
+    if not HUB_ID.fullmatch(name) or ".." in name or Path(name.split("/")[0]).is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {name} is no local folder, nor a hub repo id like "
+                                "'EleutherAI/pythia-160m'")
+    return name
+
+
+def checkpoint_tokenizer(ckpt):
+    """The tokenizer.json a local checkpoint folder carries, else None."""
+    path = Path(ckpt) / "tokenizer.json"
+    return str(path) if path.is_file() else None
+
+
+def sample(model, enc, prompt, max_new_tokens, temperature, top_k, seed):
+    """prompt + the model's continuation, as text; an empty prompt starts from <|endoftext|>."""
+    ids = enc.encode(prompt, allowed_special="all") or [enc.eot_token]
+    idx = torch.tensor([ids], device=next(model.parameters()).device)  # (1, T)
+    torch.manual_seed(seed)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None)  # (1, T + new)
+    return enc.decode(out[0].tolist())
+
+
+def table(results, datasets):
+    """Markdown: one row per model, four columns per dataset."""
+    cols = ["model"] + [f"{d} {c}" for d in datasets for c in ("token ppl", "word ppl", "bits/byte", "tokens")]
+    lines = ["| " + " | ".join(cols) + " |", "| --- |" + " ---: |" * (len(cols) - 1)]
+    def fmt(v, spec):
+        return "n/a" if v is None else format(v, spec)
+
+    for r in results:
+        cells = [r["model"]]
+        for d in datasets:
+            m = r["datasets"][d]
+            cells += [fmt(m["token_ppl"], ".3f"), fmt(m.get("word_ppl"), ".3f"), fmt(m.get("bits_per_byte"), ".4f"),
+                      fmt(m["tokens"], ",")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", nargs="+", required=True, help="checkpoint folders (or train.py out_dirs) or hub ids")
+    p.add_argument("--data", nargs="*", default=[], help="prepared datasets: names under --data-root, or folders")
+    p.add_argument("--split", choices=("val", "test"), help="default: test where the dataset has one, else val")
+    p.add_argument("--context", type=int, default=2048, help="window length (capped at the model's maximum)")
+    p.add_argument("--stride", type=int, help="sliding windows moving on by this many tokens (default: context)")
+    p.add_argument("--max-tokens", type=int, help="use only the first N tokens of each split (N - 1 are scored)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="the model's weights and forward pass")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    p.add_argument("--json", help="also write every number here")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    p.add_argument("--prompt", help="print a sample from each checkpoint, continuing this text")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=200, help="0: no top-k")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--tokenizer", help="for samples and for decoding the data (default: the checkpoint's "
+                                       f"tokenizer.json, else {DEFAULT_TOKENIZER}; the data's own for decoding)")
+    args = p.parse_args(argv)
+    if not args.data and args.prompt is None:
+        p.error("nothing to do: give --data to evaluate and/or --prompt to sample")
+    return args
+
+
+def run(args):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    ckpts = [resolve_ckpt(c) for c in args.ckpt]
+    data = {}  # everything is checked before the first (long) evaluation
+    for name in args.data:
+        data_dir = resolve_data_dir(name, args.data_root)
+        meta = load_meta(data_dir)
+        split = args.split or ("test" if "test" in meta["splits"] else "val")
+        tok = args.tokenizer or meta["tokenizer"]
+        try:
+            sha = tokenizer_sha256(tok)
+        except (FileNotFoundError, HubError) as e:  # e.g. meta.json's relative path, read from another folder
+            raise FileNotFoundError(f"cannot read tokenizer {tok} to decode {data_dir} ({e}); pass --tokenizer "
+                                    "with the tokenizer.json the data was made with") from e
+        if sha != meta["tokenizer_sha256"]:  # word and byte counts need the data's own tokenizer
+            raise ValueError(f"tokenizer {tok} is not the one {data_dir} was made with ({meta['tokenizer']}, "
+                             f"tokenizer.json sha256 {meta['tokenizer_sha256'][:12]}...): the data would decode to "
+                             "other text. Pass --tokenizer with that same tokenizer.json")
+        data[name] = meta, split, load_split(data_dir, split), text_decoder(load_tokenizer(tok))
+    configs = [Config.from_hf(json.loads(Path(resolve_file(c, "config.json")).read_text())) for c in ckpts]
+    for ckpt, cfg in zip(ckpts, configs):
+        tok = checkpoint_tokenizer(ckpt)
+        for meta, *_ in data.values():
+            check_compatible(meta, tokenizer_sha256=tok and tokenizer_sha256(tok), vocab_size=cfg.vocab_size)
+
+    results = []
+    for label, ckpt, cfg in zip(args.ckpt, ckpts, configs):
+        model = GPTNeoX.from_pretrained(ckpt, dtype=DTYPES[args.dtype]).to(device)
+        if args.prompt is not None:
+            enc = load_tokenizer(args.tokenizer or checkpoint_tokenizer(ckpt) or DEFAULT_TOKENIZER)
+            print(f"--- {label} (temperature {args.temperature}, top_k {args.top_k}, seed {args.seed})")
+            print(sample(model, enc, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+        context = min(args.context, max_context(cfg))
+        if data and context < args.context:
+            print(f"{label}: context capped at {context}, the model's maximum", file=sys.stderr)
+        row = {"model": label, "path": ckpt, "context": context, "datasets": {}}
+        for name, (meta, split, tokens, decode) in data.items():
+            row["datasets"][name] = {"split": split, **evaluate(
+                model, tokens, context, args.stride, args.batch_size, args.max_tokens, decode=decode,
+                progress=f"{label} on {name} {split}")}
+        results.append(row)
+        del model  # free it before the next one loads
+    if data:
+        print(table(results, list(data)))
+    if args.json:
+        out = {"context": args.context, "stride": args.stride, "dtype": args.dtype, "split": args.split,
+               "max_tokens": args.max_tokens, "results": results}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json + ".tmp").write_text(json.dumps(out, indent=1) + "\n")
+        os.replace(args.json + ".tmp", args.json)
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError, HubError) as e:
+        sys.exit(f"eval.py: error: {e}")
+
+
+if __name__ == "__main__":
+    main()
