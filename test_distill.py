@@ -1,0 +1,104 @@
+"""distill.py: every alignment mode lowers what it optimises; the chunked KD loss is the plain KD loss."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import distill
+from hyena import Config, GPTNeoX, make_student
+
+TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=64,
+            max_position_embeddings=32)
+
+
+def write_tokens(root, name="toy", vocab=64, n=20000, seed=0):
+    """A prepared dataset in data.py's format: a noisy repeating pattern, so there is something to learn."""
+    rng = np.random.default_rng(seed)
+    base = np.tile(np.arange(vocab, dtype=np.uint16), n // vocab + 1)[:n]
+    toks = np.where(rng.random(n) < 0.1, rng.integers(0, vocab, n), base).astype(np.uint16)
+    d = root / name
+    d.mkdir(parents=True)
+    splits = {"train": toks[: n * 9 // 10], "val": toks[n * 9 // 10:]}
+    for split, t in splits.items():
+        t.tofile(d / f"{split}.bin")
+    meta = {"splits": {s: {"tokens": len(t), "documents": 1} for s, t in splits.items()}, "vocab_size": vocab,
+            "tokenizer": "toy", "tokenizer_sha256": "0" * 64, "dtype": "uint16", "command": "test"}
+    (d / "meta.json").write_text(json.dumps(meta))
+    return d
+
+
+@pytest.fixture
+def setup(tmp_path):
+    torch.manual_seed(0)
+    teacher = GPTNeoX(Config(**TINY))
+    teacher.save_pretrained(tmp_path / "teacher")
+    write_tokens(tmp_path / "data")
+    common = ["--teacher", str(tmp_path / "teacher"), "--data", "toy", "--data-root", str(tmp_path / "data"),
+              "--batch-size", "4", "--block-size", "32", "--eval-interval", "1000", "--eval-batches", "2",
+              "--log-interval", "1000", "--ckpt-interval", "1000"]
+    return tmp_path, common
+
+
+def log(path):
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r and "val" not in r]
+
+
+def test_each_progressive_stage_lowers_its_layers_mse(setup):
+    tmp, common = setup
+    distill.main(common + ["--layers", "progressive", "--init", "random", "--max-tokens", str(2 * 40 * 4 * 32),
+                           "--lr", "3e-3", "--out-dir", str(tmp / "out")])
+    for layer in range(2):
+        rows = log(tmp / "out" / f"stage-{layer:02d}" / "log.jsonl")
+        first, last = rows[0][f"mse_{layer}"], np.mean([r[f"mse_{layer}"] for r in rows[-5:]])
+        print(f"stage {layer}: relative MSE {first:.3f} -> {last:.3f} over {len(rows)} steps")
+        assert last < 0.8 * first  # stage 1 keeps the error its input inherits from stage 0
+    student = GPTNeoX.from_pretrained(tmp / "out" / "final")
+    assert student.config.mixers == ["hyena", "hyena"]
+
+
+@pytest.mark.parametrize("mode", ["joint", "independent"])
+def test_joint_and_independent_lower_the_summed_mse(setup, mode):
+    tmp, common = setup
+    distill.main(common + ["--layers", mode, "--init", "random", "--max-tokens", str(40 * 4 * 32), "--lr", "3e-3",
+                           "--out-dir", str(tmp / mode)])
+    rows = log(tmp / mode / mode / "log.jsonl")
+    assert {"mse_0", "mse_1"} <= set(rows[0])
+    assert np.mean([r["loss"] for r in rows[-5:]]) < 0.7 * rows[0]["loss"]
+
+
+def test_end_to_end_stage_lowers_kl(setup):
+    tmp, common = setup
+    distill.main(common + ["--layers", "none", "--init", "random", "--e2e-tokens", str(40 * 4 * 32), "--e2e-lr", "3e-3",
+                           "--out-dir", str(tmp / "e2e")])
+    rows = log(tmp / "e2e" / "e2e" / "log.jsonl")
+    assert np.mean([r["kd"] for r in rows[-5:]]) < 0.7 * rows[0]["kd"]
+
+
+@pytest.mark.parametrize("temperature, ce_weight", [(1.0, 0.0), (2.0, 0.5)])
+def test_chunked_kd_loss_equals_unchunked(temperature, ce_weight):
+    torch.manual_seed(0)
+    teacher = GPTNeoX(Config(**TINY))
+    student = make_student(teacher)
+    hs = torch.randn(3, 7, 32, requires_grad=True)
+    ht, y = torch.randn(3, 7, 32), torch.randint(0, 64, (3, 7))
+    chunked = distill.kd_loss(hs, ht, y, student.head, teacher.head, temperature, ce_weight, chunk=5)
+    (g_chunked,) = torch.autograd.grad(chunked, hs)
+    zt, zs = teacher.head(ht) / temperature, student.head(hs) / temperature
+    kl = F.kl_div(F.log_softmax(zs, -1), F.log_softmax(zt, -1), log_target=True, reduction="none").sum(-1)
+    plain = temperature ** 2 * kl.mean() + ce_weight * F.cross_entropy((zs * temperature).flatten(0, 1), y.flatten())
+    (g_plain,) = torch.autograd.grad(plain, hs)
+    assert torch.allclose(chunked, plain, rtol=1e-5) and torch.allclose(g_chunked, g_plain, rtol=1e-4, atol=1e-7)
+
+
+def test_clear_errors(setup):
+    tmp, common = setup
+    with pytest.raises(SystemExit, match="--hyena-layers 'x' must be"):
+        distill.main(common + ["--hyena-layers", "x", "--max-tokens", "100"])
+    with pytest.raises(SystemExit, match="--block-size 64 exceeds"):
+        distill.main([*common, "--block-size", "64", "--max-tokens", "100"])
+    with pytest.raises(SystemExit, match="no budget"):
+        distill.main(common)
+    with pytest.raises(SystemExit, match="nothing to do"):
+        distill.main([*common, "--layers", "none", "--max-tokens", "100"])
