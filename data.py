@@ -1,0 +1,113 @@
+"""Read what prepare.py writes: data/NAME/{train,val,test}.bin (flat uint16 token ids, <|endoftext|> after every
+document) and meta.json; random batches for training, sliding windows for evaluation.
+
+    tokens = load_split(resolve_data_dir("gutenberg"), "train")   # np.memmap, nothing read yet
+    x, y = random_batch(tokens, 8, 512, np.random.default_rng(0))  # (8, 512) int64 each, y = x shifted by one
+"""
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hub import resolve_file
+
+SPLITS = ("train", "val", "test")
+
+
+def resolve_data_dir(name_or_path, root="data"):
+    """A bare name ("gutenberg") is a folder under root; anything with a directory part is a path as it stands."""
+    path = Path(name_or_path)
+    return path if path.name != str(name_or_path) else Path(root) / path
+
+
+def load_meta(data_dir):
+    path = Path(data_dir) / "meta.json"
+    if not path.is_file():
+        name, root = Path(data_dir).name, Path(data_dir).parent
+        out = "" if root == Path("data") else f" --out-dir {root}"
+        raise FileNotFoundError(f"{path} not found: no prepared data in {data_dir}. Make it with "
+                                f"`python prepare.py {name}{out}` for a hub dataset (list: `python prepare.py --help`) "
+                                f"or `python prepare.py text PATH... --name {name}{out}` for local text files")
+    return json.loads(path.read_text())
+
+
+def load_split(data_dir, split):
+    """The split's tokens as a read-only uint16 memmap; checked against meta.json so a stale file is caught."""
+    meta = load_meta(data_dir)
+    if split not in meta["splits"]:
+        raise ValueError(f"{data_dir} has no {split!r} split (it has: {', '.join(meta['splits'])}); it was made by "
+                         f"`{meta['command']}`")
+    path = Path(data_dir) / f"{split}.bin"
+    size = path.stat().st_size if path.is_file() else None
+    if size != 2 * meta["splits"][split]["tokens"]:
+        raise ValueError(f"{path} is missing or does not match meta.json ({size} bytes, meta.json says "
+                         f"{meta['splits'][split]['tokens']} uint16 tokens); remake it with "
+                         f"`{meta['command']} --force`")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def tokenizer_sha256(name_or_path, revision="main"):
+    """sha256 of the tokenizer.json that load_tokenizer(name_or_path) reads: that .json file itself, a folder
+    holding tokenizer.json, or a hub repo id (downloaded into the hub cache)."""
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        path = resolve_file(name_or_path, "tokenizer.json", revision)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def check_compatible(meta, tokenizer_sha256=None, vocab_size=None):
+    """Refuse data a model cannot read correctly. meta: load_meta's dict (or the data folder). The model's
+    vocab_size may exceed the tokenizer's (Pythia pads 50277 to 50304); it must not be smaller."""
+    meta = meta if isinstance(meta, dict) else load_meta(meta)
+    made = f"the data was made by `{meta['command']}` with tokenizer {meta['tokenizer']}"
+    if tokenizer_sha256 is not None and tokenizer_sha256 != meta["tokenizer_sha256"]:
+        raise ValueError(f"{made} (tokenizer.json sha256 {meta['tokenizer_sha256'][:12]}...) but the model's "
+                         f"tokenizer.json has sha256 {tokenizer_sha256[:12]}...: the same ids would mean other text. "
+                         "Re-run that command with --tokenizer set to the model's tokenizer and --force")
+    if vocab_size is not None and meta["vocab_size"] > vocab_size:
+        raise ValueError(f"{made} ({meta['vocab_size']} token ids) but the model has vocab_size {vocab_size}: ids "
+                         f">= {vocab_size} have no embedding. Use a model with vocab_size >= {meta['vocab_size']}, "
+                         "or re-run that command with the model's tokenizer and --force")
+
+
+def random_batch(tokens, batch_size, block_size, rng, device="cpu"):
+    """batch_size windows at random starts: x (B, T) and y (B, T) = the next tokens, int64 on device.
+    rng: np.random.Generator or torch.Generator (seeded by the caller, so runs repeat)."""
+    if len(tokens) <= block_size:
+        raise ValueError(f"{len(tokens)} tokens are too few for block_size {block_size}: need at least block_size + 1")
+    high = len(tokens) - block_size  # the last start still has block_size + 1 tokens
+    if isinstance(rng, torch.Generator):
+        starts = torch.randint(high, (batch_size,), generator=rng).numpy()
+    else:
+        starts = rng.integers(high, size=batch_size)
+    rows = torch.from_numpy(tokens[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))  # (B, T+1)
+    x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # (B, T) each
+    if torch.device(device).type == "cuda":  # pinned host memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def eval_windows(tokens, block_size, stride=None, max_tokens=None):
+    """Windows (x (1, L), y (1, L)), L <= block_size, that together score every token but the first exactly once
+    (y = -1 where a position is context only). stride=None: back-to-back windows, each scoring all its tokens.
+    stride < block_size: each window moves on by stride and scores only its last stride tokens (the first window
+    scores all), so every scored token but the first block_size has block_size - stride tokens of context or more:
+    the convention of the Hugging Face perplexity guide. max_tokens: use only the first max_tokens tokens."""
+    stride = block_size if stride is None else stride
+    if not 1 <= stride <= block_size:
+        raise ValueError(f"stride {stride} must be between 1 and block_size {block_size}")
+    n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
+    if n < 2:
+        raise ValueError(f"{n} tokens: need at least 2 to score one")
+    scored = 0  # tokens[1:scored + 1] are scored already
+    for begin in range(0, n - 1, stride):
+        end = min(begin + block_size, n - 1)  # x = tokens[begin:end] predicts tokens[begin + 1:end + 1]
+        x = torch.from_numpy(tokens[begin:end].astype(np.int64))[None]  # (1, L)
+        y = torch.from_numpy(tokens[begin + 1:end + 1].astype(np.int64))[None]  # (1, L)
+        y[:, :scored - begin] = -1  # predicted by an earlier window already: context only here
+        yield x, y
+        scored = end
+        if end == n - 1:
+            break
