@@ -1,0 +1,411 @@
+"""Speed and memory, side by side in one run: Hyena vs attention, our GPT-NeoX vs transformers, distillation.
+
+    python bench.py [--quick] [--out results/bench] [--only mixer,model,train,decode,kd] [--compile on|off|both]
+    python bench.py --cpu-smoke --out /tmp/benchsmoke   # every code path at tiny sizes on the CPU, ~1 minute
+
+Sections (one GPU, bf16 autocast; B*L constant across L within a section):
+  mixer   HyenaOperator (order 2) vs causal SDPA `Attention`: forward (no_grad) and forward+backward
+  model   full-model forward (no_grad): all-Hyena student (make_student, l_max=L) vs the teacher
+  train   one optimizer step (forward, backward, clip, fused AdamW) at L=2048: our GPT-NeoX vs
+          transformers.GPTNeoXForCausalLM; distill.Distill "e2e" (trains all; teacher forward included) and
+          "joint" (trains the mixers: distill.py's defaults); fine-tuning (student CE); then one batch-1
+          student training step at L=64k (eager), whose peak memory is a target
+  decode  tokens/s of N single-token cached steps after a prefill to the context, student vs teacher
+  kd      distill.kd_loss forward+backward alone on the train batch's tokens, and its share of an e2e step
+Timing: warm-up calls first (compilation happens there: `warmup_s`), then CUDA events around each call, no sync
+in between; `ms` is the median, `spread` (max-min)/median. `peak_gb`: max_memory_allocated since the case began,
+models included. Each case records its own OOM/error and the run goes on; bench.json and bench.md are rewritten
+after every case, bench.png after every section; with --only, the other sections' rows of the last run at the
+same sizes in --out are kept (env.kept says from when). The issue-7 targets table is printed last.
+"""
+import argparse
+import gc
+import json
+import os
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from hyena import Attention, Config, GPTNeoX, HyenaOperator, make_student
+
+SECTIONS = ("mixer", "model", "train", "decode", "kd")
+
+
+@dataclass
+class Sizes:
+    model: dict          # Config overrides; {} is the pythia-70m shape
+    ls: list             # lengths of the mixer and model sections; the last is forward-only in the mixer section
+    mixer_tokens: int    # B * L of the mixer section
+    model_tokens: int    # B * L of the model section
+    train_batch: int     # the train and kd sections run on train_batch x train_len tokens
+    train_len: int
+    long_len: int        # the batch-1 student training step whose peak memory is a target
+    decode_ctx: list
+    decode_batch: list
+    decode_steps: int
+    prefill_chunk: int   # attention-only models prefill their KV cache this many tokens at a time
+    warmup: int
+    repeats: int
+
+
+H200 = Sizes({}, [2048 << i for i in range(7)], 131072, 65536, 16, 2048, 65536, [2048, 16384, 65536], [1, 16], 64,
+             4096, 3, 10)
+SMOKE = Sizes(dict(hidden_size=32, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2, vocab_size=256),
+              [16 << i for i in range(7)], 512, 256, 2, 32, 512, [16, 64, 256], [1, 2], 4, 32, 1, 2)
+
+
+def fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
+
+
+def table(rows):
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    return [" | ".join(cols), " | ".join("---" for _ in cols), *(" | ".join(fmt(r.get(c)) for c in cols) for r in rows)]
+
+
+class Bench:
+    def __init__(self, sizes, dev, modes, out, env):
+        self.s, self.dev, self.modes, self.out, self.cuda = sizes, dev, modes, out, dev.type == "cuda"
+        self.cfg = Config(**sizes.model)
+        self.res = {"env": env, "errors": {}, **{name: [] for name in SECTIONS}}
+
+    # ------------------------------------------------------------------------- measuring
+
+    def autocast(self):
+        return torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.cuda)
+
+    def tokens(self, B, L):
+        return torch.randint(self.cfg.vocab_size, (B, L), device=self.dev)  # random ids: never time on zeros
+
+    def build(self, cfg):
+        with self.dev:  # initialised on the device: no CPU init and copy
+            return GPTNeoX(cfg)
+
+    def student(self, teacher, l_max=None):
+        with self.dev:
+            return make_student(teacher, l_max=l_max)
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def mark(self):
+        """A timestamp; a CUDA event lies on the GPU's timeline, so call i+1's launches may overlap call i."""
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def timed(self, step, tokens):
+        """Median ms of step() after the warm-up calls, tokens/s, and the peak memory."""
+        self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(self.s.warmup):
+            step()
+        self.sync()
+        warmup_s, marks = time.perf_counter() - t0, []
+        for _ in range(self.s.repeats):
+            start = self.mark()
+            step()
+            marks.append((start, self.mark()))
+        self.sync()
+        times = [a.elapsed_time(b) if self.cuda else 1e3 * (b - a) for a, b in marks]
+        ms = statistics.median(times)
+        return {"ms": ms, "spread": (max(times) - min(times)) / ms, "tok_s": 1e3 * tokens / ms,
+                "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None, "warmup_s": warmup_s}
+
+    def case(self, section, row, fn):
+        """Run one measurement into `row`; an OOM or any error is recorded there and the run goes on."""
+        try:
+            row.update(fn())
+        except torch.OutOfMemoryError:
+            row["error"] = "OOM"
+        except Exception as e:  # noqa: BLE001 (one broken case must not cost the others)
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {e}"[:400]
+        gc.collect()  # the failed case's tensors die with its traceback: free them before the next case
+        if self.cuda:
+            torch.cuda.empty_cache()
+        self.res[section].append(row)
+        print(f"{section}: " + ", ".join(f"{k}={fmt(v)}" for k, v in row.items()), flush=True)
+        self.save()
+
+    # ------------------------------------------------------------------------- sections
+
+    def mixer(self):
+        for L in self.s.ls:
+            B = max(1, self.s.mixer_tokens // L)
+            for op in ("hyena", "sdpa"):
+                for backward in (False, True) if L != self.s.ls[-1] else (False,):
+                    self.case("mixer", dict(op=op, run="fwd+bwd" if backward else "fwd", L=L, B=B),
+                              lambda: self.mixer_case(op, B, L, backward))
+
+    def mixer_case(self, op, B, L, backward):
+        D = self.cfg.hidden_size
+        m = (HyenaOperator(D, L, order=2) if op == "hyena" else Attention(self.cfg)).to(self.dev)
+        x = torch.randn(B, L, D, device=self.dev, requires_grad=backward)  # (B, L, D)
+        g = torch.randn(B, L, D, device=self.dev, dtype=torch.bfloat16 if self.cuda else None)  # dLoss/dy
+
+        def step():
+            with self.autocast(), torch.set_grad_enabled(backward):
+                y = m(x)  # (B, L, D)
+            if backward:
+                y.backward(g)
+        return self.timed(step, B * L)
+
+    def model(self):
+        for L in self.s.ls:
+            B, teacher = max(1, self.s.model_tokens // L), self.build(replace(self.cfg, max_position_embeddings=L))
+            idx = self.tokens(B, L)
+            for name, m in (("student", self.student(teacher, l_max=L)), ("teacher", teacher)):
+                self.case("model", dict(model=name, L=L, B=B), lambda: self.timed(lambda: self.forward(m, idx), B * L))
+
+    def forward(self, m, idx):
+        with torch.no_grad(), self.autocast():
+            m(idx)  # logits (B, L, V)
+
+    def train(self):
+        s = self.s
+        x, y = self.tokens(s.train_batch, s.train_len), self.tokens(s.train_batch, s.train_len)
+        for compiled in self.modes:
+            for name in ("gpt-neox (ours)", "transformers", "distill e2e", "distill joint", "finetune"):
+                self.case("train", dict(case=name, compiled=compiled, B=s.train_batch, L=s.train_len),
+                          lambda: self.train_case(name, self.cfg, compiled, x, y))
+        cfg = replace(self.cfg, max_position_embeddings=s.long_len)
+        x, y = self.tokens(1, s.long_len), self.tokens(1, s.long_len)
+        self.case("train", dict(case="finetune long", compiled=False, B=1, L=s.long_len),
+                  lambda: self.train_case("finetune", cfg, False, x, y))
+
+    def train_case(self, name, cfg, compiled, x, y):
+        """One optimizer step of `name` as train.py takes it (the objective compiled when asked)."""
+        if name == "transformers":
+            try:
+                import transformers
+            except ImportError:
+                return {"error": "transformers not installed"}
+            self.res["env"]["transformers"] = transformers.__version__
+            hf_cfg = transformers.GPTNeoXConfig.from_dict(cfg.to_hf(), attn_implementation="sdpa")
+            module = transformers.GPTNeoXForCausalLM(hf_cfg).to(self.dev)
+            groups = [{"params": list(module.parameters()), "weight_decay": 0.1}]
+            loss_of = (lambda f: f(input_ids=x, labels=y).loss)  # HF shifts labels: one position fewer, same work
+        elif name in ("gpt-neox (ours)", "finetune"):
+            module = self.build(cfg) if name == "gpt-neox (ours)" else self.student(self.build(cfg))
+            groups, loss_of = module.optim_groups(0.1, 3e-4), (lambda f: f(x, y)[1])
+        else:
+            import distill  # lazily: it pulls in train.py, which only these cases need
+            mode, teacher = name.split()[1], self.build(cfg).requires_grad_(False)
+            student = self.student(teacher)
+            distill.set_trainable(student, "all" if mode == "e2e" else "mixer", range(cfg.num_hidden_layers))
+            module, groups = distill.Distill(teacher, student, mode), student.optim_groups(0.1, 3e-4)
+            loss_of = (lambda f: f(x, y)[0])
+        f = torch.compile(module) if compiled else module
+        opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=self.cuda)
+        params = [p for g in groups for p in g["params"]]
+
+        def step():
+            with self.autocast():
+                loss = loss_of(f)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return self.timed(step, x.numel())
+
+    def decode(self):
+        s = self.s
+        for ctx in s.decode_ctx:
+            teacher = self.build(replace(self.cfg, max_position_embeddings=ctx + s.decode_steps))
+            models = (("student", self.student(teacher, l_max=ctx + s.decode_steps)), ("teacher", teacher))
+            for B in s.decode_batch:
+                for name, m in models:
+                    self.case("decode", dict(model=name, ctx=ctx, B=B), lambda: self.decode_case(m, ctx, B))
+
+    @torch.no_grad()
+    def decode_case(self, m, ctx, B):
+        steps = self.s.decode_steps
+        cache = [{"pos": 0, "max_len": ctx + steps} for _ in m.gpt_neox.layers]
+        t0 = time.perf_counter()
+        with self.autocast():
+            self.prefill(m, self.tokens(B, ctx), cache)
+        self.sync()
+        prefill_s, nxt = time.perf_counter() - t0, self.tokens(B, steps)
+
+        def step():
+            for c in cache:  # rewind: every call decodes positions ctx .. ctx+steps-1 again
+                c["pos"] = ctx
+            with self.autocast():
+                for i in range(steps):
+                    m(nxt[:, i:i + 1], cache=cache)  # (B, 1) -> logits (B, 1, V)
+        return {"prefill_s": prefill_s, **self.timed(step, B * steps)}
+
+    def prefill(self, m, idx, cache):
+        """Fill the caches without the (B, ctx, V) logits GPTNeoX.forward would make (decoding never reads them).
+        Attention-only models go in chunks (their cache takes any length); Hyena prefills in one call."""
+        L = idx.shape[1]
+        chunk = L if "hyena" in m.config.mixers else self.s.prefill_chunk
+        for i in range(0, L, chunk):
+            h = m.gpt_neox.embed_in(idx[:, i:i + chunk])  # (B, chunk, D)
+            for block, c in zip(m.gpt_neox.layers, cache):
+                h = block(h, c)
+            for c in cache:
+                c["pos"] += h.shape[1]
+
+    def kd(self):
+        import distill
+        B, L, D = self.s.train_batch, self.s.train_len, self.cfg.hidden_size
+        teacher = self.build(self.cfg).requires_grad_(False)
+        heads = (self.student(teacher).head, teacher.head)  # the student's (trained), the teacher's (frozen)
+        hs, ht = (torch.randn(B, L, D, device=self.dev, requires_grad=True) for _ in "st")  # (B, L, D) final states
+        y = self.tokens(B, L)
+        for compiled in self.modes:
+            fn = torch.compile(distill.kd_loss) if compiled else distill.kd_loss
+
+            def step():
+                with self.autocast():
+                    loss = fn(hs, ht, y, *heads)
+                loss.backward()
+
+            def measure():
+                r, e2e = self.timed(step, B * L), self.get("train", "ms", dict(case="distill e2e", compiled=compiled))
+                return {**r, "share": r["ms"] / e2e if e2e else None}  # needs the train section in this run
+            self.case("kd", dict(case="kd_loss fwd+bwd", compiled=compiled, B=B, L=L), measure)
+
+    # ------------------------------------------------------------------------- reporting
+
+    def get(self, section, key, match):
+        return next((r[key] for r in self.res[section]
+                     if r.get(key) is not None and all(r.get(k) == v for k, v in match.items())), None)
+
+    def ratio(self, section, key, a, b):
+        num, den = self.get(section, key, a), self.get(section, key, b)
+        return num / den if num is not None and den else None
+
+    def targets(self):
+        s, c = self.s, max(self.modes)  # compiled vs compiled where compiled was measured
+        tag, hf, ctx = "compiled" if c else "eager", dict(case="transformers", compiled=c), s.decode_ctx[1]
+        hy = [r for r in self.res["mixer"] if r["op"] == "hyena" and r["run"] == "fwd+bwd" and r.get("peak_gb")]
+        per_tok = [r["peak_gb"] / (r["B"] * r["L"]) for r in hy]
+        rows = [(f"our GPT-NeoX train tok/s / transformers' ({tag})",
+                 self.ratio("train", "tok_s", dict(case="gpt-neox (ours)", compiled=c), hf), ">=", 1.0),
+                *((f"distill {m} step tok/s / transformers train tok/s ({tag})",
+                   self.ratio("train", "tok_s", dict(case=f"distill {m}", compiled=c), hf), ">=", 0.75)
+                  for m in ("e2e", "joint")),
+                *((f"Hyena / SDPA mixer fwd+bwd time, L={L}", self.ratio(
+                    "mixer", "ms", dict(op="hyena", run="fwd+bwd", L=L), dict(op="sdpa", run="fwd+bwd", L=L)),
+                   "<=", goal) for L, goal in ((s.ls[2], 1.0), (s.ls[5], 0.2))),
+                (f"student / teacher forward time, L={s.ls[4]}",
+                 self.ratio("model", "ms", dict(model="student", L=s.ls[4]), dict(model="teacher", L=s.ls[4])),
+                 "<=", 0.5),
+                ("Hyena mixer fwd+bwd peak bytes/token, max/min over L (linear memory)",
+                 max(per_tok) / min(per_tok) if len(per_tok) > 1 else None, "<=", 1.5),
+                (f"student train step L={s.long_len} B=1, peak GB",
+                 self.get("train", "peak_gb", dict(case="finetune long")), "<=", 40.0),
+                *((f"student / teacher decode tok/s, ctx={ctx}, B={B}", self.ratio(
+                    "decode", "tok_s", dict(model="student", ctx=ctx, B=B), dict(model="teacher", ctx=ctx, B=B)),
+                   ">=", 1.0) for B in s.decode_batch),
+                (f"kd_loss share of a distill e2e step ({tag})", self.get("kd", "share", dict(compiled=c)), "<=", 0.25)]
+        return [{"target": t, "measured": v, "goal": f"{op} {g:g}",
+                 "ok": "n/a" if v is None else "PASS" if (v >= g if op == ">=" else v <= g) else "FAIL"}
+                for t, v, op, g in rows]
+
+    def save(self, plot=False):
+        """bench.json and bench.md (and bench.png), each written atomically: a killed run leaves the last good one."""
+        env, lines = self.res["env"], []
+        for name in SECTIONS:
+            lines += [f"## {name}", "", *table(self.res[name]), ""] if self.res[name] else []
+        lines += [f"section {name} failed: {err}\n" for name, err in self.res["errors"].items()]
+        md = [f"# bench.py: {env['device']}, torch {env['torch']}", "",
+              "ms: median per call; tok_s: tokens/s; peak_gb: max allocated; spread: (max-min)/median", "",
+              *lines, "## issue-7 targets", "", *table(self.targets()), ""]
+        self.out.mkdir(parents=True, exist_ok=True)
+        for name, text in (("bench.json", json.dumps({**self.res, "targets": self.targets()}, indent=1)),
+                           ("bench.md", "\n".join(md))):
+            (self.out / f"{name}.tmp").write_text(text)
+            os.replace(self.out / f"{name}.tmp", self.out / name)
+        if plot:
+            try:
+                self.plot()
+            except Exception as e:  # noqa: BLE001 (a broken plot must not cost the measurements)
+                self.res["errors"]["plot"] = f"{type(e).__name__}: {e}"
+
+    def plot(self):
+        try:  # matplotlib is optional at runtime (requirements-dev.txt)
+            from matplotlib.figure import Figure
+        except ImportError:
+            self.res["errors"]["plot"] = "matplotlib not installed: no bench.png"
+            return
+        fig = Figure(figsize=(12, 4.5), layout="constrained")
+        lat, mem = fig.subplots(1, 2)
+        series = {}
+        for r in self.res["mixer"] + self.res["model"]:
+            key = f"mixer {r['op']} {r['run']}" if "op" in r else f"model {r['model']} fwd"
+            if "ms" in r:
+                series.setdefault(key, []).append(r)
+        for key, rows in series.items():
+            L = [r["L"] for r in rows]
+            lat.plot(L, [1e6 * r["ms"] / (r["B"] * r["L"]) for r in rows], marker="o", label=key)
+            if rows[0]["peak_gb"] is not None:
+                mem.plot(L, [r["peak_gb"] for r in rows], marker="o", label=key)
+        lat.set(yscale="log", xlabel="L", ylabel="ns per token", title="latency (B*L constant)")
+        mem.set(xlabel="L", ylabel="peak GB", title="peak memory (B*L constant)")
+        for ax in (lat, mem):
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            if ax.lines:  # the memory panel stays empty on the CPU
+                ax.legend(fontsize=7)
+        fig.savefig(self.out / "bench.png.tmp", format="png", dpi=110)
+        os.replace(self.out / "bench.png.tmp", self.out / "bench.png")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="results/bench", help="folder for bench.json, bench.md, bench.png")
+    p.add_argument("--quick", action="store_true", help="2 warm-up calls and 3 timed ones per case (default 3, 10)")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, eager: checks every code path")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections from {','.join(SECTIONS)}")
+    p.add_argument("--compile", choices=["on", "off", "both"], default=None,
+                   help="torch.compile the train and kd cases (default on; off with --cpu-smoke)")
+    args = p.parse_args(argv)
+    only = args.only.split(",")
+    if not set(only) <= set(SECTIONS):
+        p.error(f"--only {args.only!r}: unknown section(s) {sorted(set(only) - set(SECTIONS))}; choose from {SECTIONS}")
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        p.error("no CUDA GPU visible: bench.py measures one GPU; `python bench.py --cpu-smoke` checks it on the CPU")
+    sizes = SMOKE if args.cpu_smoke else replace(H200, warmup=2, repeats=3) if args.quick else H200
+    modes = {"on": [True], "off": [False], "both": [True, False]}[args.compile or ("off" if args.cpu_smoke else "on")]
+    dev = torch.device("cpu" if args.cpu_smoke else "cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(0)
+    env = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+           "cuda": torch.version.cuda, "args": vars(args), "sizes": asdict(sizes),
+           "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    bench, last = Bench(sizes, dev, modes, Path(args.out), env), Path(args.out) / "bench.json"
+    old = json.loads(last.read_text()) if last.exists() else None
+    if old and old["env"]["sizes"] == env["sizes"] and set(SECTIONS) - set(only):  # --only reruns a part:
+        env["kept"] = {n: old["env"].get("kept", {}).get(n, old["env"]["started"]) for n in SECTIONS if n not in only}
+        for name in env["kept"]:  # keep the other sections' results of the last run at the same sizes
+            bench.res[name] = old[name]
+            bench.res["errors"].update({name: old["errors"][name]} if name in old["errors"] else {})
+    for name in (n for n in SECTIONS if n in only):
+        t0 = time.perf_counter()
+        try:
+            getattr(bench, name)()
+        except Exception as e:  # noqa: BLE001 (a section that cannot even start must not stop the others)
+            traceback.print_exc()
+            bench.res["errors"][name] = f"{type(e).__name__}: {e}"[:400]
+        print(f"== {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        bench.save(plot=True)
+    print(f"\nwrote {args.out}/bench.json, bench.md, bench.png\n\n## issue-7 targets ({env['device']})\n")
+    print("\n".join(table(bench.targets())))
+    return bench.res
+
+
+if __name__ == "__main__":
+    main()
