@@ -1,0 +1,126 @@
+"""Cross-entropy training of a GPT-NeoX or Hyena model: from scratch or from a checkpoint.
+
+    python finetune.py --init scratch --data tinyshakespeare --preset tiny                # ~1 minute on a CPU
+    python finetune.py --init scratch --mixer hyena --config pythia-70m --data gutenberg --max-tokens 2e9
+    python finetune.py --init out/distill/final --data gutenberg --lr 1e-4 --max-tokens 1e8
+    torchrun --nproc-per-node 8 finetune.py ...                                           # same flags, 8 GPUs
+
+From scratch with `--mixer hyena` this is the paper's "pre-trained Hyena" baseline; with attention it is how
+we pretrain our own GPT-NeoX teacher. The model lands in OUT_DIR/final/ (OUT_DIR/ckpt/ is the last checkpoint).
+"""
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import data
+from hyena import MIXERS, Config, GPTNeoX
+from train import add_train_args, setup_distributed, train, train_config_from_args
+
+SHAPES = {  # --config presets; vocab_size comes from the data
+    "pythia-70m": {},
+    "pythia-160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "pythia-410m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                 max_position_embeddings=256),
+}
+PRESETS = {  # --preset: train-flag defaults (explicit flags still win)
+    "tiny": dict(batch_size=8, block_size=128, max_tokens=200_000, eval_interval=50, eval_batches=10,
+                 ckpt_interval=100, lr=2e-3, warmup_frac=0.05, out_dir="out/tiny"),
+}
+
+
+class CrossEntropy(nn.Module):
+    """The objective train.py optimises: next-token cross-entropy of .model."""
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        loss = self.model(x, y)[1]
+        return loss, {"ce": loss.detach()}
+
+
+def scratch_model(shape, mixer, vocab_size, block_size):
+    """A fresh GPTNeoX: a SHAPES preset (vocab_size from the data) or an HF-style config.json."""
+    if shape in SHAPES:
+        # Pythia pads its 50277-token vocabulary to 50304, a multiple of 128 (faster matmuls): do the same.
+        cfg = Config(**SHAPES[shape], vocab_size=-(-vocab_size // 128) * 128)
+    elif Path(shape).is_file():
+        cfg = Config.from_hf(json.loads(Path(shape).read_text()))
+    else:
+        raise FileNotFoundError(f"--config {shape}: neither a preset ({', '.join(SHAPES)}) nor a config.json file")
+    kw = asdict(cfg)
+    kw["max_position_embeddings"] = max(cfg.max_position_embeddings, block_size)
+    if mixer:
+        kw["mixers"] = [mixer] * cfg.num_hidden_layers
+    return GPTNeoX(Config(**kw))
+
+
+def save_final(model, out, meta):
+    """OUT_DIR/final: the weights, plus the data's tokenizer.json when it is a local file (eval.py uses it)."""
+    model.save_pretrained(out)
+    tok = Path(meta["tokenizer"])
+    if tok.is_file() and data.tokenizer_sha256(tok) == meta["tokenizer_sha256"]:
+        shutil.copyfile(tok, out / "tokenizer.json")
+
+
+def parse_args(argv):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=PRESETS)
+    preset = pre.parse_known_args(argv)[0].preset
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--init", required=True,
+                   help="'scratch', a folder written by save_pretrained (a distilled student, a run's ckpt/), "
+                        "or a hub repo id like EleutherAI/pythia-70m")
+    p.add_argument("--revision", default="main", help="hub revision of --init")
+    p.add_argument("--preset", choices=PRESETS, help="small CPU-friendly defaults: " + json.dumps(PRESETS["tiny"]))
+    p.add_argument("--mixer", choices=MIXERS, help="--init scratch: mixer of every layer (default: attention, "
+                                                   "or what --config's config.json says)")
+    p.add_argument("--config", help=f"--init scratch: model shape, one of {', '.join(SHAPES)} or a config.json "
+                                    "(default: pythia-70m; tiny with --preset tiny)")
+    add_train_args(p, **PRESETS.get(preset, {"out_dir": "out/finetune"}))
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = train_config_from_args(args)
+    data_dir = data.resolve_data_dir(cfg.data, cfg.data_root)
+    meta = data.load_meta(data_dir)  # fails early, naming the prepare.py command, when the data is not there
+    dist = setup_distributed(cfg.device)
+    try:
+        if args.init == "scratch":
+            torch.manual_seed(cfg.seed)  # every DDP rank builds the same initial weights
+            model = scratch_model(args.config or ("tiny" if args.preset == "tiny" else "pythia-70m"), args.mixer,
+                                  meta["vocab_size"], cfg.block_size)
+        elif args.config or args.mixer:
+            raise ValueError("--config and --mixer shape a model made from scratch; they cannot apply to "
+                             f"--init {args.init} (drop them, or use --init scratch)")
+        else:
+            model = GPTNeoX.from_pretrained(args.init, args.revision)
+        data.check_compatible(meta, vocab_size=model.config.vocab_size)
+        if "hyena" in model.config.mixers and cfg.block_size > model.config.l_max:
+            raise ValueError(f"--block-size {cfg.block_size} exceeds the Hyena filters' length {model.config.l_max} "
+                             f"of {args.init}; use --block-size {model.config.l_max} or less")
+        summary = train(CrossEntropy(model), cfg, dist)
+        if dist.master:
+            final = Path(cfg.out_dir) / "final"
+            save_final(model, final, meta)
+            print(f"saved {final} after {summary['tokens']:,} tokens; evaluate it with:\n"
+                  f"  python eval.py --ckpt {final} --data {cfg.data}", file=sys.stderr)
+    finally:
+        dist.close()
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FloatingPointError, FileNotFoundError, FileExistsError) as e:  # clear messages: no traceback needed
+        sys.exit(f"finetune.py: error: {e}")

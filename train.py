@@ -1,0 +1,388 @@
+"""The one training loop, shared by finetune.py (cross-entropy) and distill.py (teacher -> student).
+
+An objective is an nn.Module with `forward(x, y) -> (loss, metrics)` and the model being trained as `.model`;
+train() does the rest: AdamW with warmup + cosine over a token/time budget, gradient accumulation and clipping,
+bf16 autocast, DDP under torchrun, validation, a JSONL log, atomic checkpoints and exact resume.
+
+    python finetune.py --init scratch --data gutenberg --max-tokens 50_000_000      # one GPU, or the CPU
+    torchrun --nproc-per-node 8 finetune.py --init scratch --data gutenberg ...      # 8 GPUs, same script
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel
+
+import data
+from hub import read_safetensors
+
+DTYPES = ("auto", "bf16", "fp32")
+# --resume refuses to change these (or the sequences per step), which would change what a step means. The lr, the
+# budgets and the split of a step into GPUs x micro-batches may change.
+RESUME_FIELDS = ("data", "block_size", "seed")
+
+
+def arg(default, help):
+    """A TrainConfig field with the help text of its --flag."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = arg(MISSING, "folder for log.jsonl, ckpt/ and summary.json")
+    data: str = arg("gutenberg", "prepared data: a name under --data-root, or a folder (see prepare.py)")
+    data_root: str = arg("data", "where prepare.py put the named datasets")
+    batch_size: int = arg(8, "sequences per micro-batch per GPU")
+    block_size: int = arg(2048, "tokens per sequence")
+    grad_accum: int = arg(1, "micro-batches per optimizer step")
+    lr: float = arg(6e-4, "peak learning rate; groups with their own lr (Hyena filters) are scaled alike")
+    min_lr_frac: float = arg(0.1, "the cosine schedule ends at min_lr_frac * lr")
+    warmup_frac: float = arg(0.02, "fraction of the budget spent on linear warmup")
+    weight_decay: float = arg(0.1, "AdamW decay of matrices and embeddings (never biases, norms, Hyena filters)")
+    beta1: float = arg(0.9, "AdamW beta1")
+    beta2: float = arg(0.95, "AdamW beta2")
+    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = never; the norm is logged anyway)")
+    max_tokens: int = arg(0, "token budget, counted over all GPUs (0 = none)")
+    max_minutes: float = arg(0.0, "wall-clock budget in minutes (0 = none); the first budget to end stops the run")
+    eval_interval: int = arg(200, "validate every this many optimizer steps (and at the end)")
+    eval_batches: int = arg(20, "validation batches, the same windows every time (0 = no validation)")
+    log_interval: int = arg(10, "print a progress line every this many steps (log.jsonl has every step)")
+    ckpt_interval: int = arg(500, "checkpoint every this many steps (and at the end)")
+    compile: bool = arg(False, "torch.compile the objective")
+    dtype: str = arg("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
+    seed: int = arg(1337, "seeds the data sampler (per rank) and the validation windows")
+    resume: bool = arg(False, "continue from OUT_DIR/ckpt exactly where it stopped")
+    device: str = arg("auto", "auto, cpu, cuda or cuda:N (under torchrun each rank takes its LOCAL_RANK GPU)")
+
+    def __post_init__(self):
+        if self.max_tokens <= 0 and self.max_minutes <= 0:
+            raise ValueError("no budget: set --max-tokens and/or --max-minutes (the run stops at whichever ends first)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        for name in ("batch_size", "block_size", "grad_accum", "eval_interval", "log_interval", "ckpt_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+
+
+def integer(text):
+    """An int flag that may also be written 50e6 or 50_000_000."""
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(text)
+    return int(value)
+
+
+def add_train_args(parser, **defaults):
+    """Every TrainConfig field as --flag-name; `defaults` overrides TrainConfig's defaults for one script."""
+    unknown = set(defaults) - {f.name for f in fields(TrainConfig)}
+    if unknown:
+        raise ValueError(f"add_train_args: {sorted(unknown)} are not TrainConfig fields")
+    for f in fields(TrainConfig):
+        flag, default = "--" + f.name.replace("_", "-"), defaults.get(f.name, f.default)
+        if f.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+        elif default is MISSING:
+            parser.add_argument(flag, type=f.type, required=True, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=integer if f.type is int else f.type, default=default,
+                                choices=DTYPES if f.name == "dtype" else None,
+                                help=f.metadata["help"] + " (default: %(default)s)")
+
+
+def train_config_from_args(args):
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def close(self):
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def setup_distributed(device="auto"):
+    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK (a plain run is rank 0 of 1); joins the process group once."""
+    rank, world, local = (int(os.environ.get(k, "1" if k == "WORLD_SIZE" else "0"))
+                          for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if device in ("auto", "cuda"):
+        device = f"cuda:{local}" if device == "cuda" or torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    if world > 1 and not torch_dist.is_initialized():
+        # NVLink SHARP (multicast) fails to initialise on hosts whose fabric manager does not enable it (lent or
+        # virtualised H200 nodes); plain NVLink rings are as fast for gradient all-reduce. Harmless elsewhere.
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        cuda = device.startswith("cuda")
+        torch_dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
+    return Dist(rank, world, local, device)
+
+
+def build_optimizer(model, cfg, fused=False):
+    """AdamW over model.optim_groups; each group keeps its base lr so the schedule scales all of them alike."""
+    groups = model.optim_groups(cfg.weight_decay, cfg.lr)
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+
+
+def progress(tokens, seconds, cfg):
+    """Fraction of the budget used: the larger of the token and the time fraction."""
+    return max(tokens / cfg.max_tokens if cfg.max_tokens else 0.0,
+               seconds / (60 * cfg.max_minutes) if cfg.max_minutes else 0.0)
+
+
+def lr_factor(p, cfg):
+    """Linear warmup over warmup_frac of the budget, then cosine down to min_lr_frac at p = 1."""
+    if p < cfg.warmup_frac:
+        return p / cfg.warmup_frac
+    q = min(1.0, (p - cfg.warmup_frac) / (1 - cfg.warmup_frac)) if cfg.warmup_frac < 1 else 1.0
+    return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * q))
+
+
+def find_checkpoint(out):
+    """out/ckpt, else out/ckpt.old (a save killed between its two renames), else None."""
+    return next((Path(out) / n for n in ("ckpt", "ckpt.old") if (Path(out) / n / "train_state.pt").is_file()), None)
+
+
+def save_checkpoint(out, model, state):
+    """Write ckpt.tmp/ completely, then swap it in, so a complete checkpoint exists at every instant."""
+    tmp, cur, old = out / "ckpt.tmp", out / "ckpt", out / "ckpt.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, metadata={"step": str(state["step"]), "tokens": str(state["tokens"])})
+    torch.save(state, tmp / "train_state.pt")
+    if cur.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        cur.rename(old)
+    tmp.rename(cur)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_states(rng, dist):
+    """Every rank's sampler and torch RNG states, in rank order (rank 0 saves them all)."""
+    mine = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),  # numpy's: a dict of ints and str
+            "cuda": torch.cuda.get_rng_state() if dist.device.startswith("cuda") else None}
+    every = [mine] * dist.world
+    if dist.world > 1:
+        torch_dist.all_gather_object(every, mine)
+    return every
+
+
+def load_checkpoint(out, model, opt, rng, cfg, dist):
+    """Restore weights, optimizer and RNGs from out/ckpt (or ckpt.old); returns (step, tokens, elapsed_s)."""
+    ckpt = find_checkpoint(out)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}/ckpt (nor ckpt.old); run without --resume")
+    state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
+    was, now = state["config"], asdict(cfg)
+    changed = [f"{k} {was[k]} -> {now[k]}" for k in RESUME_FIELDS if was[k] != now[k]]
+    split = [(c["batch_size"], c["grad_accum"], w) for c, w in ((was, state["world"]), (now, dist.world))]
+    if math.prod(split[0]) != math.prod(split[1]):
+        changed.append("sequences per step (batch_size x grad_accum x GPUs) {} -> {}".format(
+            *(" x ".join(map(str, s)) for s in split)))
+    if changed:
+        raise ValueError(f"--resume: {ckpt} was trained with other settings ({'; '.join(changed)}). Resume with the "
+                         "checkpoint's flags, or start afresh in another --out-dir")
+    saved = json.loads((ckpt / "config.json").read_text())
+    if saved != json.loads(json.dumps(model.config.to_hf())):
+        raise ValueError(f"--resume: the model in {ckpt}/config.json (hidden {saved['hidden_size']}, layers "
+                         f"{saved['num_hidden_layers']}, mixers {saved.get('mixers', 'attention')}) is not the model "
+                         "being trained; build the same model, or start afresh in another --out-dir")
+    model.load_state_dict(read_safetensors(ckpt / "model.safetensors"))
+    opt.load_state_dict(state["optimizer"])
+    if state["world"] != dist.world:  # other GPU count: the old per-rank streams do not map; start fresh ones
+        rng.bit_generator.state = np.random.default_rng([cfg.seed, dist.rank, state["step"]]).bit_generator.state
+        if dist.master:
+            print(f"--resume: {state['world']} -> {dist.world} GPUs: the data sampler continues with new streams "
+                  "(a correct continuation, but not the batches the original run would have seen)", file=sys.stderr)
+        return state["step"], state["tokens"], state["elapsed"]
+    mine = state["rng"][dist.rank]
+    rng.bit_generator.state = mine["numpy"]
+    torch.set_rng_state(mine["torch"])
+    if mine["cuda"] is not None and dist.device.startswith("cuda"):
+        torch.cuda.set_rng_state(mine["cuda"])
+    return state["step"], state["tokens"], state["elapsed"]
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def trim_log(path, step):
+    """Keep the log lines up to the resumed step: the interrupted run's later steps are about to be redone."""
+    def keep(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError):  # a line cut short by a kill
+            return False
+    if path.exists():
+        write_atomic(path, "".join(line + "\n" for line in path.read_text().splitlines() if keep(line)))
+
+
+@torch.no_grad()
+def evaluate(objective, tokens, cfg, dist, amp):
+    """Mean loss and metrics over eval_batches val batches; a fixed rng gives the same windows every time. Every
+    rank evaluates all of them, so the ranks stay in step and all know the result."""
+    objective.eval()
+    rng, sums = np.random.default_rng(cfg.seed), {}
+    for _ in range(cfg.eval_batches):
+        x, y = data.random_batch(tokens, cfg.batch_size, cfg.block_size, rng, dist.device)  # (B, T) each
+        with amp:
+            loss, metrics = objective(x, y)
+        for k, v in {"loss": loss, **metrics}.items():
+            sums[k] = sums.get(k, 0.0) + v.float()
+    objective.train()
+    return {k: v.item() / cfg.eval_batches for k, v in sums.items()}
+
+
+def train(objective, cfg, dist=None, stage="", on_step=None):
+    """Train objective.model within cfg's budget; returns the run summary (rank 0 also writes it)."""
+    dist = dist or setup_distributed(cfg.device)
+    out, model, cuda = Path(cfg.out_dir) / stage, objective.model, dist.device.startswith("cuda")
+    data_dir = data.resolve_data_dir(cfg.data, cfg.data_root)
+    data.check_compatible(data.load_meta(data_dir), vocab_size=model.config.vocab_size)
+    train_tokens = data.load_split(data_dir, "train")
+    val_tokens = data.load_split(data_dir, "val") if cfg.eval_batches else None
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    objective.to(dist.device)
+    opt = build_optimizer(model, cfg, fused=cuda)
+    rng = np.random.default_rng([cfg.seed, dist.rank])  # each rank its own stream of batches
+    step, tokens, elapsed0 = 0, 0, 0.0
+    if cfg.resume:
+        step, tokens, elapsed0 = load_checkpoint(out, model, opt, rng, cfg, dist)
+    elif find_checkpoint(out):
+        raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue that run, or choose "
+                              "another --out-dir (or delete that folder) to start afresh")
+    bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda)
+    amp = torch.autocast(torch.device(dist.device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    compiled = torch.compile(objective) if cfg.compile else objective
+    runner = compiled if dist.world == 1 else \
+        DistributedDataParallel(compiled, device_ids=[dist.local_rank] if cuda else None)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    step_tokens = cfg.batch_size * cfg.block_size * cfg.grad_accum * dist.world
+    ckpt_step, eval_step, val, recent = step, -1, {}, deque(maxlen=cfg.log_interval)
+    if dist.master:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            trim_log(out / "log.jsonl", step)
+        else:
+            write_atomic(out / "log.jsonl", "")
+    t_start = window_t = time.perf_counter()
+    prefix = f"{stage} " if stage else ""
+
+    def elapsed():  # wall time of the whole run; under DDP the slowest rank's, so all ranks agree on lr and stop
+        t = elapsed0 + time.perf_counter() - t_start
+        if dist.world > 1 and cfg.max_minutes:
+            t = torch.tensor(t, dtype=torch.float64, device=dist.device)
+            torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return float(t)
+
+    def log(record, line=None):
+        if dist.master:
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if line:
+                print(prefix + line, file=sys.stderr)
+
+    def validate():
+        result = evaluate(compiled, val_tokens, cfg, dist, amp)
+        log({"step": step, "tokens": tokens, "val": result},
+            f"step {step} | val " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        return result
+
+    def checkpoint():
+        state = {"config": asdict(cfg), "world": dist.world, "step": step, "tokens": tokens, "elapsed": elapsed(),
+                 "optimizer": opt.state_dict(), "rng": rng_states(rng, dist)}
+        if dist.master:
+            save_checkpoint(out, model, state)
+        if dist.world > 1:
+            torch_dist.barrier()
+
+    objective.train()
+    while progress(tokens, now := elapsed(), cfg) < 1:
+        factor = lr_factor(progress(tokens + step_tokens, now, cfg), cfg)  # progress at the end of this step
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * factor
+        t0, sums = time.perf_counter(), {}
+        for micro in range(cfg.grad_accum):
+            x, y = data.random_batch(train_tokens, cfg.batch_size, cfg.block_size, rng, dist.device)  # (B, T) each
+            # DDP all-reduces gradients on the last micro-step only; the others accumulate locally.
+            with runner.no_sync() if dist.world > 1 and micro < cfg.grad_accum - 1 else nullcontext():
+                with amp:
+                    loss, metrics = runner(x, y)
+                (loss / cfg.grad_accum).backward()
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+        stacked = torch.stack([*sums.values(), grad_norm.float()])
+        if dist.world > 1:  # mean over ranks; also makes a NaN on any rank stop every rank
+            torch_dist.all_reduce(stacked)
+            stacked /= dist.world
+        *values, grad_norm = stacked.tolist()
+        metrics = dict(zip(sums, values))
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)):
+            last = find_checkpoint(out)
+            raise FloatingPointError(
+                f"non-finite loss {metrics['loss']} (grad norm {grad_norm}) at step {step + 1}: stopped before "
+                f"updating the weights. Lower --lr (now {cfg.lr:g}) or check the data in {data_dir}, then " +
+                (f"rerun with --resume from the last good checkpoint {last} (step {ckpt_step})" if last else
+                 "rerun (there is no checkpoint yet)"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step, tokens = step + 1, tokens + step_tokens
+        now_t = time.perf_counter()
+        record = {"step": step, "tokens": tokens, "lr": cfg.lr * factor, **metrics, "grad_norm": grad_norm,
+                  "tokens_per_s": step_tokens / (now_t - t0), "elapsed_s": elapsed0 + now_t - t_start}
+        if cuda:
+            record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        recent.append(metrics)
+        line = None
+        if step % cfg.log_interval == 0:
+            rate = len(recent) * step_tokens / (now_t - window_t)  # over this log window, evals included
+            left = ([(cfg.max_tokens - tokens) / rate] if cfg.max_tokens else []) + \
+                ([60 * cfg.max_minutes - record["elapsed_s"]] if cfg.max_minutes else [])
+            eta = max(0.0, min(left))
+            line = (f"step {step} | {tokens / 1e6:.2f}M tok | loss {metrics['loss']:.4f} | {rate / 1e3:.1f}k tok/s | "
+                    f"ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
+            window_t = now_t
+        log(record, line)
+        if val_tokens is not None and step % cfg.eval_interval == 0:
+            val, eval_step = validate(), step
+        if step % cfg.ckpt_interval == 0:
+            checkpoint()
+            ckpt_step = step
+        if on_step is not None:
+            on_step(step)
+    if val_tokens is not None and eval_step != step:
+        val = validate()
+    if ckpt_step != step:
+        checkpoint()
+    seconds = elapsed()
+    summary = {"stage": stage, "out_dir": str(out), "tokens": tokens, "steps": step, "minutes": seconds / 60,
+               "tokens_per_s": tokens / seconds, "val": val,
+               "train": {k: sum(m[k] for m in recent) / len(recent) for k in recent[0]} if recent else {}}
+    if dist.master:
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
