@@ -261,7 +261,7 @@ class Bench:
         import distill
         B, L, D = self.s.train_batch, self.s.train_len, self.cfg.hidden_size
         teacher = self.build(self.cfg).requires_grad_(False)
-        heads = (self.student(teacher).head, teacher.head)  # the student's (trained), the teacher's (frozen)
+        heads = (self.student(teacher), teacher)  # the student (trained, its head), the teacher (frozen)
         hs, ht = (torch.randn(B, L, D, device=self.dev, requires_grad=True) for _ in "st")  # (B, L, D) final states
         y = self.tokens(B, L)
         for compiled in self.modes:

@@ -10,7 +10,7 @@ Alignment modes (`--layers`), each matching student layer outputs to the teacher
   independent  every layer fed the teacher's input to that layer (teacher forcing), all in parallel
   none         skip alignment
 Then `--e2e-tokens`/`--e2e-minutes` > 0 adds an end-to-end stage: tau^2 KL(teacher || student) on the logits
-(+ `--ce-weight` x cross-entropy), computed in row chunks so both models' full-vocab logits never coexist.
+(+ `--ce-weight` x cross-entropy), fused with its gradient in row chunks: full-vocab logits never exist whole.
 
 The MSE of a layer is divided by the mean square of the teacher's output there ("relative MSE"): GPT-NeoX's
 residual stream grows with depth, and without this the deepest layers would dominate the joint sum.
@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from hyena import GPTNeoX, make_student
 from train import add_train_args, setup_distributed, train, train_config_from_args
@@ -41,30 +40,59 @@ def rel_mse(out, target):
     return F.mse_loss(out.float(), target) / target.pow(2).mean().clamp_min(1e-12)
 
 
-def _kd_chunk(hs, ht, targets, student_head, teacher_head, temperature, ce_weight):
-    with torch.no_grad():
-        log_pt = F.log_softmax(teacher_head(ht).float() / temperature, dim=-1)  # (n, V)
-    logits = student_head(hs).float()  # (n, V)
-    log_ps = F.log_softmax(logits / temperature, dim=-1)
-    kl = (log_pt.exp() * (log_pt - log_ps)).sum() * temperature ** 2
-    if ce_weight:
-        kl = kl + ce_weight * F.cross_entropy(logits, targets, ignore_index=-1, reduction="sum")
-    return kl
+class FusedKD(torch.autograd.Function):
+    """sum over rows of tau^2 KL(softmax(zt/tau) || softmax(zs/tau)) [+ ce_weight * CE(zs)], zs = xs @ ws.T.
+
+    The unembedding, softmaxes and loss run `chunk` rows at a time, and each chunk's gradient is formed on the
+    spot (d/dzs = tau (p_s - p_t) [+ ce_weight (softmax(zs) - onehot)]) and pushed through the matmul: neither
+    model's (n, V) logits ever exist whole, and nothing is recomputed in the backward pass.
+    """
+
+    @staticmethod
+    def forward(ctx, xs, xt, targets, ws, wt, temperature, ce_weight, chunk):
+        grad_x = torch.zeros_like(xs) if ctx.needs_input_grad[0] else None  # (n, D)
+        grad_w = torch.zeros_like(ws, dtype=torch.float32) if ctx.needs_input_grad[3] else None  # (V, D)
+        total = torch.zeros((), dtype=torch.float32, device=xs.device)
+        for i in range(0, xs.shape[0], chunk):
+            x = xs[i:i + chunk]  # (c, D)
+            zs = (x @ ws.T).float()  # (c, V)
+            log_pt = F.log_softmax((xt[i:i + chunk] @ wt.T).float() / temperature, dim=-1)  # (c, V)
+            log_ps = F.log_softmax(zs / temperature, dim=-1)
+            pt = log_pt.exp()
+            total += (pt * (log_pt - log_ps)).sum() * temperature ** 2
+            grad_z = temperature * (log_ps.exp() - pt)  # (c, V)
+            if ce_weight:
+                tgt = targets[i:i + chunk]
+                total += ce_weight * F.cross_entropy(zs, tgt, ignore_index=-1, reduction="sum")
+                p = F.softmax(zs, dim=-1)
+                keep = tgt != -1
+                p[keep, tgt[keep]] -= 1.0
+                grad_z += ce_weight * p * keep[:, None]
+            if grad_x is not None:
+                grad_x[i:i + chunk] = (grad_z.to(ws.dtype) @ ws).to(xs.dtype)
+            if grad_w is not None:
+                grad_w += grad_z.T @ x.float()
+        ctx.save_for_backward(grad_x, grad_w)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_x, grad_w = ctx.saved_tensors
+        return (grad_x * g if grad_x is not None else None, None, None,
+                grad_w * g if grad_w is not None else None, None, None, None, None)
 
 
-def kd_loss(hs, ht, targets, student_head, teacher_head, temperature=1.0, ce_weight=0.0, chunk=4096):
+def kd_loss(hs, ht, targets, student, teacher, temperature=1.0, ce_weight=0.0, chunk=8192):
     """Mean over tokens of tau^2 KL(p_teacher || p_student) [+ ce_weight * CE], from final hidden states.
 
-    hs, ht (B, L, D); targets (B, L). Logits exist for `chunk` rows at a time: each chunk is recomputed in the
-    backward pass (activation checkpointing) instead of keeping (B*L, V) probabilities alive.
+    hs, ht (B, L, D) before the final LayerNorm; targets (B, L); student, teacher: GPTNeoX (their heads are used).
     """
-    hs, ht, targets = hs.flatten(0, 1), ht.flatten(0, 1), targets.flatten()  # (n, D), (n, D), (n,)
-    total = hs.new_zeros((), dtype=torch.float32)
-    for i in range(0, hs.shape[0], chunk):
-        part = (hs[i:i + chunk], ht[i:i + chunk], targets[i:i + chunk], student_head, teacher_head,
-                temperature, ce_weight)
-        total = total + (checkpoint(_kd_chunk, *part, use_reentrant=False) if hs.requires_grad else _kd_chunk(*part))
-    return total / hs.shape[0]
+    xs = student.gpt_neox.final_layer_norm(hs).flatten(0, 1)  # (n, D)
+    with torch.no_grad():
+        xt = teacher.gpt_neox.final_layer_norm(ht).flatten(0, 1)  # (n, D)
+    ws, wt = student.embed_out.weight, teacher.embed_out.weight  # (V, D) each
+    total = FusedKD.apply(xs, xt, targets.flatten(), ws, wt, temperature, ce_weight, chunk)
+    return total / xs.shape[0]
 
 
 class Distill(nn.Module):
@@ -113,7 +141,7 @@ class Distill(nn.Module):
         with torch.no_grad():
             ht = self.teacher.hidden_states(x)[-1]  # (B, L, D)
         hs = self.model.hidden_states(x)[-1]
-        loss = kd_loss(hs, ht, y, self.model.head, self.teacher.head, self.temperature, self.ce_weight)
+        loss = kd_loss(hs, ht, y, self.model, self.teacher, self.temperature, self.ce_weight)
         return loss, {"kd": loss.detach()}
 
 

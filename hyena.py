@@ -130,8 +130,9 @@ class Attention(nn.Module):
                 cache["k"], cache["v"] = k.new_zeros(shape), v.new_zeros(shape)
             cache["k"][:, :, pos:pos + L], cache["v"][:, :, pos:pos + L] = k, v
             K, V = cache["k"][:, :, :pos + L], cache["v"][:, :, :pos + L]  # (B, H, pos+L, hd)
-            mask = None if L == 1 else torch.ones(L, pos + L, dtype=torch.bool, device=x.device).tril(pos)
-            y = F.scaled_dot_product_attention(q, K, V, attn_mask=mask)  # (B, H, L, hd)
+            # A prefill is plain causal attention (flash kernel, no mask); one new token sees everything.
+            mask = None if L == 1 or pos == 0 else torch.ones(L, pos + L, dtype=torch.bool, device=x.device).tril(pos)
+            y = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, is_causal=pos == 0 and L > 1)
         return self.dense(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -332,12 +333,15 @@ class GPTNeoX(nn.Module):
         return hs
 
     def forward(self, idx, targets=None, cache=None):
+        """idx (B, L) -> logits (B, L, V) and the mean CE over targets != -1 (None without targets).
+        With `cache` (one dict per layer, see generate) it decodes on from where the cache stands."""
         x = self.gpt_neox.embed_in(idx)  # (B, L, D)
         for i, block in enumerate(self.gpt_neox.layers):
             x = block(x, cache[i] if cache is not None else None)
-        if cache is not None:
+        if cache is not None:  # decoding needs only the last position's logits: (B, 1, V), not (B, L, V)
             for c in cache:
                 c["pos"] += idx.shape[1]
+            x = x[:, -1:]
         logits = self.head(x)  # (B, L, V)
         loss = None
         if targets is not None:
