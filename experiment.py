@@ -1,0 +1,173 @@
+"""The paper's comparison end to end, with the project's own scripts: data -> teacher -> students -> evaluation.
+
+    python experiment.py                                      # every GPU here; results/ gets table + plots
+    python experiment.py --teacher EleutherAI/pythia-70m --train-data openwebtext   # real Pythia, real data
+    python experiment.py --preset tiny                        # the whole chain on a CPU in minutes
+
+Students, each given the same GPU-minutes (--student-minutes) on one GPU, run in parallel, one per GPU:
+  paper    Hyena from random init, `progressive` layer-output MSE transfer, then CE fine-tuning (half each)
+  best     Hyena projections from the teacher's attention, `independent` alignment, then end-to-end KL
+  best+ce  teacher init, `progressive` alignment, end-to-end KL, then the last 30% of the budget on CE
+           fine-tuning (evaluated before and after the CE stage: where does CE help, where does it hurt?)
+  scratch  the paper's baseline: Hyena of the same shape trained from scratch with CE
+Every step is skipped when its output exists, so an interrupted experiment resumes by running it again.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import report
+
+PY = sys.executable
+EVAL_SETS = {"gutenberg": "val", "wikitext2": "test", "owt-sample": "val"}
+
+
+def prepare_commands(shared, tok, root, preset, data):
+    """Offline: tokenize ../shared/data (Gutenberg with its fixed VAL.txt split, WikiText-2 valid/test, the
+    OpenWebText sample). Any other --train-data is a hub dataset, evaluated beside WikiText-2 from the hub."""
+    if data not in ("gutenberg", "shakespeare"):
+        return [[PY, "prepare.py", name, "--tokenizer", tok, "--out-dir", root] for name in (data, "wikitext2")]
+    opts = ["--tokenizer", tok, "--out-dir", root]
+    text = [PY, "prepare.py", "text"]  # paths first: argparse takes them only right after the positional
+    if preset == "tiny":
+        return [text + [f"{shared}/corpus/tinyshakespeare/input.txt", "--val-fraction", "0.1", "--name",
+                        "shakespeare", *opts]]
+    return [text + [f"{shared}/corpus/gutenberg.tar.xz", "--val-list", f"{shared}/corpus/VAL.txt", "--name",
+                    "gutenberg", *opts],
+            text + ["--val", f"{shared}/wikitext/wikitext-2-raw/wiki.valid.raw", "--test",
+                    f"{shared}/wikitext/wikitext-2-raw/wiki.test.raw", "--name", "wikitext2", *opts],
+            text + ["--val", f"{shared}/openwebtext/owt10k_val500.jsonl", "--name", "owt-sample", *opts]]
+
+
+def run(cmd, log, env=None):
+    """Run one step, its output appended to log; a failure stops the experiment naming the step and log."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[{time.strftime('%H:%M:%S')}] {' '.join(map(str, cmd))}", file=sys.stderr, flush=True)
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(map(str, cmd))}\n")
+        f.flush()
+        return subprocess.Popen(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, env=env)
+
+
+def run_parallel(jobs, gpus, logs):
+    """jobs: {name: [cmd, ...]} run one job per GPU (commands of a job in order), waves when jobs > GPUs."""
+    pending, running = list(jobs.items()), {}
+    while pending or running:
+        free = [g for g in range(max(gpus, 1)) if g not in running]
+        while pending and free:
+            name, cmds = pending.pop(0)
+            g = free.pop(0)
+            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(g)} if gpus else None
+            running[g] = [name, cmds, env, run(cmds[0], logs / f"{name}.log", env)]
+        time.sleep(1)
+        for g, job in list(running.items()):
+            name, cmds, env, proc = job
+            if proc.poll() is None:
+                continue
+            if proc.returncode:
+                raise SystemExit(f"experiment.py: step {name!r} failed (exit {proc.returncode}); see {logs / name}.log")
+            cmds.pop(0)
+            if cmds:
+                job[3] = run(cmds[0], logs / f"{name}.log", env)
+            else:
+                del running[g]
+
+
+def todo(cmd, out):
+    """cmd unless out already exists (a finished step)."""
+    return [] if Path(out).exists() else [cmd]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shared", default="../shared/data", help="the offline data folder (corpus/, wikitext/, ...)")
+    p.add_argument("--tokenizer", default=None, help="default: <shared>/tokenizer/20B_tokenizer.json")
+    p.add_argument("--teacher", default="train", help="'train' (pretrain our own) or a hub id / checkpoint dir")
+    p.add_argument("--train-data", default=None, help="prepared dataset to train on (default gutenberg)")
+    p.add_argument("--teacher-tokens", type=float, default=160e6, help="teacher pretraining budget")
+    p.add_argument("--student-minutes", type=float, default=2.0, help="GPU-minutes per student")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per GPU per step")
+    p.add_argument("--block-size", type=int, default=2048)
+    p.add_argument("--gpus", type=int, default=None, help="default: all visible (0 = CPU)")
+    p.add_argument("--preset", choices=["tiny"], help="tiny: CPU-sized model, data and budgets")
+    p.add_argument("--runs", default="runs/experiment", help="checkpoints and logs")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--results", default="results")
+    p.add_argument("--seed", type=int, default=1337)
+    args = p.parse_args(argv)
+    if args.gpus is None:
+        import torch
+        args.gpus = torch.cuda.device_count()
+    tiny = args.preset == "tiny"
+    if tiny:
+        args.teacher_tokens, args.student_minutes, args.batch_size, args.block_size = 1.5e5, 0.5, 8, 128
+    runs, root, logs = Path(args.runs), args.data_root, Path(args.runs) / "logs"
+    data = args.train_data or ("shakespeare" if tiny else "gutenberg")
+    offline = data in ("gutenberg", "shakespeare")
+    tok = args.tokenizer or (f"{args.shared}/tokenizer/20B_tokenizer.json" if offline else "EleutherAI/pythia-70m")
+    eval_sets = {data: "val"} if tiny else EVAL_SETS if offline else {data: "val", "wikitext2": "test"}
+    t0 = time.time()
+
+    for cmd in prepare_commands(args.shared, tok, root, args.preset, data):
+        if run(cmd, logs / "prepare.log").wait():
+            raise SystemExit(f"experiment.py: data preparation failed; see {logs / 'prepare.log'}")
+
+    common = ["--data", data, "--data-root", root, "--block-size", args.block_size, "--batch-size",
+              args.batch_size, "--seed", args.seed, "--eval-interval", 50 if tiny else 100, "--eval-batches",
+              4 if tiny else 8, "--log-interval", 10]
+    teacher = args.teacher
+    if teacher == "train":
+        teacher = runs / "teacher" / "final"
+        launcher = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}"] \
+            if args.gpus > 1 else [PY]
+        cfg = ["--config", "tiny", "--preset", "tiny"] if tiny else ["--config", "pythia-70m", "--lr", "1e-3"]
+        for cmd in todo(launcher + ["finetune.py", "--init", "scratch", "--mixer", "attention", *cfg, *common,
+                                    "--max-tokens", int(args.teacher_tokens), "--out-dir", runs / "teacher"], teacher):
+            if run(cmd, logs / "teacher.log").wait():
+                raise SystemExit(f"experiment.py: teacher pretraining failed; see {logs / 'teacher.log'}")
+
+    M = args.student_minutes
+    distill = [PY, "distill.py", "--teacher", teacher, *common, "--lr", "1e-3"]
+    finetune = [PY, "finetune.py", *common, "--lr", "3e-4"]
+    scratch_cfg = ["--config", "tiny", "--preset", "tiny"] if tiny else ["--config", "pythia-70m"]
+    jobs = {
+        "paper": todo(distill + ["--init", "random", "--layers", "progressive", "--train", "block",
+                                 "--max-minutes", M / 2, "--out-dir", runs / "paper"], runs / "paper" / "final")
+        + todo(finetune + ["--init", runs / "paper" / "final", "--max-minutes", M / 2,
+                           "--out-dir", runs / "paper-ft"], runs / "paper-ft" / "final"),
+        "best": todo(distill + ["--init", "teacher", "--layers", "independent", "--max-minutes", 0.25 * M,
+                                "--e2e-minutes", 0.75 * M, "--out-dir", runs / "best"], runs / "best" / "final"),
+        "best-ce": todo(distill + ["--init", "teacher", "--layers", "progressive", "--max-minutes", 0.25 * M,
+                                   "--e2e-minutes", 0.45 * M, "--out-dir", runs / "best-ce"], runs / "best-ce" / "final")
+        + todo(finetune + ["--init", runs / "best-ce" / "final", "--max-minutes", 0.3 * M, "--lr", "1e-4",
+                           "--out-dir", runs / "best-ce-ft"], runs / "best-ce-ft" / "final"),
+        "scratch": todo([PY, "finetune.py", "--init", "scratch", "--mixer", "hyena", *scratch_cfg, *common,
+                         "--lr", "1e-3", "--max-minutes", M, "--out-dir", runs / "scratch"], runs / "scratch" / "final"),
+    }
+    run_parallel({k: v for k, v in jobs.items() if v}, args.gpus, logs)
+
+    models = {"teacher": teacher, "scratch": runs / "scratch" / "final", "paper": runs / "paper" / "final",
+              "paper-ft": runs / "paper-ft" / "final", "best": runs / "best" / "final",
+              "best-ce-kd": runs / "best-ce" / "final", "best-ce": runs / "best-ce-ft" / "final"}
+    evals, ev = {}, Path(args.runs) / "eval"
+    for name, ckpt in models.items():
+        evals[name] = todo([PY, "eval.py", "--ckpt", ckpt, "--data", *eval_sets, "--data-root", root,
+                            "--context", args.block_size, "--tokenizer", tok, "--json", ev / f"{name}.json"],
+                           ev / f"{name}.json")
+    for dtype in ["fp64", "fp32", "bf16", "fp16"]:  # the paper's open question: does precision move perplexity?
+        evals[f"dtype-{dtype}"] = todo([PY, "eval.py", "--ckpt", teacher, models["best"], "--data", data,
+                                        "--data-root", root, "--context", args.block_size, "--dtype", dtype,
+                                        "--max-tokens", 20000 if tiny else 262144, "--tokenizer", tok,
+                                        "--json", ev / f"dtype-{dtype}.json"], ev / f"dtype-{dtype}.json")
+    run_parallel({k: v for k, v in evals.items() if v}, args.gpus, logs)
+
+    report.main(["--runs", str(runs), "--results", args.results, "--paper-minutes", str(M),
+                 "--wall-minutes", f"{(time.time() - t0) / 60:.1f}", "--gpus", str(args.gpus)])
+
+
+if __name__ == "__main__":
+    main()

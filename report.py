@@ -1,0 +1,184 @@
+"""Turn an experiment's runs (training logs, eval JSON) into results/: JSON, a markdown table, PNG plots.
+
+    python report.py --runs runs/experiment --results results      # experiment.py calls this at the end
+"""
+import argparse
+import json
+import os
+from pathlib import Path
+
+# Row label -> (run folders whose training stages it spent, in order; eval JSON name). Folders may be missing
+# (e.g. a teacher loaded from the hub was not trained here).
+ROWS = {
+    "teacher (GPT-NeoX, attention)": (["teacher"], "teacher"),
+    "pre-trained Hyena (from scratch)": (["scratch"], "scratch"),
+    "distilled (paper: progressive MSE)": (["paper"], "paper"),
+    "distilled + fine-tuned (paper)": (["paper", "paper-ft"], "paper-ft"),
+    "best recipe (teacher init, align, KL)": (["best"], "best"),
+    "teacher init, progressive, KL": (["best-ce"], "best-ce-kd"),
+    "teacher init, progressive, KL, then CE": (["best-ce", "best-ce-ft"], "best-ce"),
+}
+CURVES = {"scratch (CE)": ["scratch"], "paper (progressive, CE)": ["paper", "paper-ft"],
+          "best (independent, KL)": ["best"], "progressive, KL, CE": ["best-ce", "best-ce-ft"]}
+PAPER = "Paper (Pythia-70M on OpenWebText, WikiText ppl): teacher 51.4, distilled Hyena 121.2 (2.36x)."
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def stages(run):
+    """A run folder's training stages in order: the folder itself (finetune) or its stage sub-folders (distill)."""
+    run = Path(run)
+    if (run / "log.jsonl").exists():
+        return [run]
+    return sorted((d for d in run.glob("*") if (d / "log.jsonl").exists()),
+                  key=lambda d: (d.name == "e2e", d.name))  # alignment stages first, end-to-end last
+
+
+def spent(runs, folders):
+    """Tokens and GPU-minutes the training stages of these folders used (GPU-minutes: minutes x world size)."""
+    tokens = minutes = 0.0
+    for folder in folders:
+        for st in stages(runs / folder):
+            s = json.loads((st / "summary.json").read_text()) if (st / "summary.json").exists() else {}
+            tokens += s.get("tokens", 0)
+            minutes += s.get("minutes", 0) * s.get("world", 1)
+    return tokens, minutes
+
+
+def curve(runs, folders):
+    """(tokens, minutes, val CE) along the training of these folders, stages laid end to end."""
+    pts, tok0, min0 = [], 0, 0.0
+    for folder in folders:
+        for st in stages(runs / folder):
+            last = {"tokens": 0, "elapsed_s": 0.0}  # the step record a validation line follows
+            for r in read_jsonl(st / "log.jsonl"):
+                if "val" in r and "ce" in r["val"]:
+                    pts.append((tok0 + r["tokens"], min0 + last["elapsed_s"] / 60, r["val"]["ce"]))
+                elif "elapsed_s" in r:
+                    last = r
+            tok0, min0 = tok0 + last["tokens"], min0 + last["elapsed_s"] / 60
+    return pts
+
+
+def load_eval(path):
+    return json.loads(Path(path).read_text())["results"] if Path(path).exists() else []
+
+
+def build(runs):
+    ev, out = runs / "eval", {"rows": {}, "curves": {}, "progressive_mse": [], "dtype": {}}
+    for label, (folders, name) in ROWS.items():
+        res = load_eval(ev / f"{name}.json")
+        if res:
+            tokens, minutes = spent(runs, folders)
+            out["rows"][label] = {"datasets": res[0]["datasets"], "tokens": tokens, "gpu_minutes": minutes}
+    for name, folders in CURVES.items():
+        out["curves"][name] = curve(runs, folders)
+    for st in sorted((runs / "paper").glob("stage-*")):  # per-layer MSE after each progressive stage
+        vals = [r["val"] for r in read_jsonl(st / "log.jsonl") if "val" in r]
+        if vals:
+            out["progressive_mse"].append({k: v for k, v in vals[-1].items() if k.startswith("mse_")})
+    for f in sorted(ev.glob("dtype-*.json")):
+        for r in load_eval(f):
+            for ds, v in r["datasets"].items():
+                out["dtype"].setdefault(r["model"], {})[f.stem[len("dtype-"):]] = {"dataset": ds, **v}
+    return out
+
+
+def markdown(res, meta):
+    datasets = sorted({d for r in res["rows"].values() for d in r["datasets"]}, key=lambda d: d != "gutenberg")
+    head = "| model | " + " | ".join(f"{d} ppl | {d} word ppl | {d} bits/byte" for d in datasets) + \
+        " | vs teacher | tokens | GPU-min |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    teacher = next(iter(res["rows"].values()), None)
+    first = datasets[0] if datasets else None
+    for label, r in res["rows"].items():
+        cells = []
+        for d in datasets:
+            v = r["datasets"].get(d, {})
+            cells += [f"{v['token_ppl']:.2f}" if "token_ppl" in v else "-",
+                      f"{v['word_ppl']:.2f}" if v.get("word_ppl") else "-",
+                      f"{v['bits_per_byte']:.4f}" if v.get("bits_per_byte") else "-"]
+        ratio = r["datasets"][first]["token_ppl"] / teacher["datasets"][first]["token_ppl"]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio:.3f}x | {r['tokens'] / 1e6:.1f}M | "
+                     f"{r['gpu_minutes']:.2f} |")
+    text = "\n".join(lines) + f"\n\n'vs teacher': token perplexity on {first} over the teacher's. {PAPER}\n"
+    if res["dtype"]:
+        dts = ["fp64", "fp32", "bf16", "fp16"]
+        text += "\n| model (evaluation precision) | " + " | ".join(dts) + " |\n|---|" + "---|" * len(dts) + "\n"
+        for model, by in res["dtype"].items():
+            text += f"| {Path(model).parent.name or model} | " + " | ".join(
+                f"{by[d]['token_ppl']:.4f}" if d in by else "-" for d in dts) + " |\n"
+    return text + "\n" + " ".join(f"{k}: {v}." for k, v in meta.items()) + "\n"
+
+
+def plots(res, out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("report.py: matplotlib not installed; no plots (pip install matplotlib)")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, pts in res["curves"].items():
+        if pts:
+            axes[0].plot([p[0] / 1e6 for p in pts], [p[2] for p in pts], label=name, marker=".")
+            axes[1].plot([p[1] for p in pts], [p[2] for p in pts], label=name, marker=".")
+    teacher = next((r for label, r in res["rows"].items() if label.startswith("teacher")), None)
+    for ax, xl in zip(axes, ["tokens (M)", "GPU-minutes"]):
+        if teacher and "gutenberg" in teacher["datasets"]:
+            ax.axhline(teacher["datasets"]["gutenberg"]["nll"] / teacher["datasets"]["gutenberg"]["tokens"],
+                       color="k", ls="--", label="teacher")
+        ax.set(xlabel=xl, ylabel="validation CE (nats/token)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "val_loss.png", dpi=110)
+    if res["progressive_mse"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        layers = sorted(res["progressive_mse"][0], key=lambda k: int(k.split("_")[1]))
+        for k in layers:
+            ax.plot(range(len(res["progressive_mse"])), [m[k] for m in res["progressive_mse"]], marker="o", label=k)
+        ax.set(xlabel="after progressive stage", ylabel="relative MSE vs teacher", yscale="log")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "progressive_mse.png", dpi=110)
+    if res["rows"]:
+        labels = list(res["rows"])
+        datasets = list(next(iter(res["rows"].values()))["datasets"])
+        fig, ax = plt.subplots(figsize=(10, 4))
+        w = 0.8 / len(labels)
+        for i, label in enumerate(labels):
+            ax.bar([j + i * w for j in range(len(datasets))],
+                   [res["rows"][label]["datasets"].get(d, {}).get("token_ppl", 0) for d in datasets], w, label=label)
+        ax.set_xticks([j + 0.4 - w / 2 for j in range(len(datasets))], datasets)
+        ax.set(ylabel="token perplexity", yscale="log")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "perplexity.png", dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default="runs/experiment")
+    p.add_argument("--results", default="results")
+    p.add_argument("--paper-minutes", help="student budget (GPU-minutes), recorded in the table's notes")
+    p.add_argument("--wall-minutes", help="the experiment's wall time, recorded in the notes")
+    p.add_argument("--gpus", help="GPUs used, recorded in the notes")
+    args = p.parse_args(argv)
+    runs, out = Path(args.runs), Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    res = build(runs)
+    meta = {k: v for k, v in {"student budget (GPU-minutes)": args.paper_minutes, "GPUs": args.gpus,
+                              "experiment wall time (minutes)": args.wall_minutes}.items() if v}
+    res["meta"] = meta
+    for name, text in [("experiment.json", json.dumps(res, indent=1)), ("RESULTS.md", markdown(res, meta))]:
+        (out / f"{name}.tmp").write_text(text)
+        os.replace(out / f"{name}.tmp", out / name)
+    plots(res, out)
+    print((out / "RESULTS.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
