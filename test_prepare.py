@@ -1,4 +1,5 @@
-"""prepare.py and data.py: text and hub datasets in, uint16 tokens with <|endoftext|> after each document out."""
+"""prepare.py, sources.py and data.py: text and hub datasets in, uint16 tokens with <|endoftext|> after each
+document out."""
 import io
 import json
 import tarfile
@@ -13,6 +14,7 @@ import torch
 
 import data
 import prepare
+import sources
 from fakehub import FakeHub
 from tokenizer import load_tokenizer
 
@@ -100,7 +102,7 @@ def test_val_and_test_files_and_val_fraction(tmp_path, enc):
     (tmp_path / "held.txt").write_text("Held out for test.")
     run(tmp_path, "text", tmp_path / "docs.jsonl", "--test", tmp_path / "held.txt", "--val-fraction", "0.1")
     out = tmp_path / "data" / "docs"  # the name comes from the first input
-    picked = prepare.val_mask(40, 0.1, 2357)
+    picked = sources.val_mask(40, 0.1, 2357)
     assert picked.sum() == 4
     assert decoded(enc, out, "val") == "".join(d + EOT for d, v in zip(docs, picked) if v)
     assert decoded(enc, out, "train") == "".join(d + EOT for d, v in zip(docs, picked) if not v)
