@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hyena import GPTNeoX, make_student
+from losses import head_loss
 from train import add_train_args, setup_distributed, train, train_config_from_args
 
 
@@ -40,59 +41,10 @@ def rel_mse(out, target):
     return F.mse_loss(out.float(), target) / target.pow(2).mean().clamp_min(1e-12)
 
 
-class FusedKD(torch.autograd.Function):
-    """sum over rows of tau^2 KL(softmax(zt/tau) || softmax(zs/tau)) [+ ce_weight * CE(zs)], zs = xs @ ws.T.
-
-    The unembedding, softmaxes and loss run `chunk` rows at a time, and each chunk's gradient is formed on the
-    spot (d/dzs = tau (p_s - p_t) [+ ce_weight (softmax(zs) - onehot)]) and pushed through the matmul: neither
-    model's (n, V) logits ever exist whole, and nothing is recomputed in the backward pass.
-    """
-
-    @staticmethod
-    def forward(ctx, xs, xt, targets, ws, wt, temperature, ce_weight, chunk):
-        grad_x = torch.zeros_like(xs) if ctx.needs_input_grad[0] else None  # (n, D)
-        grad_w = torch.zeros_like(ws, dtype=torch.float32) if ctx.needs_input_grad[3] else None  # (V, D)
-        total = torch.zeros((), dtype=torch.float32, device=xs.device)
-        for i in range(0, xs.shape[0], chunk):
-            x = xs[i:i + chunk]  # (c, D)
-            zs = (x @ ws.T).float()  # (c, V)
-            log_pt = F.log_softmax((xt[i:i + chunk] @ wt.T).float() / temperature, dim=-1)  # (c, V)
-            log_ps = F.log_softmax(zs / temperature, dim=-1)
-            pt = log_pt.exp()
-            total += (pt * (log_pt - log_ps)).sum() * temperature ** 2
-            grad_z = temperature * (log_ps.exp() - pt)  # (c, V)
-            if ce_weight:
-                tgt = targets[i:i + chunk]
-                total += ce_weight * F.cross_entropy(zs, tgt, ignore_index=-1, reduction="sum")
-                p = F.softmax(zs, dim=-1)
-                keep = tgt != -1
-                p[keep, tgt[keep]] -= 1.0
-                grad_z += ce_weight * p * keep[:, None]
-            if grad_x is not None:
-                grad_x[i:i + chunk] = (grad_z.to(ws.dtype) @ ws).to(xs.dtype)
-            if grad_w is not None:
-                grad_w += grad_z.T @ x.float()
-        ctx.save_for_backward(grad_x, grad_w)
-        return total
-
-    @staticmethod
-    def backward(ctx, g):
-        grad_x, grad_w = ctx.saved_tensors
-        return (grad_x * g if grad_x is not None else None, None, None,
-                grad_w * g if grad_w is not None else None, None, None, None, None)
-
-
 def kd_loss(hs, ht, targets, student, teacher, temperature=1.0, ce_weight=0.0, chunk=8192):
-    """Mean over tokens of tau^2 KL(p_teacher || p_student) [+ ce_weight * CE], from final hidden states.
-
-    hs, ht (B, L, D) before the final LayerNorm; targets (B, L); student, teacher: GPTNeoX (their heads are used).
-    """
-    xs = student.gpt_neox.final_layer_norm(hs).flatten(0, 1)  # (n, D)
-    with torch.no_grad():
-        xt = teacher.gpt_neox.final_layer_norm(ht).flatten(0, 1)  # (n, D)
-    ws, wt = student.embed_out.weight, teacher.embed_out.weight  # (V, D) each
-    total = FusedKD.apply(xs, xt, targets.flatten(), ws, wt, temperature, ce_weight, chunk)
-    return total / xs.shape[0]
+    """Mean over tokens of tau^2 KL(p_teacher || p_student) [+ ce_weight * CE], from final hidden states hs, ht
+    (B, L, D) before the final LayerNorm; fused with its gradient chunk by chunk (hyena.FusedHeadLoss)."""
+    return head_loss(student, hs, targets, ce_weight, teacher, ht, temperature, chunk)
 
 
 class Distill(nn.Module):

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hub import HubError, read_safetensors, resolve_file, write_safetensors
+from losses import head_loss
 from tokenizer import load_tokenizer  # noqa: F401  (re-exported: `from hyena import load_tokenizer`)
 
 MIXERS = ("attention", "hyena")
@@ -165,9 +166,10 @@ def short_conv(p, weight, bias):
     nn.Conv1d(padding=K-1)[..., :L] on p.transpose(1, 2), as K shifted multiply-adds (no transposes; one
     fused kernel under torch.compile)."""
     K, L = weight.shape[-1], p.shape[1]
-    out = p * weight[:, 0, K - 1] + bias  # (B, L, C): the last tap multiplies the current position
+    w, b = weight[:, 0].to(p.dtype), bias.to(p.dtype)  # (C, K): stay in p's dtype (bf16 under autocast)
+    out = p * w[:, K - 1] + b  # (B, L, C): the last tap multiplies the current position
     for j in range(1, K):  # tap K-1-j multiplies the input j steps back
-        out = out + F.pad(p, (0, 0, j, 0))[:, :L] * weight[:, 0, K - 1 - j]
+        out = out + F.pad(p, (0, 0, j, 0))[:, :L] * w[:, K - 1 - j]
     return out
 
 
@@ -333,8 +335,9 @@ class GPTNeoX(nn.Module):
         return hs
 
     def forward(self, idx, targets=None, cache=None):
-        """idx (B, L) -> logits (B, L, V) and the mean CE over targets != -1 (None without targets).
-        With `cache` (one dict per layer, see generate) it decodes on from where the cache stands."""
+        """idx (B, L) -> (logits (B, L, V), None), or with targets (B, L) -> (None, mean CE over targets != -1):
+        training never holds the full logits (see FusedHeadLoss). With `cache` (one dict per layer, see
+        generate) it decodes on from where the cache stands and returns the last position's logits."""
         x = self.gpt_neox.embed_in(idx)  # (B, L, D)
         for i, block in enumerate(self.gpt_neox.layers):
             x = block(x, cache[i] if cache is not None else None)
@@ -342,11 +345,9 @@ class GPTNeoX(nn.Module):
             for c in cache:
                 c["pos"] += idx.shape[1]
             x = x[:, -1:]
-        logits = self.head(x)  # (B, L, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
-        return logits, loss
+        if targets is not None:  # training: the loss without materialising (B, L, V) logits
+            return None, head_loss(self, x, targets)
+        return self.head(x), None  # (B, L, V)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):

@@ -121,6 +121,22 @@ def test_from_pretrained_through_the_hub(tmp_path, monkeypatch):
         assert torch.equal(a.state_dict()[k], v) and torch.equal(b.state_dict()[k], v)
 
 
+def test_training_loss_equals_cross_entropy_of_the_logits_and_so_do_gradients():
+    """forward(idx, targets) never builds the logits (chunked, gradient fused) yet is plain CE, to rounding."""
+    import torch.nn.functional as F
+    model = randomized(Config(**TINY))
+    idx, y = torch.randint(0, 211, (2, 30)), torch.randint(0, 211, (2, 30))
+    y[1, :5] = -1  # not scored
+    logits, loss = model(idx, y)
+    assert logits is None
+    g_fused = torch.autograd.grad(loss, list(model.parameters()))
+    ref = F.cross_entropy(model(idx)[0].flatten(0, 1), y.flatten(), ignore_index=-1)
+    g_ref = torch.autograd.grad(ref, list(model.parameters()))
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    for a, b in zip(g_fused, g_ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- the Hyena operator
 
 def direct_causal_conv(u, k, bias):
