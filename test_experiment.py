@@ -1,0 +1,199 @@
+"""The whole method end to end, as the README's CPU quick start runs it, only smaller: real text and the real GPT-NeoX
+tokenizer -> prepare.py -> a tiny attention teacher pretrained from scratch -> distill.py (progressive layer
+transfer, then end-to-end KL) into an all-Hyena student -> finetune.py (CE) -> eval.py's table and a sample ->
+report.py's table. Then report.py alone on a hand-made runs folder, to pin down its arithmetic and plots.
+
+(experiment.py itself runs ~20 subprocesses and its tiny preset fixes a 0.5-minute budget per student, so a whole run
+takes minutes on a CPU: too slow for the suite. The chain below is the same sequence of scripts, in process.)"""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import distill
+import eval as ev
+import finetune
+import prepare
+import report
+from hyena import GPTNeoX
+
+SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
+TOKENIZER = SHARED / "tokenizer" / "20B_tokenizer.json"
+SHAKESPEARE = SHARED / "corpus" / "tinyshakespeare" / "input.txt"
+# The 50k-token vocabulary dominates every step's cost (~0.4 s per 256-token step on one core), so budgets are
+# counted in steps of 4 x 64 tokens and validation uses one batch.
+TRAIN = ["--batch-size", "4", "--block-size", "64", "--device", "cpu", "--log-interval", "4", "--eval-batches", "1"]
+STEP = 4 * 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose 3x to contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def val_losses(run, key="loss"):
+    return [r["val"][key] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "val" in r]
+
+
+def table_rows(markdown):
+    """The body rows of the first markdown table, as lists of cells."""
+    lines = markdown[markdown.index("|"):].split("\n\n")[0].splitlines()
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+@pytest.mark.skipif(not (TOKENIZER.is_file() and SHAKESPEARE.is_file()),
+                    reason=f"needs the shared offline data ({TOKENIZER}, {SHAKESPEARE})")
+def test_quick_start_chain_teacher_student_finetune_eval_report(tmp_path, capsys):
+    text = tmp_path / "shakespeare.txt"  # ~12k tokens: one document, its last 10% (by lines) becomes val
+    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
+    root, runs = tmp_path / "data", tmp_path / "runs"  # runs/ laid out as experiment.py lays it out
+    prepare.main(["text", str(text), "--val-fraction", "0.1", "--name", "shakespeare", "--tokenizer", str(TOKENIZER),
+                  "--out-dir", str(root), "--workers", "1"])
+    meta = json.loads((root / "shakespeare" / "meta.json").read_text())
+    assert set(meta["splits"]) == {"train", "val"} and meta["splits"]["val"]["tokens"] > 1000
+    data = ["--data", "shakespeare", "--data-root", str(root), *TRAIN]
+
+    # The teacher: GPT-NeoX (attention) pretrained from scratch; its validation loss falls at every validation.
+    finetune.main(["--init", "scratch", "--mixer", "attention", "--config", "tiny", *data, "--lr", "1e-2",
+                   "--max-tokens", str(12 * STEP), "--eval-interval", "4", "--out-dir", str(runs / "teacher")])
+    vals = val_losses(runs / "teacher")
+    print("teacher val loss:", vals)
+    assert len(vals) == 3 and vals[0] > vals[1] > vals[2] and vals[2] < vals[0] - 0.5
+    teacher = GPTNeoX.from_pretrained(runs / "teacher" / "final")
+    assert teacher.config.mixers == ["attention", "attention"]
+
+    # The student: every attention replaced by Hyena, aligned layer by layer, then end-to-end KL on the logits.
+    distill.main(["--teacher", str(runs / "teacher" / "final"), *data, "--layers", "progressive",
+                  "--max-tokens", str(2 * 2 * STEP), "--e2e-tokens", str(2 * STEP), "--eval-interval", "100",
+                  "--out-dir", str(runs / "best-ce")])
+    assert [json.loads((runs / "best-ce" / s / "summary.json").read_text())["tokens"]
+            for s in ("stage-00", "stage-01", "e2e")] == [2 * STEP, 2 * STEP, 2 * STEP]
+    student = GPTNeoX.from_pretrained(runs / "best-ce" / "final")
+    assert student.config.mixers == ["hyena", "hyena"]
+    assert not torch.equal(student.gpt_neox.embed_in.weight, teacher.gpt_neox.embed_in.weight)  # e2e trains all
+
+    # Cross-entropy fine-tuning of the student.
+    finetune.main(["--init", str(runs / "best-ce" / "final"), *data, "--max-tokens", str(2 * STEP),
+                   "--eval-interval", "100", "--out-dir", str(runs / "best-ce-ft")])
+    assert GPTNeoX.from_pretrained(runs / "best-ce-ft" / "final").config.mixers == ["hyena", "hyena"]
+
+    # eval.py: one table of all three models; every perplexity is finite.
+    models = {"teacher": runs / "teacher" / "final", "best-ce-kd": runs / "best-ce" / "final",
+              "best-ce": runs / "best-ce-ft" / "final"}
+    capsys.readouterr()
+    ev.main(["--ckpt", *map(str, models.values()), "--data", "shakespeare", "--data-root", str(root),
+             "--context", "64", "--json", str(tmp_path / "eval.json")])
+    assert [row[0] for row in table_rows(capsys.readouterr().out)] == list(map(str, models.values()))
+    results = json.loads((tmp_path / "eval.json").read_text())["results"]
+    for r in results:
+        m = r["datasets"]["shakespeare"]
+        assert m["split"] == "val" and m["tokens"] == meta["splits"]["val"]["tokens"] - 1
+        assert all(math.isfinite(m[k]) for k in ("token_ppl", "word_ppl", "bits_per_byte")), r
+    assert results[0]["datasets"]["shakespeare"]["token_ppl"] < meta["vocab_size"] / 10  # uniform would be 50k
+
+    # A greedy sample continues the prompt (the fine-tuned folder carries the data's tokenizer.json).
+    ev.main(["--ckpt", str(models["best-ce"]), "--prompt", "ROMEO:", "--max-new-tokens", "8", "--temperature", "0"])
+    header, sample = capsys.readouterr().out.split("\n", 1)
+    assert header.startswith(f"--- {models['best-ce']}") and sample.startswith("ROMEO:")
+    assert len(sample) > len("ROMEO:\n")  # the 8 new tokens decode to something (here: newlines)
+
+    # report.py reads these real logs and eval results, one eval JSON per model as experiment.py writes them.
+    (runs / "eval").mkdir()
+    for name, r in zip(models, results):
+        (runs / "eval" / f"{name}.json").write_text(json.dumps({"results": [r]}))
+    report.main(["--runs", str(runs), "--results", str(tmp_path / "results")])
+    rows = table_rows((tmp_path / "results" / "RESULTS.md").read_text())
+    assert [row[0] for row in rows] == ["teacher (GPT-NeoX, attention)", "teacher init, progressive, KL",
+                                        "teacher init, progressive, KL, then CE"]
+    assert rows[0][-3] == "1.000x"
+    res = json.loads((tmp_path / "results" / "experiment.json").read_text())
+    assert [r["tokens"] for r in res["rows"].values()] == [12 * STEP, 6 * STEP, 8 * STEP]  # every stage counted
+    assert [ce for *_, ce in res["curves"]["progressive, KL, CE"]] == [
+        *(val_losses(runs / "best-ce" / s, "ce")[-1] for s in ("stage-00", "stage-01", "e2e")),  # the student's CE
+        val_losses(runs / "best-ce-ft", "ce")[-1]]
+
+
+# ---------------------------------------------------------------------------------------------- report.py alone
+
+def write_stage(folder, vals, tokens, minutes, world=1):
+    """A training stage as train.py leaves it: log.jsonl (a step record, then a val record, per validation) and
+    summary.json. vals: the val metrics of each validation, evenly spaced over `tokens` and `minutes`."""
+    folder.mkdir(parents=True)
+    lines = []
+    for i, val in enumerate(vals, 1):
+        t, s = tokens * i // len(vals), 60 * minutes * i / len(vals)
+        lines += [{"step": i, "tokens": t, "lr": 1e-3, "loss": val["ce"], "elapsed_s": s},
+                  {"step": i, "tokens": t, "val": {"loss": val["ce"], **val}}]
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (folder / "summary.json").write_text(json.dumps({"tokens": tokens, "minutes": minutes, "world": world}))
+
+
+def write_eval(path, *rows):
+    """eval.py --json's layout; rows: (model, {dataset: token_ppl})."""
+    results = [{"model": model, "path": model, "datasets": {
+        d: {"split": "val", "tokens": 1000, "nll": 1000 * math.log(ppl), "token_ppl": ppl, "word_ppl": 2 * ppl,
+            "bits_per_byte": math.log(ppl) / 4} for d, ppl in ppls.items()}} for model, ppls in rows]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"results": results}))
+
+
+def test_report_table_sums_every_stage_and_lays_curves_end_to_end(tmp_path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    write_stage(runs / "teacher", [{"ce": 4.0}, {"ce": 3.0}], tokens=1_000_000, minutes=2.0, world=4)
+    write_stage(runs / "scratch", [{"ce": 6.0}, {"ce": 5.0}], tokens=600_000, minutes=2.0)
+    for layer, mses in enumerate([(0.3, 0.9), (0.3, 0.2)]):  # progressive: stage 1 fixes layer 1
+        write_stage(runs / "paper" / f"stage-{layer:02d}", [{"ce": 7.0, "mse_0": mses[0], "mse_1": mses[1]}],
+                    tokens=100_000, minutes=0.5)
+    write_stage(runs / "paper-ft", [{"ce": 4.5}, {"ce": 4.2}], tokens=300_000, minutes=1.0)
+    write_stage(runs / "best" / "independent", [{"ce": 5.0}], tokens=100_000, minutes=0.25)
+    write_stage(runs / "best" / "e2e", [{"ce": 3.4}], tokens=300_000, minutes=0.75)  # sorts last, not first
+    (runs / "best" / "final").mkdir()  # no log.jsonl: not a stage
+    ppl = {"teacher": 20.0, "scratch": 80.0, "paper": 60.0, "paper-ft": 50.0, "best": 30.0}
+    for name, p in ppl.items():  # the best-ce runs are missing: their rows are left out
+        write_eval(runs / "eval" / f"{name}.json", (f"runs/{name}/final", {"gutenberg": p, "wikitext2": 2 * p}))
+    write_eval(runs / "eval" / "dtype-fp32.json", ("runs/teacher/final", {"gutenberg": 20.0}),
+               ("runs/best/final", {"gutenberg": 30.0}))
+    write_eval(runs / "eval" / "dtype-bf16.json", ("runs/teacher/final", {"gutenberg": 20.01}))
+
+    report.main(["--runs", str(runs), "--results", str(out), "--paper-minutes", "2", "--gpus", "4"])
+    md = (out / "RESULTS.md").read_text()
+    assert md in capsys.readouterr().out  # printed, too
+    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    rows = {row[0]: dict(zip(header, row)) for row in table_rows(md)}
+    assert list(rows) == ["teacher (GPT-NeoX, attention)", "pre-trained Hyena (from scratch)",
+                          "distilled (paper: progressive MSE)", "distilled + fine-tuned (paper)",
+                          "best recipe (teacher init, align, KL)"]
+    expect = {  # label: (gutenberg ppl, vs teacher, tokens, GPU-minutes = minutes x GPUs over every stage spent)
+        "teacher (GPT-NeoX, attention)": ("20.00", "1.000x", "1.0M", "8.00"),
+        "pre-trained Hyena (from scratch)": ("80.00", "4.000x", "0.6M", "2.00"),
+        "distilled (paper: progressive MSE)": ("60.00", "3.000x", "0.2M", "1.00"),
+        "distilled + fine-tuned (paper)": ("50.00", "2.500x", "0.5M", "2.00"),
+        "best recipe (teacher init, align, KL)": ("30.00", "1.500x", "0.4M", "1.00")}
+    for label, (p, ratio, tokens, minutes) in expect.items():
+        r = rows[label]
+        assert (r["gutenberg ppl"], r["vs teacher"], r["tokens"], r["GPU-min"]) == (p, ratio, tokens, minutes), r
+        assert r["wikitext2 ppl"] == f"{2 * float(p):.2f}" and r["gutenberg word ppl"] == f"{2 * float(p):.2f}"
+    assert "| teacher | - | 20.0000 | 20.0100 | - |" in md and "| best | - | 30.0000 | - | - |" in md
+    assert "student budget (GPU-minutes): 2. GPUs: 4." in md
+
+    res = json.loads((out / "experiment.json").read_text())
+    # Stages laid end to end: paper-ft's points start where paper's second stage ended (200k tokens, 1 minute).
+    assert res["curves"]["paper (progressive, CE)"] == [[100_000, 0.5, 7.0], [200_000, 1.0, 7.0],
+                                                        [350_000, 1.5, 4.5], [500_000, 2.0, 4.2]]
+    assert res["curves"]["best (independent, KL)"] == [[100_000, 0.25, 5.0], [400_000, 1.0, 3.4]]
+    assert res["curves"]["progressive, KL, CE"] == []
+    assert res["progressive_mse"] == [{"mse_0": 0.3, "mse_1": 0.9}, {"mse_0": 0.3, "mse_1": 0.2}]
+
+    pngs = {p.name for p in out.glob("*.png")}
+    if importlib.util.find_spec("matplotlib"):
+        assert pngs == {"val_loss.png", "progressive_mse.png", "perplexity.png"}
+        assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    else:
+        assert pngs == set()
