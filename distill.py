@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
+from finetune import save_final
 from hyena import GPTNeoX, make_student
 from losses import head_loss
 from train import add_train_args, setup_distributed, train, train_config_from_args
@@ -182,8 +184,8 @@ def main(argv=None):
         started = any((out / name / d).exists() for d in ("ckpt", "ckpt.old"))
         stage_cfg = dataclasses.replace(stage_cfg, resume=cfg.resume and started)
         summaries[name] = train(Distill(teacher, student, **kw), stage_cfg, dist, stage=name)
-    if dist.master:
-        student.save_pretrained(out / "final")
+    if dist.master:  # like finetune.py: the data's tokenizer.json goes along, for eval.py and sampling
+        save_final(student, out / "final", data.load_meta(data.resolve_data_dir(cfg.data, cfg.data_root)))
         tmp = out / "distill_summary.json.tmp"
         tmp.write_text(json.dumps({"args": vars(args), "stages": summaries}, indent=2))
         os.replace(tmp, out / "distill_summary.json")

@@ -13,7 +13,6 @@ Students, each given the same GPU-minutes (--student-minutes) on one GPU, run in
 Every step is skipped when its output exists, so an interrupted experiment resumes by running it again.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -23,17 +22,17 @@ from pathlib import Path
 import report
 
 PY = sys.executable
-EVAL_SETS = {"gutenberg": "val", "wikitext2": "test", "owt-sample": "val"}
+EVAL_SETS = ["gutenberg", "wikitext2", "owt-sample"]  # eval.py scores each one's test split, else its val
 
 
-def prepare_commands(shared, tok, root, preset, data):
+def prepare_commands(shared, tok, root, data):
     """Offline: tokenize ../shared/data (Gutenberg with its fixed VAL.txt split, WikiText-2 valid/test, the
     OpenWebText sample). Any other --train-data is a hub dataset, evaluated beside WikiText-2 from the hub."""
     if data not in ("gutenberg", "shakespeare"):
         return [[PY, "prepare.py", name, "--tokenizer", tok, "--out-dir", root] for name in (data, "wikitext2")]
     opts = ["--tokenizer", tok, "--out-dir", root]
     text = [PY, "prepare.py", "text"]  # paths first: argparse takes them only right after the positional
-    if preset == "tiny":
+    if data == "shakespeare":
         return [text + [f"{shared}/corpus/tinyshakespeare/input.txt", "--val-fraction", "0.1", "--name",
                         "shakespeare", *opts]]
     return [text + [f"{shared}/corpus/gutenberg.tar.xz", "--val-list", f"{shared}/corpus/VAL.txt", "--name",
@@ -78,8 +77,12 @@ def run_parallel(jobs, gpus, logs):
 
 
 def todo(cmd, out):
-    """cmd unless out already exists (a finished step)."""
-    return [] if Path(out).exists() else [cmd]
+    """cmd unless out already exists (a finished step); --resume when the step left checkpoints behind."""
+    if Path(out).exists():
+        return []
+    run_dir = Path(cmd[cmd.index("--out-dir") + 1]) if "--out-dir" in cmd else None
+    started = run_dir is not None and any(run_dir.glob("**/ckpt*/train_state.pt"))
+    return [cmd + ["--resume"] if started else cmd]
 
 
 def main(argv=None):
@@ -88,10 +91,10 @@ def main(argv=None):
     p.add_argument("--tokenizer", default=None, help="default: <shared>/tokenizer/20B_tokenizer.json")
     p.add_argument("--teacher", default="train", help="'train' (pretrain our own) or a hub id / checkpoint dir")
     p.add_argument("--train-data", default=None, help="prepared dataset to train on (default gutenberg)")
-    p.add_argument("--teacher-tokens", type=float, default=160e6, help="teacher pretraining budget")
-    p.add_argument("--student-minutes", type=float, default=2.0, help="GPU-minutes per student")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per GPU per step")
-    p.add_argument("--block-size", type=int, default=2048)
+    p.add_argument("--teacher-tokens", type=float, help="teacher pretraining budget (default 160e6; tiny 1.5e5)")
+    p.add_argument("--student-minutes", type=float, help="GPU-minutes per student (default 2; tiny 0.5)")
+    p.add_argument("--batch-size", type=int, help="sequences per GPU per step (default 16; tiny 8)")
+    p.add_argument("--block-size", type=int, help="context (default 2048; tiny 128)")
     p.add_argument("--gpus", type=int, default=None, help="default: all visible (0 = CPU)")
     p.add_argument("--preset", choices=["tiny"], help="tiny: CPU-sized model, data and budgets")
     p.add_argument("--runs", default="runs/experiment", help="checkpoints and logs")
@@ -103,16 +106,19 @@ def main(argv=None):
         import torch
         args.gpus = torch.cuda.device_count()
     tiny = args.preset == "tiny"
-    if tiny:
-        args.teacher_tokens, args.student_minutes, args.batch_size, args.block_size = 1.5e5, 0.5, 8, 128
+    defaults = dict(teacher_tokens=1.5e5, student_minutes=0.5, batch_size=8, block_size=128) if tiny else \
+        dict(teacher_tokens=160e6, student_minutes=2.0, batch_size=16, block_size=2048)
+    for k, v in defaults.items():  # explicit flags win over the preset
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     runs, root, logs = Path(args.runs), args.data_root, Path(args.runs) / "logs"
     data = args.train_data or ("shakespeare" if tiny else "gutenberg")
     offline = data in ("gutenberg", "shakespeare")
     tok = args.tokenizer or (f"{args.shared}/tokenizer/20B_tokenizer.json" if offline else "EleutherAI/pythia-70m")
-    eval_sets = {data: "val"} if tiny else EVAL_SETS if offline else {data: "val", "wikitext2": "test"}
+    eval_sets = [data] if data == "shakespeare" else list(EVAL_SETS) if offline else [data, "wikitext2"]
     t0 = time.time()
 
-    for cmd in prepare_commands(args.shared, tok, root, args.preset, data):
+    for cmd in prepare_commands(args.shared, tok, root, data):
         if run(cmd, logs / "prepare.log").wait():
             raise SystemExit(f"experiment.py: data preparation failed; see {logs / 'prepare.log'}")
 

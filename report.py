@@ -87,7 +87,7 @@ def build(runs):
 
 
 def markdown(res, meta):
-    datasets = sorted({d for r in res["rows"].values() for d in r["datasets"]}, key=lambda d: d != "gutenberg")
+    datasets = sorted({d for r in res["rows"].values() for d in r["datasets"]}, key=lambda d: (d != "gutenberg", d))
     head = "| model | " + " | ".join(f"{d} ppl | {d} word ppl | {d} bits/byte" for d in datasets) + \
         " | vs teacher | tokens | GPU-min |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -108,7 +108,8 @@ def markdown(res, meta):
         dts = ["fp64", "fp32", "bf16", "fp16"]
         text += "\n| model (evaluation precision) | " + " | ".join(dts) + " |\n|---|" + "---|" * len(dts) + "\n"
         for model, by in res["dtype"].items():
-            text += f"| {Path(model).parent.name or model} | " + " | ".join(
+            label = Path(model).parent.name if Path(model).name in ("final", "ckpt") else model  # hub ids as given
+            text += f"| {label} | " + " | ".join(
                 f"{by[d]['token_ppl']:.4f}" if d in by else "-" for d in dts) + " |\n"
     return text + "\n" + " ".join(f"{k}: {v}." for k, v in meta.items()) + "\n"
 
