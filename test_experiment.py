@@ -29,14 +29,6 @@ TRAIN = ["--batch-size", "4", "--block-size", "64", "--device", "cpu", "--log-in
 STEP = 4 * 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose 3x to contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def val_losses(run, key="loss"):
     return [r["val"][key] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "val" in r]

@@ -23,14 +23,6 @@ STEP_TOKENS = 4 * 32  # batch 4, block 32
 HERE = Path(__file__).resolve().parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose 100x to contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def data_dir(tmp_path):
