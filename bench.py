@@ -376,13 +376,15 @@ class Bench:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="results/bench", help="folder for bench.json, bench.md, bench.png")
+    p.add_argument("--out", help="folder for bench.json, bench.md, bench.png (default results/bench; "
+                   "--cpu-smoke: runs/bench-smoke, so a smoke test never overwrites the committed GPU results)")
     p.add_argument("--quick", action="store_true", help="2 warm-up calls and 3 timed ones per case (default 3, 10)")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny sizes on the CPU, eager: checks every code path")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections from {','.join(SECTIONS)}")
     p.add_argument("--compile", choices=["on", "off", "both"], default=None,
                    help="torch.compile the train and kd cases (default on; off with --cpu-smoke)")
     args = p.parse_args(argv)
+    args.out = args.out or ("runs/bench-smoke" if args.cpu_smoke else "results/bench")
     only = args.only.split(",")
     if not set(only) <= set(SECTIONS):
         p.error(f"--only {args.only!r}: unknown section(s) {sorted(set(only) - set(SECTIONS))}; choose from {SECTIONS}")

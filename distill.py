@@ -45,7 +45,7 @@ def rel_mse(out, target):
 
 def kd_loss(hs, ht, targets, student, teacher, temperature=1.0, ce_weight=0.0, chunk=8192):
     """Mean over tokens of tau^2 KL(p_teacher || p_student) [+ ce_weight * CE], from final hidden states hs, ht
-    (B, L, D) before the final LayerNorm; fused with its gradient chunk by chunk (hyena.FusedHeadLoss)."""
+    (B, L, D) before the final LayerNorm; fused with its gradient chunk by chunk (losses.FusedHeadLoss)."""
     return head_loss(student, hs, targets, ce_weight, teacher, ht, temperature, chunk)
 
 
@@ -128,7 +128,8 @@ def main(argv=None):
     p.add_argument("--init", default="teacher", choices=["teacher", "random"], help="Hyena projections' init")
     p.add_argument("--hyena-order", type=int, default=2)
     p.add_argument("--hyena-filter-lr", type=float, default=0.0, help="own lr for filter params (0: --lr)")
-    p.add_argument("--train", default="mixer", choices=["mixer", "block", "all"], help="alignment trains this")
+    p.add_argument("--train", default="mixer", choices=["mixer", "block"], help="alignment trains this (the "
+                   "alignment losses never reach the embeddings or the head, so 'all' is for --e2e-train only)")
     p.add_argument("--e2e-train", default="all", choices=["mixer", "block", "all"], help="end-to-end trains this")
     p.add_argument("--e2e-tokens", type=float, default=0, help="token budget of the end-to-end KL stage")
     p.add_argument("--e2e-minutes", type=float, default=0.0, help="time budget of the end-to-end KL stage")
@@ -145,14 +146,21 @@ def main(argv=None):
         cfg = train_config_from_args(args)
     except ValueError as e:
         raise SystemExit(f"distill.py: error: {e}") from None
-    dist = setup_distributed()
+    dist = setup_distributed(cfg.device)
+    try:
+        return distill(args, cfg, dist)
+    except (FileExistsError, FileNotFoundError, ValueError, FloatingPointError) as e:
+        raise SystemExit(f"distill.py: error: {e}") from None
+    finally:
+        dist.close()
 
+
+def distill(args, cfg, dist):
     teacher = GPTNeoX.from_pretrained(args.teacher, args.revision).to(dist.device).eval().requires_grad_(False)
     n = teacher.config.num_hidden_layers
     layers = parse_layers(args.hyena_layers, n)
+    torch.manual_seed(cfg.seed)  # the Hyena filters (and --init random projections) are drawn here
     student = make_student(teacher, layers, init=args.init, order=args.hyena_order, filter_lr=args.hyena_filter_lr)
-    if args.layers == "progressive" and args.train == "all":
-        raise SystemExit("distill.py: error: --layers progressive freezes lower layers; use --train mixer|block")
     if max(cfg.block_size, 1) > student.config.l_max:
         raise SystemExit(f"distill.py: error: --block-size {cfg.block_size} exceeds the teacher's "
                          f"max_position_embeddings {student.config.l_max}")

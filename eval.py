@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from data import check_compatible, eval_windows, load_meta, load_split, resolve_data_dir, tokenizer_sha256
 from hub import HubError, resolve_file
 from hyena import Config, GPTNeoX, load_tokenizer
+from train import integer
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")  # owner/name
@@ -160,7 +161,7 @@ def parse_args(argv):
     p.add_argument("--split", choices=("val", "test"), help="default: test where the dataset has one, else val")
     p.add_argument("--context", type=int, default=2048, help="window length (capped at the model's maximum)")
     p.add_argument("--stride", type=int, help="sliding windows moving on by this many tokens (default: context)")
-    p.add_argument("--max-tokens", type=int, help="use only the first N tokens of each split (N - 1 are scored)")
+    p.add_argument("--max-tokens", type=integer, help="use only the first N tokens of each split (N - 1 are scored)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="the model's weights and forward pass")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     p.add_argument("--json", help="also write every number here")

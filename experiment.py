@@ -97,9 +97,10 @@ def main(argv=None):
     p.add_argument("--block-size", type=int, help="context (default 2048; tiny 128)")
     p.add_argument("--gpus", type=int, default=None, help="default: all visible (0 = CPU)")
     p.add_argument("--preset", choices=["tiny"], help="tiny: CPU-sized model, data and budgets")
-    p.add_argument("--runs", default="runs/experiment", help="checkpoints and logs")
+    p.add_argument("--runs", help="checkpoints and logs (default runs/experiment; tiny: runs/tiny)")
     p.add_argument("--data-root", default="data")
-    p.add_argument("--results", default="results")
+    p.add_argument("--results", help="table, JSON and plots (default results; tiny: runs/tiny/results, so a CPU "
+                   "try-out never overwrites the committed GPU results)")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
     if args.gpus is None:
@@ -108,6 +109,8 @@ def main(argv=None):
     tiny = args.preset == "tiny"
     defaults = dict(teacher_tokens=1.5e5, student_minutes=0.5, batch_size=8, block_size=128) if tiny else \
         dict(teacher_tokens=160e6, student_minutes=2.0, batch_size=16, block_size=2048)
+    defaults.update(runs="runs/tiny", results="runs/tiny/results") if tiny else \
+        defaults.update(runs="runs/experiment", results="results")
     for k, v in defaults.items():  # explicit flags win over the preset
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -1,6 +1,6 @@
 """Cross-entropy training of a GPT-NeoX or Hyena model: from scratch or from a checkpoint.
 
-    python finetune.py --init scratch --data tinyshakespeare --preset tiny                # ~1 minute on a CPU
+    python finetune.py --init scratch --data shakespeare --preset tiny                    # a few minutes on a CPU
     python finetune.py --init scratch --mixer hyena --config pythia-70m --data gutenberg --max-tokens 2e9
     python finetune.py --init out/distill/final --data gutenberg --lr 1e-4 --max-tokens 1e8
     torchrun --nproc-per-node 8 finetune.py ...                                           # same flags, 8 GPUs

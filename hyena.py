@@ -189,31 +189,32 @@ class HyenaFilter(nn.Module):
         super().__init__()
         if emb_dim % 2 == 0 or emb_dim < 3:
             raise ValueError(f"hyena_emb_dim must be odd and >= 3 (1 + 2 * bands), got {emb_dim}")
-        self.l_max = l_max
-        t = torch.linspace(0, 1, l_max)[:, None]  # (l_max, 1) normalised time
-        bands = (emb_dim - 1) // 2
-        f = torch.linspace(1e-4, bands - 1, bands)[None]  # (1, bands)
-        angle = 2 * math.pi * f * torch.arange(l_max)[:, None] / l_max  # (l_max, bands)
-        self.register_buffer("t", t, persistent=False)
-        self.register_buffer("z", torch.cat([t, angle.cos(), -angle.sin()], dim=-1), persistent=False)
+        self.l_max, self.bands, self.channels = l_max, (emb_dim - 1) // 2, channels
+        # Decay rates spread over channels so some filters are short (local) and some span the sequence.
+        self.decay_range = (math.log(target) / fast_decay, math.log(target) / slow_decay)
         self.implicit_filter = nn.Sequential(
             nn.Linear(emb_dim, filter_order), Sin(filter_order),
             nn.Linear(filter_order, filter_order), Sin(filter_order),
             nn.Linear(filter_order, filter_order), Sin(filter_order),
             nn.Linear(filter_order, channels, bias=False))
-        # Decay rates spread over channels so some filters are short (local) and some span the sequence.
-        deltas = torch.linspace(math.log(target) / fast_decay, math.log(target) / slow_decay, channels)
-        self.register_buffer("deltas", deltas[None], persistent=False)
         self.bias = nn.Parameter(torch.randn(channels))
 
     def forward(self, L):
-        """The filter for lags 0..L-1, as (L, channels): a prefix of the l_max filter."""
+        """The filter for lags 0..L-1, as (L, channels) in fp32: a prefix of the l_max filter."""
         if L > self.l_max:
             raise ValueError(f"sequence length {L} exceeds the Hyena filter's l_max {self.l_max}; "
                              "build the model with a larger Config.hyena_l_max")
-        with torch.autocast(self.z.device.type, enabled=False):  # tiny, and feeds an fp32 FFT anyway
-            h = self.implicit_filter(self.z[:L])  # (L, C)
-            return h * torch.exp(-self.t[:L] * self.deltas.abs())  # (L, C)
+        # Positions are made here in fp32 rather than kept as buffers: model.to(bf16) would round them
+        # (bf16 has 256 steps per octave: only ~640 of 2048 normalised times would stay distinct).
+        dev, lag = self.bias.device, torch.arange(L, device=self.bias.device, dtype=torch.float32)[:, None]
+        t = lag / max(self.l_max - 1, 1)  # (L, 1) normalised time in [0, 1]
+        f = torch.linspace(1e-4, self.bands - 1, self.bands, device=dev)[None]  # (1, bands)
+        angle = 2 * math.pi * f * lag / self.l_max  # (L, bands)
+        z = torch.cat([t, angle.cos(), -angle.sin()], dim=-1)  # (L, emb_dim) positional embedding
+        deltas = torch.linspace(*self.decay_range, self.channels, device=dev)  # (C,)
+        with torch.autocast(dev.type, enabled=False):  # tiny, and feeds an fp32 FFT anyway
+            h = self.implicit_filter(z.to(self.bias.dtype))  # (L, C)
+            return h.float() * torch.exp(-t * deltas.abs())  # (L, C)
 
 
 class HyenaOperator(nn.Module):
@@ -454,16 +455,16 @@ def make_student(teacher, layers=None, init="teacher", order=None, l_max=None, f
     mixers = ["hyena" if i in layers else m for i, m in enumerate(cfg.mixers)]
     hyena = {f"hyena_{k}": v for k, v in dict(order=order, l_max=l_max, filter_lr=filter_lr).items() if v is not None}
     student = GPTNeoX(Config(**{**asdict(cfg), **hyena, "mixers": mixers})).to(next(teacher.parameters()).device)
-    own = {k for k in student.state_dict() if ".hyena." in k}
-    missing, _ = student.load_state_dict({k: v for k, v in teacher.state_dict().items() if k not in own},
-                                         strict=False)
+    teacher_state = teacher.state_dict()
+    own = {k for k in student.state_dict() if ".hyena." in k and k not in teacher_state}  # new Hyena tensors
+    missing, _ = student.load_state_dict({k: v for k, v in teacher_state.items() if k not in own}, strict=False)
     assert set(missing) <= own, f"teacher lacks {set(missing) - own}"
     if init == "teacher":
         for i in layers:
-            hy, att = student.gpt_neox.layers[i].hyena, teacher.gpt_neox.layers[i].attention
-            if not hasattr(att, "query_key_value"):
-                raise ValueError(f"teacher layer {i} is not attention; init='teacher' needs attention layers")
-            _init_from_attention(hy, att)
+            att = getattr(teacher.gpt_neox.layers[i], "attention", None)
+            if att is None:  # already Hyena in the teacher: its trained weights were copied above
+                continue
+            _init_from_attention(student.gpt_neox.layers[i].hyena, att)
     return student
 
 

@@ -52,8 +52,9 @@ class FusedHeadLoss(torch.autograd.Function):
 
 
 def head_loss(model, h, targets, ce_weight=1.0, teacher=None, h_teacher=None, temperature=1.0, chunk=8192):
-    """Mean over scored tokens of ce_weight * CE [+ tau^2 KL(teacher || model)], from final hidden states h
-    (B, L, D) (and the teacher's h_teacher) before the final LayerNorm; targets (B, L), -1 = not scored."""
+    """ce_weight * CE [+ tau^2 KL(teacher || model)], from final hidden states h
+    (B, L, D) (and the teacher's h_teacher) before the final LayerNorm; targets (B, L), -1 = not scored.
+    Averaged over scored tokens for CE alone, over all tokens when distilling (the KL covers every position)."""
     xs = model.gpt_neox.final_layer_norm(h).flatten(0, 1)  # (n, D)
     xt = wt = None
     if teacher is not None:

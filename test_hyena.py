@@ -241,6 +241,25 @@ def test_make_student_copies_everything_but_the_mixer():
         make_student(teacher, layers=[3])
 
 
+def test_make_student_keeps_a_hybrid_teachers_trained_hyena_layers():
+    hybrid = randomized(Config(**TINY))
+    hybrid = make_student(hybrid, layers=[0])
+    with torch.no_grad():
+        hybrid.gpt_neox.layers[0].hyena.out_proj.weight.add_(1.0)  # "trained"
+    student = make_student(hybrid)  # the rest becomes Hyena too
+    assert student.config.mixers == ["hyena"] * 3
+    assert torch.equal(student.gpt_neox.layers[0].hyena.out_proj.weight, hybrid.gpt_neox.layers[0].hyena.out_proj.weight)
+
+
+def test_casting_to_bf16_keeps_the_filters_positions_exact():
+    """model.to(bf16) must not round the implicit filter's time grid (bf16 keeps ~640 of 2048 steps distinct)."""
+    op = HyenaOperator(16, l_max=2048)
+    k32 = op.filter_fn(2048)
+    k16 = op.to(torch.bfloat16).filter_fn(2048)
+    assert k16.dtype == torch.float32
+    assert ((k16 - k32).norm() / k32.norm()).item() < 2e-2  # only the weights' rounding remains
+
+
 @pytest.mark.parametrize("mixers", [[0, 1, 2], [1]], ids=["student", "hybrid"])
 def test_student_save_load_round_trip(mixers, tmp_path):
     student = make_student(randomized(Config(**{**TINY, "hyena_order": 3})), layers=mixers)

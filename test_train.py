@@ -1,6 +1,7 @@
 """train.py and finetune.py on a tiny model and a tiny, very learnable dataset (CPU, seconds)."""
 import argparse
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -116,6 +117,20 @@ def test_resume_continues_bitwise(tmp_path, data_dir):
     (steps_a, vals_a), (steps_b, vals_b) = read_log(whole), read_log(cut)
     assert [r["loss"] for r in steps_a] == [r["loss"] for r in steps_b]  # no duplicated or missing steps either
     assert [r["val"] for r in vals_a] == [r["val"] for r in vals_b]
+
+
+def test_resume_uses_the_new_learning_rate(tmp_path, data_dir):
+    """--lr may change on resume (e.g. lower after a NaN): the optimizer must use it, not the checkpoint's."""
+    cut = tmp_path / "cut"
+    with pytest.raises(Interrupt):
+        train(CrossEntropy(tiny_model()), config(cut, data_dir), on_step=interrupt_at(4))
+    finals = []
+    for i, lr in enumerate((1e-3, 1e-2)):
+        run = tmp_path / f"resumed{i}"
+        shutil.copytree(cut, run)
+        train(CrossEntropy(tiny_model()), config(run, data_dir, resume=True, lr=lr))
+        finals.append(GPTNeoX.from_pretrained(run / "ckpt").embed_out.weight)
+    assert not torch.equal(*finals)
 
 
 def test_resume_refuses_other_settings_and_fresh_run_refuses_existing_checkpoint(tmp_path, data_dir):

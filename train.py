@@ -208,7 +208,10 @@ def load_checkpoint(out, model, opt, rng, cfg, dist):
                          f"{saved['num_hidden_layers']}, mixers {saved.get('mixers', 'attention')}) is not the model "
                          "being trained; build the same model, or start afresh in another --out-dir")
     model.load_state_dict(read_safetensors(ckpt / "model.safetensors"))
-    opt.load_state_dict(state["optimizer"])
+    hyper = [{k: g[k] for k in ("base_lr", "weight_decay", "betas")} for g in opt.param_groups]
+    opt.load_state_dict(state["optimizer"])  # moments and step counts; the hyper-parameters are this run's
+    for g, h in zip(opt.param_groups, hyper):
+        g.update(h)
     if state["world"] != dist.world:  # other GPU count: the old per-rank streams do not map; start fresh ones
         rng.bit_generator.state = np.random.default_rng([cfg.seed, dist.rank, state["step"]]).bit_generator.state
         if dist.master:
