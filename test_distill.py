@@ -1,5 +1,9 @@
 """distill.py: every alignment mode lowers what it optimises; the chunked KD loss is the plain KD loss."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,3 +116,17 @@ def test_clear_errors(setup):
         distill.main(common)
     with pytest.raises(SystemExit, match="nothing to do"):
         distill.main([*common, "--layers", "none", "--max-tokens", "100"])
+
+
+def test_progressive_and_end_to_end_under_two_process_ddp(setup):
+    """torchrun, 2 gloo processes: stages freeze all but one layer, which DDP must accept; rank 0 saves final/."""
+    tmp, common = setup
+    here = Path(__file__).resolve().parent
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    str(here / "distill.py"), *common, "--device", "cpu", "--layers", "progressive", "--train",
+                    "block", "--max-tokens", str(2 * 2 * 4 * 4 * 32), "--e2e-tokens", str(2 * 4 * 4 * 32),
+                    "--out-dir", str(tmp / "ddp")], cwd=here, check=True, capture_output=True, timeout=120,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for stage in ("stage-00", "stage-01", "e2e"):
+        assert json.loads((tmp / "ddp" / stage / "summary.json").read_text())["world"] == 2
+    assert GPTNeoX.from_pretrained(tmp / "ddp" / "final").config.mixers == ["hyena", "hyena"]

@@ -248,3 +248,18 @@ def test_flags_presets_and_overrides():
     assert (cfg.lr, cfg.out_dir, cfg.max_minutes, cfg.compile, cfg.max_tokens) == (1e-3, "out/x", 2.0, True, 0)
     with pytest.raises(ValueError, match="--max-tokens and/or --max-minutes"):
         train_config_from_args(parser.parse_args([]))
+
+
+def test_two_process_ddp_on_cpu_trains_and_matches_the_budget(tmp_path, data_dir):
+    """torchrun with 2 gloo processes: the same script, the same flags; every rank's gradients sync (a frozen or
+    unused parameter would make DDP fail here), only rank 0 writes, tokens count both ranks."""
+    out = tmp_path / "ddp"
+    args = cli_args(out, data_dir, "--max-tokens", str(6 * 2 * STEP_TOKENS), "--eval-batches", "1",
+                    "--mixer", "hyena")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    str(HERE / "finetune.py"), *args], cwd=HERE, check=True, capture_output=True, timeout=120,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    steps, _ = read_log(out)
+    assert [r["step"] for r in steps] == list(range(1, 7)) and steps[-1]["tokens"] == 6 * 2 * STEP_TOKENS
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world"] == 2 and GPTNeoX.from_pretrained(out / "final").config.mixers == ["hyena", "hyena"]
