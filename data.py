@@ -4,7 +4,6 @@ document) and meta.json; random batches for training, sliding windows for evalua
     tokens = load_split(resolve_data_dir("gutenberg"), "train")   # np.memmap, nothing read yet
     x, y = random_batch(tokens, 8, 512, np.random.default_rng(0))  # (8, 512) int64 each, y = x shifted by one
 """
-import hashlib
 import json
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from hub import resolve_file
+from tokenizer import tokenizer_file_sha256
 
 SPLITS = ("train", "val", "test")
 
@@ -54,7 +54,7 @@ def tokenizer_sha256(name_or_path, revision="main"):
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         path = resolve_file(name_or_path, "tokenizer.json", revision)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return tokenizer_file_sha256(path)
 
 
 def check_compatible(meta, tokenizer_sha256=None, vocab_size=None):

@@ -45,7 +45,7 @@ class HFEncoding(tiktoken.Encoding):
         super().__init__(name, pat_str=pat_str, mergeable_ranks=mergeable_ranks, special_tokens=special_tokens)
         self.normalizer = normalizer  # a unicodedata form ("NFC") or None
         self.aliases = aliases or {}  # vocab id -> added-token id with the same bytes
-        self.source_sha256 = source_sha256  # of the tokenizer.json this was built from (goes into meta.json)
+        self.source_sha256 = source_sha256  # of the tokenizer.json this was built from
         specials = "|".join(map(re.escape, special_tokens))
         self._special_split = re.compile(f"({specials})") if specials else None
 
