@@ -1,0 +1,154 @@
+"""The Hyena operator (Poli et al. 2023, arXiv 2302.10866), mirroring safari's `standalone_hyena.py`
+(HazyResearch/safari), with time as dim 1 throughout so no activation is ever transposed.
+
+Glossary (code name -> paper symbol, Hyena paper section 3):
+  x0, x1, ... x_{N-1}, v   projections of the input u (x^n and v in the paper; N = `order`)
+  short_filter             the depthwise causal convolution (kernel 3) applied to every projection
+  k / HyenaFilter          the implicit long filter h^n(t) = FFN(PositionalEmbedding(t)) * Window(t)
+  bias                     the per-channel skip term D in y = h * u + D u
+  z                        the input of a long convolution (x^n ⊙ z^n), cached for decoding
+  l_max                    the longest sequence the filter is defined for (t = 0 .. l_max-1)
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def fft_size(n):
+    """Smallest 2^a * {1, 3} >= n: cuFFT and pocketfft are fastest on such sizes."""
+    p = 1 << max(0, (n - 1).bit_length())
+    return min(p, 3 * (p >> 2)) if p >= 4 and 3 * (p >> 2) >= n else p
+
+
+def fftconv(u, k, bias):
+    """Causal long convolution y_t = sum_{s<=t} k_{t-s} u_s + bias * u_t, by FFT of size >= 2L along time.
+
+    u (B, L, D), k (L, D), bias (D,). Runs in fp32 (fp64 if given fp64) even under bf16 autocast: torch.fft
+    rejects bf16, and fp16/bf16 FFTs lose too much precision over long sequences. Time is dim 1, so no
+    activation is ever transposed; under torch.compile the casts fuse into the neighbouring kernels.
+    """
+    L, dtype = u.shape[1], torch.promote_types(u.dtype, torch.float32)
+    n = fft_size(2 * L)  # zero-padding to >= 2L turns the circular convolution into a linear one
+    with torch.autocast(u.device.type, enabled=False):
+        u32 = u.to(dtype)
+        k_f = torch.fft.rfft(k.to(dtype), n=n, dim=0)  # (n/2+1, D), once for the whole batch
+        y = torch.fft.irfft(torch.fft.rfft(u32, n=n, dim=1) * k_f, n=n, dim=1)[:, :L]  # (B, L, D)
+        return (y + u32 * bias.to(dtype)).to(u.dtype)
+
+
+def short_conv(p, weight, bias):
+    """Depthwise causal convolution along time of p (B, L, C) with weight (C, 1, K): the same numbers as
+    nn.Conv1d(padding=K-1)[..., :L] on p.transpose(1, 2), as K shifted multiply-adds (no transposes; one
+    fused kernel under torch.compile)."""
+    K, L = weight.shape[-1], p.shape[1]
+    w, b = weight[:, 0].to(p.dtype), bias.to(p.dtype)  # (C, K): stay in p's dtype (bf16 under autocast)
+    out = p * w[:, K - 1] + b  # (B, L, C): the last tap multiplies the current position
+    for j in range(1, K):  # tap K-1-j multiplies the input j steps back
+        out = out + F.pad(p, (0, 0, j, 0))[:, :L] * w[:, K - 1 - j]
+    return out
+
+
+class Sin(nn.Module):
+    """sin(w x) with a learnable frequency per channel: the implicit filter's activation."""
+    def __init__(self, dim, w=1.0):
+        super().__init__()
+        self.freq = nn.Parameter(w * torch.ones(1, dim))
+
+    def forward(self, x):
+        return torch.sin(self.freq * x)
+
+
+class HyenaFilter(nn.Module):
+    """h(t) = FFN(z(t)) * exp(-|delta| t): implicit filters for `channels` channels, defined up to l_max."""
+    def __init__(self, channels, l_max, emb_dim=33, filter_order=64, fast_decay=0.3, slow_decay=1.5, target=1e-2):
+        super().__init__()
+        if emb_dim % 2 == 0 or emb_dim < 3:
+            raise ValueError(f"hyena_emb_dim must be odd and >= 3 (1 + 2 * bands), got {emb_dim}")
+        self.l_max, self.bands, self.channels = l_max, (emb_dim - 1) // 2, channels
+        # Decay rates spread over channels so some filters are short (local) and some span the sequence.
+        self.decay_range = (math.log(target) / fast_decay, math.log(target) / slow_decay)
+        self.implicit_filter = nn.Sequential(
+            nn.Linear(emb_dim, filter_order), Sin(filter_order),
+            nn.Linear(filter_order, filter_order), Sin(filter_order),
+            nn.Linear(filter_order, filter_order), Sin(filter_order),
+            nn.Linear(filter_order, channels, bias=False))
+        self.bias = nn.Parameter(torch.randn(channels))
+
+    def forward(self, L):
+        """The filter for lags 0..L-1, as (L, channels) in fp32: a prefix of the l_max filter."""
+        if L > self.l_max:
+            raise ValueError(f"sequence length {L} exceeds the Hyena filter's l_max {self.l_max}; "
+                             "build the model with a larger Config.hyena_l_max")
+        # Positions are made here in fp32 rather than kept as buffers: model.to(bf16) would round them
+        # (bf16 has 256 steps per octave: only ~640 of 2048 normalised times would stay distinct).
+        dev, lag = self.bias.device, torch.arange(L, device=self.bias.device, dtype=torch.float32)[:, None]
+        t = lag / max(self.l_max - 1, 1)  # (L, 1) normalised time in [0, 1]
+        f = torch.linspace(1e-4, self.bands - 1, self.bands, device=dev)[None]  # (1, bands)
+        angle = 2 * math.pi * f * lag / self.l_max  # (L, bands)
+        z = torch.cat([t, angle.cos(), -angle.sin()], dim=-1)  # (L, emb_dim) positional embedding
+        deltas = torch.linspace(*self.decay_range, self.channels, device=dev)  # (C,)
+        with torch.autocast(dev.type, enabled=False):  # tiny, and feeds an fp32 FFT anyway
+            h = self.implicit_filter(z.to(self.bias.dtype))  # (L, C)
+            return h.float() * torch.exp(-t * deltas.abs())  # (L, C)
+
+
+class HyenaOperator(nn.Module):
+    def __init__(self, d_model, l_max, order=2, filter_order=64, emb_dim=33, short_filter_order=3, filter_lr=0.0):
+        super().__init__()
+        if order < 2:
+            raise ValueError(f"Hyena order must be >= 2 (one gate and one long convolution), got {order}")
+        self.d_model, self.order = d_model, order
+        self.in_proj = nn.Linear(d_model, (order + 1) * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        width = (order + 1) * d_model
+        # An nn.Conv1d only to hold the (C, 1, K) weight under safari's name; short_conv() applies it.
+        self.short_filter = nn.Conv1d(width, width, short_filter_order, groups=width, padding=short_filter_order - 1)
+        self.filter_fn = HyenaFilter(d_model * (order - 1), l_max, emb_dim, filter_order)
+        for p in self.filter_fn.parameters():  # hints read by optim_groups(): no decay, optionally own lr
+            p._optim = {"weight_decay": 0.0, **({"lr": filter_lr} if filter_lr else {})}
+
+    def filters(self, L):
+        k = self.filter_fn(L).view(L, self.order - 1, self.d_model)  # (L, N-1, D)
+        return k, self.filter_fn.bias.view(self.order - 1, self.d_model)  # (N-1, D)
+
+    def forward(self, u, cache=None):
+        B, L, D = u.shape
+        if cache is not None and cache["pos"] > 0:
+            return self.step(u, cache)
+        p = self.in_proj(u)  # (B, L, (N+1)D)
+        pc = short_conv(p, self.short_filter.weight, self.short_filter.bias)  # (B, L, (N+1)D) sees t-2..t
+        *x, v = pc.split(D, dim=-1)  # N gates x (B, L, D), value v (B, L, D)
+        k, bias = self.filters(cache["max_len"] if cache is not None else L)
+        for o, x_i in enumerate(reversed(x[1:])):
+            z = v * x_i  # (B, L, D)
+            if cache is not None:  # prefill: remember every long-conv input for O(L D) decoding
+                cache.setdefault("z", []).append(z.new_zeros(B, D, cache["max_len"]))  # channels-first for bmm
+                cache["z"][o][..., :L] = z.transpose(1, 2)
+            v = fftconv(z, k[:L, o], bias[o])  # (B, L, D)
+        if cache is not None:
+            kw = self.short_filter.kernel_size[0] - 1
+            cache["tail"] = F.pad(p, (0, 0, max(0, kw - L), 0))[:, -kw:]  # (B, kw, (N+1)D) last projections
+            cache["k_rev"] = k.flip(0).permute(1, 2, 0).to(v.dtype).contiguous()  # (N-1, D, max_len) reversed
+            cache["bias"] = bias
+        return self.out_proj(v * x[0])  # (B, L, D)
+
+    def step(self, u, cache):
+        """One token: short conv from the cached tail, each long conv as a dot product with the filter."""
+        B, L, D = u.shape
+        if L != 1:
+            raise ValueError(f"Hyena decoding takes one token at a time after the prefill, got {L}")
+        pos, T = cache["pos"], cache["max_len"]
+        window = torch.cat([cache["tail"], self.in_proj(u)], dim=1)  # (B, K, (N+1)D)
+        cache["tail"] = window[:, 1:]
+        pc = short_conv(window, self.short_filter.weight, self.short_filter.bias)[:, -1]  # (B, (N+1)D)
+        *x, v = pc.split(D, dim=-1)  # (B, D) each
+        for o, x_i in enumerate(reversed(x[1:])):
+            z = v * x_i  # (B, D)
+            cache["z"][o][..., pos] = z
+            hist = cache["z"][o][..., :pos + 1].transpose(0, 1)  # (D, B, pos+1), a strided view
+            kr = cache["k_rev"][o, :, T - 1 - pos:, None]  # (D, pos+1, 1): k[pos], ..., k[0]
+            # One batched GEMV per channel (fp32 accumulation even for bf16 caches), no temporaries.
+            v = torch.bmm(hist, kr)[..., 0].transpose(0, 1) + z * cache["bias"][o]  # (B, D)
+        return self.out_proj(v * x[0])[:, None]  # (B, 1, D)
