@@ -14,15 +14,14 @@ import pytest
 import torch
 
 import finetune
+from checkpoint import find_checkpoint
 from finetune import CrossEntropy, scratch_model
 from hyena import GPTNeoX, make_student
-from train import (TrainConfig, add_train_args, build_optimizer, find_checkpoint, lr_factor, train,
-                   train_config_from_args)
+from train import TrainConfig, add_train_args, build_optimizer, lr_factor, train, train_config_from_args
 
 VOCAB = 64
 STEP_TOKENS = 4 * 32  # batch 4, block 32
 HERE = Path(__file__).resolve().parent
-
 
 
 @pytest.fixture

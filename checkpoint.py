@@ -1,0 +1,108 @@
+"""Training checkpoints: written atomically (a complete one exists at every instant, even under kill -9) and
+restored exactly (weights, optimizer moments, every rank's RNG and data-sampler state), so `--resume` continues
+a run as if it had never stopped (bitwise on CPU).
+
+Layout of OUT/ckpt/: config.json + model.safetensors (GPTNeoX.save_pretrained, loadable on its own) and
+train_state.pt (a dict of tensors, numbers and strings, read with torch.load(weights_only=True)).
+"""
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+
+from hub import read_safetensors
+
+# --resume refuses to change these (or the sequences per step), which would change what a step means. The lr, the
+# budgets and the split of a step into GPUs x micro-batches may change.
+RESUME_FIELDS = ("data", "block_size", "seed")
+
+
+def find_checkpoint(out):
+    """out/ckpt, else out/ckpt.old (a save killed between its two renames), else None."""
+    return next((Path(out) / n for n in ("ckpt", "ckpt.old") if (Path(out) / n / "train_state.pt").is_file()), None)
+
+
+def save_checkpoint(out, model, state):
+    """Write ckpt.tmp/ completely, then swap it in, so a complete checkpoint exists at every instant."""
+    tmp, cur, old = out / "ckpt.tmp", out / "ckpt", out / "ckpt.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, metadata={"step": str(state["step"]), "tokens": str(state["tokens"])})
+    torch.save(state, tmp / "train_state.pt")
+    if cur.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        cur.rename(old)
+    tmp.rename(cur)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def rng_states(rng, dist):
+    """Every rank's sampler and torch RNG states, in rank order (rank 0 saves them all)."""
+    mine = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state(),  # numpy's: a dict of ints and str
+            "cuda": torch.cuda.get_rng_state() if dist.device.startswith("cuda") else None}
+    every = [mine] * dist.world
+    if dist.world > 1:
+        torch_dist.all_gather_object(every, mine)
+    return every
+
+
+def load_checkpoint(out, model, opt, rng, cfg, dist):
+    """Restore weights, optimizer and RNGs from out/ckpt (or ckpt.old); returns (step, tokens, elapsed_s)."""
+    ckpt = find_checkpoint(out)
+    if ckpt is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {out}/ckpt (nor ckpt.old); run without --resume")
+    state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
+    was, now = state["config"], asdict(cfg)
+    changed = [f"{k} {was[k]} -> {now[k]}" for k in RESUME_FIELDS if was[k] != now[k]]
+    split = [(c["batch_size"], c["grad_accum"], w) for c, w in ((was, state["world"]), (now, dist.world))]
+    if math.prod(split[0]) != math.prod(split[1]):
+        changed.append("sequences per step (batch_size x grad_accum x GPUs) {} -> {}".format(
+            *(" x ".join(map(str, s)) for s in split)))
+    if changed:
+        raise ValueError(f"--resume: {ckpt} was trained with other settings ({'; '.join(changed)}). Resume with the "
+                         "checkpoint's flags, or start afresh in another --out-dir")
+    saved = json.loads((ckpt / "config.json").read_text())
+    if saved != json.loads(json.dumps(model.config.to_hf())):
+        raise ValueError(f"--resume: the model in {ckpt}/config.json (hidden {saved['hidden_size']}, layers "
+                         f"{saved['num_hidden_layers']}, mixers {saved.get('mixers', 'attention')}) is not the model "
+                         "being trained; build the same model, or start afresh in another --out-dir")
+    model.load_state_dict(read_safetensors(ckpt / "model.safetensors"))
+    hyper = [{k: g[k] for k in ("base_lr", "weight_decay", "betas")} for g in opt.param_groups]
+    opt.load_state_dict(state["optimizer"])  # moments and step counts; the hyper-parameters are this run's
+    for g, h in zip(opt.param_groups, hyper):
+        g.update(h)
+    if state["world"] != dist.world:  # other GPU count: the old per-rank streams do not map; start fresh ones
+        rng.bit_generator.state = np.random.default_rng([cfg.seed, dist.rank, state["step"]]).bit_generator.state
+        if dist.master:
+            print(f"--resume: {state['world']} -> {dist.world} GPUs: the data sampler continues with new streams "
+                  "(a correct continuation, but not the batches the original run would have seen)", file=sys.stderr)
+        return state["step"], state["tokens"], state["elapsed"]
+    mine = state["rng"][dist.rank]
+    rng.bit_generator.state = mine["numpy"]
+    torch.set_rng_state(mine["torch"])
+    if mine["cuda"] is not None and dist.device.startswith("cuda"):
+        torch.cuda.set_rng_state(mine["cuda"])
+    return state["step"], state["tokens"], state["elapsed"]
+
+
+def write_atomic(path, text):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def trim_log(path, step):
+    """Keep the log lines up to the resumed step: the interrupted run's later steps are about to be redone."""
+    def keep(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError):  # a line cut short by a kill
+            return False
+    if path.exists():
+        write_atomic(path, "".join(line + "\n" for line in path.read_text().splitlines() if keep(line)))
