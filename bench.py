@@ -47,15 +47,14 @@ class Sizes:
     decode_ctx: list
     decode_batch: list
     decode_steps: int
-    prefill_chunk: int   # attention-only models prefill their KV cache this many tokens at a time
     warmup: int
     repeats: int
 
 
 H200 = Sizes({}, [2048 << i for i in range(7)], 131072, 65536, 16, 2048, 65536, [2048, 16384, 65536], [1, 16], 64,
-             4096, 3, 10)
+             3, 10)
 SMOKE = Sizes(dict(hidden_size=32, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2, vocab_size=256),
-              [16 << i for i in range(7)], 512, 256, 2, 32, 512, [16, 64, 256], [1, 2], 4, 32, 1, 2)
+              [16 << i for i in range(7)], 512, 256, 2, 32, 512, [16, 64, 256], [1, 2], 4, 1, 2)
 
 
 def fmt(v):
@@ -240,8 +239,8 @@ class Bench:
         steps = self.s.decode_steps
         cache = [{"pos": 0, "max_len": ctx + steps} for _ in m.gpt_neox.layers]
         t0 = time.perf_counter()
-        with self.autocast():
-            self.prefill(m, self.tokens(B, ctx), cache)
+        with self.autocast():  # a cached forward keeps only the last position's logits, not (B, ctx, V)
+            m(self.tokens(B, ctx), cache=cache)
         self.sync()
         prefill_s, nxt = time.perf_counter() - t0, self.tokens(B, steps)
 
@@ -252,18 +251,6 @@ class Bench:
                 for i in range(steps):
                     m(nxt[:, i:i + 1], cache=cache)  # (B, 1) -> logits (B, 1, V)
         return {"prefill_s": prefill_s, **self.timed(step, B * steps)}
-
-    def prefill(self, m, idx, cache):
-        """Fill the caches without the (B, ctx, V) logits GPTNeoX.forward would make (decoding never reads them).
-        Attention-only models go in chunks (their cache takes any length); Hyena prefills in one call."""
-        L = idx.shape[1]
-        chunk = L if "hyena" in m.config.mixers else self.s.prefill_chunk
-        for i in range(0, L, chunk):
-            h = m.gpt_neox.embed_in(idx[:, i:i + chunk])  # (B, chunk, D)
-            for block, c in zip(m.gpt_neox.layers, cache):
-                h = block(h, c)
-            for c in cache:
-                c["pos"] += h.shape[1]
 
     def kd(self):
         import distill
