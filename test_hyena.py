@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from hyena import Config, GPTNeoX, HyenaOperator, fftconv, make_student
+from hyena import Config, GPTNeoX, HyenaOperator, make_student
 
 TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=160, num_hidden_layers=3, vocab_size=211,
             max_position_embeddings=64)
@@ -137,68 +137,9 @@ def test_training_loss_equals_cross_entropy_of_the_logits_and_so_do_gradients():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-# ----------------------------------------------------------------------------- the Hyena operator
+# ----------------------------------------------------------------------------- the Hyena operator in a model
 
-def direct_causal_conv(u, k, bias):
-    """y_t = sum_{s<=t} k_{t-s} u_s + bias u_t, the definition, by loops. u (B, L, D), k (L, D)."""
-    y = torch.zeros_like(u)
-    for t in range(u.shape[1]):
-        y[:, t] = (u[:, :t + 1] * k[:t + 1].flip(0)).sum(1)
-    return y + u * bias
-
-
-@pytest.mark.parametrize("L", [64, 100, 1])
-def test_fft_convolution_equals_direct_convolution(L):
-    torch.manual_seed(L)
-    u, k, bias = (torch.randn(2, L, 8, dtype=torch.float64), torch.randn(L, 8, dtype=torch.float64),
-                  torch.randn(8, dtype=torch.float64))
-    err = (fftconv(u, k, bias) - direct_causal_conv(u, k, bias)).abs().max().item()
-    print(f"fftconv vs direct, L={L}: {err:.1e}")
-    assert err <= 1e-10
-
-
-@pytest.mark.parametrize("order", [2, 3])
-def test_hyena_is_causal(order):
-    torch.manual_seed(order)
-    op = HyenaOperator(32, l_max=128, order=order).double()
-    x = torch.randn(2, 100, 32, dtype=torch.float64, requires_grad=True)
-    y = op(x)
-    assert y.shape == x.shape
-    t = 57
-    x2 = x.detach().clone()
-    x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:])
-    err = (op(x2)[:, :t + 1] - y[:, :t + 1]).abs().max().item()
-    print(f"order {order}: max change at <= t after editing the future: {err:.1e}")
-    assert err <= 1e-12
-    (g,) = torch.autograd.grad(y[:, t].sum(), x)
-    past, future = g[:, :t + 1].abs().max().item(), g[:, t + 1:].abs().max().item()
-    assert past > 1e-3 and future <= 1e-12 * past  # zero up to fp64 FFT rounding (~1e-18)
-
-
-@pytest.mark.parametrize("order", [2, 3])
-def test_operator_equals_reference_built_from_conv1d_and_direct_convolution(order):
-    """The fast path (shifted-sum short conv, time-major FFT) computes safari's operator exactly."""
-    torch.manual_seed(0)
-    op = HyenaOperator(8, l_max=40, order=order).double()
-    u = torch.randn(2, 33, 8, dtype=torch.float64)
-    p = op.in_proj(u).transpose(1, 2)  # (B, (N+1)D, L): safari's channels-first layout
-    *x, v = op.short_filter(p)[..., :33].transpose(1, 2).split(8, dim=-1)
-    k, bias = op.filters(33)
-    for o, x_i in enumerate(reversed(x[1:])):
-        v = direct_causal_conv(v * x_i, k[:, o], bias[o])
-    ref = op.out_proj(v * x[0])
-    assert (op(u) - ref).abs().max().item() <= 1e-10
-
-
-def test_shorter_filters_are_prefixes_and_limits_are_checked():
-    op = HyenaOperator(16, l_max=64)
-    k64, k10 = op.filter_fn(64), op.filter_fn(10)
-    assert k64.shape == (64, 16) and torch.allclose(k10, k64[:10], rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="sequence length 65 exceeds the Hyena filter's l_max 64"):
-        op(torch.randn(1, 65, 16))
-    with pytest.raises(ValueError, match="order must be >= 2"):
-        HyenaOperator(16, l_max=64, order=1)
-
+# (the operator's own behaviour: test_hyena_operator.py)
 
 def test_hyena_parameter_count_near_attention():
     cfg = Config()
@@ -308,3 +249,4 @@ def test_bf16_autocast_forward_close_to_fp32():
             low = model(idx)[0].float()
     assert torch.isfinite(low).all()
     assert ((low - ref).norm() / ref.norm()).item() <= 2e-2
+

@@ -1,0 +1,126 @@
+"""Behaviour of the Hyena operator (hyena_operator.py): the long convolution, its fast path, causality, filters."""
+import pytest
+import torch
+
+import hyena_operator
+from hyena_operator import HyenaOperator, cmul, fftconv, fftconv_reference
+
+
+def direct_causal_conv(u, k, bias):
+    """y_t = sum_{s<=t} k_{t-s} u_s + bias u_t, the definition, by loops. u (B, L, D), k (L, D)."""
+    y = torch.zeros_like(u)
+    for t in range(u.shape[1]):
+        y[:, t] = (u[:, :t + 1] * k[:t + 1].flip(0)).sum(1)
+    return y + u * bias
+
+
+@pytest.mark.parametrize("L", [64, 100, 1])
+def test_fft_convolution_equals_direct_convolution(L):
+    torch.manual_seed(L)
+    u, k, bias = (torch.randn(2, L, 8, dtype=torch.float64), torch.randn(L, 8, dtype=torch.float64),
+                  torch.randn(8, dtype=torch.float64))
+    err = (fftconv(u, k, bias) - direct_causal_conv(u, k, bias)).abs().max().item()
+    print(f"fftconv vs direct, L={L}: {err:.1e}")
+    assert err <= 1e-10
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_hyena_is_causal(order):
+    torch.manual_seed(order)
+    op = HyenaOperator(32, l_max=128, order=order).double()
+    x = torch.randn(2, 100, 32, dtype=torch.float64, requires_grad=True)
+    y = op(x)
+    assert y.shape == x.shape
+    t = 57
+    x2 = x.detach().clone()
+    x2[:, t + 1:] = torch.randn_like(x2[:, t + 1:])
+    err = (op(x2)[:, :t + 1] - y[:, :t + 1]).abs().max().item()
+    print(f"order {order}: max change at <= t after editing the future: {err:.1e}")
+    assert err <= 1e-12
+    (g,) = torch.autograd.grad(y[:, t].sum(), x)
+    past, future = g[:, :t + 1].abs().max().item(), g[:, t + 1:].abs().max().item()
+    assert past > 1e-3 and future <= 1e-12 * past  # zero up to fp64 FFT rounding (~1e-18)
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_operator_equals_reference_built_from_conv1d_and_direct_convolution(order):
+    """The fast path (shifted-sum short conv, FFTConv) computes safari's operator exactly."""
+    torch.manual_seed(0)
+    op = HyenaOperator(8, l_max=40, order=order).double()
+    u = torch.randn(2, 33, 8, dtype=torch.float64)
+    p = op.in_proj(u).transpose(1, 2)  # (B, (N+1)D, L): safari's channels-first layout
+    *x, v = op.short_filter(p)[..., :33].transpose(1, 2).split(8, dim=-1)
+    k, bias = op.filters(33)
+    for o, x_i in enumerate(reversed(x[1:])):
+        v = direct_causal_conv(v * x_i, k[:, o], bias[o])
+    ref = op.out_proj(v * x[0])
+    assert (op(u) - ref).abs().max().item() <= 1e-10
+
+
+def test_shorter_filters_are_prefixes_and_limits_are_checked():
+    op = HyenaOperator(16, l_max=64)
+    k64, k10 = op.filter_fn(64), op.filter_fn(10)
+    assert k64.shape == (64, 16) and torch.allclose(k10, k64[:10], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="sequence length 65 exceeds the Hyena filter's l_max 64"):
+        op(torch.randn(1, 65, 16))
+    with pytest.raises(ValueError, match="order must be >= 2"):
+        HyenaOperator(16, l_max=64, order=1)
+
+
+
+# ----------------------------------------------------------------------------- the fast path = the reference
+
+@pytest.mark.parametrize("L", [1, 2, 7, 64, 100, 383])
+def test_fast_fftconv_equals_the_reference_and_so_do_its_gradients(L):
+    """FFTConv (channels-first FFTs, 1/n folded into the filter, hand-written backward) computes the function
+    fftconv_reference defines and autograd differentiates: output and all three gradients, in fp64."""
+    torch.manual_seed(L)
+    u, k = torch.randn(3, L, 8, dtype=torch.float64), torch.randn(L, 8, dtype=torch.float64)
+    bias, g = torch.randn(8, dtype=torch.float64), torch.randn(3, L, 8, dtype=torch.float64)
+    out = {}
+    for name, conv in (("fast", fftconv), ("reference", fftconv_reference)):
+        args = [t.clone().requires_grad_() for t in (u, k, bias)]
+        y = conv(*args)
+        out[name] = (y, *torch.autograd.grad(y, args, g))
+    for what, a, b in zip(("y", "du", "dk", "dbias"), out["fast"], out["reference"]):
+        err = ((a - b).norm() / b.norm()).item()
+        print(f"L={L} {what}: relative error {err:.1e}")
+        assert err <= 1e-13
+
+
+def test_fast_fftconv_passes_gradcheck_and_skips_gradients_nobody_needs():
+    torch.manual_seed(0)
+    u, k, bias = (torch.randn(2, 9, 3, dtype=torch.float64, requires_grad=True),
+                  torch.randn(9, 3, dtype=torch.float64, requires_grad=True),
+                  torch.randn(3, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(fftconv, (u, k, bias))
+    frozen = k.detach()  # a frozen filter: only du and dbias are formed
+    (du,) = torch.autograd.grad(fftconv(u, frozen, bias).sum(), u)
+    (du_ref,) = torch.autograd.grad(fftconv_reference(u, frozen, bias).sum(), u)
+    assert torch.allclose(du, du_ref, rtol=0, atol=1e-12)
+
+
+def test_fast_fftconv_keeps_dtypes_like_the_reference():
+    """bf16 activations in, bf16 out (fp32 FFTs inside); the fp32 filter's gradient stays fp32."""
+    u = torch.randn(2, 50, 16).bfloat16().requires_grad_()
+    k, bias = torch.randn(50, 16, requires_grad=True), torch.randn(16, requires_grad=True)
+    y = fftconv(u, k, bias)
+    y.float().square().sum().backward()
+    assert (y.dtype, u.grad.dtype, k.grad.dtype, bias.grad.dtype) == (torch.bfloat16, torch.bfloat16,
+                                                                      torch.float32, torch.float32)
+    ref = fftconv_reference(u.detach(), k.detach(), bias.detach())
+    assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() <= 1e-2  # bf16 rounding of the output
+
+
+@pytest.mark.parametrize("conj_b", [False, True])
+def test_complex_product_in_real_arithmetic_equals_the_complex_op(conj_b, monkeypatch):
+    """The path torch.compile takes (view_as_real arithmetic, fused by inductor) runs here eagerly."""
+    torch.manual_seed(1)
+    a = torch.randn(2, 5, 33, dtype=torch.complex128)
+    b = torch.randn(5, 33, dtype=torch.complex128)
+    eager = cmul(a, b, conj_b)
+    monkeypatch.setattr(hyena_operator.torch.compiler, "is_compiling", lambda: True)
+    real = cmul(a, b, conj_b)
+    assert torch.allclose(real, a * (b.conj() if conj_b else b), rtol=0, atol=1e-14)
+    assert torch.allclose(real, eager, rtol=0, atol=1e-14)
+
