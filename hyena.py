@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from decode import graphed_step
 from hub import HubError, read_safetensors, resolve_file, write_safetensors
 from hyena_operator import HyenaOperator, fftconv, short_conv
 from losses import head_loss
@@ -115,7 +116,7 @@ class Attention(nn.Module):
         pos = cache["pos"] if cache is not None else 0
         qkv = self.query_key_value(x).view(B, L, self.n_head, 3 * self.head_dim)  # per-head [q|k|v]
         q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # (B, H, L, hd) each
-        t = torch.arange(pos, pos + L, device=x.device, dtype=torch.float32)
+        t = (pos + torch.arange(L, device=x.device)).float()  # (L,) positions; pos may be a device tensor
         freqs = torch.outer(t, self.inv_freq)  # (L, rot/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (L, rot)
         cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
@@ -123,15 +124,21 @@ class Attention(nn.Module):
         k = torch.cat((k[..., :self.rot] * cos + rotate_half(k[..., :self.rot]) * sin, k[..., self.rot:]), -1)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, hd)
-        else:  # preallocated KV cache: write this chunk, attend over everything so far
+        elif not torch.is_tensor(pos):  # prefill into a preallocated KV cache, attend over everything so far
             if "k" not in cache:
                 shape = (B, self.n_head, cache["max_len"], self.head_dim)
                 cache["k"], cache["v"] = k.new_zeros(shape), v.new_zeros(shape)
             cache["k"][:, :, pos:pos + L], cache["v"][:, :, pos:pos + L] = k, v
             K, V = cache["k"][:, :, :pos + L], cache["v"][:, :, :pos + L]  # (B, H, pos+L, hd)
-            # A prefill is plain causal attention (flash kernel, no mask); one new token sees everything.
+            # From position 0 this is plain causal attention (flash kernel, no mask).
             mask = None if L == 1 or pos == 0 else torch.ones(L, pos + L, dtype=torch.bool, device=x.device).tril(pos)
             y = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, is_causal=pos == 0 and L > 1)
+        else:  # decoding, pos a device tensor: fixed shapes, no host sync, so a CUDA graph can capture it
+            at = pos + torch.arange(L, device=x.device)  # (L,) positions written
+            cache["k"].index_copy_(2, at, k.to(cache["k"].dtype))
+            cache["v"].index_copy_(2, at, v.to(cache["v"].dtype))
+            mask = torch.arange(cache["max_len"], device=x.device) <= at[:, None]  # (L, max_len): the past only
+            y = F.scaled_dot_product_attention(q, cache["k"].to(q.dtype), cache["v"].to(q.dtype), attn_mask=mask)
         return self.dense(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -201,18 +208,27 @@ class GPTNeoX(nn.Module):
         for i, block in enumerate(self.gpt_neox.layers):
             x = block(x, cache[i] if cache is not None else None)
         if cache is not None:  # decoding needs only the last position's logits: (B, 1, V), not (B, L, V)
-            for c in cache:
-                c["pos"] += idx.shape[1]
+            pos = cache[0]["pos"]
+            if torch.is_tensor(pos):  # one device tensor shared by every layer's cache, advanced in place
+                pos += idx.shape[1]
+            else:  # after the prefill the position moves to the device: decoding steps never sync with the host
+                pos = torch.tensor(pos + idx.shape[1], device=idx.device)
+                for c in cache:
+                    c["pos"] = pos
             x = x[:, -1:]
         if targets is not None:  # training: the loss without materialising (B, L, V) logits
             return None, head_loss(self, x, targets)
         return self.head(x), None  # (B, L, V)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample max_new_tokens after idx (B, T); temperature 0 is greedy. Caches make each step O(T D)."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=None):
+        """Sample max_new_tokens after idx (B, T); temperature 0 is greedy. Caches make each step O(T D); on a
+        GPU the step is a CUDA graph (cuda_graph=None: when idx is on CUDA)."""
         cache = [{"pos": 0, "max_len": idx.shape[1] + max_new_tokens} for _ in self.gpt_neox.layers]
         logits, _ = self(idx, cache=cache)
+        graphed = idx.is_cuda if cuda_graph is None else cuda_graph
+        step = graphed_step(self, cache, idx.shape[0]) if graphed and max_new_tokens > 1 else \
+            (lambda t: self(t, cache=cache)[0])
         for _ in range(max_new_tokens):
             logits = logits[:, -1].float()  # (B, V)
             if temperature == 0:
@@ -225,7 +241,7 @@ class GPTNeoX(nn.Module):
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)  # (B, 1)
             idx = torch.cat([idx, nxt], dim=1)
             if idx.shape[1] < cache[0]["max_len"]:
-                logits, _ = self(nxt, cache=cache)
+                logits = step(nxt)
         return idx
 
     def optim_groups(self, weight_decay, lr):

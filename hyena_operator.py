@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import decode
 
 
 def fft_size(n):
@@ -193,7 +194,7 @@ class HyenaOperator(nn.Module):
 
     def forward(self, u, cache=None):
         B, L, D = u.shape
-        if cache is not None and cache["pos"] > 0:
+        if cache is not None and (torch.is_tensor(cache["pos"]) or cache["pos"] > 0):
             return self.step(u, cache)
         p = self.in_proj(u)  # (B, L, (N+1)D)
         pc = short_conv(p, self.short_filter.weight, self.short_filter.bias)  # (B, L, (N+1)D) sees t-2..t
@@ -206,27 +207,35 @@ class HyenaOperator(nn.Module):
                 cache["z"][o][..., :L] = z.transpose(1, 2)
             v = fftconv(z, k[:L, o], bias[o])  # (B, L, D)
         if cache is not None:
-            kw = self.short_filter.kernel_size[0] - 1
-            cache["tail"] = F.pad(p, (0, 0, max(0, kw - L), 0))[:, -kw:]  # (B, kw, (N+1)D) last projections
-            cache["k_rev"] = k.flip(0).permute(1, 2, 0).to(v.dtype).contiguous()  # (N-1, D, max_len) reversed
-            cache["bias"] = bias
+            T, kw = cache["max_len"], self.short_filter.kernel_size[0] - 1
+            cache["tail"] = F.pad(p, (0, 0, max(0, kw - L), 0))[:, -kw:].clone()  # (B, kw, (N+1)D) last inputs
+            # The reversed filter then as many zeros: k_pad[..., T-1-t+s] = k[t-s] for s <= t, 0 for s > t.
+            k_rev = k.flip(0).permute(1, 2, 0).to(v.dtype)  # (N-1, D, T): k[T-1], ..., k[0]
+            cache["k_pad"] = F.pad(k_rev, (0, T - 1)).contiguous()  # (N-1, D, 2T-1)
+            cache["lags"], cache["bias"] = torch.arange(T, device=u.device), bias
         return self.out_proj(v * x[0])  # (B, L, D)
 
     def step(self, u, cache):
-        """One token: short conv from the cached tail, each long conv as a dot product with the filter."""
+        """One token at position cache["pos"] (a device tensor; fixed shapes, so a CUDA graph can capture it):
+        the short conv from the cached tail, each long conv the z history against the filter reversed from
+        pos. On CUDA one Triton kernel (decode.py) reads only positions <= pos; the PyTorch reference
+        takes the whole history against a gathered filter window (later, stale history meets its zeros)."""
         B, L, D = u.shape
         if L != 1:
             raise ValueError(f"Hyena decoding takes one token at a time after the prefill, got {L}")
-        pos, T = cache["pos"], cache["max_len"]
-        window = torch.cat([cache["tail"], self.in_proj(u)], dim=1)  # (B, K, (N+1)D)
-        cache["tail"] = window[:, 1:]
+        T, pos = cache["max_len"], torch.as_tensor(cache["pos"], device=u.device)
+        window = torch.cat([cache["tail"], self.in_proj(u).to(cache["tail"].dtype)], dim=1)  # (B, K, (N+1)D)
+        cache["tail"].copy_(window[:, 1:])
         pc = short_conv(window, self.short_filter.weight, self.short_filter.bias)[:, -1]  # (B, (N+1)D)
         *x, v = pc.split(D, dim=-1)  # (B, D) each
         for o, x_i in enumerate(reversed(x[1:])):
             z = v * x_i  # (B, D)
-            cache["z"][o][..., pos] = z
-            hist = cache["z"][o][..., :pos + 1].transpose(0, 1)  # (D, B, pos+1), a strided view
-            kr = cache["k_rev"][o, :, T - 1 - pos:, None]  # (D, pos+1, 1): k[pos], ..., k[0]
-            # One batched GEMV per channel (fp32 accumulation even for bf16 caches), no temporaries.
-            v = torch.bmm(hist, kr)[..., 0].transpose(0, 1) + z * cache["bias"][o]  # (B, D)
+            hist = cache["z"][o]  # (B, D, T)
+            hist.index_copy_(2, pos.view(1), z[..., None].to(hist.dtype))
+            if decode.available(hist):  # one Triton kernel reading only s <= pos
+                y = decode.long_conv_step(hist, cache["k_pad"][o], pos)  # (B, D) fp32
+            else:  # the reference: the whole history against the filter window (k_pad[T-1-pos+s] = k[pos-s])
+                kr = cache["k_pad"][o].index_select(1, cache["lags"] + (T - 1 - pos))  # (D, T): k[pos..0], 0...
+                y = torch.bmm(hist.transpose(0, 1), kr[..., None])[..., 0].transpose(0, 1)  # (B, D) per-channel GEMV
+            v = y + z * cache["bias"][o]  # (B, D)
         return self.out_proj(v * x[0])[:, None]  # (B, 1, D)

@@ -250,3 +250,29 @@ def test_bf16_autocast_forward_close_to_fp32():
     assert torch.isfinite(low).all()
     assert ((low - ref).norm() / ref.norm()).item() <= 2e-2
 
+
+@pytest.mark.parametrize("layers", [None, []], ids=["hyena", "attention"])
+def test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_them(layers):
+    """After the prefill the position lives in a device tensor: a step has fixed shapes and calls no .item()
+    (what a CUDA graph cannot capture: `graphed_step` replays one). Rewinding is writing that tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoHostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            assert func not in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default), func
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = make_student(randomized(Config(**TINY)), layers=layers).eval()
+    idx = torch.randint(TINY["vocab_size"], (2, 12))
+    cache = [{"pos": 0, "max_len": 12} for _ in model.gpt_neox.layers]
+    with torch.no_grad():
+        model(idx[:, :8], cache=cache)
+        pos = cache[0]["pos"]
+        assert torch.is_tensor(pos) and all(c["pos"] is pos for c in cache)
+        with NoHostReads():
+            steps = [model(idx[:, i:i + 1], cache=cache)[0] for i in range(8, 12)]
+        assert pos.item() == 12
+        full = model(idx)[0]
+    for i, logits in zip(range(8, 12), steps):
+        assert torch.allclose(logits[:, 0], full[:, i], atol=1e-4)

@@ -124,3 +124,32 @@ def test_complex_product_in_real_arithmetic_equals_the_complex_op(conj_b, monkey
     assert torch.allclose(real, a * (b.conj() if conj_b else b), rtol=0, atol=1e-14)
     assert torch.allclose(real, eager, rtol=0, atol=1e-14)
 
+
+KERNEL_CHECK = """
+import torch, decode
+assert decode.available(torch.zeros(1))
+torch.manual_seed(0)
+B, D, T = 2, 6, 1100  # D not a multiple of the channel block, T over two position blocks
+z, k = torch.randn(B, D, T), torch.randn(T, D)
+k_pad = torch.cat([k.flip(0).T, torch.zeros(D, T - 1)], 1).contiguous()  # HyenaOperator's cache layout
+worst = 0.0
+for pos in (0, 1, 511, 512, 700, T - 1):
+    ref = torch.einsum("bds,sd->bd", z[..., :pos + 1], k[:pos + 1].flip(0))  # sum_s z[s] k[pos - s]
+    out = decode.long_conv_step(z, k_pad, torch.tensor(pos))
+    worst = max(worst, ((out - ref).abs().max() / ref.abs().max()).item())
+print(worst)
+"""
+
+
+def test_decode_kernel_equals_the_definition_in_tritons_interpreter():
+    """The Triton decode kernel, run on the CPU by Triton's interpreter, against sum_{s<=pos} z_s k_{pos-s}
+    (GPU agreement with the PyTorch step is bench.py's check section)."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton", reason="Triton is not installed (CUDA builds of torch bring it)")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert float(run.stdout.split()[-1]) <= 1e-5

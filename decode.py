@@ -1,0 +1,99 @@
+"""Fast cached decoding on CUDA: one Triton kernel for Hyena's long convolution, and CUDA-graph capture of a step.
+
+The kernel computes a Hyena long convolution's output for the token being decoded,
+
+    y[b, d] = sum_{s <= pos} z[b, d, s] * k[pos - s, d]
+
+HyenaOperator.step computes the same with PyTorch ops (its reference and fallback), but static shapes force it
+to touch the whole cache (T positions) plus a gathered copy of the filter window on every step. The kernel
+reads the position from device memory and loops only over s <= pos: O(pos D) bytes, no copy, and still
+capturable in a CUDA graph (its shapes never change). bench.py's check section holds it to the PyTorch formula
+on the GPU; test_hyena_operator.py runs it in Triton's CPU interpreter where Triton is installed.
+
+`graphed_step` captures a whole cached step of a model (attention or Hyena, any mix) as a CUDA graph, which
+`GPTNeoX.generate` replays per token on a GPU: at these model sizes launches, not bytes, bound decoding.
+"""
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the PyTorch path serves
+    triton = None
+
+BLOCK_D, BLOCK_S = 4, 512  # a tile: 4 channels x 512 positions
+PROGRAMS = 1024  # enough tiles in flight to fill an H200's 132 SMs: short batches split the positions too
+
+
+def available(t):
+    """Whether the kernel can run on tensor t's device (or the Triton interpreter is on, for tests)."""
+    return triton is not None and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+    @triton.jit
+    def _long_conv_step(z_ptr, k_ptr, pos_ptr, out_ptr, B, D, T, k_stride, chunk,
+                        BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Partial sums over positions [split*chunk, (split+1)*chunk) ∩ [0, pos] into out[split, b, d]."""
+        b, split = tl.program_id(0), tl.program_id(2)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) channels
+        pos = tl.load(pos_ptr)
+        start, end = split * chunk, tl.minimum(split * chunk + chunk, pos + 1)  # this program's positions
+        rows = (b * D + d).to(tl.int64)[:, None] * T  # (BLOCK_D, 1) start of each channel's history
+        krow = d.to(tl.int64)[:, None] * k_stride  # reversed filter row: k_rev[d, T-1-j] = k[j, d]
+        acc = tl.zeros((BLOCK_D, BLOCK_S), dtype=tl.float32)
+        for s0 in range(start, end, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)  # (BLOCK_S,) history positions
+            m = (d < D)[:, None] & (s < end)[None, :]
+            z = tl.load(z_ptr + rows + s[None, :], mask=m, other=0.0)  # z[b, d, s]
+            k = tl.load(k_ptr + krow + (T - 1 - pos + s)[None, :], mask=m, other=0.0)  # k[pos - s, d]
+            acc += z.to(tl.float32) * k.to(tl.float32)
+        tl.store(out_ptr + (split * B + b) * D + d, tl.sum(acc, axis=1), mask=d < D)
+
+
+def long_conv_step(z, k_rev, pos):
+    """z (B, D, T) history (positions > pos ignored), k_rev (D, >= T) with k_rev[d, T-1-j] = k[j, d] (the
+    zero-padded k_pad of HyenaOperator's cache qualifies), pos a 0-dim integer tensor -> y (B, D) in fp32.
+    The positions are split into as many chunks as it takes to run ~PROGRAMS tiles (static: graph-safe)."""
+    B, D, T = z.shape
+    if not (z.is_contiguous() and k_rev.stride(1) == 1):
+        raise ValueError("long_conv_step needs a contiguous z history and a row-contiguous filter")
+    tiles = B * triton.cdiv(D, BLOCK_D)
+    splits = max(1, min(triton.cdiv(PROGRAMS, tiles), triton.cdiv(T, BLOCK_S)))
+    chunk = triton.cdiv(triton.cdiv(T, splits), BLOCK_S) * BLOCK_S
+    out = torch.empty(splits, B, D, device=z.device, dtype=torch.float32)
+    _long_conv_step[(B, triton.cdiv(D, BLOCK_D), splits)](z, k_rev, pos.reshape(1), out, B, D, T, k_rev.stride(0),
+                                                         chunk, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S)
+    return out.sum(0) if splits > 1 else out[0]  # (B, D)
+
+
+@torch.no_grad()
+def graphed_step(model, cache, batch):
+    """One cached decoding step captured as a CUDA graph, after a prefill: returns step(tokens (B, 1)) ->
+    logits (B, 1, V) (one static tensor, overwritten by the next call). Replaying the captured kernels skips
+    the ~100 small launches per token that otherwise cost more than their work. Runs under the caller's
+    autocast (with its weight-cast cache off, as graphs need)."""
+    dev, pos = cache[0]["pos"].device, cache[0]["pos"]
+    tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+    saved = [pos.clone()] + [c["tail"].clone() for c in cache if "tail" in c]  # what warm-up steps move
+    amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
+                         cache_enabled=False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), amp:
+        for _ in range(2):  # warm-up off the capture: cuBLAS handles, allocator pools
+            model(tok, cache=cache)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), amp:
+        logits, _ = model(tok, cache=cache)  # captured, not run
+    for t, now in zip(saved, [pos] + [c["tail"] for c in cache if "tail" in c]):
+        now.copy_(t)  # undo the warm-up (its cache writes lie at positions the real steps overwrite first)
+
+    def step(tokens):
+        tok.copy_(tokens)
+        graph.replay()
+        return logits
+    return step
