@@ -21,7 +21,6 @@ same sizes in --out are kept (env.kept says from when). The issue-7 targets tabl
 import argparse
 import gc
 import json
-import os
 import statistics
 import time
 import traceback
@@ -30,9 +29,11 @@ from pathlib import Path
 
 import torch
 
+from bench_check import Checks
+from bench_report import SECTIONS, fmt, get, table, targets, write
+from decode import graphed_step
 from hyena import Attention, Config, GPTNeoX, HyenaOperator, make_student
 
-SECTIONS = ("mixer", "model", "train", "decode", "kd")
 
 
 @dataclass
@@ -57,16 +58,7 @@ SMOKE = Sizes(dict(hidden_size=32, num_attention_heads=4, intermediate_size=128,
               [16 << i for i in range(7)], 512, 256, 2, 32, 512, [16, 64, 256], [1, 2], 4, 1, 2)
 
 
-def fmt(v):
-    return f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
-
-
-def table(rows):
-    cols = list(dict.fromkeys(k for r in rows for k in r))
-    return [" | ".join(cols), " | ".join("---" for _ in cols), *(" | ".join(fmt(r.get(c)) for c in cols) for r in rows)]
-
-
-class Bench:
+class Bench(Checks):
     def __init__(self, sizes, dev, modes, out, env):
         self.s, self.dev, self.modes, self.out, self.cuda = sizes, dev, modes, out, dev.type == "cuda"
         self.cfg = Config(**sizes.model)
@@ -134,7 +126,7 @@ class Bench:
             torch.cuda.empty_cache()
         self.res[section].append(row)
         print(f"{section}: " + ", ".join(f"{k}={fmt(v)}" for k, v in row.items()), flush=True)
-        self.save()
+        write(self.out, self.res, asdict(self.s), self.modes)
 
     # ------------------------------------------------------------------------- sections
 
@@ -231,11 +223,13 @@ class Bench:
             teacher = self.build(replace(self.cfg, max_position_embeddings=ctx + s.decode_steps))
             models = (("student", self.student(teacher, l_max=ctx + s.decode_steps)), ("teacher", teacher))
             for B in s.decode_batch:
-                for name, m in models:
-                    self.case("decode", dict(model=name, ctx=ctx, B=B), lambda: self.decode_case(m, ctx, B))
+                for graph in (False, True) if self.cuda else (False,):
+                    for name, m in models:
+                        self.case("decode", dict(model=name, ctx=ctx, B=B, graph=graph),
+                                  lambda: self.decode_case(m, ctx, B, graph))
 
     @torch.no_grad()
-    def decode_case(self, m, ctx, B):
+    def decode_case(self, m, ctx, B, graph):
         steps = self.s.decode_steps
         cache = [{"pos": 0, "max_len": ctx + steps} for _ in m.gpt_neox.layers]
         t0 = time.perf_counter()
@@ -243,13 +237,14 @@ class Bench:
             m(self.tokens(B, ctx), cache=cache)
         self.sync()
         prefill_s, nxt = time.perf_counter() - t0, self.tokens(B, steps)
+        with self.autocast():
+            one = graphed_step(m, cache, B) if graph else (lambda t: m(t, cache=cache)[0])
 
         def step():
-            for c in cache:  # rewind: every call decodes positions ctx .. ctx+steps-1 again
-                c["pos"] = ctx
+            cache[0]["pos"].fill_(ctx)  # rewind (one tensor for all layers): decode ctx .. ctx+steps-1 again
             with self.autocast():
                 for i in range(steps):
-                    m(nxt[:, i:i + 1], cache=cache)  # (B, 1) -> logits (B, 1, V)
+                    one(nxt[:, i:i + 1])  # (B, 1) -> logits (B, 1, V)
         return {"prefill_s": prefill_s, **self.timed(step, B * steps)}
 
     def kd(self):
@@ -268,97 +263,9 @@ class Bench:
                 loss.backward()
 
             def measure():
-                r, e2e = self.timed(step, B * L), self.get("train", "ms", dict(case="distill e2e", compiled=compiled))
+                r, e2e = self.timed(step, B * L), get(self.res, "train", "ms", dict(case="distill e2e", compiled=compiled))
                 return {**r, "share": r["ms"] / e2e if e2e else None}  # needs the train section in this run
             self.case("kd", dict(case="kd_loss fwd+bwd", compiled=compiled, B=B, L=L), measure)
-
-    # ------------------------------------------------------------------------- reporting
-
-    def get(self, section, key, match):
-        return next((r[key] for r in self.res[section]
-                     if r.get(key) is not None and all(r.get(k) == v for k, v in match.items())), None)
-
-    def ratio(self, section, key, a, b):
-        num, den = self.get(section, key, a), self.get(section, key, b)
-        return num / den if num is not None and den else None
-
-    def targets(self):
-        s, c = self.s, max(self.modes)  # compiled vs compiled where compiled was measured
-        tag, hf, ctx = "compiled" if c else "eager", dict(case="transformers", compiled=c), s.decode_ctx[1]
-        hy = [r for r in self.res["mixer"]
-              if r["op"] == "hyena" and r["run"] == "fwd+bwd" and not r.get("compiled") and r.get("peak_gb")]
-        per_tok = [r["peak_gb"] / (r["B"] * r["L"]) for r in hy]
-        rows = [(f"our GPT-NeoX train tok/s / transformers' ({tag})",
-                 self.ratio("train", "tok_s", dict(case="gpt-neox (ours)", compiled=c), hf), ">=", 1.0),
-                *((f"distill {m} step tok/s / transformers train tok/s ({tag})",
-                   self.ratio("train", "tok_s", dict(case=f"distill {m}", compiled=c), hf), ">=", 0.75)
-                  for m in ("e2e", "joint")),
-                *((f"Hyena / SDPA mixer fwd+bwd time, L={L} ({'compiled' if k else 'eager'})", self.ratio(
-                    "mixer", "ms", dict(op="hyena", run="fwd+bwd", L=L, compiled=k),
-                    dict(op="sdpa", run="fwd+bwd", L=L, compiled=k)), "<=", goal)
-                  for L, goal in ((s.ls[2], 1.0), (s.ls[5], 0.2)) for k in sorted({False, c})),
-                *((f"student / teacher forward time, L={s.ls[4]} ({'compiled' if k else 'eager'})", self.ratio(
-                    "model", "ms", dict(model="student", L=s.ls[4], compiled=k),
-                    dict(model="teacher", L=s.ls[4], compiled=k)), "<=", 0.5) for k in sorted({False, c})),
-                ("Hyena mixer fwd+bwd peak bytes/token, max/min over L (linear memory)",
-                 max(per_tok) / min(per_tok) if len(per_tok) > 1 else None, "<=", 1.5),
-                (f"student train step L={s.long_len} B=1, peak GB",
-                 self.get("train", "peak_gb", dict(case="finetune long")), "<=", 40.0),
-                *((f"student / teacher decode tok/s, ctx={ctx}, B={B}", self.ratio(
-                    "decode", "tok_s", dict(model="student", ctx=ctx, B=B), dict(model="teacher", ctx=ctx, B=B)),
-                   ">=", 1.0) for B in s.decode_batch),
-                (f"kd_loss share of a distill e2e step ({tag})", self.get("kd", "share", dict(compiled=c)), "<=", 0.25)]
-        return [{"target": t, "measured": v, "goal": f"{op} {g:g}",
-                 "ok": "n/a" if v is None else "PASS" if (v >= g if op == ">=" else v <= g) else "FAIL"}
-                for t, v, op, g in rows]
-
-    def save(self, plot=False):
-        """bench.json and bench.md (and bench.png), each written atomically: a killed run leaves the last good one."""
-        env, lines = self.res["env"], []
-        for name in SECTIONS:
-            lines += [f"## {name}", "", *table(self.res[name]), ""] if self.res[name] else []
-        lines += [f"section {name} failed: {err}\n" for name, err in self.res["errors"].items()]
-        md = [f"# bench.py: {env['device']}, torch {env['torch']}", "",
-              "ms: median per call; tok_s: tokens/s; peak_gb: max allocated; spread: (max-min)/median", "",
-              *lines, "## issue-7 targets", "", *table(self.targets()), ""]
-        self.out.mkdir(parents=True, exist_ok=True)
-        for name, text in (("bench.json", json.dumps({**self.res, "targets": self.targets()}, indent=1)),
-                           ("bench.md", "\n".join(md))):
-            (self.out / f"{name}.tmp").write_text(text)
-            os.replace(self.out / f"{name}.tmp", self.out / name)
-        if plot:
-            try:
-                self.plot()
-            except Exception as e:  # noqa: BLE001 (a broken plot must not cost the measurements)
-                self.res["errors"]["plot"] = f"{type(e).__name__}: {e}"
-
-    def plot(self):
-        try:  # matplotlib is optional at runtime (requirements-dev.txt)
-            from matplotlib.figure import Figure
-        except ImportError:
-            self.res["errors"]["plot"] = "matplotlib not installed: no bench.png"
-            return
-        fig = Figure(figsize=(12, 4.5), layout="constrained")
-        lat, mem = fig.subplots(1, 2)
-        series = {}
-        for r in self.res["mixer"] + self.res["model"]:
-            key = f"mixer {r['op']} {r['run']}" if "op" in r else f"model {r['model']} fwd"
-            if "ms" in r:
-                series.setdefault(key, []).append(r)
-        for key, rows in series.items():
-            L = [r["L"] for r in rows]
-            lat.plot(L, [1e6 * r["ms"] / (r["B"] * r["L"]) for r in rows], marker="o", label=key)
-            if rows[0]["peak_gb"] is not None:
-                mem.plot(L, [r["peak_gb"] for r in rows], marker="o", label=key)
-        lat.set(yscale="log", xlabel="L", ylabel="ns per token", title="latency (B*L constant)")
-        mem.set(xlabel="L", ylabel="peak GB", title="peak memory (B*L constant)")
-        for ax in (lat, mem):
-            ax.set_xscale("log", base=2)
-            ax.grid(alpha=0.3)
-            if ax.lines:  # the memory panel stays empty on the CPU
-                ax.legend(fontsize=7)
-        fig.savefig(self.out / "bench.png.tmp", format="png", dpi=110)
-        os.replace(self.out / "bench.png.tmp", self.out / "bench.png")
 
 
 def main(argv=None):
@@ -390,7 +297,7 @@ def main(argv=None):
     if old and old["env"]["sizes"] == env["sizes"] and set(SECTIONS) - set(only):  # --only reruns a part:
         env["kept"] = {n: old["env"].get("kept", {}).get(n, old["env"]["started"]) for n in SECTIONS if n not in only}
         for name in env["kept"]:  # keep the other sections' results of the last run at the same sizes
-            bench.res[name] = old[name]
+            bench.res[name] = old.get(name, [])
             bench.res["errors"].update({name: old["errors"][name]} if name in old["errors"] else {})
     for name in (n for n in SECTIONS if n in only):
         t0 = time.perf_counter()
@@ -400,9 +307,9 @@ def main(argv=None):
             traceback.print_exc()
             bench.res["errors"][name] = f"{type(e).__name__}: {e}"[:400]
         print(f"== {name}: {time.perf_counter() - t0:.1f} s", flush=True)
-        bench.save(plot=True)
+        write(bench.out, bench.res, env["sizes"], modes, plot=True)
     print(f"\nwrote {args.out}/bench.json, bench.md, bench.png\n\n## issue-7 targets ({env['device']})\n")
-    print("\n".join(table(bench.targets())))
+    print("\n".join(table(targets(bench.res, env["sizes"], modes))))
     return bench.res
 
 

@@ -1,0 +1,90 @@
+"""bench.py's check section: each fast path against its reference on the benchmark's device (the CPU tests hold
+them to fp64 there), recorded as relative errors with a tolerance. A mixin of bench.Bench: it uses the bench's
+device, sizes, model builders and `case` recorder."""
+from dataclasses import replace
+
+import torch
+
+from decode import graphed_step
+from hyena import HyenaOperator
+
+
+class Checks:
+    def check(self):
+        """Each fast path against its reference on this device (CPU tests hold them to fp64): relative errors."""
+        for name, tol, fn in (("fftconv fast vs reference, fp32: max over y, du, dk, dbias", 1e-5, self.check_fftconv),
+                              ("Hyena mixer compiled vs eager, bf16 autocast: max over y, dx", 2e-2, self.check_mixer),
+                              ("KD+CE chunk compiled vs eager, bf16 logits: max over loss, grad", 1e-2, self.check_chunk),
+                              ("Hyena decode: Triton kernel vs PyTorch formula, bf16 cache", 1e-3, self.check_kernel),
+                              ("student decode steps vs full forward, fp32: logits", 5e-3, lambda: self.check_decode(0)),
+                              ("teacher decode steps vs full forward, fp32: logits", 5e-3, lambda: self.check_decode(1)),
+                              ("student CUDA-graph steps vs eager steps, bf16: logits", 1e-2,
+                               lambda: self.check_decode(0, graph=True)),
+                              ("teacher CUDA-graph steps vs eager steps, bf16: logits", 1e-2,
+                               lambda: self.check_decode(1, graph=True))):
+            if ("graph" in name or "Triton" in name) and not self.cuda:
+                continue
+            self.case("check", dict(check=name), lambda: (lambda e: {"rel_err": e, "tol": tol,
+                                                                     "ok": "PASS" if e <= tol else "FAIL"})(fn()))
+
+    @staticmethod
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    def check_fftconv(self):
+        from hyena_operator import fftconv, fftconv_reference
+        B, L, D = 2, self.s.ls[2], self.cfg.hidden_size
+        args = [torch.randn(B, L, D), torch.randn(L, D) / L ** 0.5, torch.randn(D)]
+        g, out = torch.randn(B, L, D, device=self.dev), []
+        for conv in (fftconv, fftconv_reference):
+            a = [t.to(self.dev).requires_grad_() for t in args]
+            y = conv(*a)
+            out.append((y, *torch.autograd.grad(y, a, g)))
+        return max(self.rel(x, r) for x, r in zip(*out))
+
+    def check_mixer(self):
+        B, L, D = 2, self.s.ls[2], self.cfg.hidden_size
+        op = HyenaOperator(D, L).to(self.dev)
+        x, g, out = torch.randn(B, L, D, device=self.dev), torch.randn(B, L, D, device=self.dev), []
+        for m in (op, torch.compile(op)):
+            xi = x.clone().requires_grad_()
+            with self.autocast():
+                y = m(xi)
+            y.backward(g)
+            out.append((y, xi.grad))
+        return max(self.rel(a, b) for a, b in zip(out[1], out[0]))
+
+    def check_chunk(self):
+        from losses import chunk_fn, chunk_loss_and_grad
+        c, V = 2048, self.cfg.vocab_size
+        zs, zt = (3 * torch.randn(c, V, device=self.dev, dtype=torch.bfloat16) for _ in "st")
+        tgt = torch.randint(V, (c,), device=self.dev)
+        fast, ref = chunk_fn(self.dev)(zs, tgt, 0.5, zt, 2.0), chunk_loss_and_grad(zs, tgt, 0.5, zt, 2.0)
+        return max(self.rel(a, b) for a, b in zip(fast, ref))
+
+    def check_kernel(self, B=4, T=5000):
+        import decode
+        D, bf16 = self.cfg.hidden_size, torch.bfloat16
+        z, k = torch.randn(B, D, T, device=self.dev, dtype=bf16), torch.randn(T, D, device=self.dev, dtype=bf16)
+        k_pad = torch.cat([k.flip(0).T, torch.zeros_like(k.T[:, 1:])], 1).contiguous()  # (D, 2T-1) cache layout
+        errs = []
+        for pos in (0, 777, T - 1):
+            ref = (z[..., :pos + 1].float() * k_pad[:, T - 1 - pos:T].float()).sum(-1)  # sum_s z[s] k[pos-s]
+            errs.append(self.rel(decode.long_conv_step(z, k_pad, torch.tensor(pos, device=self.dev)), ref))
+        return max(errs)
+
+    @torch.no_grad()
+    def check_decode(self, which, graph=False, ctx=256, steps=16, B=2):
+        teacher = self.build(replace(self.cfg, max_position_embeddings=ctx + steps))
+        m = (self.student(teacher, l_max=ctx + steps), teacher)[which]
+        idx = self.tokens(B, ctx + steps)
+        runs = []
+        for mode in ("graph", "eager") if graph else ("eager",):
+            cache = [{"pos": 0, "max_len": ctx + steps} for _ in m.gpt_neox.layers]
+            with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=graph):
+                logits = [m(idx[:, :ctx], cache=cache)[0]]
+                one = graphed_step(m, cache, B) if mode == "graph" else (lambda t: m(t, cache=cache)[0])
+                logits += [one(idx[:, i:i + 1]).clone() for i in range(ctx, ctx + steps - 1)]
+            runs.append(torch.cat(logits, 1))  # (B, steps, V)
+        ref = runs[1] if graph else m(idx)[0][:, ctx - 1:-1]  # the full forward's logits at the same positions
+        return self.rel(runs[0], ref)
