@@ -1,22 +1,25 @@
 """Speed and memory, side by side in one run: Hyena vs attention, our GPT-NeoX vs transformers, distillation.
 
-    python bench.py [--quick] [--out results/bench] [--only mixer,model,train,decode,kd] [--compile on|off|both]
+    python bench.py [--quick] [--out results/bench] [--only check,mixer,model,train,decode,kd] [--compile on|off|both]
     python bench.py --cpu-smoke --out /tmp/benchsmoke   # every code path at tiny sizes on the CPU, ~1 minute
 
 Sections (one GPU, bf16 autocast; B*L constant across L within a section):
+  check   each fast path against its reference on this device, as relative errors (bench_check.py)
   mixer   HyenaOperator (order 2) vs causal SDPA `Attention`: forward (no_grad) and forward+backward
   model   full-model forward (no_grad): all-Hyena student (make_student, l_max=L) vs the teacher
   train   one optimizer step (forward, backward, clip, fused AdamW) at L=2048: our GPT-NeoX vs
           transformers.GPTNeoXForCausalLM; distill.Distill "e2e" (trains all; teacher forward included) and
           "joint" (trains the mixers: distill.py's defaults); fine-tuning (student CE); then one batch-1
           student training step at L=64k (eager), whose peak memory is a target
-  decode  tokens/s of N single-token cached steps after a prefill to the context, student vs teacher
+  decode  tokens/s of N single-token cached steps after a prefill to the context, student vs teacher, each
+          launched eagerly and replayed from a CUDA graph (decode.graphed_step, what generate uses on a GPU)
   kd      distill.kd_loss forward+backward alone on the train batch's tokens, and its share of an e2e step
 Timing: warm-up calls first (compilation happens there: `warmup_s`), then CUDA events around each call, no sync
 in between; `ms` is the median, `spread` (max-min)/median. `peak_gb`: max_memory_allocated since the case began,
 models included. Each case records its own OOM/error and the run goes on; bench.json and bench.md are rewritten
 after every case, bench.png after every section; with --only, the other sections' rows of the last run at the
-same sizes in --out are kept (env.kept says from when). The issue-7 targets table is printed last.
+same sizes in --out are kept (env.kept says from when). The issue-7 targets table is printed last; bench_report.py
+holds the targets, tables and plot.
 """
 import argparse
 import gc
