@@ -244,7 +244,8 @@ class Bench(Checks):
             one = graphed_step(m, cache, B) if graph else (lambda t: m(t, cache=cache)[0])
 
         def step():
-            cache[0]["pos"].fill_(ctx)  # rewind (one tensor for all layers): decode ctx .. ctx+steps-1 again
+            cache[0]["pos"].fill_(ctx)  # rewind the position (shared by all layers) to time the same steps
+            # again; Hyena's short-conv tails are not restored, which changes values, not the work
             with self.autocast():
                 for i in range(steps):
                     one(nxt[:, i:i + 1])  # (B, 1) -> logits (B, 1, V)

@@ -28,8 +28,10 @@ PROGRAMS = 1024  # enough tiles in flight to fill an H200's 132 SMs: short batch
 
 
 def available(t):
-    """Whether the kernel can run on tensor t's device (or the Triton interpreter is on, for tests)."""
-    return triton is not None and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    """Whether the kernel serves tensor t: on CUDA (or in the Triton interpreter, for tests), and not for fp64,
+    which the kernel would sum in fp32 (the PyTorch path keeps it fp64)."""
+    return (triton is not None and t.dtype != torch.float64
+            and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
 
 
 if triton is not None:
@@ -76,6 +78,9 @@ def graphed_step(model, cache, batch):
     the ~100 small launches per token that otherwise cost more than their work. Runs under the caller's
     autocast (with its weight-cast cache off, as graphs need)."""
     dev, pos = cache[0]["pos"].device, cache[0]["pos"]
+    if int(pos) + 2 > cache[0]["max_len"]:  # a host read, before any capture
+        raise ValueError(f"graphed_step warms up on the next two positions, but the cache ends at "
+                         f"{cache[0]['max_len']} with pos {int(pos)}: make max_len at least pos + 2")
     tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
     saved = [pos.clone()] + [c["tail"].clone() for c in cache if "tail" in c]  # what warm-up steps move
     amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),

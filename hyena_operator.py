@@ -232,8 +232,8 @@ class HyenaOperator(nn.Module):
             z = v * x_i  # (B, D)
             hist = cache["z"][o]  # (B, D, T)
             hist.index_copy_(2, pos.view(1), z[..., None].to(hist.dtype))
-            if decode.available(hist):  # one Triton kernel reading only s <= pos
-                y = decode.long_conv_step(hist, cache["k_pad"][o], pos)  # (B, D) fp32
+            if decode.available(hist):  # one Triton kernel reading only s <= pos (fp32 sums)
+                y = decode.long_conv_step(hist, cache["k_pad"][o], pos).to(hist.dtype)  # (B, D)
             else:  # the reference: the whole history against the filter window (k_pad[T-1-pos+s] = k[pos-s])
                 kr = cache["k_pad"][o].index_select(1, cache["lags"] + (T - 1 - pos))  # (D, T): k[pos..0], 0...
                 y = torch.bmm(hist.transpose(0, 1), kr[..., None])[..., 0].transpose(0, 1)  # (B, D) per-channel GEMV

@@ -4,6 +4,7 @@
 loss of distill.py (KL(teacher || student) at a temperature, plus optional CE).
 """
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,24 @@ def chunk_loss_and_grad(zs, tgt, ce_weight, zt, temperature):
 
 @functools.cache
 def _compiled_chunk_fn():
-    return torch.compile(chunk_loss_and_grad)
+    """torch.compile(chunk_loss_and_grad), falling back to it eagerly (with a warning) if compiling fails."""
+    compiled, state = torch.compile(chunk_loss_and_grad), {}
+
+    def fn(*args):
+        if state.get("failed"):
+            return chunk_loss_and_grad(*args)
+        try:
+            out = compiled(*args)
+        except Exception as e:  # noqa: BLE001 (no working inductor/Triton here: the loss must still run)
+            if state.get("worked"):
+                raise
+            warnings.warn(f"torch.compile of the loss chunk failed ({type(e).__name__}: {str(e)[:200]}); "
+                          "running it eagerly (slower, same numbers)")
+            state["failed"] = True
+            return chunk_loss_and_grad(*args)
+        state["worked"] = True
+        return out
+    return fn
 
 
 def chunk_fn(device):

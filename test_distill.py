@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -130,3 +131,27 @@ def test_progressive_and_end_to_end_under_two_process_ddp(setup):
     for stage in ("stage-00", "stage-01", "e2e"):
         assert json.loads((tmp / "ddp" / stage / "summary.json").read_text())["world"] == 2
     assert GPTNeoX.from_pretrained(tmp / "ddp" / "final").config.mixers == ["hyena", "hyena"]
+
+
+def test_loss_chunk_falls_back_to_eager_when_compiling_fails(monkeypatch):
+    """On CUDA the loss chunk runs compiled; where inductor cannot work, it warns once and runs eagerly."""
+    import losses
+
+    def broken_compile(fn):
+        def run(*args):
+            raise RuntimeError("no working C compiler")
+        return run
+    monkeypatch.setattr(losses.torch, "compile", broken_compile)
+    losses._compiled_chunk_fn.cache_clear()
+    try:
+        fn = losses._compiled_chunk_fn()
+        zs, zt, tgt = torch.randn(4, 11), torch.randn(4, 11), torch.randint(11, (4,))
+        with pytest.warns(UserWarning, match="running it eagerly"):
+            loss, grad = fn(zs, tgt, 1.0, zt, 2.0)
+        ref = losses.chunk_loss_and_grad(zs, tgt, 1.0, zt, 2.0)
+        assert torch.equal(loss, ref[0]) and torch.equal(grad, ref[1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # stays eager, without warning again
+            assert torch.equal(fn(zs, tgt, 1.0, zt, 2.0)[1], ref[1])
+    finally:
+        losses._compiled_chunk_fn.cache_clear()

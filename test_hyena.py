@@ -253,8 +253,8 @@ def test_bf16_autocast_forward_close_to_fp32():
 
 @pytest.mark.parametrize("layers", [None, []], ids=["hyena", "attention"])
 def test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_them(layers):
-    """After the prefill the position lives in a device tensor: a step has fixed shapes and calls no .item()
-    (what a CUDA graph cannot capture: `graphed_step` replays one). Rewinding is writing that tensor."""
+    """After the prefill the position lives in one device tensor shared by all layers: a step has fixed shapes
+    and calls no .item() (what a CUDA graph cannot capture: `graphed_step` replays one)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class NoHostReads(TorchDispatchMode):
@@ -276,3 +276,11 @@ def test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_t
         full = model(idx)[0]
     for i, logits in zip(range(8, 12), steps):
         assert torch.allclose(logits[:, 0], full[:, i], atol=1e-4)
+
+
+def test_graphed_step_refuses_a_cache_without_room_for_its_warm_up():
+    from decode import graphed_step
+    model = make_student(randomized(Config(**TINY)), layers=[0])
+    cache = [{"pos": torch.tensor(11), "max_len": 12} for _ in model.gpt_neox.layers]
+    with pytest.raises(ValueError, match="make max_len at least pos \\+ 2"):
+        graphed_step(model, cache, batch=1)  # raised before anything touches a GPU
