@@ -84,7 +84,7 @@ def _(x):
 class FFTConv(torch.autograd.Function):
     """fftconv_reference with a hand-written backward and a layout for speed (the H200 numbers are in README):
     FFTs run along a contiguous time axis, channels first (`channels_first`); the 1/n of the inverse FFT is folded
-    into the filter's small spectrum (no extra pass over the output); the input's spectrum is kept for the
+    into the filter's padded copy (no extra pass over the output); the input's spectrum is kept for the
     filter's gradient. With y = irfft(U K)[:L] + bias u, and G the spectrum of dLoss/dy:
       du = irfft(G conj(K))[:L] + bias g   (correlation with the filter)
       dk = irfft(sum_b G conj(U))[:L]      (correlation with the input, summed over the batch)
