@@ -23,7 +23,6 @@ holds the targets, tables and plot.
 """
 import argparse
 import gc
-import json
 import statistics
 import time
 import traceback
@@ -33,10 +32,9 @@ from pathlib import Path
 import torch
 
 from bench_check import Checks
-from bench_report import SECTIONS, fmt, get, table, targets, write
-from decode import graphed_step
+from bench_report import MODES, SECTIONS, fmt, get, keep_previous, table, targets, write
+from decode import decode_step, new_cache
 from hyena import Attention, Config, GPTNeoX, HyenaOperator, make_student
-
 
 
 @dataclass
@@ -234,14 +232,14 @@ class Bench(Checks):
     @torch.no_grad()
     def decode_case(self, m, ctx, B, graph):
         steps = self.s.decode_steps
-        cache = [{"pos": 0, "max_len": ctx + steps} for _ in m.gpt_neox.layers]
+        cache = new_cache(m, ctx + steps)
         t0 = time.perf_counter()
         with self.autocast():  # a cached forward keeps only the last position's logits, not (B, ctx, V)
             m(self.tokens(B, ctx), cache=cache)
         self.sync()
         prefill_s, nxt = time.perf_counter() - t0, self.tokens(B, steps)
         with self.autocast():
-            one = graphed_step(m, cache, B) if graph else (lambda t: m(t, cache=cache)[0])
+            one = decode_step(m, cache, B, graph)
 
         def step():
             cache[0]["pos"].fill_(ctx)  # rewind the position (shared by all layers) to time the same steps
@@ -289,20 +287,15 @@ def main(argv=None):
     if not args.cpu_smoke and not torch.cuda.is_available():
         p.error("no CUDA GPU visible: bench.py measures one GPU; `python bench.py --cpu-smoke` checks it on the CPU")
     sizes = SMOKE if args.cpu_smoke else replace(H200, warmup=2, repeats=3) if args.quick else H200
-    modes = {"on": [True], "off": [False], "both": [True, False]}[args.compile or ("off" if args.cpu_smoke else "on")]
+    modes = MODES[args.compile or ("off" if args.cpu_smoke else "on")]
     dev = torch.device("cpu" if args.cpu_smoke else "cuda")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
     env = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "cuda": torch.version.cuda, "args": vars(args), "sizes": asdict(sizes),
            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    bench, last = Bench(sizes, dev, modes, Path(args.out), env), Path(args.out) / "bench.json"
-    old = json.loads(last.read_text()) if last.exists() else None
-    if old and old["env"]["sizes"] == env["sizes"] and set(SECTIONS) - set(only):  # --only reruns a part:
-        env["kept"] = {n: old["env"].get("kept", {}).get(n, old["env"]["started"]) for n in SECTIONS if n not in only}
-        for name in env["kept"]:  # keep the other sections' results of the last run at the same sizes
-            bench.res[name] = old.get(name, [])
-            bench.res["errors"].update({name: old["errors"][name]} if name in old["errors"] else {})
+    bench = Bench(sizes, dev, modes, Path(args.out), env)
+    keep_previous(bench.res, bench.out, only)  # --only reruns a part: the other sections' rows stay
     for name in (n for n in SECTIONS if n in only):
         t0 = time.perf_counter()
         try:

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import torch
 
-from decode import graphed_step
+from decode import decode_step, new_cache
 from hyena import HyenaOperator
 
 
@@ -80,10 +80,10 @@ class Checks:
         idx = self.tokens(B, ctx + steps)
         runs = []
         for mode in ("graph", "eager") if graph else ("eager",):
-            cache = [{"pos": 0, "max_len": ctx + steps} for _ in m.gpt_neox.layers]
+            cache = new_cache(m, ctx + steps)
             with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=graph):
                 logits = [m(idx[:, :ctx], cache=cache)[0]]
-                one = graphed_step(m, cache, B) if mode == "graph" else (lambda t: m(t, cache=cache)[0])
+                one = decode_step(m, cache, B, graph=mode == "graph")
                 logits += [one(idx[:, i:i + 1]).clone() for i in range(ctx, ctx + steps - 1)]
             runs.append(torch.cat(logits, 1))  # (B, steps, V)
         ref = runs[1] if graph else m(idx)[0][:, ctx - 1:-1]  # the full forward's logits at the same positions

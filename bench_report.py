@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 SECTIONS = ("check", "mixer", "model", "train", "decode", "kd")
+MODES = {"on": [True], "off": [False], "both": [True, False]}  # --compile: which of compiled / eager run
 
 
 def fmt(v):
@@ -62,6 +63,19 @@ def targets(res, s, modes):
     return [{"target": t, "measured": v, "goal": f"{op} {g:g}",
              "ok": "n/a" if v is None else "PASS" if (v >= g if op == ">=" else v <= g) else "FAIL"}
             for t, v, op, g in rows]
+
+
+def keep_previous(res, out, only):
+    """Sections not in `only` take their rows (and errors) from the last bench.json in `out`, if it was measured
+    at the same sizes; env.kept says when each kept section ran."""
+    last = out / "bench.json"
+    old = json.loads(last.read_text()) if last.exists() else None
+    if not old or old["env"]["sizes"] != res["env"]["sizes"] or not set(SECTIONS) - set(only):
+        return
+    res["env"]["kept"] = {n: old["env"].get("kept", {}).get(n, old["env"]["started"]) for n in SECTIONS if n not in only}
+    for name in res["env"]["kept"]:
+        res[name] = old.get(name, [])
+        res["errors"].update({name: old["errors"][name]} if name in old["errors"] else {})
 
 
 def write(out, res, sizes, modes, plot=False):
@@ -132,8 +146,8 @@ def main(argv=None):
     out = Path(p.parse_args(argv).out)
     res = json.loads((out / "bench.json").read_text())
     res.pop("targets", None)
-    modes = {"on": [True], "off": [False], "both": [True, False]}[res["env"]["args"].get("compile") or
-                                                                   ("off" if res["env"]["args"].get("cpu_smoke") else "on")]
+    args = res["env"]["args"]
+    modes = MODES[args.get("compile") or ("off" if args.get("cpu_smoke") else "on")]
     write(out, res, res["env"]["sizes"], modes, plot=True)
     print(f"rewrote {out}/bench.md and bench.png")
 

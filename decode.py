@@ -102,3 +102,13 @@ def graphed_step(model, cache, batch):
         graph.replay()
         return logits
     return step
+
+
+def new_cache(model, max_len):
+    """Empty per-layer decoding caches for `model`, room for max_len positions (a cached forward fills them)."""
+    return [{"pos": 0, "max_len": max_len} for _ in model.gpt_neox.layers]
+
+
+def decode_step(model, cache, batch, graph):
+    """step(tokens (B, 1)) -> logits (B, 1, V) after a prefill: replayed from a CUDA graph, or launched eagerly."""
+    return graphed_step(model, cache, batch) if graph else (lambda tokens: model(tokens, cache=cache)[0])

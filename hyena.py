@@ -5,93 +5,29 @@ names are HF's, so checkpoints load by name). The student is the same network wi
 blocks replaced by the Hyena operator (Poli et al. 2023, arXiv 2302.10866), as in "Scavenging Hyena"
 (arXiv 2401.17574). The operator mirrors safari's `standalone_hyena.py` (HazyResearch/safari).
 
-The Hyena operator itself lives in hyena_operator.py (glossary of its names there); this file holds the
-network around it, checkpoints, and `make_student`.
+The Hyena operator itself lives in hyena_operator.py (glossary of its names there), the configuration in
+config.py; this file holds the network around them, checkpoints, and `make_student`.
 """
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from decode import graphed_step
+from config import MIXERS, Config
+from decode import decode_step, new_cache
 from hub import HubError, read_safetensors, resolve_file, write_safetensors
 from hyena_operator import HyenaOperator, fftconv, short_conv
 from losses import head_loss
 from tokenizer import load_tokenizer
 
 __all__ = ["Config", "GPTNeoX", "Attention", "HyenaOperator", "fftconv", "short_conv", "make_student",
-           "load_tokenizer", "MIXERS"]  # the operator and the tokenizer are re-exported from their own files
+           "load_tokenizer", "MIXERS"]  # the config, operator and tokenizer are re-exported from their files
 
-MIXERS = ("attention", "hyena")
 # Buffers that HF checkpoints may carry but that we recompute: never persistent in this model.
 IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
-
-
-@dataclass
-class Config:
-    vocab_size: int = 50304
-    hidden_size: int = 512
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 8
-    intermediate_size: int = 2048
-    max_position_embeddings: int = 2048
-    rotary_pct: float = 0.25
-    rotary_emb_base: float = 10000.0
-    layer_norm_eps: float = 1e-5
-    use_parallel_residual: bool = True
-    mixers: list = field(default_factory=list)  # per layer "attention" | "hyena"; empty = all attention
-    hyena_order: int = 2           # N: number of projections gated in; N-1 long convolutions
-    hyena_filter_order: int = 64   # width of the implicit filter's FFN
-    hyena_emb_dim: int = 33        # positional embedding size (1 + 2 * bands), odd
-    hyena_l_max: int = 0           # 0 = max_position_embeddings
-    hyena_filter_lr: float = 0.0   # own learning rate for filter parameters; 0 = the run's lr
-
-    def __post_init__(self):
-        if not self.mixers:
-            self.mixers = ["attention"] * self.num_hidden_layers
-        self.mixers = list(self.mixers)
-        if len(self.mixers) != self.num_hidden_layers or any(m not in MIXERS for m in self.mixers):
-            raise ValueError(f"Config.mixers must list {self.num_hidden_layers} entries from {MIXERS}, "
-                             f"got {self.mixers}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
-
-    @property
-    def l_max(self):
-        return self.hyena_l_max or self.max_position_embeddings
-
-    @classmethod
-    def from_hf(cls, d):
-        """Read an HF GPT-NeoX config.json dict (old rotary_pct/rotary_emb_base keys or rope_parameters)."""
-        if d.get("model_type", "gpt_neox") != "gpt_neox":
-            raise ValueError(f"config.json has model_type {d.get('model_type')!r}; only 'gpt_neox' "
-                             "(Pythia / GPT-NeoX) checkpoints are supported")
-        if d.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (GPT-NeoX uses 'gelu')")
-        if d.get("tie_word_embeddings", False):
-            raise ValueError("tie_word_embeddings=true is not supported: GPT-NeoX unembeds with embed_out")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and not f.name.startswith("hyena_")}
-        kw["rotary_pct"] = d.get("rotary_pct", d.get("partial_rotary_factor",
-                                 rope.get("partial_rotary_factor", 0.25)))
-        kw["rotary_emb_base"] = d.get("rotary_emb_base", d.get("rope_theta", rope.get("rope_theta", 1e4)))
-        kw.update({f"hyena_{k}": v for k, v in d.get("hyena", {}).items()})
-        return cls(**kw)
-
-    def to_hf(self):
-        d = {k: v for k, v in asdict(self).items() if not k.startswith("hyena_") and k != "mixers"}
-        d.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"], hidden_act="gelu",
-                 tie_word_embeddings=False, attention_bias=True, bos_token_id=0, eos_token_id=0,
-                 rope_parameters={"rope_type": "default", "rope_theta": self.rotary_emb_base,
-                                  "partial_rotary_factor": self.rotary_pct})
-        if "hyena" in self.mixers:  # students only: a pure-attention config stays plain GPT-NeoX
-            d["mixers"] = self.mixers
-            d["hyena"] = {k[len("hyena_"):]: v for k, v in asdict(self).items() if k.startswith("hyena_")}
-        return d
 
 
 # ----------------------------------------------------------------------------- attention (the teacher)
@@ -224,11 +160,10 @@ class GPTNeoX(nn.Module):
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=None):
         """Sample max_new_tokens after idx (B, T); temperature 0 is greedy. Caches make each step O(T D); on a
         GPU the step is a CUDA graph (cuda_graph=None: when idx is on CUDA)."""
-        cache = [{"pos": 0, "max_len": idx.shape[1] + max_new_tokens} for _ in self.gpt_neox.layers]
+        cache = new_cache(self, idx.shape[1] + max_new_tokens)
         logits, _ = self(idx, cache=cache)
         graphed = idx.is_cuda if cuda_graph is None else cuda_graph
-        step = graphed_step(self, cache, idx.shape[0]) if graphed and max_new_tokens > 1 else \
-            (lambda t: self(t, cache=cache)[0])
+        step = decode_step(self, cache, idx.shape[0], graphed and max_new_tokens > 1)
         for _ in range(max_new_tokens):
             logits = logits[:, -1].float()  # (B, V)
             if temperature == 0:
