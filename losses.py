@@ -22,8 +22,8 @@ def chunk_loss_and_grad(zs, tgt, ce_weight, zt, temperature):
         log_p = F.log_softmax(z, dim=-1)  # (c, V)
         keep = (tgt != -1)[:, None].to(z.dtype)  # (c, 1)
         total = total + ce_weight * F.nll_loss(log_p, tgt, ignore_index=-1, reduction="sum")
-        onehot = torch.zeros_like(z).scatter_(1, tgt.clamp(min=0)[:, None], 1.0)
-        grad = grad + ce_weight * (log_p.exp() - onehot) * keep
+        p = log_p.exp().scatter_add_(1, tgt.clamp(min=0)[:, None], -keep)  # softmax - onehot, no (c, V) onehot
+        grad = grad + ce_weight * p * keep
     if zt is not None:
         log_pt = F.log_softmax(zt.to(up) / temperature, dim=-1)  # (c, V)
         log_ps = F.log_softmax(z / temperature, dim=-1)

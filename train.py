@@ -297,8 +297,7 @@ def train(objective, cfg, dist=None, stage="", on_step=None):
         checkpoint()
     seconds = elapsed()
     summary = {"stage": stage, "out_dir": str(out), "world": dist.world, "tokens": tokens, "steps": step,
-               "minutes": seconds / 60,
-               "tokens_per_s": tokens / seconds, "val": val,
+               "minutes": seconds / 60, "tokens_per_s": tokens / seconds, "val": val,
                "train": {k: sum(m[k] for m in recent) / len(recent) for k in recent[0]} if recent else {}}
     if dist.master:
         write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
