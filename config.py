@@ -1,8 +1,27 @@
 """The model configuration: GPT-NeoX's own fields under HF's names (so config.json maps across) plus the
-student's per-layer mixers and Hyena settings. Re-exported by hyena.py."""
+student's per-layer mixers and Hyena settings. Re-exported by hyena.py.
+
+`Config.from_hf` reads a config.json the way transformers' GPT-NeoX does, or refuses it by key. The keys
+transformers' GPT-NeoX reads, and what happens to each here:
+  vocab_size hidden_size num_hidden_layers num_attention_heads intermediate_size max_position_embeddings
+      required (transformers would silently take its defaults: a config missing one is broken)
+  layer_norm_eps use_parallel_residual attention_bias initializer_range           supported
+  rotary_pct rotary_emb_base rope_parameters rope_scaling (rope types default, linear, dynamic)   supported
+  hidden_act (only "gelu"), tie_word_embeddings (only false), head_dim (only hidden/heads)         refused otherwise
+  attention_dropout hidden_dropout (no dropout here)                               refused unless 0
+  quantization_config                                                               refused
+  classifier_dropout use_cache bos/eos/pad_token_id is_decoder dtype ...           read by nothing a causal LM
+                                                                                    computes: ignored
+Top-level rope_theta / partial_rotary_factor are refused: transformers' GPT-NeoX ignores them (it reads
+rotary_emb_base / rotary_pct or rope_parameters), so honouring them would compute something else.
+"""
 from dataclasses import asdict, dataclass, field, fields
 
 MIXERS = ("attention", "hyena")
+ROPE_TYPES = ("default", "linear", "dynamic")
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings")
+ROPE_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor", "factor")
 
 
 @dataclass
@@ -15,6 +34,10 @@ class Config:
     max_position_embeddings: int = 2048
     rotary_pct: float = 0.25
     rotary_emb_base: float = 10000.0
+    rope_type: str = "default"     # "default" | "linear" | "dynamic" (NTK), as transformers' rope_parameters
+    rope_factor: float = 1.0       # the scaling factor of linear / dynamic RoPE
+    attention_bias: bool = True    # query_key_value and dense carry biases
+    initializer_range: float = 0.02
     layer_norm_eps: float = 1e-5
     use_parallel_residual: bool = True
     mixers: list = field(default_factory=list)  # per layer "attention" | "hyena"; empty = all attention
@@ -34,35 +57,95 @@ class Config:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type {self.rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+        if self.rope_type != "default" and not self.rope_factor >= 1:
+            raise ValueError(f"rope factor must be >= 1 for {self.rope_type} RoPE, got {self.rope_factor}")
+        head_dim = self.hidden_size // self.num_attention_heads
+        rot = int(head_dim * self.rotary_pct)
+        if rot % 2 and rot == head_dim:  # transformers rotates 2 * ceil(rot / 2) dims: one more than the head has
+            raise ValueError(f"rotary_pct {self.rotary_pct} gives an odd rotary dimension {rot} equal to the head "
+                             f"size {head_dim}; transformers fails on it too. Use an even rotary dimension")
+        if self.rope_type == "dynamic" and rot <= 2:  # transformers divides by rot - 2
+            raise ValueError(f"dynamic RoPE needs more than 2 rotary dimensions, rotary_pct {self.rotary_pct} "
+                             f"gives {rot}")
 
     @property
     def l_max(self):
         return self.hyena_l_max or self.max_position_embeddings
 
     @classmethod
-    def from_hf(cls, d):
-        """Read an HF GPT-NeoX config.json dict (old rotary_pct/rotary_emb_base keys or rope_parameters)."""
+    def from_hf(cls, d, source="config.json"):
+        """Read an HF GPT-NeoX config.json dict (old rotary_pct/rotary_emb_base keys or rope_parameters);
+        `source` (the file) is named in every refusal."""
+        def refuse(msg):
+            raise ValueError(f"{source}: {msg}")
+
         if d.get("model_type", "gpt_neox") != "gpt_neox":
-            raise ValueError(f"config.json has model_type {d.get('model_type')!r}; only 'gpt_neox' "
-                             "(Pythia / GPT-NeoX) checkpoints are supported")
+            refuse(f"model_type {d.get('model_type')!r}; only 'gpt_neox' (Pythia / GPT-NeoX) checkpoints are supported")
+        missing = [k for k in REQUIRED_KEYS if k not in d]
+        if missing:
+            refuse(f"missing {', '.join(missing)}: a GPT-NeoX config.json must give {', '.join(REQUIRED_KEYS)}")
         if d.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (GPT-NeoX uses 'gelu')")
+            refuse(f"hidden_act {d['hidden_act']!r} is not supported (GPT-NeoX uses 'gelu')")
         if d.get("tie_word_embeddings", False):
-            raise ValueError("tie_word_embeddings=true is not supported: GPT-NeoX unembeds with embed_out")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and not f.name.startswith("hyena_")}
-        kw["rotary_pct"] = d.get("rotary_pct", d.get("partial_rotary_factor",
-                                 rope.get("partial_rotary_factor", 0.25)))
-        kw["rotary_emb_base"] = d.get("rotary_emb_base", d.get("rope_theta", rope.get("rope_theta", 1e4)))
+            refuse("tie_word_embeddings=true is not supported: GPT-NeoX unembeds with embed_out")
+        if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]):
+            refuse(f"head_dim {d['head_dim']} is not hidden_size / num_attention_heads; not supported")
+        for k in ("attention_dropout", "hidden_dropout"):
+            if d.get(k, 0.0):
+                refuse(f"{k} {d[k]} is not supported: this implementation has no dropout (it would change "
+                       f"training only); set {k} to 0.0")
+        if d.get("quantization_config"):
+            refuse("quantization_config is not supported: load full-precision weights")
+        for k, instead in (("rope_theta", "rotary_emb_base"), ("partial_rotary_factor", "rotary_pct")):
+            if k in d:
+                refuse(f"top-level {k} is ignored by transformers' GPT-NeoX; give it as {instead} or inside "
+                       "rope_parameters")
+
+        rope_key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"  # transformers' precedence
+        if d.get("rope_scaling") and d.get("rope_parameters") and d["rope_scaling"] != d["rope_parameters"]:
+            refuse("rope_scaling and rope_parameters disagree; keep one")
+        rope = d.get(rope_key) or {}
+        if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+            refuse(f"{rope_key} must be one dict of RoPE settings (per-layer-type RoPE is not GPT-NeoX's), got {rope!r}")
+        unknown = sorted(set(rope) - set(ROPE_KEYS))
+        if unknown:
+            refuse(f"{rope_key} has keys {unknown} that this implementation does not read; it reads {list(ROPE_KEYS)}")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ROPE_TYPES:
+            refuse(f"{rope_key}.rope_type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
+        if (rope_type == "default") == ("factor" in rope):
+            refuse(f"{rope_key}.factor is " + ("read only by linear / dynamic RoPE, not default" if "factor" in rope
+                                                else f"required for {rope_type} RoPE"))
+
+        def one_of(names, default):  # one value from several spellings; disagreeing spellings are refused
+            given = {n: v for n, v in names if v is not None}
+            if len(set(given.values())) > 1:
+                refuse(f"{' and '.join(given)} disagree ({given}); keep one")
+            return next(iter(given.values()), default)
+
+        kw = {f.name: d[f.name] for f in fields(cls) if f.name in d and not f.name.startswith("hyena_")
+              and f.name not in ("rope_type", "rope_factor")}
+        kw["rotary_pct"] = one_of([("rotary_pct", d.get("rotary_pct")),
+                                   (f"{rope_key}.partial_rotary_factor", rope.get("partial_rotary_factor"))], 0.25)
+        kw["rotary_emb_base"] = one_of([("rotary_emb_base", d.get("rotary_emb_base")),
+                                        (f"{rope_key}.rope_theta", rope.get("rope_theta"))], 1e4)
+        kw["rope_type"], kw["rope_factor"] = rope_type, float(rope.get("factor", 1.0))
         kw.update({f"hyena_{k}": v for k, v in d.get("hyena", {}).items()})
-        return cls(**kw)
+        try:
+            return cls(**kw)
+        except (TypeError, ValueError) as e:
+            refuse(str(e))
 
     def to_hf(self):
-        d = {k: v for k, v in asdict(self).items() if not k.startswith("hyena_") and k != "mixers"}
+        skip = ("mixers", "rope_type", "rope_factor", "rotary_pct", "rotary_emb_base")
+        d = {k: v for k, v in asdict(self).items() if not k.startswith("hyena_") and k not in skip}
+        rope = {"rope_type": self.rope_type, "rope_theta": self.rotary_emb_base, "partial_rotary_factor": self.rotary_pct}
+        if self.rope_type != "default":
+            rope["factor"] = self.rope_factor
         d.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"], hidden_act="gelu",
-                 tie_word_embeddings=False, attention_bias=True, bos_token_id=0, eos_token_id=0,
-                 rope_parameters={"rope_type": "default", "rope_theta": self.rotary_emb_base,
-                                  "partial_rotary_factor": self.rotary_pct})
+                 tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, rope_parameters=rope)
         if "hyena" in self.mixers:  # students only: a pure-attention config stays plain GPT-NeoX
             d["mixers"] = self.mixers
             d["hyena"] = {k[len("hyena_"):]: v for k, v in asdict(self).items() if k.startswith("hyena_")}

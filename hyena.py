@@ -28,6 +28,8 @@ __all__ = ["Config", "GPTNeoX", "Attention", "HyenaOperator", "fftconv", "short_
 
 # Buffers that HF checkpoints may carry but that we recompute: never persistent in this model.
 IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
+# Tensors of the Hyena filter that checkpoints from before it followed safari's convention lack.
+SAFARI_FILTER_TENSORS = ("filter_fn.pos_emb.z", "filter_fn.pos_emb.t", "filter_fn.modulation.deltas")
 
 
 # ----------------------------------------------------------------------------- attention (the teacher)
@@ -38,14 +40,35 @@ def rotate_half(x):
 
 
 class Attention(nn.Module):
+    """GPT-NeoX attention with rotary embeddings on the first rotary_ndims = int(head_dim * rotary_pct) dims.
+    As in transformers, the frequencies are base^(-i / rotary_ndims) for even i < rotary_ndims, each rotating a
+    pair of dims: an odd rotary_ndims rotates 2 * ceil(rotary_ndims / 2) dims (one more). RoPE scaling: "linear"
+    divides the frequencies by the factor; "dynamic" (NTK) raises the base with the current sequence length S
+    (the last position + 1): base * (factor * S / max_pos - (factor - 1)) ** (r / (r - 2)) once S > max_pos.
+    In cached decoding S grows with each token and the cached keys keep the rotation they were made with, as in
+    transformers. (transformers' module also remembers the longest S it has seen until a short input resets it;
+    here the frequencies depend on the current call alone, which is what a fresh transformers model computes.)"""
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-        self.rot = int(self.head_dim * cfg.rotary_pct)
-        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        inv_freq = 1.0 / cfg.rotary_emb_base ** (torch.arange(0, self.rot, 2, dtype=torch.float32) / self.rot)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rot = int(self.head_dim * cfg.rotary_pct)  # transformers' rotary_ndims
+        self.base, self.rope_type, self.factor = cfg.rotary_emb_base, cfg.rope_type, cfg.rope_factor
+        self.max_pos = cfg.max_position_embeddings
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
+        inv_freq = 1.0 / self.base ** (torch.arange(0, self.rot, 2, dtype=torch.float32) / self.rot)
+        if self.rope_type == "linear":
+            inv_freq = inv_freq / self.factor
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (ceil(rot/2),)
+
+    def frequencies(self, seq_len):
+        """The rotary frequencies for a call whose last position is seq_len - 1 (an int or a device tensor)."""
+        if self.rope_type != "dynamic":
+            return self.inv_freq
+        exps = torch.arange(0, self.rot, 2, dtype=torch.float32, device=self.inv_freq.device) / self.rot
+        s = torch.as_tensor(seq_len, device=self.inv_freq.device).clamp(min=self.max_pos)  # no host sync
+        base = self.base * (self.factor * s / self.max_pos - (self.factor - 1)) ** (self.rot / (self.rot - 2))
+        return 1.0 / base ** exps  # (ceil(rot/2),) in fp32 as transformers computes it
 
     def forward(self, x, cache=None):
         B, L, D = x.shape
@@ -53,11 +76,12 @@ class Attention(nn.Module):
         qkv = self.query_key_value(x).view(B, L, self.n_head, 3 * self.head_dim)  # per-head [q|k|v]
         q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # (B, H, L, hd) each
         t = (pos + torch.arange(L, device=x.device)).float()  # (L,) positions; pos may be a device tensor
-        freqs = torch.outer(t, self.inv_freq)  # (L, rot/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (L, rot)
+        freqs = torch.outer(t, self.frequencies(pos + L))  # (L, r/2), r = 2 * ceil(rot/2) dims rotated
+        emb = torch.cat((freqs, freqs), dim=-1)  # (L, r)
         cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
-        q = torch.cat((q[..., :self.rot] * cos + rotate_half(q[..., :self.rot]) * sin, q[..., self.rot:]), -1)
-        k = torch.cat((k[..., :self.rot] * cos + rotate_half(k[..., :self.rot]) * sin, k[..., self.rot:]), -1)
+        r = emb.shape[-1]
+        q = torch.cat((q[..., :r] * cos + rotate_half(q[..., :r]) * sin, q[..., r:]), -1)
+        k = torch.cat((k[..., :r] * cos + rotate_half(k[..., :r]) * sin, k[..., r:]), -1)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, hd)
         elif not torch.is_tensor(pos):  # prefill into a preallocated KV cache, attend over everything so far
@@ -120,9 +144,9 @@ class GPTNeoX(nn.Module):
         self.gpt_neox.layers = nn.ModuleList(Block(cfg, m) for m in cfg.mixers)
         self.gpt_neox.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.embed_out = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        for name, m in self.named_modules():  # GPT-NeoX's N(0, 0.02); the implicit filter keeps torch's
+        for name, m in self.named_modules():  # GPT-NeoX's N(0, initializer_range); the filter keeps torch's
             if isinstance(m, (nn.Linear, nn.Embedding)) and ".filter_fn." not in name:  # (sin FFN needs it)
-                nn.init.normal_(m.weight, std=0.02)
+                nn.init.normal_(m.weight, std=cfg.initializer_range)
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
 
@@ -194,7 +218,8 @@ class GPTNeoX(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, revision="main", dtype=torch.float32):
         """Load a local directory or a hub repo (any revision) holding config.json + safetensors weights."""
-        cfg = Config.from_hf(json.loads(Path(resolve_file(name_or_path, "config.json", revision)).read_text()))
+        config_file = resolve_file(name_or_path, "config.json", revision)
+        cfg = Config.from_hf(json.loads(Path(config_file).read_text()), source=config_file)
         model = cls(cfg)
         expected = model.state_dict()
         state = {}
@@ -210,9 +235,17 @@ class GPTNeoX(nn.Module):
                                      f"{list(expected[key].shape)}")
                 state[key] = t
         missing = sorted(set(expected) - set(state))
+        if missing and all(k.endswith(SAFARI_FILTER_TENSORS) for k in missing):
+            raise ValueError(f"{name_or_path}@{revision}: checkpoint lacks the Hyena filter's {missing[:3]}...: it was "
+                             "written before the filter followed safari's convention (decay rates in the opposite "
+                             "channel order, fixed positional embedding), so it would compute another function. "
+                             "Retrain it with this version")
         if missing:
             raise ValueError(f"{name_or_path}@{revision}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-        model.load_state_dict(state, strict=True)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:  # e.g. the filter's shared Sin given different frequencies
+            raise ValueError(f"{name_or_path}@{revision}: {e}") from None
         return model.to(dtype)
 
     def save_pretrained(self, out_dir, metadata=None):
@@ -281,12 +314,19 @@ def make_student(teacher, layers=None, init="teacher", order=None, l_max=None, f
 def _init_from_attention(hy, att):
     D, H, hd, N = hy.d_model, att.n_head, att.head_dim, hy.order
     w = att.query_key_value.weight.view(H, 3, hd, D).transpose(0, 1).reshape(3, D, D)  # [q, k, v] de-interleaved
-    b = att.query_key_value.bias.view(H, 3, hd).transpose(0, 1).reshape(3, D)
     # in_proj rows are [x0, x1, ..., x_{N-1}, v]: x0 <- q, every other gate <- k, v <- v
     src = [0] + [1] * (N - 1) + [2]
     hy.in_proj.weight.copy_(torch.cat([w[s] for s in src]))
-    hy.in_proj.bias.copy_(torch.cat([b[s] for s in src]))
-    hy.out_proj.load_state_dict(att.dense.state_dict())
+    if att.query_key_value.bias is None:  # attention_bias false: the gates start without offsets
+        hy.in_proj.bias.zero_()
+    else:
+        b = att.query_key_value.bias.view(H, 3, hd).transpose(0, 1).reshape(3, D)
+        hy.in_proj.bias.copy_(torch.cat([b[s] for s in src]))
+    hy.out_proj.weight.copy_(att.dense.weight)
+    if att.dense.bias is None:
+        hy.out_proj.bias.zero_()
+    else:
+        hy.out_proj.bias.copy_(att.dense.bias)
     hy.short_filter.weight.zero_()
     hy.short_filter.weight[..., -1] = 1.0  # identity: the last tap multiplies the current position
     hy.short_filter.bias.zero_()

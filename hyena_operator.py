@@ -8,6 +8,7 @@ Glossary (code name -> paper symbol, Hyena paper section 3):
   k / HyenaFilter          the implicit long filter h^n(t) = FFN(PositionalEmbedding(t)) * Window(t)
   bias                     the per-channel skip term D in y = h * u + D u
   z                        the input of a long convolution (x^n ⊙ z^n), cached for decoding
+  pos_emb.z                the filter's positional embedding table z(t) (safari's name; not the above)
   l_max                    the longest sequence the filter is defined for (t = 0 .. l_max-1)
 """
 import math
@@ -139,38 +140,100 @@ class Sin(nn.Module):
         return torch.sin(self.freq * x)
 
 
+class PositionalEmbedding(nn.Module):
+    """safari's positional embedding of the filter's time axis, a table over t = 0 .. l_max-1:
+    z(t) = [t / (l_max-1), Re e^{-i f_b w_t}, Im e^{-i f_b w_t}] with w_t = 2 pi t / l_max and bands f_b =
+    linspace(1e-4, bands-1, bands). As in safari, z is a trainable parameter with its own learning rate
+    (`_optim` hint, 1e-5) and no weight decay; the normalised time `t` is a buffer."""
+    def __init__(self, emb_dim, l_max, lr=1e-5):
+        super().__init__()
+        bands = (emb_dim - 1) // 2
+        # Computed in fp64 and rounded once (safari computes in fp32: its top bands are off by ~1e-5).
+        t = torch.linspace(0, 1, l_max, dtype=torch.float64)[None, :, None]  # (1, L, 1)
+        w = 2 * math.pi * torch.arange(l_max, dtype=torch.float64)[None, :, None] / l_max  # (1, L, 1)
+        angle = torch.linspace(1e-4, bands - 1, bands, dtype=torch.float64)[None, None] * w  # (1, L, bands)
+        self.z = nn.Parameter(torch.cat([t, angle.cos(), -angle.sin()], dim=-1).float())  # (1, L, emb_dim)
+        self.z._optim = {"lr": lr, "weight_decay": 0.0}
+        self.register_buffer("t", t.float())
+
+    def forward(self, L):
+        return self.z[:, :L], self.t[:, :L]  # (1, L, emb_dim), (1, L, 1)
+
+
+class ExponentialModulation(nn.Module):
+    """safari's window exp(-|delta_c| t): decay rates delta_c = linspace(log(target) / slow_decay,
+    log(target) / fast_decay, channels) (a buffer), so channel 0 decays slowest (|delta| 3.07, spanning the
+    sequence) and the last fastest (15.35, local): the filter at t = slow_decay (fast_decay) has fallen to
+    `target`, t in units of l_max."""
+    def __init__(self, channels, fast_decay=0.3, slow_decay=1.5, target=1e-2):
+        super().__init__()
+        deltas = torch.linspace(math.log(target) / slow_decay, math.log(target) / fast_decay, channels,
+                                dtype=torch.float64)
+        self.register_buffer("deltas", deltas.float()[None, None])  # (1, 1, C)
+
+    def forward(self, t, h):
+        return h * torch.exp(-t * self.deltas.abs())  # (1, L, C)
+
+
 class HyenaFilter(nn.Module):
-    """h(t) = FFN(z(t)) * exp(-|delta| t): implicit filters for `channels` channels, defined up to l_max."""
-    def __init__(self, channels, l_max, emb_dim=33, filter_order=64, fast_decay=0.3, slow_decay=1.5, target=1e-2):
+    """h(t) = FFN(PositionalEmbedding(t)) * exp(-|delta| t): implicit filters for `channels` channels, defined up
+    to l_max. Parameters and their names are safari's HyenaFilter's (filter_fn.bias, filter_fn.pos_emb.z / .t,
+    filter_fn.implicit_filter.N.weight / .bias / .freq, filter_fn.modulation.deltas): FFN = Linear, Sin, Linear,
+    Sin, Linear, Sin, Linear without bias, where the three Sin are ONE module (one shared `freq`), so a safari
+    state dict loads by name and computes the same function.
+
+    Deviations from safari, on purpose:
+    - Under model.to(bf16 / fp16) the filter's tensors stay fp32 (`_apply`): bf16 would round the time grid
+      (256 steps per octave: only ~640 of 2048 normalised times would stay distinct), the embedding z and the
+      decay rates. Under .double() they follow (the filter is then fp64 end to end). safari casts them all.
+    - forward(L) returns the filter (L, channels) rather than convolving (safari's `filter(L)` is (1, L, C));
+      L > l_max is refused, where safari silently truncates the filter to l_max.
+    - The FFN weights get `Config.hyena_filter_lr` (0: the run's lr) where safari's default is 1e-3.
+    - z is computed in fp64 and rounded once to fp32 (safari computes it in fp32).
+    """
+    def __init__(self, channels, l_max, emb_dim=33, filter_order=64, fast_decay=0.3, slow_decay=1.5, target=1e-2,
+                 lr_pos_emb=1e-5):
         super().__init__()
         if emb_dim % 2 == 0 or emb_dim < 3:
             raise ValueError(f"hyena_emb_dim must be odd and >= 3 (1 + 2 * bands), got {emb_dim}")
-        self.l_max, self.bands, self.channels = l_max, (emb_dim - 1) // 2, channels
-        # Decay rates spread over channels so some filters are short (local) and some span the sequence.
-        self.decay_range = (math.log(target) / fast_decay, math.log(target) / slow_decay)
+        self.l_max, self.channels = l_max, channels
+        self.bias = nn.Parameter(torch.randn(channels))  # created first, as safari, so seeded inits agree
+        self.pos_emb = PositionalEmbedding(emb_dim, l_max, lr_pos_emb)
+        act = Sin(filter_order)  # one module: one frequency shared by all three activations, as safari
         self.implicit_filter = nn.Sequential(
-            nn.Linear(emb_dim, filter_order), Sin(filter_order),
-            nn.Linear(filter_order, filter_order), Sin(filter_order),
-            nn.Linear(filter_order, filter_order), Sin(filter_order),
+            nn.Linear(emb_dim, filter_order), act,
+            nn.Linear(filter_order, filter_order), act,
+            nn.Linear(filter_order, filter_order), act,
             nn.Linear(filter_order, channels, bias=False))
-        self.bias = nn.Parameter(torch.randn(channels))
+        self.modulation = ExponentialModulation(channels, fast_decay, slow_decay, target)
 
     def forward(self, L):
-        """The filter for lags 0..L-1, as (L, channels) in fp32: a prefix of the l_max filter."""
+        """The filter for lags 0..L-1, as (L, channels) in fp32 (fp64 in an fp64 model): a prefix of the l_max filter."""
         if L > self.l_max:
             raise ValueError(f"sequence length {L} exceeds the Hyena filter's l_max {self.l_max}; "
                              "build the model with a larger Config.hyena_l_max")
-        # Positions are made here in fp32 rather than kept as buffers: model.to(bf16) would round them
-        # (bf16 has 256 steps per octave: only ~640 of 2048 normalised times would stay distinct).
-        dev, lag = self.bias.device, torch.arange(L, device=self.bias.device, dtype=torch.float32)[:, None]
-        t = lag / max(self.l_max - 1, 1)  # (L, 1) normalised time in [0, 1]
-        f = torch.linspace(1e-4, self.bands - 1, self.bands, device=dev)[None]  # (1, bands)
-        angle = 2 * math.pi * f * lag / self.l_max  # (L, bands)
-        z = torch.cat([t, angle.cos(), -angle.sin()], dim=-1)  # (L, emb_dim) positional embedding
-        deltas = torch.linspace(*self.decay_range, self.channels, device=dev)  # (C,)
-        with torch.autocast(dev.type, enabled=False):  # tiny, and feeds an fp32 FFT anyway
-            h = self.implicit_filter(z.to(self.bias.dtype))  # (L, C)
-            return h.float() * torch.exp(-t * deltas.abs())  # (L, C)
+        z, t = self.pos_emb(L)  # (1, L, emb_dim), (1, L, 1)
+        with torch.autocast(z.device.type, enabled=False):  # tiny, and feeds an fp32 FFT anyway
+            return self.modulation(t, self.implicit_filter(z))[0]  # (L, C)
+
+    def _apply(self, fn, *args, **kwargs):
+        """Casts to bf16 / fp16 leave the filter fp32 (see the class docstring); devices and fp64 follow."""
+        def keep_fp32(t):
+            out = fn(t)
+            if t.is_floating_point() and out.dtype in (torch.bfloat16, torch.float16):
+                return t.to(device=out.device, dtype=torch.float32)  # from t itself: nothing rounded
+            return out
+        return super()._apply(keep_fp32, *args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        """The shared Sin appears under three names (implicit_filter.1/.3/.5.freq): refuse differing values
+        (e.g. from a checkpoint with three separate activations) rather than keep whichever loads last."""
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        names = [f"{prefix}implicit_filter.{i}.freq" for i in (1, 3, 5)]
+        given = [state_dict[n] for n in names if n in state_dict]
+        if any(not torch.equal(g, given[0]) for g in given[1:]):
+            args[-1].append(f"{', '.join(names)} differ, but the filter shares one Sin (one frequency) across its "
+                            "activations, as safari: the checkpoint was made with separate activations")
 
 
 class HyenaOperator(nn.Module):
@@ -186,7 +249,8 @@ class HyenaOperator(nn.Module):
         self.short_filter = nn.Conv1d(width, width, short_filter_order, groups=width, padding=short_filter_order - 1)
         self.filter_fn = HyenaFilter(d_model * (order - 1), l_max, emb_dim, filter_order)
         for p in self.filter_fn.parameters():  # hints read by optim_groups(): no decay, optionally own lr
-            p._optim = {"weight_decay": 0.0, **({"lr": filter_lr} if filter_lr else {})}
+            if not hasattr(p, "_optim"):  # pos_emb.z brings its own (safari's lr 1e-5)
+                p._optim = {"weight_decay": 0.0, **({"lr": filter_lr} if filter_lr else {})}
 
     def filters(self, L):
         k = self.filter_fn(L).view(L, self.order - 1, self.d_model)  # (L, N-1, D)
@@ -212,7 +276,7 @@ class HyenaOperator(nn.Module):
             # The reversed filter then as many zeros: k_pad[..., T-1-t+s] = k[t-s] for s <= t, 0 for s > t.
             k_rev = k.flip(0).permute(1, 2, 0).to(v.dtype)  # (N-1, D, T): k[T-1], ..., k[0]
             cache["k_pad"] = F.pad(k_rev, (0, T - 1)).contiguous()  # (N-1, D, 2T-1)
-            cache["lags"], cache["bias"] = torch.arange(T, device=u.device), bias
+            cache["lags"], cache["bias"] = torch.arange(T, device=u.device), bias.to(v.dtype)  # fp32 filter, bf16 model
         return self.out_proj(v * x[0])  # (B, L, D)
 
     def step(self, u, cache):

@@ -28,6 +28,11 @@ PARITY_CONFIGS = {
     "sequential residual": Config(**{**TINY, "use_parallel_residual": False}),
     "2 heads, intermediate != 4*hidden": Config(**{**TINY, "num_attention_heads": 2}),
     "rope base 500": Config(**{**TINY, "rotary_emb_base": 500.0, "rotary_pct": 0.5}),
+    "odd rotary dims (3 of 12)": Config(**{**TINY, "hidden_size": 48}),
+    "linear rope": Config(**{**TINY, "rope_type": "linear", "rope_factor": 2.5}),
+    "dynamic rope past max_pos": Config(**{**TINY, "rope_type": "dynamic", "rope_factor": 2.0, "rotary_pct": 0.5,
+                                           "max_position_embeddings": 32}),  # the test's 48 tokens exceed 32
+    "attention_bias false": Config(**{**TINY, "attention_bias": False}),
 }
 
 
@@ -44,6 +49,101 @@ def test_logits_match_transformers(name, tmp_path):
         delta = (GPTNeoX.from_pretrained(tmp_path)(idx)[0] - hf.eval()(idx).logits).abs().max().item()
     print(f"max |dlogit| {name}: {delta:.2e}")
     assert delta <= 1e-4
+
+
+ROPE_SCALED = {name: PARITY_CONFIGS[name] for name in ("odd rotary dims (3 of 12)", "linear rope",
+                                                       "dynamic rope past max_pos")}
+
+
+@pytest.mark.parametrize("name", ROPE_SCALED)
+def test_cached_decoding_matches_transformers_generate(name, tmp_path):
+    """Every decoding step's logits equal transformers' generate: odd rotary dims and scaled RoPE in the KV
+    cache (dynamic NTK: the prompt fits in max_position_embeddings, the generation runs past it, and each
+    step's frequencies follow the growing length while cached keys keep theirs)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = ROPE_SCALED[name]
+    ours = randomized(cfg)
+    ours.save_pretrained(tmp_path)
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path).eval()
+    T, new = 20, 24
+    idx = torch.randint(0, cfg.vocab_size, (2, T))
+    out = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new, do_sample=False,
+                      output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    seq, theirs = out.sequences, torch.stack(out.logits, 1)  # (2, T+new), (2, new, V)
+    cache = [{"pos": 0, "max_len": T + new} for _ in range(cfg.num_hidden_layers)]
+    with torch.no_grad():
+        steps = [ours(seq[:, :T], cache=cache)[0]] + [ours(seq[:, i:i + 1], cache=cache)[0] for i in range(T, T + new - 1)]
+    delta = (torch.cat(steps, 1) - theirs).abs().max().item()
+    print(f"max |dlogit| decoding {name}: {delta:.2e}")
+    assert delta <= 1e-4
+    assert torch.equal(ours.generate(idx, new, temperature=0), seq)
+
+
+def test_scaled_rope_changes_the_logits():
+    """The parity configs' scaling is not a no-op at the tested lengths (so their parity tests can fail)."""
+    idx = torch.randint(0, 211, (1, 48))
+    for name in ("linear rope", "dynamic rope past max_pos"):
+        cfg = PARITY_CONFIGS[name]
+        plain = Config(**{**cfg.__dict__, "rope_type": "default", "rope_factor": 1.0})
+        with torch.no_grad():
+            a, b = randomized(cfg)(idx)[0], randomized(plain)(idx)[0]
+        assert (a - b).abs().max() > 1e-3, name
+
+
+def test_attention_bias_false_round_trips_without_bias_tensors(tmp_path):
+    from hub import read_safetensors
+    m = randomized(Config(**{**TINY, "attention_bias": False}))
+    m.save_pretrained(tmp_path)
+    assert not any(k.endswith(("attention.query_key_value.bias", "attention.dense.bias"))
+                   for k in read_safetensors(tmp_path / "model.safetensors"))
+    assert json.loads((tmp_path / "config.json").read_text())["attention_bias"] is False
+    again = GPTNeoX.from_pretrained(tmp_path)
+    idx = torch.randint(0, 211, (2, 20))
+    with torch.no_grad():
+        assert again.config == m.config and torch.equal(again(idx)[0], m(idx)[0])
+        student = make_student(again)  # the Hyena projections start from bias-free attention
+        assert torch.equal(student.gpt_neox.layers[0].hyena.in_proj.bias, torch.zeros(3 * 64))
+
+
+REFUSED_CONFIGS = {  # config.json changes -> what the refusal must name
+    "yarn": ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, r"rope_parameters.rope_type 'yarn' .*"
+             r"supported: default, linear, dynamic"),
+    "rope_scaling longrope": ({"rope_parameters": None, "rope_scaling": {"type": "longrope", "factor": 2.0}}, r"rope_scaling.rope_type 'longrope'"),
+    "unread rope key": ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "beta_fast": 32}}, "beta_fast"),
+    "linear without factor": ({"rope_parameters": {"rope_type": "linear"}}, "factor is required for linear"),
+    "per-layer rope": ({"rope_parameters": {"full_attention": {"rope_type": "default"}}}, "per-layer-type"),
+    "top-level rope_theta": ({"rope_theta": 500.0}, "top-level rope_theta is ignored by transformers"),
+    "disagreeing rotary_pct": ({"rotary_pct": 0.5, "rope_parameters": {"rope_type": "default",
+                                "partial_rotary_factor": 0.25}}, "rotary_pct and rope_parameters.partial_rotary_factor disagree"),
+    "dropout": ({"hidden_dropout": 0.1}, "hidden_dropout 0.1 is not supported"),
+    "head_dim": ({"head_dim": 32}, "head_dim 32"),
+    "quantized": ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization_config"),
+    "odd rotary = head": ({"hidden_size": 12, "num_attention_heads": 4,
+                           "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 1.0}}, "odd rotary dimension 3"),
+}
+
+
+@pytest.mark.parametrize("name", REFUSED_CONFIGS)
+def test_config_settings_that_would_change_the_computation_are_refused_by_name(name, tmp_path):
+    m = GPTNeoX(Config(**TINY))
+    m.save_pretrained(tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    change, message = REFUSED_CONFIGS[name]
+    (tmp_path / "config.json").write_text(json.dumps({**d, **change}))
+    with pytest.raises(ValueError, match=message) as e:
+        GPTNeoX.from_pretrained(tmp_path)
+    assert str(tmp_path / "config.json") in str(e.value)
+
+
+def test_config_missing_an_architecture_key_is_refused_by_key_and_file(tmp_path):
+    m = GPTNeoX(Config(**TINY))
+    m.save_pretrained(tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    for gone in (["hidden_size"], ["vocab_size", "num_hidden_layers"], ["intermediate_size"]):
+        (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in d.items() if k not in gone}))
+        with pytest.raises(ValueError, match=f"config.json: missing {', '.join(gone)}") as e:
+            GPTNeoX.from_pretrained(tmp_path)
+        assert str(tmp_path / "config.json") in str(e.value)
 
 
 def test_loads_transformers_checkpoint_and_config_forms(tmp_path):
@@ -145,8 +245,10 @@ def test_hyena_parameter_count_near_attention():
     cfg = Config()
     attn = sum(p.numel() for p in GPTNeoX(Config(**{**TINY, "hidden_size": 512, "num_attention_heads": 8,
                                                      "num_hidden_layers": 1})).gpt_neox.layers[0].attention.parameters())
-    hy = sum(p.numel() for p in HyenaOperator(cfg.hidden_size, cfg.l_max).parameters())
-    print(f"d=512: attention {attn:,} parameters, Hyena order 2 {hy:,} ({hy / attn - 1:+.1%})")
+    op = HyenaOperator(cfg.hidden_size, cfg.l_max)
+    table = op.filter_fn.pos_emb.z.numel()  # safari's trainable positional table (l_max x emb_dim), apart
+    hy = sum(p.numel() for p in op.parameters()) - table
+    print(f"d=512: attention {attn:,} parameters, Hyena order 2 {hy:,} ({hy / attn - 1:+.1%}) + table {table:,}")
     assert abs(hy / attn - 1) <= 0.10
 
 
@@ -154,9 +256,10 @@ def test_filter_parameters_get_their_own_optimizer_group():
     cfg = Config(**{**TINY, "hyena_filter_lr": 3e-4})
     groups = make_student(GPTNeoX(cfg), layers=[1]).optim_groups(weight_decay=0.1, lr=1e-3)
     filter_params = {id(p) for p in make_student(GPTNeoX(cfg), layers=[1]).gpt_neox.layers[1].hyena.filter_fn.parameters()}
-    assert len(filter_params) > 0
+    assert len(filter_params) > 1
     by = {(g["weight_decay"], g["lr"]): len(g["params"]) for g in groups}
-    assert by[(0.0, 3e-4)] == len(filter_params) and (0.1, 1e-3) in by and (0.0, 1e-3) in by
+    assert by[(0.0, 3e-4)] == len(filter_params) - 1 and (0.1, 1e-3) in by and (0.0, 1e-3) in by
+    assert by[(0.0, 1e-5)] == 1  # the positional embedding z, at safari's lr_pos_emb
 
 
 # ----------------------------------------------------------------------------- students
@@ -192,13 +295,20 @@ def test_make_student_keeps_a_hybrid_teachers_trained_hyena_layers():
     assert torch.equal(student.gpt_neox.layers[0].hyena.out_proj.weight, hybrid.gpt_neox.layers[0].hyena.out_proj.weight)
 
 
-def test_casting_to_bf16_keeps_the_filters_positions_exact():
-    """model.to(bf16) must not round the implicit filter's time grid (bf16 keeps ~640 of 2048 steps distinct)."""
+def test_casting_to_bf16_keeps_the_filter_fp32_and_fp64_follows():
+    """model.to(bf16) must not round the implicit filter's time grid (bf16 keeps ~640 of 2048 steps distinct):
+    the filter stays fp32, bit for bit. .double() makes it fp64 end to end."""
     op = HyenaOperator(16, l_max=2048)
     k32 = op.filter_fn(2048)
-    k16 = op.to(torch.bfloat16).filter_fn(2048)
-    assert k16.dtype == torch.float32
-    assert ((k16 - k32).norm() / k32.norm()).item() < 2e-2  # only the weights' rounding remains
+    op.to(torch.bfloat16)
+    assert op.in_proj.weight.dtype == torch.bfloat16 and op.filter_fn.pos_emb.z.dtype == torch.float32
+    assert torch.equal(op.filter_fn(2048), k32)
+    op.double()
+    assert all(t.dtype == torch.float64 for t in op.filter_fn.state_dict().values())
+    k64 = op.filter_fn(2048)
+    assert k64.dtype == torch.float64 and torch.allclose(k64, k32.double(), rtol=1e-5, atol=1e-6)
+    student = make_student(randomized(Config(**TINY))).to(torch.bfloat16).eval()  # a bf16 model still decodes
+    assert student.generate(torch.randint(0, 211, (1, 5)), 4, temperature=0).shape == (1, 9)
 
 
 @pytest.mark.parametrize("mixers", [[0, 1, 2], [1]], ids=["student", "hybrid"])

@@ -1,4 +1,6 @@
 """Behaviour of the Hyena operator (hyena_operator.py): the long convolution, its fast path, causality, filters."""
+import math
+
 import pytest
 import torch
 
@@ -167,3 +169,121 @@ def test_decode_kernel_equals_the_definition_in_tritons_interpreter():
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     assert run.returncode == 0, run.stderr[-2000:]
     assert float(run.stdout.split()[-1]) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- the filter = the paper's definition
+
+def paper_positional_embedding(L_max, emb_dim, dtype=torch.float64):
+    """Hyena paper (Poli et al. 2023) sec. 3.3 / appendix: the filter's input is the time t_n = n / (L_max - 1) with
+    `bands` complex exponentials e^{-i f_b 2 pi n / L_max} (real then imaginary parts), f_b from 1e-4 to bands-1
+    evenly (safari's choice of frequencies). Returns z (L_max, emb_dim) and t (L_max, 1)."""
+    bands = (emb_dim - 1) // 2
+    n = torch.arange(L_max, dtype=dtype)[:, None]
+    t = n / (L_max - 1)
+    f = torch.tensor([1e-4 + b * (bands - 1 - 1e-4) / max(bands - 1, 1) for b in range(bands)], dtype=dtype)
+    angle = 2 * torch.pi * n * f / L_max
+    return torch.cat([t, torch.cos(angle), -torch.sin(angle)], dim=1), t
+
+
+def paper_decay_rates(channels, fast=0.3, slow=1.5, target=1e-2, dtype=torch.float64):
+    """Window exp(-|delta_c| t), delta_c evenly from log(target)/slow (channel 0: decays slowest, reaching `target`
+    at t = slow) to log(target)/fast (last channel: fastest), safari's channel order."""
+    lo, hi = math.log(target) / slow, math.log(target) / fast
+    return torch.tensor([lo + c * (hi - lo) / (channels - 1) for c in range(channels)], dtype=dtype)
+
+
+def paper_filter(W, z, t, deltas):
+    """h(t) = FFN(z(t)) * exp(-|delta| t), FFN = (Linear, sin(w .)) x 3 then a Linear without bias, one
+    frequency vector w for all three activations. W: safari-named tensors (prefix-free). (L, C)."""
+    a = z
+    for i in (0, 2, 4):
+        a = torch.sin(W["implicit_filter.1.freq"] * (a @ W[f"implicit_filter.{i}.weight"].T + W[f"implicit_filter.{i}.bias"]))
+    return (a @ W["implicit_filter.6.weight"].T) * torch.exp(-t * deltas.abs())
+
+
+def test_filter_tables_are_the_papers_positional_embedding_and_safaris_decay_order():
+    op = HyenaOperator(8, l_max=300, order=3, emb_dim=9)
+    z, t = paper_positional_embedding(300, 9)
+    f = op.filter_fn
+    assert f.pos_emb.z.shape == (1, 300, 9) and f.pos_emb.t.shape == (1, 300, 1)
+    assert torch.allclose(f.pos_emb.z[0].double(), z, rtol=0, atol=1e-6)  # stored in fp32
+    assert torch.allclose(f.pos_emb.t[0].double(), t, rtol=0, atol=1e-7)
+    deltas = f.modulation.deltas[0, 0].double()
+    assert torch.allclose(deltas, paper_decay_rates(16), rtol=1e-6)
+    assert deltas.abs()[0] < deltas.abs()[-1]  # channel 0 is the long filter (the old code had it reversed)
+    assert isinstance(f.pos_emb.z, torch.nn.Parameter) and "pos_emb.t" in dict(f.named_buffers())
+    assert f.implicit_filter[1] is f.implicit_filter[3] is f.implicit_filter[5]  # one Sin, one freq
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_filter_is_the_papers_definition_in_fp64(order):
+    torch.manual_seed(order)
+    op = HyenaOperator(8, l_max=200, order=order, emb_dim=5, filter_order=16).double()
+    with torch.no_grad():
+        for p in op.filter_fn.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # z and freq too: the definition holds for any values
+    W = {k[len("filter_fn."):]: v for k, v in op.state_dict().items() if k.startswith("filter_fn.")}
+    ref = paper_filter(W, W["pos_emb.z"][0], W["pos_emb.t"][0], W["modulation.deltas"][0, 0])  # (200, C)
+    h = op.filter_fn(200)
+    assert h.dtype == torch.float64
+    err = ((h - ref).norm() / ref.norm()).item()
+    print(f"filter vs definition, order {order}, fp64: {err:.1e}")
+    assert err <= 1e-12
+
+
+def safari_state_dict(d_model, l_max, order, emb_dim, filter_order, seed):
+    """A state dict under safari's HyenaOperator names, with random weights and the paper's tables."""
+    g = torch.Generator().manual_seed(seed)
+    C, W = d_model * (order - 1), (order + 1) * d_model
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64) * 0.3  # noqa: E731
+    z, t = paper_positional_embedding(l_max, emb_dim)
+    freq = 1 + r(1, filter_order)
+    return {"in_proj.weight": r(W, d_model), "in_proj.bias": r(W), "out_proj.weight": r(d_model, d_model),
+            "out_proj.bias": r(d_model), "short_filter.weight": r(W, 1, 3), "short_filter.bias": r(W),
+            "filter_fn.bias": r(C), "filter_fn.pos_emb.z": z[None], "filter_fn.pos_emb.t": t[None],
+            "filter_fn.implicit_filter.0.weight": r(filter_order, emb_dim), "filter_fn.implicit_filter.0.bias": r(filter_order),
+            "filter_fn.implicit_filter.1.freq": freq, "filter_fn.implicit_filter.3.freq": freq,
+            "filter_fn.implicit_filter.5.freq": freq,
+            "filter_fn.implicit_filter.2.weight": r(filter_order, filter_order), "filter_fn.implicit_filter.2.bias": r(filter_order),
+            "filter_fn.implicit_filter.4.weight": r(filter_order, filter_order), "filter_fn.implicit_filter.4.bias": r(filter_order),
+            "filter_fn.implicit_filter.6.weight": r(C, filter_order),
+            "filter_fn.modulation.deltas": paper_decay_rates(C)[None, None]}
+
+
+def paper_operator(S, u, order):
+    """Hyena (paper eq. 3 / safari's order): projections through a depthwise causal conv of width 3, then
+    v <- h^n * (x^n v) + D^n (x^n v) for n = N-1 .. 1, output out_proj(x^0 v). Direct convolution, fp64."""
+    D, L = u.shape[-1], u.shape[1]
+    p = torch.nn.functional.conv1d((u @ S["in_proj.weight"].T + S["in_proj.bias"]).transpose(1, 2),
+                                   S["short_filter.weight"], S["short_filter.bias"], padding=2, groups=(order + 1) * D)
+    *x, v = p[..., :L].transpose(1, 2).split(D, dim=-1)
+    W = {k[len("filter_fn."):]: val for k, val in S.items() if k.startswith("filter_fn.")}
+    h = paper_filter(W, W["pos_emb.z"][0, :L], W["pos_emb.t"][0, :L], W["modulation.deltas"][0, 0])
+    h, bias = h.view(L, order - 1, D), W["bias"].view(order - 1, D)
+    for o, x_i in enumerate(reversed(x[1:])):
+        v = direct_causal_conv(v * x_i, h[:, o], bias[o])
+    return (v * x[0]) @ S["out_proj.weight"].T + S["out_proj.bias"]
+
+
+@pytest.mark.parametrize("order", [2, 3])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)], ids=["fp64", "fp32"])
+def test_a_safari_state_dict_loads_by_name_and_computes_the_same_function(order, dtype, tol):
+    S = safari_state_dict(8, 128, order, emb_dim=7, filter_order=16, seed=order)
+    S = {k: v.to(dtype) for k, v in S.items()}
+    op = HyenaOperator(8, l_max=128, order=order, emb_dim=7, filter_order=16).to(dtype)
+    op.load_state_dict(S, strict=True)  # every name is safari's, none missing or extra
+    u = torch.randn(2, 128, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = op(u.to(dtype)).double()
+    ref = paper_operator({k: v.double() for k, v in S.items()}, u.to(dtype).double(), order)
+    err = ((y - ref).norm() / ref.norm()).item()
+    print(f"safari state dict, order {order}, {dtype}: relative error {err:.1e}")
+    assert err <= tol
+
+
+def test_a_state_dict_with_three_different_sin_frequencies_is_refused():
+    S = safari_state_dict(8, 64, 2, emb_dim=7, filter_order=16, seed=0)
+    S["filter_fn.implicit_filter.3.freq"] = S["filter_fn.implicit_filter.3.freq"] + 1
+    op = HyenaOperator(8, l_max=64, emb_dim=7, filter_order=16).double()
+    with pytest.raises(RuntimeError, match="implicit_filter.5.freq differ, but the filter shares one Sin"):
+        op.load_state_dict(S)
