@@ -311,6 +311,20 @@ def test_casting_to_bf16_keeps_the_filter_fp32_and_fp64_follows():
     assert student.generate(torch.randint(0, 211, (1, 5)), 4, temperature=0).shape == (1, 9)
 
 
+def test_checkpoints_from_the_old_filter_convention_are_refused_with_the_reason(tmp_path):
+    from hub import read_safetensors, write_safetensors
+    make_student(randomized(Config(**TINY))).save_pretrained(tmp_path)
+    state = read_safetensors(tmp_path / "model.safetensors")
+    old = {k: v for k, v in state.items() if not k.endswith(("pos_emb.z", "pos_emb.t", "modulation.deltas"))}
+    write_safetensors(tmp_path / "model.safetensors", old)
+    with pytest.raises(ValueError, match="written before the filter followed safari's convention"):
+        GPTNeoX.from_pretrained(tmp_path)
+    key = "gpt_neox.layers.1.hyena.filter_fn.implicit_filter.3.freq"  # separate Sin frequencies (old convention)
+    write_safetensors(tmp_path / "model.safetensors", {**state, key: state[key] + 1})
+    with pytest.raises(ValueError, match="shares one Sin"):
+        GPTNeoX.from_pretrained(tmp_path)
+
+
 @pytest.mark.parametrize("mixers", [[0, 1, 2], [1]], ids=["student", "hybrid"])
 def test_student_save_load_round_trip(mixers, tmp_path):
     student = make_student(randomized(Config(**{**TINY, "hyena_order": 3})), layers=mixers)
