@@ -1,17 +1,17 @@
 """The model configuration: GPT-NeoX's own fields under HF's names (so config.json maps across) plus the
 student's per-layer mixers and Hyena settings. Re-exported by hyena.py.
 
-`Config.from_hf` reads a config.json the way transformers' GPT-NeoX does, or refuses it by key. The keys
-transformers' GPT-NeoX reads, and what happens to each here:
-  vocab_size hidden_size num_hidden_layers num_attention_heads intermediate_size max_position_embeddings
-      required (transformers would silently take its defaults: a config missing one is broken)
-  layer_norm_eps use_parallel_residual attention_bias initializer_range           supported
-  rotary_pct rotary_emb_base rope_parameters rope_scaling (rope types default, linear, dynamic)   supported
-  hidden_act (only "gelu"), tie_word_embeddings (only false), head_dim (only hidden/heads)         refused otherwise
-  attention_dropout hidden_dropout (no dropout here)                               refused unless 0
-  quantization_config                                                               refused
-  classifier_dropout use_cache bos/eos/pad_token_id is_decoder dtype ...           read by nothing a causal LM
-                                                                                    computes: ignored
+`Config.from_hf` reads a config.json the way transformers' GPT-NeoX does, or refuses it by key and file.
+The keys transformers' GPT-NeoX reads, and what happens to each here:
+- required: vocab_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,
+  max_position_embeddings (transformers would take its defaults; a config missing one is broken).
+- supported: layer_norm_eps, use_parallel_residual, attention_bias, initializer_range, rotary_pct,
+  rotary_emb_base, rope_parameters / rope_scaling of rope_type default, linear or dynamic.
+- refused unless harmless: hidden_act other than "gelu", tie_word_embeddings true, head_dim other than
+  hidden_size / num_attention_heads, attention_dropout / hidden_dropout other than 0 (no dropout here),
+  quantization_config, any other RoPE type or RoPE key.
+- ignored (nothing a causal LM computes reads them): classifier_dropout, use_cache, bos/eos/pad_token_id,
+  is_decoder, dtype and the like.
 Top-level rope_theta / partial_rotary_factor are refused: transformers' GPT-NeoX ignores them (it reads
 rotary_emb_base / rotary_pct or rope_parameters), so honouring them would compute something else.
 """

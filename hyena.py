@@ -317,16 +317,11 @@ def _init_from_attention(hy, att):
     # in_proj rows are [x0, x1, ..., x_{N-1}, v]: x0 <- q, every other gate <- k, v <- v
     src = [0] + [1] * (N - 1) + [2]
     hy.in_proj.weight.copy_(torch.cat([w[s] for s in src]))
-    if att.query_key_value.bias is None:  # attention_bias false: the gates start without offsets
-        hy.in_proj.bias.zero_()
-    else:
-        b = att.query_key_value.bias.view(H, 3, hd).transpose(0, 1).reshape(3, D)
-        hy.in_proj.bias.copy_(torch.cat([b[s] for s in src]))
+    b = att.query_key_value.bias  # None under attention_bias false: the projections start without offsets
+    b = w.new_zeros(3, D) if b is None else b.view(H, 3, hd).transpose(0, 1).reshape(3, D)
+    hy.in_proj.bias.copy_(torch.cat([b[s] for s in src]))
     hy.out_proj.weight.copy_(att.dense.weight)
-    if att.dense.bias is None:
-        hy.out_proj.bias.zero_()
-    else:
-        hy.out_proj.bias.copy_(att.dense.bias)
+    hy.out_proj.bias.copy_(att.dense.bias if att.dense.bias is not None else torch.zeros_like(hy.out_proj.bias))
     hy.short_filter.weight.zero_()
     hy.short_filter.weight[..., -1] = 1.0  # identity: the last tap multiplies the current position
     hy.short_filter.bias.zero_()

@@ -44,6 +44,8 @@ def test_logits_match_transformers(name, tmp_path):
     ours.save_pretrained(tmp_path)
     hf, info = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info  # every tensor we wrote is one transformers expects, and vice versa
+    assert hf.config.rope_parameters["rope_type"] == cfg.rope_type  # it runs the scaling we mean
+    assert hf.config.rope_parameters.get("factor", 1.0) == cfg.rope_factor and hf.config.attention_bias == cfg.attention_bias
     idx = torch.randint(0, cfg.vocab_size, (2, 48))
     with torch.no_grad():
         delta = (GPTNeoX.from_pretrained(tmp_path)(idx)[0] - hf.eval()(idx).logits).abs().max().item()
@@ -65,6 +67,8 @@ def test_cached_decoding_matches_transformers_generate(name, tmp_path):
     ours = randomized(cfg)
     ours.save_pretrained(tmp_path)
     hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path).eval()
+    assert (hf.config.rope_parameters["rope_type"], hf.config.rope_parameters.get("factor", 1.0)) == \
+        (cfg.rope_type, cfg.rope_factor)
     T, new = 20, 24
     idx = torch.randint(0, cfg.vocab_size, (2, T))
     out = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new, do_sample=False,
@@ -88,6 +92,26 @@ def test_scaled_rope_changes_the_logits():
         with torch.no_grad():
             a, b = randomized(cfg)(idx)[0], randomized(plain)(idx)[0]
         assert (a - b).abs().max() > 1e-3, name
+
+
+@pytest.mark.parametrize("rope_type", ["linear", "dynamic"])
+def test_loads_transformers_scaled_rope_checkpoints(rope_type, tmp_path):
+    """A checkpoint transformers wrote with the old `rope_scaling: {type, factor}` spelling computes its logits."""
+    transformers = pytest.importorskip("transformers")
+    hf_cfg = transformers.GPTNeoXConfig(hidden_size=48, num_attention_heads=4, intermediate_size=96, num_hidden_layers=2,
+                                        vocab_size=97, max_position_embeddings=24, rotary_pct=0.5,
+                                        rope_scaling={"type": rope_type, "factor": 3.0})
+    torch.manual_seed(0)
+    transformers.GPTNeoXForCausalLM(hf_cfg).eval().save_pretrained(tmp_path)
+    d = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**{k: v for k, v in d.items() if k != "rope_parameters"},
+                                                      "rope_scaling": {"type": rope_type, "factor": 3.0}}))
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path).eval()
+    ours = GPTNeoX.from_pretrained(tmp_path)
+    assert (ours.config.rope_type, ours.config.rope_factor) == (rope_type, 3.0)
+    idx = torch.randint(0, 97, (1, 40))  # past max_position_embeddings, where dynamic acts
+    with torch.no_grad():
+        assert torch.allclose(ours(idx)[0], hf(idx).logits, atol=1e-4)
 
 
 def test_attention_bias_false_round_trips_without_bias_tensors(tmp_path):
