@@ -108,7 +108,8 @@ class Config:
             refuse("rope_scaling and rope_parameters disagree; keep one")
         rope = d.get(rope_key) or {}
         if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
-            refuse(f"{rope_key} must be one dict of RoPE settings (per-layer-type RoPE is not GPT-NeoX's), got {rope!r}")
+            refuse(f"{rope_key} must be one dict of RoPE settings (per-layer-type RoPE is not GPT-NeoX's), "
+                   f"got {rope!r}")
         unknown = sorted(set(rope) - set(ROPE_KEYS))
         if unknown:
             refuse(f"{rope_key} has keys {unknown} that this implementation does not read; it reads {list(ROPE_KEYS)}")
@@ -141,7 +142,8 @@ class Config:
     def to_hf(self):
         skip = ("mixers", "rope_type", "rope_factor", "rotary_pct", "rotary_emb_base")
         d = {k: v for k, v in asdict(self).items() if not k.startswith("hyena_") and k not in skip}
-        rope = {"rope_type": self.rope_type, "rope_theta": self.rotary_emb_base, "partial_rotary_factor": self.rotary_pct}
+        rope = {"rope_type": self.rope_type, "rope_theta": self.rotary_emb_base,
+                "partial_rotary_factor": self.rotary_pct}
         if self.rope_type != "default":
             rope["factor"] = self.rope_factor
         d.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"], hidden_act="gelu",

@@ -208,7 +208,7 @@ class HyenaFilter(nn.Module):
         self.modulation = ExponentialModulation(channels, fast_decay, slow_decay, target)
 
     def forward(self, L):
-        """The filter for lags 0..L-1, as (L, channels) in fp32 (fp64 in an fp64 model): a prefix of the l_max filter."""
+        """The filter for lags 0..L-1 as (L, channels), fp32 (fp64 in an fp64 model): a prefix of the l_max filter."""
         if L > self.l_max:
             raise ValueError(f"sequence length {L} exceeds the Hyena filter's l_max {self.l_max}; "
                              "build the model with a larger Config.hyena_l_max")
@@ -276,7 +276,8 @@ class HyenaOperator(nn.Module):
             # The reversed filter then as many zeros: k_pad[..., T-1-t+s] = k[t-s] for s <= t, 0 for s > t.
             k_rev = k.flip(0).permute(1, 2, 0).to(v.dtype)  # (N-1, D, T): k[T-1], ..., k[0]
             cache["k_pad"] = F.pad(k_rev, (0, T - 1)).contiguous()  # (N-1, D, 2T-1)
-            cache["lags"], cache["bias"] = torch.arange(T, device=u.device), bias.to(v.dtype)  # fp32 filter, bf16 model
+            # The skip term in the model's dtype: in a bf16 model the filter itself stays fp32.
+            cache["lags"], cache["bias"] = torch.arange(T, device=u.device), bias.to(self.in_proj.weight.dtype)
         return self.out_proj(v * x[0])  # (B, L, D)
 
     def step(self, u, cache):

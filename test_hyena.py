@@ -45,7 +45,8 @@ def test_logits_match_transformers(name, tmp_path):
     hf, info = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info.values()), info  # every tensor we wrote is one transformers expects, and vice versa
     assert hf.config.rope_parameters["rope_type"] == cfg.rope_type  # it runs the scaling we mean
-    assert hf.config.rope_parameters.get("factor", 1.0) == cfg.rope_factor and hf.config.attention_bias == cfg.attention_bias
+    assert hf.config.rope_parameters.get("factor", 1.0) == cfg.rope_factor
+    assert hf.config.attention_bias == cfg.attention_bias
     idx = torch.randint(0, cfg.vocab_size, (2, 48))
     with torch.no_grad():
         delta = (GPTNeoX.from_pretrained(tmp_path)(idx)[0] - hf.eval()(idx).logits).abs().max().item()
@@ -76,11 +77,27 @@ def test_cached_decoding_matches_transformers_generate(name, tmp_path):
     seq, theirs = out.sequences, torch.stack(out.logits, 1)  # (2, T+new), (2, new, V)
     cache = [{"pos": 0, "max_len": T + new} for _ in range(cfg.num_hidden_layers)]
     with torch.no_grad():
-        steps = [ours(seq[:, :T], cache=cache)[0]] + [ours(seq[:, i:i + 1], cache=cache)[0] for i in range(T, T + new - 1)]
+        steps = [ours(seq[:, :T], cache=cache)[0]]
+        steps += [ours(seq[:, i:i + 1], cache=cache)[0] for i in range(T, T + new - 1)]
     delta = (torch.cat(steps, 1) - theirs).abs().max().item()
     print(f"max |dlogit| decoding {name}: {delta:.2e}")
     assert delta <= 1e-4
     assert torch.equal(ours.generate(idx, new, temperature=0), seq)
+
+
+@pytest.mark.parametrize("rotary_pct", [0.0, 0.1, 0.45, 0.75], ids=["0 dims", "1 dim", "5 dims", "9 dims"])
+def test_every_rotary_width_matches_transformers_in_forward_and_decoding(rotary_pct, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = Config(**{**TINY, "hidden_size": 48, "num_hidden_layers": 2, "rotary_pct": rotary_pct})  # head_dim 12
+    ours = randomized(cfg)
+    ours.save_pretrained(tmp_path)
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path).eval()
+    idx = torch.randint(0, cfg.vocab_size, (1, 24))
+    with torch.no_grad():
+        assert torch.allclose(ours(idx)[0], hf(idx).logits, atol=1e-4)
+    out = hf.generate(idx[:, :8], attention_mask=torch.ones_like(idx[:, :8]), max_new_tokens=8, do_sample=False,
+                      pad_token_id=0)
+    assert torch.equal(ours.generate(idx[:, :8], 8, temperature=0), out)
 
 
 def test_scaled_rope_changes_the_logits():
@@ -98,8 +115,8 @@ def test_scaled_rope_changes_the_logits():
 def test_loads_transformers_scaled_rope_checkpoints(rope_type, tmp_path):
     """A checkpoint transformers wrote with the old `rope_scaling: {type, factor}` spelling computes its logits."""
     transformers = pytest.importorskip("transformers")
-    hf_cfg = transformers.GPTNeoXConfig(hidden_size=48, num_attention_heads=4, intermediate_size=96, num_hidden_layers=2,
-                                        vocab_size=97, max_position_embeddings=24, rotary_pct=0.5,
+    hf_cfg = transformers.GPTNeoXConfig(hidden_size=48, num_attention_heads=4, intermediate_size=96,
+                                        num_hidden_layers=2, vocab_size=97, max_position_embeddings=24, rotary_pct=0.5,
                                         rope_scaling={"type": rope_type, "factor": 3.0})
     torch.manual_seed(0)
     transformers.GPTNeoXForCausalLM(hf_cfg).eval().save_pretrained(tmp_path)
@@ -132,18 +149,21 @@ def test_attention_bias_false_round_trips_without_bias_tensors(tmp_path):
 REFUSED_CONFIGS = {  # config.json changes -> what the refusal must name
     "yarn": ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}, r"rope_parameters.rope_type 'yarn' .*"
              r"supported: default, linear, dynamic"),
-    "rope_scaling longrope": ({"rope_parameters": None, "rope_scaling": {"type": "longrope", "factor": 2.0}}, r"rope_scaling.rope_type 'longrope'"),
+    "rope_scaling longrope": ({"rope_parameters": None, "rope_scaling": {"type": "longrope", "factor": 2.0}},
+                              r"rope_scaling.rope_type 'longrope'"),
     "unread rope key": ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "beta_fast": 32}}, "beta_fast"),
     "linear without factor": ({"rope_parameters": {"rope_type": "linear"}}, "factor is required for linear"),
     "per-layer rope": ({"rope_parameters": {"full_attention": {"rope_type": "default"}}}, "per-layer-type"),
     "top-level rope_theta": ({"rope_theta": 500.0}, "top-level rope_theta is ignored by transformers"),
     "disagreeing rotary_pct": ({"rotary_pct": 0.5, "rope_parameters": {"rope_type": "default",
-                                "partial_rotary_factor": 0.25}}, "rotary_pct and rope_parameters.partial_rotary_factor disagree"),
+                                                                        "partial_rotary_factor": 0.25}},
+                               "rotary_pct and rope_parameters.partial_rotary_factor disagree"),
     "dropout": ({"hidden_dropout": 0.1}, "hidden_dropout 0.1 is not supported"),
     "head_dim": ({"head_dim": 32}, "head_dim 32"),
     "quantized": ({"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization_config"),
     "odd rotary = head": ({"hidden_size": 12, "num_attention_heads": 4,
-                           "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 1.0}}, "odd rotary dimension 3"),
+                           "rope_parameters": {"rope_type": "default", "partial_rotary_factor": 1.0}},
+                          "odd rotary dimension 3"),
 }
 
 

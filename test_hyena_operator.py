@@ -197,7 +197,8 @@ def paper_filter(W, z, t, deltas):
     frequency vector w for all three activations. W: safari-named tensors (prefix-free). (L, C)."""
     a = z
     for i in (0, 2, 4):
-        a = torch.sin(W["implicit_filter.1.freq"] * (a @ W[f"implicit_filter.{i}.weight"].T + W[f"implicit_filter.{i}.bias"]))
+        a = a @ W[f"implicit_filter.{i}.weight"].T + W[f"implicit_filter.{i}.bias"]
+        a = torch.sin(W["implicit_filter.1.freq"] * a)
     return (a @ W["implicit_filter.6.weight"].T) * torch.exp(-t * deltas.abs())
 
 
@@ -241,11 +242,14 @@ def safari_state_dict(d_model, l_max, order, emb_dim, filter_order, seed):
     return {"in_proj.weight": r(W, d_model), "in_proj.bias": r(W), "out_proj.weight": r(d_model, d_model),
             "out_proj.bias": r(d_model), "short_filter.weight": r(W, 1, 3), "short_filter.bias": r(W),
             "filter_fn.bias": r(C), "filter_fn.pos_emb.z": z[None], "filter_fn.pos_emb.t": t[None],
-            "filter_fn.implicit_filter.0.weight": r(filter_order, emb_dim), "filter_fn.implicit_filter.0.bias": r(filter_order),
+            "filter_fn.implicit_filter.0.weight": r(filter_order, emb_dim),
+            "filter_fn.implicit_filter.0.bias": r(filter_order),
             "filter_fn.implicit_filter.1.freq": freq, "filter_fn.implicit_filter.3.freq": freq,
             "filter_fn.implicit_filter.5.freq": freq,
-            "filter_fn.implicit_filter.2.weight": r(filter_order, filter_order), "filter_fn.implicit_filter.2.bias": r(filter_order),
-            "filter_fn.implicit_filter.4.weight": r(filter_order, filter_order), "filter_fn.implicit_filter.4.bias": r(filter_order),
+            "filter_fn.implicit_filter.2.weight": r(filter_order, filter_order),
+            "filter_fn.implicit_filter.2.bias": r(filter_order),
+            "filter_fn.implicit_filter.4.weight": r(filter_order, filter_order),
+            "filter_fn.implicit_filter.4.bias": r(filter_order),
             "filter_fn.implicit_filter.6.weight": r(C, filter_order),
             "filter_fn.modulation.deltas": paper_decay_rates(C)[None, None]}
 
