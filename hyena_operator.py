@@ -162,9 +162,9 @@ class PositionalEmbedding(nn.Module):
 
 class ExponentialModulation(nn.Module):
     """safari's window exp(-|delta_c| t): decay rates delta_c = linspace(log(target) / slow_decay,
-    log(target) / fast_decay, channels) (a buffer), so channel 0 decays slowest (|delta| 3.07, spanning the
-    sequence) and the last fastest (15.35, local): the filter at t = slow_decay (fast_decay) has fallen to
-    `target`, t in units of l_max."""
+    log(target) / fast_decay, channels) (a buffer), so channel 0 decays slowest (|delta| 3.07 by default: it
+    would fall to `target` at t = slow_decay, past the sequence's end t = 1) and the last fastest (15.35:
+    `target` at t = fast_decay, a local filter)."""
     def __init__(self, channels, fast_decay=0.3, slow_decay=1.5, target=1e-2):
         super().__init__()
         deltas = torch.linspace(math.log(target) / slow_decay, math.log(target) / fast_decay, channels,
