@@ -9,7 +9,7 @@ The keys transformers' GPT-NeoX reads, and what happens to each here:
   rotary_emb_base, rope_parameters / rope_scaling of rope_type default, linear or dynamic.
 - refused unless harmless: hidden_act other than "gelu", tie_word_embeddings true, head_dim other than
   hidden_size / num_attention_heads, attention_dropout / hidden_dropout other than 0 (no dropout here),
-  quantization_config, any other RoPE type or RoPE key.
+  quantization_config, any other RoPE type or RoPE key, a RoPE factor below 1.
 - ignored (nothing a causal LM computes reads them): classifier_dropout, use_cache, bos/eos/pad_token_id,
   is_decoder, dtype and the like.
 Top-level rope_theta / partial_rotary_factor are refused: transformers' GPT-NeoX ignores them (it reads
@@ -59,8 +59,9 @@ class Config:
                              f"num_attention_heads {self.num_attention_heads}")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type {self.rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
-        if self.rope_type != "default" and not self.rope_factor >= 1:
-            raise ValueError(f"rope factor must be >= 1 for {self.rope_type} RoPE, got {self.rope_factor}")
+        number = isinstance(self.rope_factor, (int, float))
+        if self.rope_type != "default" and not (number and self.rope_factor >= 1):
+            raise ValueError(f"the RoPE factor must be a number >= 1 for {self.rope_type} RoPE, got {self.rope_factor!r}")
         head_dim = self.hidden_size // self.num_attention_heads
         rot = int(head_dim * self.rotary_pct)
         if rot % 2 and rot == head_dim:  # transformers rotates 2 * ceil(rot / 2) dims: one more than the head has
@@ -132,7 +133,7 @@ class Config:
                                    (f"{rope_key}.partial_rotary_factor", rope.get("partial_rotary_factor"))], 0.25)
         kw["rotary_emb_base"] = one_of([("rotary_emb_base", d.get("rotary_emb_base")),
                                         (f"{rope_key}.rope_theta", rope.get("rope_theta"))], 1e4)
-        kw["rope_type"], kw["rope_factor"] = rope_type, float(rope.get("factor", 1.0))
+        kw["rope_type"], kw["rope_factor"] = rope_type, rope.get("factor", 1.0)
         kw.update({f"hyena_{k}": v for k, v in d.get("hyena", {}).items()})
         try:
             return cls(**kw)

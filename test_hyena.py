@@ -153,6 +153,7 @@ REFUSED_CONFIGS = {  # config.json changes -> what the refusal must name
                               r"rope_scaling.rope_type 'longrope'"),
     "unread rope key": ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "beta_fast": 32}}, "beta_fast"),
     "linear without factor": ({"rope_parameters": {"rope_type": "linear"}}, "factor is required for linear"),
+    "factor below 1": ({"rope_parameters": {"rope_type": "dynamic", "factor": 0.5}}, "factor must be a number >= 1"),
     "per-layer rope": ({"rope_parameters": {"full_attention": {"rope_type": "default"}}}, "per-layer-type"),
     "top-level rope_theta": ({"rope_theta": 500.0}, "top-level rope_theta is ignored by transformers"),
     "disagreeing rotary_pct": ({"rotary_pct": 0.5, "rope_parameters": {"rope_type": "default",
