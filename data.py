@@ -5,12 +5,13 @@ document) and meta.json; random batches for training, sliding windows for evalua
     x, y = random_batch(tokens, 8, 512, np.random.default_rng(0))  # (8, 512) int64 each, y = x shifted by one
 """
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hub import resolve_file
+from hub import HubError, resolve_file
 from tokenizer import tokenizer_file_sha256
 
 SPLITS = ("train", "val", "test")
@@ -45,7 +46,12 @@ def load_split(data_dir, split):
         raise ValueError(f"{path} is missing or does not match meta.json ({size} bytes, meta.json says "
                          f"{meta['splits'][split]['tokens']} uint16 tokens); remake it with "
                          f"`{meta['command']} --force`")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    top = int(tokens.max()) if len(tokens) else 0  # one pass over the file: an id past the vocabulary fails here,
+    if top >= meta["vocab_size"]:  # naming the file, not as an IndexError deep in a model (after hours of training)
+        raise ValueError(f"{path} holds token id {top}, but meta.json's vocab_size is {meta['vocab_size']}: the file "
+                         f"is corrupt or from another tokenizer; remake it with `{meta['command']} --force`")
+    return tokens
 
 
 def tokenizer_sha256(name_or_path, revision="main"):
@@ -55,6 +61,19 @@ def tokenizer_sha256(name_or_path, revision="main"):
     if not path.is_file():
         path = resolve_file(name_or_path, "tokenizer.json", revision)
     return tokenizer_file_sha256(path)
+
+
+def checkpoint_tokenizer_sha256(name_or_path, revision="main"):
+    """sha256 of the tokenizer.json a checkpoint brings (a local folder's, a hub repo's), else None: a run's ckpt/
+    folder has none, and then only the vocabulary size can be checked."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return tokenizer_file_sha256(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+    try:
+        return tokenizer_sha256(name_or_path, revision)
+    except HubError as e:  # a hub repo without a tokenizer.json
+        print(f"note: the tokenizer of {name_or_path} cannot be compared with the data's ({e})", file=sys.stderr)
+        return None
 
 
 def check_compatible(meta, tokenizer_sha256=None, vocab_size=None):

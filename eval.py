@@ -234,12 +234,9 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, OSError, HubError) as e:
-        sys.exit(f"eval.py: error: {e}")
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    cli.run(main)

@@ -139,7 +139,7 @@ def test_split_flag(root, ckpts, capsys):
 
 
 def test_missing_data_names_prepare_command(root, ckpts):
-    with pytest.raises(SystemExit, match=r"prepare\.py") as e:
+    with pytest.raises(FileNotFoundError, match=r"prepare\.py") as e:
         ev.main(["--ckpt", ckpts[0], "--data", "wikitext103", "--data-root", str(root)])
     assert "wikitext103" in str(e.value)
 
@@ -147,7 +147,7 @@ def test_missing_data_names_prepare_command(root, ckpts):
 @pytest.mark.parametrize("name", ["nowhere/at/all", "no-such-run", "./out/x"])
 def test_missing_checkpoint(root, tmp_path, name, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="checkpoint not found"):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         ev.main(["--ckpt", name, "--data", "wiki", "--data-root", str(root)])
 
 
@@ -160,11 +160,11 @@ def test_checkpoint_names(ckpts, tmp_path):
 
 def test_vocab_and_tokenizer_mismatch(root, tmp_path):
     GPTNeoX(Config(**{**TINY, "vocab_size": 1000})).save_pretrained(tmp_path / "small")
-    with pytest.raises(SystemExit, match="vocab_size 1000"):
+    with pytest.raises(ValueError, match="vocab_size 1000"):
         ev.main(["--ckpt", str(tmp_path / "small"), "--data", "wiki", "--data-root", str(root)])
     GPTNeoX(Config(**TINY)).save_pretrained(tmp_path / "other")
     (tmp_path / "other" / "tokenizer.json").write_text("{}")  # a checkpoint that brings another tokenizer
-    with pytest.raises(SystemExit, match="sha256"):
+    with pytest.raises(ValueError, match="sha256"):
         ev.main(["--ckpt", str(tmp_path / "other"), "--data", "wiki", "--data-root", str(root)])
 
 
