@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import eval as ev
 from data import load_split
 from hyena import Config, GPTNeoX, load_tokenizer, make_student
@@ -177,3 +178,13 @@ def test_greedy_sample_is_generate(ckpts, enc, capsys):
     assert out.splitlines()[0].startswith(f"--- {ckpts[1]}")
     assert out.splitlines()[1:] == enc.decode(greedy[0].tolist()).splitlines()
     assert len(greedy[0]) == len(ids[0]) + 12
+
+
+def test_prompt_past_the_hyena_l_max_says_what_to_change(ckpts, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.run(ev.main, ["--ckpt", ckpts[1], "--prompt", "The lobster is", "--max-new-tokens", "200",
+                          "--tokenizer", str(TOKENIZER)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "--max-new-tokens 200" in err and "l_max 128" in err and "shorten the prompt" in err, err
+    assert "Config.hyena_l_max" not in err
