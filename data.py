@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from hub import HubError, resolve_file
-from tokenizer import tokenizer_file_sha256
+from tokenizer import load_tokenizer, tokenizer_file_sha256
 
 SPLITS = ("train", "val", "test")
 
@@ -63,17 +63,32 @@ def tokenizer_sha256(name_or_path, revision="main"):
     return tokenizer_file_sha256(path)
 
 
-def checkpoint_tokenizer_sha256(name_or_path, revision="main"):
-    """sha256 of the tokenizer.json a checkpoint brings (a local folder's, a hub repo's), else None: a run's ckpt/
-    folder has none, and then only the vocabulary size can be checked."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return tokenizer_file_sha256(path / "tokenizer.json") if (path / "tokenizer.json").is_file() else None
+def check_tokenizer(meta, ckpt, revision="main"):
+    """Refuse a checkpoint (a folder, a hub id) that brings a tokenizer other than the one the data was made with.
+    meta.json's sha256 decides; where it differs, both files are read and compared token by token, since a hub
+    repo's tokenizer.json may differ from the data's copy in formatting only. A checkpoint without a tokenizer.json
+    (a run's ckpt/) can be checked for its vocabulary size only (check_compatible)."""
+    path = Path(ckpt).expanduser()
+    if path.is_dir() and not (path / "tokenizer.json").is_file():
+        return
     try:
-        return tokenizer_sha256(name_or_path, revision)
+        sha = tokenizer_sha256(ckpt, revision)
     except HubError as e:  # a hub repo without a tokenizer.json
-        print(f"note: the tokenizer of {name_or_path} cannot be compared with the data's ({e})", file=sys.stderr)
-        return None
+        print(f"note: the tokenizer of {ckpt} cannot be compared with the data's ({e})", file=sys.stderr)
+        return
+    if sha == meta["tokenizer_sha256"]:
+        return
+    try:
+        same = _encoding_state(load_tokenizer(ckpt, revision)) == _encoding_state(load_tokenizer(meta["tokenizer"]))
+    except (OSError, ValueError, HubError):  # either cannot be read: the hashes alone decide
+        same = False
+    if not same:
+        check_compatible(meta, tokenizer_sha256=sha)  # raises, naming both hashes and the fix
+
+
+def _encoding_state(enc):
+    """What decides the ids an encoding gives: all of its state but its name and the file's hash."""
+    return {k: v for k, v in enc.__getstate__().items() if k not in ("name", "source_sha256")}
 
 
 def check_compatible(meta, tokenizer_sha256=None, vocab_size=None):

@@ -161,8 +161,8 @@ def main(argv=None):
 def distill(args, cfg, dist):
     meta = data.load_meta(data.resolve_data_dir(cfg.data, cfg.data_root))
     teacher = GPTNeoX.from_pretrained(args.teacher, args.revision).to(dist.device).eval().requires_grad_(False)
-    data.check_compatible(meta, tokenizer_sha256=data.checkpoint_tokenizer_sha256(args.teacher, args.revision),
-                          vocab_size=teacher.config.vocab_size)
+    data.check_tokenizer(meta, args.teacher, args.revision)
+    data.check_compatible(meta, vocab_size=teacher.config.vocab_size)
     n = teacher.config.num_hidden_layers
     layers = parse_layers(args.hyena_layers, n)
     torch.manual_seed(cfg.seed)  # the Hyena filters (and --init random projections) are drawn here

@@ -104,18 +104,18 @@ def main(argv=None):
 
 
 def run(args, cfg, meta, dist):
+    """Make or load the model, check it against the data, train it, and save OUT_DIR/final."""
     if args.init == "scratch":
         torch.manual_seed(cfg.seed)  # every DDP rank builds the same initial weights
         model = scratch_model(args.config or ("tiny" if args.preset == "tiny" else "pythia-70m"), args.mixer,
                               meta["vocab_size"], cfg.block_size)
-        tokenizer = None
     elif args.config or args.mixer:
         raise ValueError("--config and --mixer shape a model made from scratch; they cannot apply to "
                          f"--init {args.init} (drop them, or use --init scratch)")
     else:
         model = GPTNeoX.from_pretrained(args.init, args.revision)
-        tokenizer = data.checkpoint_tokenizer_sha256(args.init, args.revision)
-    data.check_compatible(meta, tokenizer_sha256=tokenizer, vocab_size=model.config.vocab_size)
+        data.check_tokenizer(meta, args.init, args.revision)
+    data.check_compatible(meta, vocab_size=model.config.vocab_size)
     if "hyena" in model.config.mixers and cfg.block_size > model.config.l_max:
         raise ValueError(f"--block-size {cfg.block_size} exceeds the Hyena filters' length {model.config.l_max} "
                          f"of {args.init}; use --block-size {model.config.l_max} or less")
@@ -126,6 +126,7 @@ def run(args, cfg, meta, dist):
         print(f"saved {final} after {summary['tokens']:,} tokens; evaluate it with:\n"
               f"  python eval.py --ckpt {final} --data {cfg.data}", file=sys.stderr)
     return summary
+
 
 if __name__ == "__main__":
     import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)

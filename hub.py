@@ -237,6 +237,8 @@ def _download(url, blob, etag, size, what, filename):
         if stalls >= TRIES:
             raise HubError(f"{what}: download keeps failing ({error}); the {have} bytes so far stay in {part} "
                            "and the next call resumes from there")
+        print(f"hub: {what}: download interrupted ({error}) at {have} bytes; resuming in "
+              f"{RETRY_BASE_S * 2 ** stalls:.0f} s", file=sys.stderr)
         time.sleep(RETRY_BASE_S * 2 ** stalls)
     have = part.stat().st_size
     progress.update(0, final=True)

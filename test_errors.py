@@ -242,3 +242,23 @@ def test_stalled_endpoint_fails_fast_saying_so(tmp_path, monkeypatch, capsys):
         assert time.monotonic() - t0 < 5
     retries = [line for line in capsys.readouterr().err.splitlines() if "retry" in line]
     assert len(retries) == 1 and "retry 1 of 4" in retries[0], retries
+
+
+def test_a_tokenizer_differing_in_formatting_only_is_accepted(tmp_path):
+    chars = [chr(b) for b in range(ord("!"), ord("~") + 1)] + ["Ġ"]
+    spec = {"normalizer": None, "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False},
+            "added_tokens": [{"id": 96, "content": "<|endoftext|>", "special": True, "normalized": False,
+                              "lstrip": False, "rstrip": False, "single_word": False}],
+            "model": {"type": "BPE", "vocab": {**{c: i for i, c in enumerate(chars)}, "Ġa": 97}, "merges": ["Ġ a"]}}
+    (tmp_path / "data.json").write_text(json.dumps(spec))
+    meta = {"command": "python prepare.py text x.txt", "tokenizer": str(tmp_path / "data.json"),
+            "tokenizer_sha256": data.tokenizer_sha256(tmp_path / "data.json"), "vocab_size": 98}
+    for name, vocab in (("same", spec["model"]["vocab"]), ("other", {**spec["model"]["vocab"], "!": 1, '"': 0})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text(json.dumps({**spec, "model": {**spec["model"], "vocab": vocab}},
+                                                                   indent=2))  # other bytes in both
+    data.check_tokenizer(meta, str(tmp_path / "same"))
+    with pytest.raises(ValueError, match="tokenizer.json has sha256"):
+        data.check_tokenizer(meta, str(tmp_path / "other"))
+    (tmp_path / "run").mkdir()
+    data.check_tokenizer(meta, str(tmp_path / "run"))  # a run's ckpt/: no tokenizer.json to compare
