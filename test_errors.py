@@ -2,6 +2,7 @@
 traceback; Ctrl-C exits 130 after a checkpoint; one writer per --out-dir; hub paths, stalls and retries."""
 import json
 import os
+import runpy
 import signal
 import socket
 import subprocess
@@ -63,8 +64,8 @@ def fails(main, argv, capsys, code=2):
     return err
 
 
-def test_every_script_exits_2_with_one_line_and_no_traceback(tmp_path):
-    """Each script's __main__ goes through cli.run: a subprocess per script, all at once."""
+def test_every_script_exits_2_with_one_line_and_no_traceback(tmp_path, monkeypatch, capsys):
+    """Each script's __main__ goes through cli.run: run as `python SCRIPT ...` would (runpy, in this process)."""
     (tmp_path / "file").write_text("")  # a file where a folder is needed
     (tmp_path / "bench").mkdir()
     (tmp_path / "bench" / "bench.json").write_text("{not json")
@@ -79,16 +80,17 @@ def test_every_script_exits_2_with_one_line_and_no_traceback(tmp_path):
                       str(tmp_path / "file")),
         "bench.py": (["--cpu-smoke", "--only", "decode", "--out", str(tmp_path / "bench")], "bench.json: not JSON"),
     }
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    env.pop("HYENA_DEBUG", None)
-    procs = {s: subprocess.Popen([sys.executable, str(HERE / s), *argv], cwd=tmp_path, env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for s, (argv, _) in cases.items()}
-    for script, proc in procs.items():
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 2, (script, err)
-        assert "Traceback" not in err, (script, err)
-        errors = [line for line in err.splitlines() if line.startswith(f"{script}: error:")]
-        assert len(errors) == 1 and cases[script][1] in errors[0], (script, err)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("HYENA_DEBUG", raising=False)
+    for script, (argv, fault) in cases.items():
+        monkeypatch.setattr(sys, "argv", [str(HERE / script), *argv])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(HERE / script), run_name="__main__")
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err, (script, err)
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and errors[0].startswith(f"{script}: error:") and fault in errors[0], (script, err)
 
 
 def test_debug_flag_or_env_shows_the_traceback(tmp_path, monkeypatch, capsys):
