@@ -98,8 +98,9 @@ def load_checkpoint(out, model, opt, rng, cfg, dist):
     try:
         state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated or not a torch file
-        raise ValueError(f"--resume: {ckpt}/train_state.pt is unreadable ({str(e).splitlines()[0]}); delete {ckpt} "
-                         "to resume from the older checkpoint if there is one, or start afresh without --resume") from None
+        raise ValueError(f"--resume: {ckpt}/train_state.pt is unreadable ({str(e).splitlines()[0]}); delete "
+                         f"{ckpt} to resume from the older checkpoint if there is one, or start afresh without "
+                         "--resume") from None
     was, now = state["config"], asdict(cfg)
     changed = [f"{k} {was[k]} -> {now[k]}" for k in RESUME_FIELDS if was[k] != now[k]]
     split = [(c["batch_size"], c["grad_accum"], w) for c, w in ((was, state["world"]), (now, dist.world))]

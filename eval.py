@@ -193,6 +193,8 @@ def parse_args(argv):
 
 def run(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this PyTorch {torch.__version__} sees no CUDA GPU; use --device cpu")
     if args.json:  # checked before the (long) evaluation, not after it
         writable_dir(Path(args.json).parent, "--json")
     ckpts = [resolve_ckpt(c) for c in args.ckpt]

@@ -102,7 +102,7 @@ def test_debug_flag_or_env_shows_the_traceback(tmp_path, monkeypatch, capsys):
         cli.run(finetune.main, bad)
 
 
-def test_count_flags_and_device_are_checked(tmp_path, data_dir, capsys):
+def test_count_flags_device_and_config_json_are_checked(tmp_path, data_dir, capsys):
     assert "--batch-size must be >= 1, got 0" in fails(ev.main, ["--ckpt", "x", "--data", "y", "--batch-size", "0"],
                                                         capsys)
     assert "--max-new-tokens must be >= 1" in fails(ev.main, ["--ckpt", "x", "--prompt", "", "--max-new-tokens", "-5"],
@@ -115,6 +115,12 @@ def test_count_flags_and_device_are_checked(tmp_path, data_dir, capsys):
     if not torch.cuda.is_available():
         err = fails(finetune.main, train_args(tmp_path, data_dir, "--max-tokens", "100", "--device", "cuda"), capsys)
         assert "--device cuda:0" in err and "--device cpu" in err
+        err = fails(ev.main, ["--ckpt", "x", "--prompt", "", "--device", "cuda"], capsys)
+        assert "--device cuda" in err and "--device cpu" in err
+    (tmp_path / "bad.json").write_text("{bad")
+    bad = train_args(tmp_path, data_dir, "--max-tokens", "100", "--config", str(tmp_path / "bad.json"))
+    err = fails(finetune.main, bad, capsys)
+    assert f"--config {tmp_path / 'bad.json'}: not JSON" in err
 
 
 def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path, data_dir):
