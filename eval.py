@@ -134,9 +134,10 @@ def sample(model, enc, prompt, max_new_tokens, temperature, top_k, seed):
     ids = enc.encode(prompt, allowed_special="all") or [enc.eot_token]
     cfg = model.config
     if "hyena" in cfg.mixers and len(ids) + max_new_tokens > cfg.l_max:  # the Hyena filters end at l_max
+        fix = (f"lower --max-new-tokens to {cfg.l_max - len(ids)} or less, or shorten the prompt"
+               if len(ids) < cfg.l_max else f"shorten the prompt to well under {cfg.l_max} tokens")
         raise ValueError(f"--prompt ({len(ids)} tokens) plus --max-new-tokens {max_new_tokens} is longer than this "
-                         f"model's Hyena filters reach (l_max {cfg.l_max} tokens): shorten the prompt or lower "
-                         f"--max-new-tokens to {max(cfg.l_max - len(ids), 0)} or less")
+                         f"model's Hyena filters reach (l_max {cfg.l_max} tokens): {fix}")
     idx = torch.tensor([ids], device=next(model.parameters()).device)  # (1, T)
     torch.manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None)  # (1, T + new)
