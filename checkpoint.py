@@ -42,13 +42,14 @@ def out_dir_lock(out, master=True):
     except OSError as e:
         raise OSError(f"--out-dir {out}: cannot write there ({e.strerror or e}); choose another --out-dir") from None
     with f:
-        f.seek(0)
-        holder = f.read().strip()
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise FileExistsError(f"--out-dir {out} is in use by another run (pid {holder or '?'}, lock file "
-                                  f"{out / '.lock'}): wait for it to end, or choose another --out-dir") from None
+            f.seek(0)
+            raise FileExistsError(f"--out-dir {out} is in use by another run (pid {f.read().strip() or '?'}, lock "
+                                  f"file {out / '.lock'}): wait for it to end, or choose another --out-dir") from None
+        f.seek(0)
+        holder = f.read().strip()  # a pid left here: its run ended without releasing the lock (killed)
         if holder and holder != str(os.getpid()):
             print(f"{out / '.lock'}: taking over the stale lock of pid {holder} (that run is gone)", file=sys.stderr)
         f.seek(0)
