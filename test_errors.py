@@ -20,7 +20,7 @@ import distill
 import eval as ev
 import finetune
 import hub
-from checkpoint import find_checkpoint, out_dir_lock
+from checkpoint import out_dir_lock
 from fakehub import FakeHub
 from hyena import Config, GPTNeoX
 
