@@ -69,7 +69,10 @@ def keep_previous(res, out, only):
     """Sections not in `only` take their rows (and errors) from the last bench.json in `out`, if it was measured
     at the same sizes; env.kept says when each kept section ran."""
     last = out / "bench.json"
-    old = json.loads(last.read_text()) if last.exists() else None
+    try:
+        old = json.loads(last.read_text()) if last.exists() else None
+    except ValueError as e:
+        raise ValueError(f"{last}: not JSON ({e}); delete it, or pass another --out") from None
     if not old or old["env"]["sizes"] != res["env"]["sizes"] or not set(SECTIONS) - set(only):
         return
     res["env"]["kept"] = {n: old["env"].get("kept", {}).get(n, old["env"]["started"]) for n in SECTIONS if n not in only}

@@ -5,11 +5,14 @@ a run as if it had never stopped (bitwise on CPU).
 Layout of OUT/ckpt/: config.json + model.safetensors (GPTNeoX.save_pretrained, loadable on its own) and
 train_state.pt (a dict of tensors, numbers and strings, read with torch.load(weights_only=True)).
 """
+import fcntl
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,6 +25,42 @@ from hub import read_safetensors
 # --resume refuses to change these (or the sequences per step), which would change what a step means. The lr, the
 # budgets and the split of a step into GPUs x micro-batches may change.
 RESUME_FIELDS = ("data", "block_size", "seed")
+
+
+@contextmanager
+def out_dir_lock(out, master=True):
+    """Hold OUT/.lock (flock, with the holder's pid in it) while a run writes OUT: a second run on the same folder
+    is refused at once instead of interleaving log.jsonl and swapping checkpoints under the first. The kernel
+    drops a flock when its process dies, so a lock left by a killed run is stale: taken over, with a note."""
+    if not master:  # under DDP rank 0 holds the lock for all ranks
+        yield
+        return
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / ".lock", "a+")
+    except OSError as e:
+        raise OSError(f"--out-dir {out}: cannot write there ({e.strerror or e}); choose another --out-dir") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise FileExistsError(f"--out-dir {out} is in use by another run (pid {f.read().strip() or '?'}, lock "
+                                  f"file {out / '.lock'}): wait for it to end, or choose another --out-dir") from None
+        f.seek(0)
+        holder = f.read().strip()  # a pid left here: its run ended without releasing the lock (killed)
+        if holder and holder != str(os.getpid()):
+            print(f"{out / '.lock'}: taking over the stale lock of pid {holder} (that run is gone)", file=sys.stderr)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()  # released cleanly: no stale note for the next run
 
 
 def find_checkpoint(out):
@@ -57,7 +96,12 @@ def load_checkpoint(out, model, opt, rng, cfg, dist):
     ckpt = find_checkpoint(out)
     if ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out}/ckpt (nor ckpt.old); run without --resume")
-    state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated or not a torch file
+        raise ValueError(f"--resume: {ckpt}/train_state.pt is unreadable ({str(e).splitlines()[0]}); delete "
+                         f"{ckpt} to resume from the older checkpoint if there is one, or start afresh without "
+                         "--resume") from None
     was, now = state["config"], asdict(cfg)
     changed = [f"{k} {was[k]} -> {now[k]}" for k in RESUME_FIELDS if was[k] != now[k]]
     split = [(c["batch_size"], c["grad_accum"], w) for c, w in ((was, state["world"]), (now, dist.world))]

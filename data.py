@@ -5,13 +5,14 @@ document) and meta.json; random batches for training, sliding windows for evalua
     x, y = random_batch(tokens, 8, 512, np.random.default_rng(0))  # (8, 512) int64 each, y = x shifted by one
 """
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hub import resolve_file
-from tokenizer import tokenizer_file_sha256
+from hub import HubError, resolve_file
+from tokenizer import load_tokenizer, tokenizer_file_sha256
 
 SPLITS = ("train", "val", "test")
 
@@ -45,7 +46,12 @@ def load_split(data_dir, split):
         raise ValueError(f"{path} is missing or does not match meta.json ({size} bytes, meta.json says "
                          f"{meta['splits'][split]['tokens']} uint16 tokens); remake it with "
                          f"`{meta['command']} --force`")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    top = int(tokens.max()) if len(tokens) else 0  # one pass over the file: an id past the vocabulary fails here,
+    if top >= meta["vocab_size"]:  # naming the file, not as an IndexError deep in a model (after hours of training)
+        raise ValueError(f"{path} holds token id {top}, but meta.json's vocab_size is {meta['vocab_size']}: the file "
+                         f"is corrupt or from another tokenizer; remake it with `{meta['command']} --force`")
+    return tokens
 
 
 def tokenizer_sha256(name_or_path, revision="main"):
@@ -55,6 +61,34 @@ def tokenizer_sha256(name_or_path, revision="main"):
     if not path.is_file():
         path = resolve_file(name_or_path, "tokenizer.json", revision)
     return tokenizer_file_sha256(path)
+
+
+def check_tokenizer(meta, ckpt, revision="main"):
+    """Refuse a checkpoint (a folder, a hub id) that brings a tokenizer other than the one the data was made with.
+    meta.json's sha256 decides; where it differs, both files are read and compared token by token, since a hub
+    repo's tokenizer.json may differ from the data's copy in formatting only. A checkpoint without a tokenizer.json
+    (a run's ckpt/) can be checked for its vocabulary size only (check_compatible)."""
+    path = Path(ckpt).expanduser()
+    if path.is_dir() and not (path / "tokenizer.json").is_file():
+        return
+    try:
+        sha = tokenizer_sha256(ckpt, revision)
+    except HubError as e:  # a hub repo without a tokenizer.json
+        print(f"note: the tokenizer of {ckpt} cannot be compared with the data's ({e})", file=sys.stderr)
+        return
+    if sha == meta["tokenizer_sha256"]:
+        return
+    try:
+        same = _encoding_state(load_tokenizer(ckpt, revision)) == _encoding_state(load_tokenizer(meta["tokenizer"]))
+    except (OSError, ValueError, HubError):  # either cannot be read: the hashes alone decide
+        same = False
+    if not same:
+        check_compatible(meta, tokenizer_sha256=sha)  # raises, naming both hashes and the fix
+
+
+def _encoding_state(enc):
+    """What decides the ids an encoding gives: all of its state but its name and the file's hash."""
+    return {k: v for k, v in enc.__getstate__().items() if k not in ("name", "source_sha256")}
 
 
 def check_compatible(meta, tokenizer_sha256=None, vocab_size=None):

@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+from checkpoint import out_dir_lock
 from finetune import save_final
 from hyena import GPTNeoX, make_student
 from losses import head_loss
@@ -116,7 +117,7 @@ def parse_layers(spec, n):
     try:
         return sorted({int(i) for i in spec.split(",")})
     except ValueError:
-        raise SystemExit(f"distill.py: error: --hyena-layers {spec!r} must be 'all' or a list like 0,2,4") from None
+        raise ValueError(f"--hyena-layers {spec!r} must be 'all' or a list like 0,2,4") from None
 
 
 def main(argv=None):
@@ -138,32 +139,37 @@ def main(argv=None):
     p.add_argument("--ce-weight", type=float, default=0.0, help="weight of CE added to the end-to-end KL")
     add_train_args(p, lr=1e-3, out_dir="out/distill")
     args = p.parse_args(argv)
+    for flag, value, low in (("--hyena-order", args.hyena_order, 1), ("--e2e-tokens", args.e2e_tokens, 0),
+                             ("--e2e-minutes", args.e2e_minutes, 0), ("--hyena-filter-lr", args.hyena_filter_lr, 0)):
+        if value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value:g}")
+    if args.kd_temperature <= 0:
+        raise ValueError(f"--kd-temperature must be > 0, got {args.kd_temperature:g}")
     if args.layers == "none" and not (args.e2e_tokens or args.e2e_minutes):
-        raise SystemExit("distill.py: error: nothing to do: --layers none and no --e2e-tokens/--e2e-minutes")
+        raise ValueError("nothing to do: --layers none and no --e2e-tokens/--e2e-minutes")
     if args.layers == "none":  # only the end-to-end stage: its budget is the run's
         args.max_tokens, args.max_minutes = int(args.e2e_tokens), args.e2e_minutes
-    try:
-        cfg = train_config_from_args(args)
-    except ValueError as e:
-        raise SystemExit(f"distill.py: error: {e}") from None
+    cfg = train_config_from_args(args)
     dist = setup_distributed(cfg.device)
     try:
-        return distill(args, cfg, dist)
-    except (FileExistsError, FileNotFoundError, ValueError, FloatingPointError) as e:
-        raise SystemExit(f"distill.py: error: {e}") from None
+        with out_dir_lock(cfg.out_dir, dist.master):
+            return distill(args, cfg, dist)
     finally:
         dist.close()
 
 
 def distill(args, cfg, dist):
+    meta = data.load_meta(data.resolve_data_dir(cfg.data, cfg.data_root))
     teacher = GPTNeoX.from_pretrained(args.teacher, args.revision).to(dist.device).eval().requires_grad_(False)
+    data.check_tokenizer(meta, args.teacher, args.revision)
+    data.check_compatible(meta, vocab_size=teacher.config.vocab_size)
     n = teacher.config.num_hidden_layers
     layers = parse_layers(args.hyena_layers, n)
     torch.manual_seed(cfg.seed)  # the Hyena filters (and --init random projections) are drawn here
     student = make_student(teacher, layers, init=args.init, order=args.hyena_order, filter_lr=args.hyena_filter_lr)
     if max(cfg.block_size, 1) > student.config.l_max:
-        raise SystemExit(f"distill.py: error: --block-size {cfg.block_size} exceeds the teacher's "
-                         f"max_position_embeddings {student.config.l_max}")
+        raise ValueError(f"--block-size {cfg.block_size} exceeds the teacher's max_position_embeddings "
+                         f"{student.config.l_max}; use --block-size {student.config.l_max} or less")
 
     out = Path(cfg.out_dir)
     stages = []  # (name, objective kwargs, trainable, TrainConfig)
@@ -193,7 +199,7 @@ def distill(args, cfg, dist):
         stage_cfg = dataclasses.replace(stage_cfg, resume=cfg.resume and started)
         summaries[name] = train(Distill(teacher, student, **kw), stage_cfg, dist, stage=name)
     if dist.master:  # like finetune.py: the data's tokenizer.json goes along, for eval.py and sampling
-        save_final(student, out / "final", data.load_meta(data.resolve_data_dir(cfg.data, cfg.data_root)))
+        save_final(student, out / "final", meta)
         tmp = out / "distill_summary.json.tmp"
         tmp.write_text(json.dumps({"args": vars(args), "stages": summaries}, indent=2))
         os.replace(tmp, out / "distill_summary.json")
@@ -203,4 +209,5 @@ def distill(args, cfg, dist):
 
 
 if __name__ == "__main__":
-    main()
+    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    cli.run(main)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from data import check_compatible, eval_windows, load_meta, load_split, resolve_data_dir, tokenizer_sha256
 from hub import HubError, resolve_file
 from hyena import Config, GPTNeoX, load_tokenizer
+from cli import writable_dir
 from train import integer
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -131,6 +132,12 @@ def checkpoint_tokenizer(ckpt):
 def sample(model, enc, prompt, max_new_tokens, temperature, top_k, seed):
     """prompt + the model's continuation, as text; an empty prompt starts from <|endoftext|>."""
     ids = enc.encode(prompt, allowed_special="all") or [enc.eot_token]
+    cfg = model.config
+    if "hyena" in cfg.mixers and len(ids) + max_new_tokens > cfg.l_max:  # the Hyena filters end at l_max
+        fix = (f"lower --max-new-tokens to {cfg.l_max - len(ids)} or less, or shorten the prompt"
+               if len(ids) < cfg.l_max else f"shorten the prompt to well under {cfg.l_max} tokens")
+        raise ValueError(f"--prompt ({len(ids)} tokens) plus --max-new-tokens {max_new_tokens} is longer than this "
+                         f"model's Hyena filters reach (l_max {cfg.l_max} tokens): {fix}")
     idx = torch.tensor([ids], device=next(model.parameters()).device)  # (1, T)
     torch.manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None)  # (1, T + new)
@@ -177,11 +184,20 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not args.data and args.prompt is None:
         p.error("nothing to do: give --data to evaluate and/or --prompt to sample")
+    for flag, low in (("context", 1), ("stride", 1), ("max_tokens", 2), ("batch_size", 1), ("max_new_tokens", 1),
+                      ("temperature", 0), ("top_k", 0)):
+        value = getattr(args, flag)
+        if value is not None and value < low:
+            p.error(f"--{flag.replace('_', '-')} must be >= {low}, got {value:g}")
     return args
 
 
 def run(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this PyTorch {torch.__version__} sees no CUDA GPU; use --device cpu")
+    if args.json:  # checked before the (long) evaluation, not after it
+        writable_dir(Path(args.json).parent, "--json")
     ckpts = [resolve_ckpt(c) for c in args.ckpt]
     data = {}  # everything is checked before the first (long) evaluation
     for name in args.data:
@@ -234,12 +250,9 @@ def run(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, OSError, HubError) as e:
-        sys.exit(f"eval.py: error: {e}")
+    return run(parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    cli.run(main)

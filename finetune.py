@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 import data
+from checkpoint import out_dir_lock
 from hyena import MIXERS, Config, GPTNeoX
 from train import add_train_args, setup_distributed, train, train_config_from_args
 
@@ -52,7 +53,11 @@ def scratch_model(shape, mixer, vocab_size, block_size):
         # Pythia pads its 50277-token vocabulary to 50304, a multiple of 128 (faster matmuls): do the same.
         cfg = Config(**SHAPES[shape], vocab_size=-(-vocab_size // 128) * 128)
     elif Path(shape).is_file():
-        cfg = Config.from_hf(json.loads(Path(shape).read_text()))
+        try:
+            hf = json.loads(Path(shape).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {shape}: not JSON ({e}); pass a config.json or a preset") from None
+        cfg = Config.from_hf(hf)
     else:
         raise FileNotFoundError(f"--config {shape}: neither a preset ({', '.join(SHAPES)}) nor a config.json file")
     kw = asdict(cfg)
@@ -95,32 +100,38 @@ def main(argv=None):
     meta = data.load_meta(data_dir)  # fails early, naming the prepare.py command, when the data is not there
     dist = setup_distributed(cfg.device)
     try:
-        if args.init == "scratch":
-            torch.manual_seed(cfg.seed)  # every DDP rank builds the same initial weights
-            model = scratch_model(args.config or ("tiny" if args.preset == "tiny" else "pythia-70m"), args.mixer,
-                                  meta["vocab_size"], cfg.block_size)
-        elif args.config or args.mixer:
-            raise ValueError("--config and --mixer shape a model made from scratch; they cannot apply to "
-                             f"--init {args.init} (drop them, or use --init scratch)")
-        else:
-            model = GPTNeoX.from_pretrained(args.init, args.revision)
-        data.check_compatible(meta, vocab_size=model.config.vocab_size)
-        if "hyena" in model.config.mixers and cfg.block_size > model.config.l_max:
-            raise ValueError(f"--block-size {cfg.block_size} exceeds the Hyena filters' length {model.config.l_max} "
-                             f"of {args.init}; use --block-size {model.config.l_max} or less")
-        summary = train(CrossEntropy(model), cfg, dist)
-        if dist.master:
-            final = Path(cfg.out_dir) / "final"
-            save_final(model, final, meta)
-            print(f"saved {final} after {summary['tokens']:,} tokens; evaluate it with:\n"
-                  f"  python eval.py --ckpt {final} --data {cfg.data}", file=sys.stderr)
+        with out_dir_lock(cfg.out_dir, dist.master):
+            summary = run(args, cfg, meta, dist)
     finally:
         dist.close()
     return summary
 
 
+def run(args, cfg, meta, dist):
+    """Make or load the model, check it against the data, train it, and save OUT_DIR/final."""
+    if args.init == "scratch":
+        torch.manual_seed(cfg.seed)  # every DDP rank builds the same initial weights
+        model = scratch_model(args.config or ("tiny" if args.preset == "tiny" else "pythia-70m"), args.mixer,
+                              meta["vocab_size"], cfg.block_size)
+    elif args.config or args.mixer:
+        raise ValueError("--config and --mixer shape a model made from scratch; they cannot apply to "
+                         f"--init {args.init} (drop them, or use --init scratch)")
+    else:
+        model = GPTNeoX.from_pretrained(args.init, args.revision)
+        data.check_tokenizer(meta, args.init, args.revision)
+    data.check_compatible(meta, vocab_size=model.config.vocab_size)
+    if "hyena" in model.config.mixers and cfg.block_size > model.config.l_max:
+        raise ValueError(f"--block-size {cfg.block_size} exceeds the Hyena filters' length {model.config.l_max} "
+                         f"of {args.init}; use --block-size {model.config.l_max} or less")
+    summary = train(CrossEntropy(model), cfg, dist)
+    if dist.master:
+        final = Path(cfg.out_dir) / "final"
+        save_final(model, final, meta)
+        print(f"saved {final} after {summary['tokens']:,} tokens; evaluate it with:\n"
+              f"  python eval.py --ckpt {final} --data {cfg.data}", file=sys.stderr)
+    return summary
+
+
 if __name__ == "__main__":
-    try:
-        main()
-    except (FloatingPointError, FileNotFoundError, FileExistsError) as e:  # clear messages: no traceback needed
-        sys.exit(f"finetune.py: error: {e}")
+    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    cli.run(main)

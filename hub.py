@@ -24,7 +24,10 @@ __all__ = ["DTYPES", "read_safetensors", "read_safetensors_metadata", "write_saf
 
 RETRY_BASE_S = 1.0  # first backoff; it doubles on each retry (tests shrink it)
 TRIES = 5
-TIMEOUT = (10, 60)  # (connect, read) seconds: a stalled connection is retried rather than waited on forever
+# (connect, read) seconds. A server that accepts the connection and then says nothing is tried STALL_TRIES times
+# only, so a stalled endpoint fails within a minute (tests shrink these too).
+TIMEOUT = (5, 20)
+STALL_TRIES = 2
 _REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -73,12 +76,21 @@ def _explain(r):
 
 
 def _request(method, url, what, headers, stream=False, follow=False):
-    """One request: 429, 5xx and connection errors are retried with backoff; other errors raise HubError."""
+    """One request: 429, 5xx and connection errors are retried with backoff (a line on stderr says so), a stalled
+    server STALL_TRIES times; other errors raise HubError."""
+    host, stalls = urlparse(url).netloc, 0
     for attempt in range(TRIES):
         try:
             r = requests.request(method, url, headers=headers, stream=stream, allow_redirects=follow, timeout=TIMEOUT)
+        except requests.ReadTimeout:
+            stalls += 1
+            error, wait = f"{host} accepted the connection but sent no answer within {TIMEOUT[1]} s", 0
+            if stalls >= STALL_TRIES:
+                raise HubError(f"{what}: {error}, {stalls} times: the hub endpoint is stalled. Try again later, check "
+                               f"HF_ENDPOINT ({hub_endpoint()}), or set HF_HUB_OFFLINE=1 to use only the local "
+                               "cache") from None
         except (requests.ConnectionError, requests.Timeout) as e:
-            error, wait = f"could not reach {urlparse(url).netloc} ({type(e).__name__})", 0
+            error, wait = f"could not reach {host} ({type(e).__name__})", 0
         else:
             if r.status_code < 400:
                 return r
@@ -88,7 +100,9 @@ def _request(method, url, what, headers, stream=False, follow=False):
                 raise HubError(f"{what}: {error}")
             wait = float(r.headers.get("Retry-After", "0")) if r.headers.get("Retry-After", "").isdigit() else 0
         if attempt + 1 < TRIES:
-            time.sleep(min(max(wait, RETRY_BASE_S * 2 ** attempt), 60))
+            wait = min(max(wait, RETRY_BASE_S * 2 ** attempt), 60)
+            print(f"hub: {what}: {error}; retry {attempt + 1} of {TRIES - 1} in {wait:.0f} s", file=sys.stderr)
+            time.sleep(wait)
     raise HubError(f"{what}: {error}, still failing after {TRIES} tries. Check the network and HF_ENDPOINT "
                    f"({hub_endpoint()}), or set HF_HUB_OFFLINE=1 to use only the local cache")
 
@@ -223,6 +237,8 @@ def _download(url, blob, etag, size, what, filename):
         if stalls >= TRIES:
             raise HubError(f"{what}: download keeps failing ({error}); the {have} bytes so far stay in {part} "
                            "and the next call resumes from there")
+        print(f"hub: {what}: download interrupted ({error}) at {have} bytes; resuming in "
+              f"{RETRY_BASE_S * 2 ** stalls:.0f} s", file=sys.stderr)
         time.sleep(RETRY_BASE_S * 2 ** stalls)
     have = part.stat().st_size
     progress.update(0, final=True)
@@ -277,6 +293,14 @@ def list_repo_files(repo_id, revision="main", repo_type="model"):
     return sorted(files)
 
 
+def looks_like_path(name):
+    """Meant as a local path, not a hub repo id (owner/name): it starts with '.', '/' or '~', has a separator a
+    repo id cannot have (a backslash, a second '/'), or its first part is a local folder (`out/nope`, out/ here)."""
+    name = str(name)
+    return (name.startswith((".", "/", "~")) or not _REPO_ID.fullmatch(name)
+            or ("/" in name and Path(name.split("/")[0]).is_dir()))
+
+
 def resolve_file(name_or_path, filename, revision="main"):
     """A local directory -> dir/filename (which must exist); anything else is a hub repo id -> hf_hub_download."""
     path = Path(name_or_path).expanduser()
@@ -287,7 +311,7 @@ def resolve_file(name_or_path, filename, revision="main"):
     text = str(name_or_path)
     if path.exists():
         raise FileNotFoundError(f"{name_or_path}: is a file; expected a directory holding {filename}, or a hub repo id")
-    if text.startswith((".", "/", "~")) or not _REPO_ID.fullmatch(text):  # plainly meant as a local path
+    if looks_like_path(text):
         raise FileNotFoundError(f"{name_or_path}: no such directory (expected a local directory holding {filename}, "
                                 "or a hub repo id like 'EleutherAI/pythia-70m')")
     try:

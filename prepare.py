@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 
-import hub
 from data import SPLITS, tokenizer_sha256
 from sources import ARCHIVES, HUB_DATASETS, hub_files, hub_source, read_val_list, text_files, text_source
 from tokenizer import load_tokenizer
@@ -262,9 +261,10 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         prepare(_parser().parse_args(argv), argv)
-    except (ValueError, OSError, tarfile.TarError, hub.HubError) as e:
-        sys.exit(f"prepare.py: error: {e}")
+    except tarfile.TarError as e:  # cli.run reports ValueErrors, OSErrors and HubErrors as they are
+        raise ValueError(f"an input archive cannot be read ({e}); check the .tar.xz/.tar.gz/.tgz files") from e
 
 
 if __name__ == "__main__":
-    main()
+    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    cli.run(main)

@@ -182,4 +182,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    cli.run(main)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import eval as ev
 from data import load_split
 from hyena import Config, GPTNeoX, load_tokenizer, make_student
@@ -139,7 +140,7 @@ def test_split_flag(root, ckpts, capsys):
 
 
 def test_missing_data_names_prepare_command(root, ckpts):
-    with pytest.raises(SystemExit, match=r"prepare\.py") as e:
+    with pytest.raises(FileNotFoundError, match=r"prepare\.py") as e:
         ev.main(["--ckpt", ckpts[0], "--data", "wikitext103", "--data-root", str(root)])
     assert "wikitext103" in str(e.value)
 
@@ -147,7 +148,7 @@ def test_missing_data_names_prepare_command(root, ckpts):
 @pytest.mark.parametrize("name", ["nowhere/at/all", "no-such-run", "./out/x"])
 def test_missing_checkpoint(root, tmp_path, name, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit, match="checkpoint not found"):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         ev.main(["--ckpt", name, "--data", "wiki", "--data-root", str(root)])
 
 
@@ -160,11 +161,11 @@ def test_checkpoint_names(ckpts, tmp_path):
 
 def test_vocab_and_tokenizer_mismatch(root, tmp_path):
     GPTNeoX(Config(**{**TINY, "vocab_size": 1000})).save_pretrained(tmp_path / "small")
-    with pytest.raises(SystemExit, match="vocab_size 1000"):
+    with pytest.raises(ValueError, match="vocab_size 1000"):
         ev.main(["--ckpt", str(tmp_path / "small"), "--data", "wiki", "--data-root", str(root)])
     GPTNeoX(Config(**TINY)).save_pretrained(tmp_path / "other")
     (tmp_path / "other" / "tokenizer.json").write_text("{}")  # a checkpoint that brings another tokenizer
-    with pytest.raises(SystemExit, match="sha256"):
+    with pytest.raises(ValueError, match="sha256"):
         ev.main(["--ckpt", str(tmp_path / "other"), "--data", "wiki", "--data-root", str(root)])
 
 
@@ -177,3 +178,13 @@ def test_greedy_sample_is_generate(ckpts, enc, capsys):
     assert out.splitlines()[0].startswith(f"--- {ckpts[1]}")
     assert out.splitlines()[1:] == enc.decode(greedy[0].tolist()).splitlines()
     assert len(greedy[0]) == len(ids[0]) + 12
+
+
+def test_prompt_past_the_hyena_l_max_says_what_to_change(ckpts, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.run(ev.main, ["--ckpt", ckpts[1], "--prompt", "The lobster is", "--max-new-tokens", "200",
+                          "--tokenizer", str(TOKENIZER)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "--max-new-tokens 200" in err and "l_max 128" in err and "shorten the prompt" in err, err
+    assert "Config.hyena_l_max" not in err

@@ -182,7 +182,8 @@ def test_dataset_parquet_conversion_revision(fake, tmp_path):
                                                                                       "dataset")
 
 
-def test_resolve_file_local_dirs_and_paths(fake, tmp_path):
+def test_resolve_file_local_dirs_and_paths(fake, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no out/ here
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "config.json").write_text("{}")
     assert hub.resolve_file(tmp_path / "ckpt", "config.json") == tmp_path / "ckpt" / "config.json"

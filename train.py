@@ -12,10 +12,12 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections import deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -70,6 +72,9 @@ class TrainConfig:
         for name in ("batch_size", "block_size", "grad_accum", "eval_interval", "log_interval", "ckpt_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_batches", "max_tokens", "max_minutes", "lr", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name):g}")
 
 
 def integer(text):
@@ -123,6 +128,9 @@ def setup_distributed(device="auto"):
                           for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if device in ("auto", "cuda"):
         device = f"cuda:{local}" if device == "cuda" or torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this PyTorch {torch.__version__} sees no CUDA GPU (a CPU build, or no "
+                         "GPU visible); use --device cpu, or install a CUDA build of PyTorch")
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     if world > 1 and not torch_dist.is_initialized():
@@ -172,9 +180,41 @@ def evaluate(objective, tokens, cfg, dist, amp):
     return {k: v.item() / cfg.eval_batches for k, v in sums.items()}
 
 
+@contextmanager
+def ctrl_c(out, active=True):
+    """Ctrl-C while training: the first one lets the step finish, then train() saves a checkpoint and raises
+    KeyboardInterrupt (cli.run: exit 130); a second one stops at once. Yields a list that is non-empty once asked
+    to stop. Inactive under DDP (each rank would stop at another step and wait for the others forever) and off
+    the main thread (where Python delivers no signals)."""
+    stop = []
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def again(signum, frame):
+        raise KeyboardInterrupt(f"stopped at once by a second Ctrl-C; the last checkpoint in {out}, if any, "
+                                "continues with the same command plus --resume")
+
+    def first(signum, frame):
+        stop.append(True)
+        signal.signal(signal.SIGINT, again)
+        print("\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C again stops at once)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def train(objective, cfg, dist=None, stage="", on_step=None):
     """Train objective.model within cfg's budget; returns the run summary (rank 0 also writes it)."""
     dist = dist or setup_distributed(cfg.device)
+    with ctrl_c(Path(cfg.out_dir) / stage, dist.world == 1) as stop:
+        return _train(objective, cfg, dist, stage, on_step, stop)
+
+
+def _train(objective, cfg, dist, stage, on_step, stop):
     out, model, cuda = Path(cfg.out_dir) / stage, objective.model, dist.device.startswith("cuda")
     data_dir = data.resolve_data_dir(cfg.data, cfg.data_root)
     data.check_compatible(data.load_meta(data_dir), vocab_size=model.config.vocab_size)
@@ -291,6 +331,11 @@ def train(objective, cfg, dist=None, stage="", on_step=None):
             ckpt_step = step
         if on_step is not None:
             on_step(step)
+        if stop:
+            if ckpt_step != step:
+                checkpoint()
+            raise KeyboardInterrupt(f"stopped by Ctrl-C after step {step}, saved in {out / 'ckpt'}; continue the run "
+                                    "with the same command plus --resume")
     if val_tokens is not None and eval_step != step:
         val = validate()
     if ckpt_step != step:

@@ -1,0 +1,65 @@
+"""The one error path of every script: `if __name__ == "__main__": cli.run(main)`.
+
+Expected failures (bad flags, values, files, checkpoints, data, network) exit with status 2 and one line,
+`script.py: error: <what is wrong and how to fix it>`; a traceback only with --debug or HYENA_DEBUG=1. Anything
+else is a bug and keeps its traceback. Ctrl-C exits 130 (train.py saves a checkpoint first and says how to resume).
+"""
+import os
+import sys
+from pathlib import Path
+
+from hub import HubError
+
+
+def expected():
+    """What a user can cause and fix. RuntimeError is not here: from torch it is most often a bug (the loaders
+    turn corrupt files into ValueErrors that name them). torch only counts when the script imported it."""
+    torch = sys.modules.get("torch")
+    return (ValueError, OSError, HubError, FloatingPointError) + ((torch.OutOfMemoryError,) if torch else ())
+
+
+def debug():
+    return os.environ.get("HYENA_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def run(main, argv=None):
+    """Call main(argv) (argv None: sys.argv[1:]) and exit: 0 on success, 2 with one message on an expected
+    failure, 130 on Ctrl-C. `--debug` anywhere in argv is taken out and re-raises instead (full traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = Path(main.__globals__["__file__"]).name  # the script's own name, also when called in-process
+    show = debug() or "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        main(argv)
+    except KeyboardInterrupt as e:
+        if show:
+            raise
+        print(f"{prog}: {e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit as e:  # argparse (already exit 2) or a script's own `sys.exit("...: error: ...")`
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise
+    except expected() as e:
+        if show:
+            raise
+        message = str(e) or type(e).__name__
+        if type(e).__name__ == "OutOfMemoryError":
+            message = f"out of memory ({message.splitlines()[0]}); lower --batch-size (or --block-size)"
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(0)
+
+
+def writable_dir(path, flag):
+    """Create folder `path` if needed and check a file can be written there, before any work; names `flag`."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise OSError(f"{flag} {path}: cannot write there ({e.strerror or e}); choose another {flag}") from None
+    return path
