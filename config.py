@@ -15,7 +15,9 @@ The keys transformers' GPT-NeoX reads, and what happens to each here:
 Top-level rope_theta / partial_rotary_factor are refused: transformers' GPT-NeoX ignores them (it reads
 rotary_emb_base / rotary_pct or rope_parameters), so honouring them would compute something else.
 """
+import json
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 MIXERS = ("attention", "hyena")
 ROPE_TYPES = ("default", "linear", "dynamic")
@@ -74,6 +76,15 @@ class Config:
     @property
     def l_max(self):
         return self.hyena_l_max or self.max_position_embeddings
+
+    @classmethod
+    def from_file(cls, path):
+        """Config.from_hf of a config.json file; a file that is not JSON is refused by name."""
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not JSON ({e}); a GPT-NeoX config.json is expected") from None
+        return cls.from_hf(d, source=str(path))
 
     @classmethod
     def from_hf(cls, d, source="config.json"):

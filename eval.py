@@ -215,7 +215,7 @@ def run(args):
                              f"tokenizer.json sha256 {meta['tokenizer_sha256'][:12]}...): the data would decode to "
                              "other text. Pass --tokenizer with that same tokenizer.json")
         data[name] = meta, split, load_split(data_dir, split), text_decoder(load_tokenizer(tok))
-    configs = [Config.from_hf(json.loads(Path(resolve_file(c, "config.json")).read_text())) for c in ckpts]
+    configs = [Config.from_file(resolve_file(c, "config.json")) for c in ckpts]
     for ckpt, cfg in zip(ckpts, configs):
         tok = checkpoint_tokenizer(ckpt)
         for meta, *_ in data.values():

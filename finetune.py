@@ -53,11 +53,7 @@ def scratch_model(shape, mixer, vocab_size, block_size):
         # Pythia pads its 50277-token vocabulary to 50304, a multiple of 128 (faster matmuls): do the same.
         cfg = Config(**SHAPES[shape], vocab_size=-(-vocab_size // 128) * 128)
     elif Path(shape).is_file():
-        try:
-            hf = json.loads(Path(shape).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--config {shape}: not JSON ({e}); pass a config.json or a preset") from None
-        cfg = Config.from_hf(hf)
+        cfg = Config.from_file(shape)
     else:
         raise FileNotFoundError(f"--config {shape}: neither a preset ({', '.join(SHAPES)}) nor a config.json file")
     kw = asdict(cfg)

@@ -219,7 +219,7 @@ class GPTNeoX(nn.Module):
     def from_pretrained(cls, name_or_path, revision="main", dtype=torch.float32):
         """Load a local directory or a hub repo (any revision) holding config.json + safetensors weights."""
         config_file = resolve_file(name_or_path, "config.json", revision)
-        cfg = Config.from_hf(json.loads(Path(config_file).read_text()), source=config_file)
+        cfg = Config.from_file(config_file)
         model = cls(cfg)
         expected = model.state_dict()
         state = {}
