@@ -244,8 +244,9 @@ def test_flags_presets_and_overrides():
     assert (cfg.batch_size, cfg.block_size, cfg.max_tokens, cfg.out_dir) == (2, 128, 500_000, "out/tiny")
     parser = argparse.ArgumentParser()
     add_train_args(parser, lr=1e-3, out_dir="out/x")
-    cfg = train_config_from_args(parser.parse_args(["--max-minutes", "2", "--compile"]))
-    assert (cfg.lr, cfg.out_dir, cfg.max_minutes, cfg.compile, cfg.max_tokens) == (1e-3, "out/x", 2.0, True, 0)
+    cfg = train_config_from_args(parser.parse_args(["--max-minutes", "2", "--compile", "on"]))
+    assert (cfg.lr, cfg.out_dir, cfg.max_minutes, cfg.compile, cfg.max_tokens) == (1e-3, "out/x", 2.0, "on", 0)
+    assert train_config_from_args(parser.parse_args(["--max-minutes", "2"])).compile == "auto"
     with pytest.raises(ValueError, match="--max-tokens and/or --max-minutes"):
         train_config_from_args(parser.parse_args([]))
 
@@ -263,3 +264,19 @@ def test_two_process_ddp_on_cpu_trains_and_matches_the_budget(tmp_path, data_dir
     assert [r["step"] for r in steps] == list(range(1, 7)) and steps[-1]["tokens"] == 6 * 2 * STEP_TOKENS
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world"] == 2 and GPTNeoX.from_pretrained(out / "final").config.mixers == ["hyena", "hyena"]
+
+
+def test_compile_is_off_on_the_cpu_by_default_and_a_failed_compile_trains_eagerly(tmp_path, data_dir, monkeypatch,
+                                                                                 capsys):
+    """--compile auto compiles on CUDA only; when compiling fails (here: a compiler that raises on the first
+    call), the run warns once, trains eagerly to the same numbers, and its summary says it ran eagerly."""
+    eager = train(CrossEntropy(tiny_model()), config(tmp_path / "eager", data_dir))
+    assert eager["compiled"] is False
+
+    class Broken(torch.nn.Module):
+        def forward(self, x, y):
+            raise RuntimeError("inductor: no working C compiler")
+    monkeypatch.setattr(torch, "compile", lambda module: Broken())
+    fallback = train(CrossEntropy(tiny_model()), config(tmp_path / "fallback", data_dir, compile="on"))
+    assert "torch.compile failed (RuntimeError: inductor: no working C compiler)" in capsys.readouterr().err
+    assert fallback["compiled"] is False and fallback["val"] == eager["val"]

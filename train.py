@@ -30,6 +30,7 @@ import data
 from checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, trim_log, write_atomic
 
 DTYPES = ("auto", "bf16", "fp32")
+CHOICES = {"dtype": DTYPES, "compile": ("auto", "on", "off")}
 
 
 def arg(default, help):
@@ -58,7 +59,8 @@ class TrainConfig:
     eval_batches: int = arg(20, "validation batches, the same windows every time (0 = no validation)")
     log_interval: int = arg(10, "print a progress line every this many steps (log.jsonl has every step)")
     ckpt_interval: int = arg(500, "checkpoint every this many steps (and at the end)")
-    compile: bool = arg(False, "torch.compile the objective")
+    compile: str = arg("auto", "torch.compile the objective: auto (on CUDA), on, off; a compile that fails "
+                       "falls back to eager with a warning")
     dtype: str = arg("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
     seed: int = arg(1337, "seeds the data sampler (per rank) and the validation windows")
     resume: bool = arg(False, "continue from OUT_DIR/ckpt exactly where it stopped")
@@ -67,8 +69,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.max_tokens <= 0 and self.max_minutes <= 0:
             raise ValueError("no budget: set --max-tokens and/or --max-minutes (the run stops at whichever ends first)")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         for name in ("batch_size", "block_size", "grad_accum", "eval_interval", "log_interval", "ckpt_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -98,7 +101,7 @@ def add_train_args(parser, **defaults):
             parser.add_argument(flag, type=f.type, required=True, help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=integer if f.type is int else f.type, default=default,
-                                choices=DTYPES if f.name == "dtype" else None,
+                                choices=CHOICES.get(f.name),
                                 help=f.metadata["help"] + " (default: %(default)s)")
 
 
@@ -148,6 +151,28 @@ def build_optimizer(model, cfg, fused=False):
     for g in groups:
         g["base_lr"] = g["lr"]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+
+
+def compile_or_eager(objective, cfg, cuda, tokens, device, amp):
+    """torch.compile(objective) when cfg.compile says so (auto: on CUDA), tried at once on one batch (forward
+    and backward, gradients then cleared, the training rng untouched): if compiling fails there (no working
+    Triton or inductor, an op it cannot trace), the run goes on eagerly with a warning: same numbers, slower."""
+    if cfg.compile == "off" or (cfg.compile == "auto" and not cuda):
+        return objective
+    compiled = torch.compile(objective)
+    x, y = data.random_batch(tokens, cfg.batch_size, cfg.block_size, np.random.default_rng(0), device)
+    try:
+        with amp:
+            loss, _ = compiled(x, y)
+        loss.backward()
+    except Exception as e:  # noqa: BLE001 (any compiler failure: eager computes the same function)
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        print(f"warning: torch.compile failed ({type(e).__name__}: {str(e)[:300]}); training eagerly "
+              "(pass --compile off to skip the attempt)", file=sys.stderr)
+        compiled = objective
+    objective.zero_grad(set_to_none=True)
+    return compiled
 
 
 def progress(tokens, seconds, cfg):
@@ -233,7 +258,7 @@ def _train(objective, cfg, dist, stage, on_step, stop):
                               "another --out-dir (or delete that folder) to start afresh")
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda)
     amp = torch.autocast(torch.device(dist.device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    compiled = torch.compile(objective) if cfg.compile else objective
+    compiled = compile_or_eager(objective, cfg, cuda, train_tokens, dist.device, amp)
     runner = compiled if dist.world == 1 else \
         DistributedDataParallel(compiled, device_ids=[dist.local_rank] if cuda else None)
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -341,7 +366,8 @@ def _train(objective, cfg, dist, stage, on_step, stop):
     if ckpt_step != step:
         checkpoint()
     seconds = elapsed()
-    summary = {"stage": stage, "out_dir": str(out), "world": dist.world, "tokens": tokens, "steps": step,
+    summary = {"stage": stage, "out_dir": str(out), "world": dist.world, "compiled": compiled is not objective,
+               "tokens": tokens, "steps": step,
                "minutes": seconds / 60, "tokens_per_s": tokens / seconds, "val": val,
                "train": {k: sum(m[k] for m in recent) / len(recent) for k in recent[0]} if recent else {}}
     if dist.master:
