@@ -131,22 +131,26 @@ def leading_left_vectors(H, q, power_iters=3):
 def era_poles(U, d):
     """d poles per channel (one per conjugate pair, plus the real ones) from the Hankel's left singular vectors
     U (C, rows, >= 2d), by Kung's shift invariance U[1:] = U[:-1] A (least squares). The realisation order r is
-    the largest in [d, 2d] whose eigenvalues make at most d modes (pairs + reals); a channel with fewer gets
-    fast-decaying real fillers, to which the least squares gives what residue helps."""
+    the largest in [d, 2d] whose eigenvalues make at most d modes (pairs + reals): r = 2d when all poles come in
+    pairs, smaller by one per extra real pole. A channel with fewer than d modes gets fast-decaying real fillers,
+    to which the least squares gives what residue helps."""
     C, cols = U.shape[0], U.shape[-1]
     # U's columns are orthonormal, so U1^T U1 = I - u u^T (u the last row): each order's normal equations
     # come from one (cols x cols) product, not one pseudo-inverse per order.
     M, u = U[:, :-1].transpose(1, 2) @ U[:, 1:], U[:, -1]  # (C, cols, cols), (C, cols)
     best = torch.full((C, d), math.exp(-1.0), dtype=torch.complex128, device=U.device)
-    for r in range(min(d, cols), min(2 * d, cols) + 1):
+    done = torch.zeros(C, dtype=torch.bool, device=U.device)
+    for r in range(min(2 * d, cols), min(d, cols) - 1, -1):  # from the largest order down, until all channels fit
         G = torch.eye(r, dtype=U.dtype, device=U.device) - u[:, :r, None] * u[:, None, :r]  # (C, r, r)
         ev = torch.linalg.eigvals(torch.linalg.solve(G, M[:, :r, :r])).to(best.dtype)  # (C, r)
         keep = ev.imag >= 0  # one of each conjugate pair, and the real poles
-        fits = keep.sum(-1) <= d  # (C,)
+        fits = (keep.sum(-1) <= d) & ~done  # (C,) channels whose largest fitting order is r
         order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices  # kept ones first
         ev = torch.where(keep, ev, best[:, :1].expand_as(ev)).gather(-1, order)[:, :d]
         ev = torch.cat([ev, best[:, :d - ev.shape[1]]], -1) if ev.shape[1] < d else ev
-        best = torch.where(fits[:, None], ev, best)
+        best, done = torch.where(fits[:, None], ev, best), done | fits
+        if bool(done.all()):
+            break
     return best
 
 
