@@ -177,3 +177,14 @@ def test_greedy_sample_is_generate(ckpts, enc, capsys):
     assert out.splitlines()[0].startswith(f"--- {ckpts[1]}")
     assert out.splitlines()[1:] == enc.decode(greedy[0].tolist()).splitlines()
     assert len(greedy[0]) == len(ids[0]) + 12
+
+
+def test_a_modal_student_evaluates_with_no_extra_flags(root, ckpts, tmp_path):
+    """hyena.to_modal's checkpoint goes through eval.py like any other, its perplexity close to its conv
+    student's (the fit is close at this size)."""
+    from hyena import to_modal
+    to_modal(GPTNeoX.from_pretrained(ckpts[1]), state_size=8).save_pretrained(tmp_path / "modal")
+    conv, mod = ev.main(["--ckpt", ckpts[1], str(tmp_path / "modal"), "--data", "wiki", "--data-root", str(root),
+                         "--context", "64"])
+    a, b = (r["datasets"]["wiki"]["token_ppl"] for r in (conv, mod))
+    assert abs(b - a) <= 0.01 * a
