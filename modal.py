@@ -231,7 +231,8 @@ def fit_states(h, ds, refine_steps=0, cols=None):
     parts = {d: [] for d in ds}
     for c0 in range(0, C, CHUNK):
         hc = h[:, c0:c0 + CHUNK]  # (L, c)
-        U = leading_left_vectors(hankel(hc, cols), min(cols, 2 * max(ds) + 16))  # (c, L-cols, q)
+        H = hankel(hc, cols).contiguous()  # (c, L-cols, cols): one copy, not one per product
+        U = leading_left_vectors(H, min(cols, 2 * max(ds) + 16))  # (c, L-cols, q)
         for d in ds:
             w, th = poles_to_params(era_poles(U, d))
             R = fit_residues(hc, w, th)
