@@ -11,8 +11,10 @@ Sections (one GPU, bf16 autocast; B*L constant across L within a section):
           transformers.GPTNeoXForCausalLM; distill.Distill "e2e" (trains all; teacher forward included) and
           "joint" (trains the mixers: distill.py's defaults); fine-tuning (student CE); then one batch-1
           student training step at L=64k (eager), whose peak memory is a target
-  decode  tokens/s of N single-token cached steps after a prefill to the context, student vs teacher, each
-          launched eagerly and replayed from a CUDA graph (decode.graphed_step, what generate uses on a GPU)
+  decode  tokens/s of N single-token cached steps after a prefill to the context, student vs teacher vs a modal
+          student (every filter MODAL_STATE modes, random poles: recurrent decoding), each launched eagerly and
+          replayed from a CUDA graph (decode.graphed_step, what generate uses on a GPU); also the prefill's
+          time and the cache's bytes per sequence
   kd      distill.kd_loss forward+backward alone on the train batch's tokens, and its share of an e2e step
 Timing: warm-up calls first (compilation happens there: `warmup_s`), then CUDA events around each call, no sync
 in between; `ms` is the median, `spread` (max-min)/median. `peak_gb`: max_memory_allocated since the case began,
@@ -33,7 +35,7 @@ import torch
 
 from bench_check import Checks
 from bench_report import MODES, SECTIONS, fmt, get, keep_previous, table, targets, write
-from decode import decode_step, new_cache
+from decode import cache_bytes, decode_step, new_cache
 from hyena import Attention, Config, GPTNeoX, HyenaOperator, make_student
 
 
@@ -57,6 +59,9 @@ H200 = Sizes({}, [2048 << i for i in range(7)], 131072, 65536, 16, 2048, 65536, 
              3, 10)
 SMOKE = Sizes(dict(hidden_size=32, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2, vocab_size=256),
               [16 << i for i in range(7)], 512, 256, 2, 32, 512, [16, 64, 256], [1, 2], 4, 1, 2)
+
+
+MODAL_STATE = 16  # modes per channel of the decode section's modal student
 
 
 class Bench(Checks):
@@ -219,10 +224,12 @@ class Bench(Checks):
         return self.timed(step, x.numel())
 
     def decode(self):
-        s = self.s
+        s, n = self.s, self.cfg.num_hidden_layers
+        modal = self.build(replace(self.cfg, mixers=["hyena"] * n, hyena_modal_state=[MODAL_STATE] * n))
         for ctx in s.decode_ctx:
             teacher = self.build(replace(self.cfg, max_position_embeddings=ctx + s.decode_steps))
-            models = (("student", self.student(teacher, l_max=ctx + s.decode_steps)), ("teacher", teacher))
+            models = (("student", self.student(teacher, l_max=ctx + s.decode_steps)), ("teacher", teacher),
+                      ("modal", modal))
             for B in s.decode_batch:
                 for graph in (False, True) if self.cuda else (False,):
                     for name, m in models:
@@ -238,6 +245,7 @@ class Bench(Checks):
             m(self.tokens(B, ctx), cache=cache)
         self.sync()
         prefill_s, nxt = time.perf_counter() - t0, self.tokens(B, steps)
+        per_seq = cache_bytes(cache) / B  # filter copies shared by the batch counted in
         with self.autocast():
             one = decode_step(m, cache, B, graph)
 
@@ -247,7 +255,7 @@ class Bench(Checks):
             with self.autocast():
                 for i in range(steps):
                     one(nxt[:, i:i + 1])  # (B, 1) -> logits (B, 1, V)
-        return {"prefill_s": prefill_s, **self.timed(step, B * steps)}
+        return {"prefill_s": prefill_s, "cache_bytes_per_seq": per_seq, **self.timed(step, B * steps)}
 
     def kd(self):
         import distill

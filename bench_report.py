@@ -128,7 +128,7 @@ def draw(out, res):
             decode.setdefault((r["model"], r["B"], r.get("graph", False)), []).append(r)
     for (model, B, graph), rows in sorted(decode.items()):
         dec.plot([r["ctx"] for r in rows], [r["tok_s"] for r in rows], marker="o", linestyle="--" if graph else "-",
-                 color="C0" if model == "student" else "C1", alpha=1.0 if B > 1 else 0.55,
+                 color={"student": "C0", "teacher": "C1"}.get(model, "C2"), alpha=1.0 if B > 1 else 0.55,
                  label=f"{model} B={B}{' CUDA graph' if graph else ''}")
     lat.set(yscale="log", xlabel="L", ylabel="ns per token", title="latency (B*L constant)")
     mem.set(xlabel="L", ylabel="peak GB", title="peak memory (B*L constant)")

@@ -48,6 +48,7 @@ class Config:
     hyena_emb_dim: int = 33        # positional embedding size (1 + 2 * bands), odd
     hyena_l_max: int = 0           # 0 = max_position_embeddings
     hyena_filter_lr: float = 0.0   # own learning rate for filter parameters; 0 = the run's lr
+    hyena_modal_state: list = field(default_factory=list)  # per layer: 0 = implicit filter, d > 0 = d modes
 
     def __post_init__(self):
         if not self.mixers:
@@ -56,6 +57,14 @@ class Config:
         if len(self.mixers) != self.num_hidden_layers or any(m not in MIXERS for m in self.mixers):
             raise ValueError(f"Config.mixers must list {self.num_hidden_layers} entries from {MIXERS}, "
                              f"got {self.mixers}")
+        self.hyena_modal_state = list(self.hyena_modal_state) or [0] * self.num_hidden_layers
+        if len(self.hyena_modal_state) != self.num_hidden_layers:
+            raise ValueError(f"Config.hyena_modal_state (config.json hyena.modal_state) must list "
+                             f"{self.num_hidden_layers} entries, one per layer, got {self.hyena_modal_state}")
+        for i, (d, m) in enumerate(zip(self.hyena_modal_state, self.mixers)):
+            if isinstance(d, bool) or not isinstance(d, int) or d < 0 or (d and m != "hyena"):
+                raise ValueError(f"Config.hyena_modal_state[{i}] = {d!r}: each entry is an int, 0 (implicit "
+                                 f"filter) or d > 0 (d modes) on a Hyena layer only; layer {i} is {m!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")

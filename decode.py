@@ -82,7 +82,8 @@ def graphed_step(model, cache, batch):
         raise ValueError(f"graphed_step warms up on the next two positions, but the cache ends at "
                          f"{cache[0]['max_len']} with pos {int(pos)}: make max_len at least pos + 2")
     tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-    saved = [pos.clone()] + [c["tail"].clone() for c in cache if "tail" in c]  # what warm-up steps move
+    moving = [pos] + [c[k] for c in cache for k in ("tail", "state") if k in c]  # what warm-up steps move
+    saved = [t.clone() for t in moving]  # (a modal layer's recurrence state must come back exactly)
     amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
                          cache_enabled=False)
     side = torch.cuda.Stream()
@@ -94,8 +95,8 @@ def graphed_step(model, cache, batch):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), amp:
         logits, _ = model(tok, cache=cache)  # captured, not run
-    for t, now in zip(saved, [pos] + [c["tail"] for c in cache if "tail" in c]):
-        now.copy_(t)  # undo the warm-up (its cache writes lie at positions the real steps overwrite first)
+    for t, now in zip(saved, moving):
+        now.copy_(t)  # undo the warm-up (its history writes lie at positions the real steps overwrite first)
 
     def step(tokens):
         tok.copy_(tokens)
@@ -107,6 +108,12 @@ def graphed_step(model, cache, batch):
 def new_cache(model, max_len):
     """Empty per-layer decoding caches for `model`, room for max_len positions (a cached forward fills them)."""
     return [{"pos": 0, "max_len": max_len} for _ in model.gpt_neox.layers]
+
+
+def cache_bytes(cache):
+    """Bytes the per-layer caches hold (every tensor in them: KV, z history, modal states, filters' copies)."""
+    return sum(t.nbytes for c in cache for v in c.values() for t in (v if isinstance(v, list) else [v])
+               if torch.is_tensor(t) and t is not cache[0]["pos"])
 
 
 def decode_step(model, cache, batch, graph):

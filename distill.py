@@ -15,6 +15,14 @@ Then `--e2e-tokens`/`--e2e-minutes` > 0 adds an end-to-end stage: tau^2 KL(teach
 The MSE of a layer is divided by the mean square of the teacher's output there ("relative MSE"): GPT-NeoX's
 residual stream grows with depth, and without this the deepest layers would dominate the joint sum.
 
+Modal conversion (`--modal-state D` or `--modal-tol TOL`): the teacher is a distilled (convolutional) student;
+every Hyena filter becomes D decaying complex modes (hyena.to_modal, Laughing Hyena Distillery), the per-layer
+filter errors go to OUT_DIR/modal_fit.json, and the conv student is the teacher of the optional stages (e.g. a
+short `--layers none --e2e-tokens N` KL repair, in which poles and residues train). With no stage it only
+converts and saves OUT_DIR/final.
+
+    python distill.py --teacher out/student/final --modal-state 16 --layers none --e2e-tokens 2e6 --out-dir out/modal
+
 Which parameters train (`--train`, alignment; `--e2e-train`, end-to-end): `mixer` (Hyena operators only: the
 default for alignment, since the MLPs and LayerNorms are the teacher's and already fit teacher-like inputs),
 `block` (whole Hyena blocks) or `all` (everything, the default end to end, where the network must re-adapt).
@@ -31,9 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from checkpoint import out_dir_lock
+from checkpoint import out_dir_lock, write_atomic
 from finetune import save_final
-from hyena import GPTNeoX, make_student
+from hyena import GPTNeoX, make_student, to_modal
 from losses import head_loss
 from train import add_train_args, setup_distributed, train, train_config_from_args
 
@@ -120,6 +128,23 @@ def parse_layers(spec, n):
         raise ValueError(f"--hyena-layers {spec!r} must be 'all' or a list like 0,2,4") from None
 
 
+def modal_student(teacher, args, out, master):
+    """hyena.to_modal of the teacher (a Hyena student); the per-layer filter errors logged and in modal_fit.json."""
+    try:
+        student = to_modal(teacher, state_size=args.modal_state or None, tol=args.modal_tol or None,
+                           max_state=args.modal_max_state, refine_steps=args.modal_refine_steps)
+    except ValueError as e:
+        raise ValueError(f"--teacher {args.teacher}: {e}") from None
+    if master:
+        for f in student.modal_fit:
+            print(f"distill: modal layer {f['layer']}: d={f['state_size']}, filter rel error {f['rel_error']:.2e} "
+                  f"(worst channel {f['max_channel_error']:.2e})", file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "modal_fit.json", json.dumps({"teacher": str(args.teacher), "layers": student.modal_fit},
+                                                       indent=2))
+    return student
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="hub id or directory of a GPT-NeoX checkpoint")
@@ -137,18 +162,35 @@ def main(argv=None):
     p.add_argument("--e2e-lr", type=float, default=3e-4)
     p.add_argument("--kd-temperature", type=float, default=1.0)
     p.add_argument("--ce-weight", type=float, default=0.0, help="weight of CE added to the end-to-end KL")
+    p.add_argument("--modal-state", type=int, default=0, help="convert the teacher (a Hyena student) to modal "
+                   "filters with this many modes per channel in every Hyena layer (0: no conversion)")
+    p.add_argument("--modal-tol", type=float, default=0.0, help="convert to modal filters, choosing per layer the "
+                   "smallest d in 1, 2, 4, ... --modal-max-state with relative filter error <= this")
+    p.add_argument("--modal-max-state", type=int, default=64, help="largest d --modal-tol may choose")
+    p.add_argument("--modal-refine-steps", type=int, default=0, help="Adam steps on each filter's fit error")
     add_train_args(p, lr=1e-3, out_dir="out/distill")
     args = p.parse_args(argv)
     for flag, value, low in (("--hyena-order", args.hyena_order, 1), ("--e2e-tokens", args.e2e_tokens, 0),
-                             ("--e2e-minutes", args.e2e_minutes, 0), ("--hyena-filter-lr", args.hyena_filter_lr, 0)):
+                             ("--e2e-minutes", args.e2e_minutes, 0), ("--hyena-filter-lr", args.hyena_filter_lr, 0),
+                             ("--modal-state", args.modal_state, 0), ("--modal-tol", args.modal_tol, 0),
+                             ("--modal-max-state", args.modal_max_state, 1),
+                             ("--modal-refine-steps", args.modal_refine_steps, 0)):
         if value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value:g}")
     if args.kd_temperature <= 0:
         raise ValueError(f"--kd-temperature must be > 0, got {args.kd_temperature:g}")
-    if args.layers == "none" and not (args.e2e_tokens or args.e2e_minutes):
+    convert = bool(args.modal_state or args.modal_tol)
+    if args.modal_state and args.modal_tol:
+        raise ValueError("give --modal-state (d for every layer) or --modal-tol (d per layer), not both")
+    if convert and args.hyena_layers != "all":
+        raise ValueError("--hyena-layers does not apply with --modal-state/--modal-tol: every Hyena layer of the "
+                         "teacher is converted")
+    if args.layers == "none" and not (args.e2e_tokens or args.e2e_minutes or convert):
         raise ValueError("nothing to do: --layers none and no --e2e-tokens/--e2e-minutes")
     if args.layers == "none":  # only the end-to-end stage: its budget is the run's
         args.max_tokens, args.max_minutes = int(args.e2e_tokens), args.e2e_minutes
+        if convert and not (args.max_tokens or args.max_minutes):
+            args.max_tokens = 1  # conversion only: no stage trains, but TrainConfig insists on a budget
     cfg = train_config_from_args(args)
     dist = setup_distributed(cfg.device)
     try:
@@ -166,7 +208,12 @@ def distill(args, cfg, dist):
     n = teacher.config.num_hidden_layers
     layers = parse_layers(args.hyena_layers, n)
     torch.manual_seed(cfg.seed)  # the Hyena filters (and --init random projections) are drawn here
-    student = make_student(teacher, layers, init=args.init, order=args.hyena_order, filter_lr=args.hyena_filter_lr)
+    if args.modal_state or args.modal_tol:
+        student = modal_student(teacher, args, Path(cfg.out_dir), dist.master)
+        layers = [i for i, m in enumerate(student.config.mixers) if m == "hyena"]
+    else:
+        student = make_student(teacher, layers, init=args.init, order=args.hyena_order,
+                               filter_lr=args.hyena_filter_lr)
     if max(cfg.block_size, 1) > student.config.l_max:
         raise ValueError(f"--block-size {cfg.block_size} exceeds the teacher's max_position_embeddings "
                          f"{student.config.l_max}; use --block-size {student.config.l_max} or less")
@@ -185,6 +232,8 @@ def distill(args, cfg, dist):
         stages.append(("e2e", dict(mode="e2e", temperature=args.kd_temperature, ce_weight=args.ce_weight),
                        (args.e2e_train, layers), e2e_cfg))
 
+    if (args.modal_state or args.modal_tol) and stages and dist.master and not (out / "converted").exists():
+        save_final(student, out / "converted", meta)  # the modal student before its repair, for comparison
     summaries = {}
     for name, kw, (what, which), stage_cfg in stages:
         done = out / name / "summary.json"

@@ -19,11 +19,12 @@ import torch.nn.functional as F
 from config import MIXERS, Config
 from decode import decode_step, new_cache
 from hub import HubError, read_safetensors, resolve_file, write_safetensors
+import modal
 from hyena_operator import HyenaOperator, fftconv, short_conv
 from losses import head_loss
 from tokenizer import load_tokenizer
 
-__all__ = ["Config", "GPTNeoX", "Attention", "HyenaOperator", "fftconv", "short_conv", "make_student",
+__all__ = ["Config", "GPTNeoX", "Attention", "HyenaOperator", "fftconv", "short_conv", "make_student", "to_modal",
            "load_tokenizer", "MIXERS"]  # the config, operator and tokenizer are re-exported from their files
 
 # Buffers that HF checkpoints may carry but that we recompute: never persistent in this model.
@@ -115,7 +116,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, mixer):
+    def __init__(self, cfg, mixer, modal_state=0):
         super().__init__()
         self.mixer, self.parallel = mixer, cfg.use_parallel_residual
         self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
@@ -124,7 +125,7 @@ class Block(nn.Module):
             self.attention = Attention(cfg)
         else:
             self.hyena = HyenaOperator(cfg.hidden_size, cfg.l_max, cfg.hyena_order, cfg.hyena_filter_order,
-                                       cfg.hyena_emb_dim, filter_lr=cfg.hyena_filter_lr)
+                                       cfg.hyena_emb_dim, filter_lr=cfg.hyena_filter_lr, modal_state=modal_state)
         self.mlp = MLP(cfg)
 
     def forward(self, x, cache=None):
@@ -141,7 +142,7 @@ class GPTNeoX(nn.Module):
         self.config = cfg
         self.gpt_neox = nn.Module()
         self.gpt_neox.embed_in = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.gpt_neox.layers = nn.ModuleList(Block(cfg, m) for m in cfg.mixers)
+        self.gpt_neox.layers = nn.ModuleList(Block(cfg, m, d) for m, d in zip(cfg.mixers, cfg.hyena_modal_state))
         self.gpt_neox.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.embed_out = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         for name, m in self.named_modules():  # GPT-NeoX's N(0, initializer_range); the filter keeps torch's
@@ -325,3 +326,49 @@ def _init_from_attention(hy, att):
     hy.short_filter.weight.zero_()
     hy.short_filter.weight[..., -1] = 1.0  # identity: the last tap multiplies the current position
     hy.short_filter.bias.zero_()
+
+
+# ----------------------------------------------------------------------------- the modal student
+
+@torch.no_grad()
+def to_modal(model, state_size=16, tol=None, max_state=64, refine_steps=0):
+    """A new GPTNeoX whose Hyena layers' long filters are d decaying complex modes each (Laughing Hyena
+    Distillery, Massaroli et al. 2023, arXiv 2310.18780): constant-size recurrent decoding, any length.
+
+    Every Hyena layer's filter is materialised at the model's l_max and fitted by modal.fit (ERA poles,
+    least-squares residues, `refine_steps` Adam steps on the filter error); h(0) and the skip D are kept exactly,
+    all other weights are copied. state_size=d fixes d for every layer; state_size=None with tol picks per layer
+    the smallest d in 1, 2, 4, ... max_state whose relative filter error is <= tol. The result's `modal_fit`
+    attribute lists per Hyena layer {"layer", "state_size", "rel_error" (||h - h_modal|| / ||h|| over the layer),
+    "max_channel_error"}; its config's hyena_modal_state says d per layer (0 for attention layers).
+    """
+    cfg = model.config
+    hyena = [i for i, m in enumerate(cfg.mixers) if m == "hyena"]
+    if not hyena:
+        raise ValueError("to_modal needs a model with Hyena layers (a distilled student); this one is all attention")
+    if (state_size is None) == (tol is None):
+        raise ValueError(f"to_modal takes either state_size (d for every layer) or tol (d per layer from the "
+                         f"fit error), not both or neither: got state_size={state_size}, tol={tol}")
+    if state_size is not None and state_size < 1:
+        raise ValueError(f"to_modal: state_size must be >= 1, got {state_size}")
+    fits = {}
+    for i in hyena:
+        h = model.gpt_neox.layers[i].hyena.filter_fn(cfg.l_max)  # (l_max, channels)
+        fits[i] = (modal.fit(h, state_size, refine_steps) if tol is None
+                   else modal.fit_tol(h, tol, max_state, refine_steps))
+    states = [fits[i].state_size if i in fits else 0 for i in range(cfg.num_hidden_layers)]
+    param = next(model.parameters())
+    with param.device:
+        out = GPTNeoX(Config(**{**asdict(cfg), "hyena_modal_state": states})).to(param.dtype)
+    theirs, mine = model.state_dict(), out.state_dict()
+    shared = {k: v for k, v in theirs.items()  # all but the implicit filters; their skip D (`bias`) stays
+              if k in mine and (".filter_fn." not in k or k.endswith(".filter_fn.bias"))}
+    missing, _ = out.load_state_dict(shared, strict=False)
+    assert all(".filter_fn." in k for k in missing), missing
+    for i, f in fits.items():
+        filt = out.gpt_neox.layers[i].hyena.filter_fn
+        for name in ("h0", "log_decay", "angle", "residues"):
+            getattr(filt, name).copy_(getattr(f, name))
+    out.modal_fit = [{"layer": i, "state_size": f.state_size, "rel_error": f.rel_error,
+                      "max_channel_error": f.channel_error.max().item()} for i, f in fits.items()]
+    return out.train(model.training)

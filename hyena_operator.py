@@ -10,6 +10,8 @@ Glossary (code name -> paper symbol, Hyena paper section 3):
   z                        the input of a long convolution (x^n ⊙ z^n), cached for decoding
   pos_emb.z                the filter's positional embedding table z(t) (safari's name; not the above)
   l_max                    the longest sequence the filter is defined for (t = 0 .. l_max-1)
+  ModalFilter              h as d decaying complex modes per channel (Laughing Hyena; convention in modal.py):
+                           any length, and decoding by a (B, channels, d) recurrence state instead of z history
 """
 import math
 
@@ -18,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import decode
+import modal
 
 
 def fft_size(n):
@@ -236,8 +239,38 @@ class HyenaFilter(nn.Module):
                             "activations, as safari: the checkpoint was made with separate activations")
 
 
+class ModalFilter(nn.Module):
+    """h(0) = h0, h(t) = 2 Re sum_n R_n lambda_n^(t-1) for t >= 1 (modal.py's convention), d = state_size modes per
+    channel, defined for every t: HyenaFilter's interface (forward(L) -> (L, channels), `bias` the skip D).
+    lambda = exp(-exp(log_decay) + i angle) stays inside the unit circle whatever the parameters; residues are
+    (Re R, Im R) pairs. `hyena.to_modal` fills them from a trained filter; the init here is for models built
+    directly (random, stable, spread decay rates)."""
+    def __init__(self, channels, state_size):
+        super().__init__()
+        if state_size < 1:
+            raise ValueError(f"ModalFilter needs state_size >= 1, got {state_size}")
+        self.channels, self.state_size = channels, state_size
+        rate = torch.exp(torch.empty(channels, state_size).uniform_(math.log(1e-3), math.log(0.5)))  # -log|lambda|
+        self.log_decay = nn.Parameter(rate.log())
+        self.angle = nn.Parameter(torch.rand(channels, state_size) * math.pi)
+        self.residues = nn.Parameter(torch.randn(channels, state_size, 2) * (rate[..., None] / state_size).sqrt())
+        self.h0 = nn.Parameter(torch.randn(channels) * 0.1)
+        self.bias = nn.Parameter(torch.randn(channels))
+
+    def forward(self, L):
+        """The filter for lags 0..L-1, (L, channels), fp32 (fp64 for fp64 parameters), for any L."""
+        return modal.modal_response(self.h0, self.log_decay, self.angle, self.residues, L)
+
+    def poles(self):
+        """lambda as a (channels, d) complex tensor, complex64 (complex128 for fp64 parameters)."""
+        dt = modal.work_dtype(self.log_decay)
+        w, th = self.log_decay.to(dt), self.angle.to(dt)
+        return torch.polar(torch.exp(-w.exp()), th)
+
+
 class HyenaOperator(nn.Module):
-    def __init__(self, d_model, l_max, order=2, filter_order=64, emb_dim=33, short_filter_order=3, filter_lr=0.0):
+    def __init__(self, d_model, l_max, order=2, filter_order=64, emb_dim=33, short_filter_order=3, filter_lr=0.0,
+                 modal_state=0):
         super().__init__()
         if order < 2:
             raise ValueError(f"Hyena order must be >= 2 (one gate and one long convolution), got {order}")
@@ -247,7 +280,9 @@ class HyenaOperator(nn.Module):
         width = (order + 1) * d_model
         # An nn.Conv1d only to hold the (C, 1, K) weight under safari's name; short_conv() applies it.
         self.short_filter = nn.Conv1d(width, width, short_filter_order, groups=width, padding=short_filter_order - 1)
-        self.filter_fn = HyenaFilter(d_model * (order - 1), l_max, emb_dim, filter_order)
+        self.modal = modal_state > 0  # a ModalFilter: decoded by its recurrence, not by the z history
+        self.filter_fn = (ModalFilter(d_model * (order - 1), modal_state) if self.modal
+                          else HyenaFilter(d_model * (order - 1), l_max, emb_dim, filter_order))
         for p in self.filter_fn.parameters():  # hints read by optim_groups(): no decay, optionally own lr
             if not hasattr(p, "_optim"):  # pos_emb.z brings its own (safari's lr 1e-5)
                 p._optim = {"weight_decay": 0.0, **({"lr": filter_lr} if filter_lr else {})}
@@ -263,6 +298,8 @@ class HyenaOperator(nn.Module):
         p = self.in_proj(u)  # (B, L, (N+1)D)
         pc = short_conv(p, self.short_filter.weight, self.short_filter.bias)  # (B, L, (N+1)D) sees t-2..t
         *x, v = pc.split(D, dim=-1)  # N gates x (B, L, D), value v (B, L, D)
+        if self.modal and cache is not None:
+            return self.modal_prefill(p, x, v, cache)
         k, bias = self.filters(cache["max_len"] if cache is not None else L)
         for o, x_i in enumerate(reversed(x[1:])):
             z = v * x_i  # (B, L, D)
@@ -280,6 +317,40 @@ class HyenaOperator(nn.Module):
             cache["lags"], cache["bias"] = torch.arange(T, device=u.device), bias.to(self.in_proj.weight.dtype)
         return self.out_proj(v * x[0])  # (B, L, D)
 
+    def modal_prefill(self, p, x, v, cache):
+        """The prompt through the FFT path, and each long conv's recurrence state after it, computed exactly
+        (modal.prefill_state): the cache holds O(channels d) numbers whatever the context or max_len."""
+        B, L, D = v.shape
+        f, kw = self.filter_fn, self.short_filter.kernel_size[0] - 1
+        k, bias = self.filters(L)
+        lam = f.poles()  # (N-1) D channels, (C, d)
+        w, th = f.log_decay, f.angle
+        states = []
+        for o, x_i in enumerate(reversed(x[1:])):
+            z = v * x_i  # (B, L, D)
+            ch = slice(o * D, (o + 1) * D)
+            states.append(modal.prefill_state(z, w[ch], th[ch]))  # (B, D, d): sum_t lambda^(L-1-t) z_t
+            v = fftconv(z, k[:L, o], bias[o])  # (B, L, D)
+        R = f.residues.to(lam.real.dtype)
+        cache["tail"] = F.pad(p, (0, 0, max(0, kw - L), 0))[:, -kw:].clone()  # (B, kw, (N+1)D) last inputs
+        cache["state"] = torch.cat(states, 1)  # (B, (N-1)D, d) complex
+        cache["lam"], cache["res"] = lam.detach(), torch.complex(R[..., 0], R[..., 1]).detach()  # (C, d) each
+        cache["direct"] = (f.h0.to(lam.real.dtype) + f.bias.to(lam.real.dtype)).detach()  # (C,) h0 + D
+        return self.out_proj(v * x[0])  # (B, L, D)
+
+    def modal_step(self, x, v, cache):
+        """One token through the recurrences: y = 2 Re(R . state) + (h0 + D) z, then state = lambda state + z.
+        No position and no history: the same work at any context."""
+        D, st = self.d_model, cache["state"]
+        for o, x_i in enumerate(reversed(x[1:])):
+            ch = slice(o * D, (o + 1) * D)
+            s = st[:, ch]  # (B, D, d) view: updated in place (fixed shapes, a CUDA graph replays it)
+            z = (v * x_i).to(cache["direct"].dtype)  # (B, D) in fp32 (fp64)
+            y = 2 * (s * cache["res"][ch]).real.sum(-1) + cache["direct"][ch] * z  # (B, D)
+            s.mul_(cache["lam"][ch]).add_(z[..., None])
+            v = y.to(v.dtype)
+        return self.out_proj(v * x[0])[:, None]  # (B, 1, D)
+
     def step(self, u, cache):
         """One token at position cache["pos"] (a device tensor; fixed shapes, so a CUDA graph can capture it):
         the short conv from the cached tail, each long conv the z history against the filter reversed from
@@ -293,6 +364,8 @@ class HyenaOperator(nn.Module):
         cache["tail"].copy_(window[:, 1:])
         pc = short_conv(window, self.short_filter.weight, self.short_filter.bias)[:, -1]  # (B, (N+1)D)
         *x, v = pc.split(D, dim=-1)  # (B, D) each
+        if self.modal:
+            return self.modal_step(x, v, cache)
         for o, x_i in enumerate(reversed(x[1:])):
             z = v * x_i  # (B, D)
             hist = cache["z"][o]  # (B, D, T)

@@ -12,9 +12,12 @@ def test_cpu_smoke_writes_rows_targets_and_report(tmp_path):
     res = bench.main(["--cpu-smoke", "--out", str(tmp_path), "--only", "decode,kd"])
     assert not res["errors"]
     rows = res["decode"]
-    assert {(r["model"], r["ctx"], r["B"]) for r in rows} == {(m, c, b) for m in ("student", "teacher")
+    assert {(r["model"], r["ctx"], r["B"]) for r in rows} == {(m, c, b) for m in ("student", "teacher", "modal")
                                                               for c in (16, 64, 256) for b in (1, 2)}
     assert all(r["tok_s"] > 0 and "error" not in r for r in rows)
+    modal = {r["ctx"]: r["cache_bytes_per_seq"] for r in rows if r["model"] == "modal" and r["B"] == 1}
+    student = {r["ctx"]: r["cache_bytes_per_seq"] for r in rows if r["model"] == "student" and r["B"] == 1}
+    assert len(set(modal.values())) == 1 and student[256] > student[64] > student[16]  # constant vs growing
     assert res["kd"][0]["ms"] > 0 and res["kd"][0]["share"] is None  # the share needs this run's train section
     saved = json.loads((tmp_path / "bench.json").read_text())
     target = next(t for t in saved["targets"] if t["target"].startswith("student / teacher decode tok/s, ctx=64, B=1 (eager)"))

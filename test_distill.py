@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import distill
-from hyena import Config, GPTNeoX, make_student
+from hyena import Config, GPTNeoX, make_student, to_modal
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=64,
             max_position_embeddings=32)
@@ -155,3 +155,36 @@ def test_loss_chunk_falls_back_to_eager_when_compiling_fails(monkeypatch):
             assert torch.equal(fn(zs, tgt, 1.0, zt, 2.0)[1], ref[1])
     finally:
         losses._compiled_chunk_fn.cache_clear()
+
+
+def test_modal_conversion_then_kl_repair(setup):
+    """--modal-state converts a Hyena student (its own teacher), writes the filter errors, repairs by KL."""
+    tmp, common = setup
+    student = make_student(GPTNeoX.from_pretrained(tmp / "teacher"))
+    student.save_pretrained(tmp / "conv")
+    common = [a if a != str(tmp / "teacher") else str(tmp / "conv") for a in common]
+    distill.main(common + ["--modal-state", "4", "--layers", "none", "--out-dir", str(tmp / "only")])
+    fit = json.loads((tmp / "only" / "modal_fit.json").read_text())["layers"]
+    assert [f["layer"] for f in fit] == [0, 1] and all(0 <= f["rel_error"] < 1 for f in fit)
+    converted = GPTNeoX.from_pretrained(tmp / "only" / "final")
+    assert converted.config.hyena_modal_state == [4, 4] and not (tmp / "only" / "e2e").exists()
+    distill.main(common + ["--modal-tol", "1e-2", "--modal-max-state", "8", "--layers", "none", "--e2e-tokens",
+                           str(20 * 4 * 32), "--e2e-lr", "3e-3", "--out-dir", str(tmp / "repair")])
+    rows = log(tmp / "repair" / "e2e" / "log.jsonl")
+    assert rows and all(np.isfinite(r["loss"]) for r in rows)
+    repaired = GPTNeoX.from_pretrained(tmp / "repair" / "final")
+    fresh = to_modal(student, state_size=None, tol=1e-2, max_state=8)  # the fit is deterministic
+    assert repaired.config.hyena_modal_state == fresh.config.hyena_modal_state
+    assert all(d in (1, 2, 4, 8) for d in repaired.config.hyena_modal_state)
+    before = GPTNeoX.from_pretrained(tmp / "repair" / "converted")  # saved before the repair, for comparison
+    for name in ("log_decay", "angle", "residues"):  # poles and residues trained in the repair
+        assert torch.equal(getattr(before.gpt_neox.layers[0].hyena.filter_fn, name),
+                           getattr(fresh.gpt_neox.layers[0].hyena.filter_fn, name)), name
+        assert not torch.equal(getattr(repaired.gpt_neox.layers[0].hyena.filter_fn, name),
+                               getattr(fresh.gpt_neox.layers[0].hyena.filter_fn, name)), name
+    with pytest.raises(ValueError, match="not both"):
+        distill.main(common + ["--modal-state", "4", "--modal-tol", "1e-3", "--layers", "none", "--out-dir",
+                               str(tmp / "x")])
+    with pytest.raises(ValueError, match="all attention"):
+        distill.main([a if a != str(tmp / "conv") else str(tmp / "teacher") for a in common]
+                     + ["--modal-state", "4", "--layers", "none", "--out-dir", str(tmp / "y")])

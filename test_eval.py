@@ -188,3 +188,14 @@ def test_prompt_past_the_hyena_l_max_says_what_to_change(ckpts, capsys):
     assert e.value.code == 2 and "Traceback" not in err
     assert "--max-new-tokens 200" in err and "l_max 128" in err and "shorten the prompt" in err, err
     assert "Config.hyena_l_max" not in err
+
+
+def test_a_modal_student_evaluates_with_no_extra_flags(root, ckpts, tmp_path):
+    """hyena.to_modal's checkpoint goes through eval.py like any other, its perplexity close to its conv
+    student's (the fit is close at this size)."""
+    from hyena import to_modal
+    to_modal(GPTNeoX.from_pretrained(ckpts[1]), state_size=8).save_pretrained(tmp_path / "modal")
+    conv, mod = ev.main(["--ckpt", ckpts[1], str(tmp_path / "modal"), "--data", "wiki", "--data-root", str(root),
+                         "--context", "64"])
+    a, b = (r["datasets"]["wiki"]["token_ppl"] for r in (conv, mod))
+    assert abs(b - a) <= 0.01 * a

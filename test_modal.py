@@ -1,0 +1,227 @@
+"""Modal filters (Laughing Hyena): the fit (modal.py), ModalFilter's recurrence, to_modal and modal students."""
+import json
+import math
+
+import pytest
+import torch
+
+import modal
+from decode import cache_bytes, new_cache
+from hyena import Config, GPTNeoX, make_student, to_modal
+from hyena_operator import HyenaFilter, HyenaOperator, fftconv
+
+TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3, vocab_size=64,
+            max_position_embeddings=32)
+
+
+def random_modes(C, d, real=0, seed=0):
+    """(h0, log_decay, angle, residues) of d modes per channel, the last `real` of them real poles."""
+    g = torch.Generator().manual_seed(seed)
+    rate = torch.rand(C, d, generator=g, dtype=torch.float64) * 0.08 + 0.01
+    angle = torch.rand(C, d, generator=g, dtype=torch.float64) * 2.8 + 0.2  # distinct, away from 0 and pi
+    if real:
+        angle[:, d - real:] = 0.0
+    R = torch.randn(C, d, 2, generator=g, dtype=torch.float64)
+    return torch.randn(C, generator=g, dtype=torch.float64), rate.log(), angle, R
+
+
+def test_modal_response_follows_the_documented_convention():
+    h0, w, th, R = random_modes(3, 4)
+    h = modal.modal_response(h0, w, th, R, 50)  # (L, C)
+    lam, Rc = torch.polar(torch.exp(-w.exp()), th), torch.complex(R[..., 0], R[..., 1])
+    ref = torch.stack([h0] + [2 * (Rc * lam ** (t - 1)).sum(-1).real for t in range(1, 50)])
+    assert h.shape == (50, 3) and (h - ref).abs().max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("L", [1, 2, 5, 37, 64])
+def test_prefill_state_equals_the_recurrence_run_over_the_prompt(L):
+    _, w, th, _ = random_modes(5, 3)
+    z = torch.randn(2, L, 5, dtype=torch.float64)
+    lam, x = torch.polar(torch.exp(-w.exp()), th), torch.zeros(2, 5, 3, dtype=torch.complex128)
+    for t in range(L):
+        x = lam * x + z[:, t, :, None]
+    assert (modal.prefill_state(z, w, th) - x).abs().max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("order", [2, 3])
+def test_recurrent_decoding_equals_the_fft_convolution_with_the_materialised_filter(order):
+    """Prefill (FFT + exact state) then one-token recurrence steps = the full forward, whose long convolutions
+    are FFTs with ModalFilter's materialised filter (fp64)."""
+    torch.manual_seed(order)
+    op = HyenaOperator(8, l_max=16, order=order, modal_state=4).double()
+    u = torch.randn(2, 40, 8, dtype=torch.float64)  # beyond l_max: a modal filter has no length limit
+    full = op(u)
+    cache = {"pos": 0, "max_len": 40}
+    outs = [op(u[:, :13], cache)]
+    cache["pos"] = torch.tensor(13)
+    outs += [op(u[:, t:t + 1], cache) for t in range(13, 40)]
+    err = (torch.cat(outs, 1) - full).abs().max().item()
+    print(f"order {order}: recurrence vs FFT: {err:.1e}")
+    assert err <= 1e-10
+    k, bias = op.filters(40)  # and the FFT path is the convolution with that filter
+    p = op.in_proj(u)
+    from hyena_operator import short_conv
+    *x, v = short_conv(p, op.short_filter.weight, op.short_filter.bias).split(8, dim=-1)
+    for o, x_i in enumerate(reversed(x[1:])):
+        v = fftconv(v * x_i, k[:, o], bias[o])
+    assert (op.out_proj(v * x[0]) - full).abs().max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("real", [0, 1, 2])
+def test_a_sum_of_d_modes_is_recovered_exactly(real):
+    h0, w, th, R = random_modes(6, 5, real=real, seed=real)
+    h = modal.modal_response(h0, w, th, R, 300)
+    f = modal.fit(h, 5)
+    print(f"{real} real poles: rel error {f.rel_error:.1e}")
+    assert f.rel_error <= 1e-6 and f.channel_error.max().item() <= 1e-6
+    lam = torch.polar(torch.exp(-w.exp()), th)
+    found = torch.polar(torch.exp(-f.log_decay.exp()), f.angle)
+    assert (found[..., None] - lam[:, None]).abs().min(-1).values.max().item() <= 1e-6  # the poles themselves
+
+
+def test_fit_error_falls_as_the_state_grows_on_an_implicit_filter():
+    torch.manual_seed(0)
+    with torch.no_grad():
+        h = HyenaFilter(8, l_max=256)(256).double()  # a Hyena filter: smooth, decaying, many frequencies
+    errs = [modal.fit(h, d).rel_error for d in (1, 2, 4, 8, 16)]
+    print("rel errors for d = 1, 2, 4, 8, 16:", [f"{e:.1e}" for e in errs])
+    assert all(b < 0.8 * a for a, b in zip(errs, errs[1:])) and errs[-1] < 0.02
+    sv = modal.hankel_singular_values(h)
+    assert sv.shape[0] == 8 and (sv[:, 1:] <= sv[:, :-1] + 1e-12).all()
+    tol = modal.fit_tol(h, tol=errs[2] * 1.01, max_state=16)  # the smallest power of two meeting the tolerance
+    assert tol.state_size == 4 and tol.rel_error <= errs[2] * 1.01
+
+
+def test_refinement_never_makes_the_fit_worse():
+    torch.manual_seed(1)
+    with torch.no_grad():
+        h = HyenaFilter(4, l_max=128)(128).double()
+    plain, refined = modal.fit(h, 2), modal.fit(h, 2, refine_steps=30)
+    assert (refined.channel_error <= plain.channel_error + 1e-12).all()
+    assert refined.rel_error < plain.rel_error
+
+
+def randomized(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = GPTNeoX(Config(**cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # non-zero biases and LayerNorms
+    return model
+
+
+def modal_student(layers=None, order=2, d=4):
+    teacher = randomized({**TINY, "hyena_order": order})
+    return to_modal(make_student(teacher, layers=layers), state_size=d).eval()
+
+
+@pytest.mark.parametrize("layers", [None, [0, 2]], ids=["hyena", "hybrid"])
+@pytest.mark.parametrize("order", [2, 3])
+def test_cached_greedy_generation_of_a_modal_student_equals_full_forward(layers, order):
+    model = modal_student(layers, order)
+    prompt = torch.randint(0, 64, (2, 7))
+    out = model.generate(prompt, max_new_tokens=25, temperature=0)
+    with torch.no_grad():
+        full = model(out)[0]
+    assert out.shape == (2, 32) and torch.equal(out[:, :7], prompt)
+    assert torch.equal(full[:, 6:-1].argmax(-1), out[:, 7:])  # greedy tokens are the full forward's argmax
+    cache = new_cache(model, 32)
+    with torch.no_grad():
+        steps = [model(out[:, :7], cache=cache)[0]] + [model(out[:, i:i + 1], cache=cache)[0] for i in range(7, 32)]
+    assert (torch.cat(steps, 1) - full[:, 6:]).abs().max().item() <= 1e-4
+
+
+def test_modal_cache_size_does_not_depend_on_the_context():
+    model = modal_student()
+    sizes = {}
+    for ctx, max_len in ((8, 10), (8, 10 ** 12), (40, 10 ** 12)):
+        cache = new_cache(model, max_len)  # room for 10^12 positions: nothing O(max_len) is allocated
+        with torch.no_grad():
+            model(torch.randint(0, 64, (2, ctx)), cache=cache)
+            model(torch.randint(0, 64, (2, 1)), cache=cache)
+        sizes[ctx, max_len] = cache_bytes(cache)
+        assert all("z" not in c and "k_pad" not in c for c in cache)
+    assert len(set(sizes.values())) == 1, sizes
+    conv = make_student(randomized(TINY))  # the convolutional student's history does grow (the check can fail)
+    grown = []
+    for max_len in (10, 30):
+        cache = new_cache(conv, max_len)
+        with torch.no_grad():
+            conv(torch.randint(0, 64, (2, 8)), cache=cache)
+        grown.append(cache_bytes(cache))
+    assert grown[1] > grown[0]
+
+
+def test_a_modal_student_runs_at_four_times_its_l_max():
+    model = modal_student()
+    L = 4 * model.config.l_max
+    idx = torch.randint(0, 64, (1, L))
+    with torch.no_grad():
+        full = model(idx)[0]
+        cache = new_cache(model, L)
+        steps = [model(idx[:, :L - 3], cache=cache)[0]] + [model(idx[:, i:i + 1], cache=cache)[0]
+                                                           for i in range(L - 3, L)]
+    assert full.shape == (1, L, 64) and torch.isfinite(full).all()
+    assert (torch.cat(steps, 1) - full[:, L - 4:]).abs().max().item() <= 1e-4
+    out = model.generate(idx[:, :8], max_new_tokens=L - 8 + 5, temperature=0)  # decoding past 4 l_max too
+    assert out.shape == (1, L + 5)
+
+
+def test_to_modal_keeps_everything_but_the_filters_and_round_trips(tmp_path):
+    student = make_student(randomized(TINY), layers=[0, 2]).eval()
+    model = to_modal(student, state_size=6)
+    assert model.config.hyena_modal_state == [6, 0, 6] and student.config.hyena_modal_state == [0, 0, 0]
+    assert [f["layer"] for f in model.modal_fit] == [0, 2]
+    ours, theirs = model.state_dict(), student.state_dict()
+    for k, v in theirs.items():
+        if ".filter_fn." not in k or k.endswith("filter_fn.bias"):
+            assert torch.equal(ours[k], v), k
+    for f, i in zip(model.modal_fit, (0, 2)):  # the reported error is the filter's, at l_max
+        h = student.gpt_neox.layers[i].hyena.filter_fn(32).double()
+        hm = model.gpt_neox.layers[i].hyena.filter_fn(32).double()
+        assert math.isclose(f["rel_error"], ((h - hm).norm() / h.norm()).item(), rel_tol=1e-4)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["hyena"]["modal_state"] == [6, 0, 6]
+    again = GPTNeoX.from_pretrained(tmp_path)
+    idx = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(again(idx)[0], model(idx)[0])
+    by_tol = to_modal(student, state_size=None, tol=1e-3, max_state=8)
+    assert all(f["rel_error"] <= 1e-3 or f["state_size"] == 8 for f in by_tol.modal_fit)
+    with pytest.raises(ValueError, match="not both or neither"):
+        to_modal(student, state_size=4, tol=1e-3)
+    with pytest.raises(ValueError, match="all attention"):
+        to_modal(randomized(TINY), state_size=4)
+
+
+def test_config_refuses_bad_modal_states():
+    with pytest.raises(ValueError, match="must list 3 entries"):
+        Config(**TINY, mixers=["hyena"] * 3, hyena_modal_state=[4, 4])
+    with pytest.raises(ValueError, match="layer 1 is 'attention'"):
+        Config(**TINY, mixers=["hyena", "attention", "hyena"], hyena_modal_state=[4, 4, 4])
+    with pytest.raises(ValueError, match=r"hyena_modal_state\[0\] = -1"):
+        Config(**TINY, mixers=["hyena"] * 3, hyena_modal_state=[-1, 0, 0])
+    assert Config.from_hf(Config(**TINY, mixers=["hyena"] * 3).to_hf()).hyena_modal_state == [0, 0, 0]
+
+
+def test_modal_decoding_steps_never_read_the_device_back():
+    """Fixed shapes and no .item() in a modal step: what decode.graphed_step needs to capture it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoHostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            assert func not in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default), func
+            return func(*args, **(kwargs or {}))
+
+    model = modal_student([0, 2])
+    idx = torch.randint(0, 64, (2, 12))
+    cache = new_cache(model, 12)
+    with torch.no_grad():
+        model(idx[:, :8], cache=cache)
+        state = cache[0]["state"]
+        with NoHostReads():
+            steps = [model(idx[:, i:i + 1], cache=cache)[0] for i in range(8, 12)]
+        assert cache[0]["state"] is state  # updated in place: a replayed graph sees the same storage
+        full = model(idx)[0]
+    for i, logits in zip(range(8, 12), steps):
+        assert torch.allclose(logits[:, 0], full[:, i], atol=1e-4)
