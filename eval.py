@@ -235,6 +235,8 @@ def parse_args(argv):
     p.add_argument("--tokenizer", help="for samples and for decoding the data (default: the checkpoint's "
                                        f"tokenizer.json, else {DEFAULT_TOKENIZER}; the data's own for decoding)")
     args = p.parse_args(argv)
+    if args.protocol == "harness" and args.stride is not None:
+        p.error("--protocol harness scores back-to-back windows: drop --stride")
     if not args.data and args.prompt is None and not args.tasks:
         p.error("nothing to do: give --data to evaluate, --tasks to run and/or --prompt to sample")
     return args

@@ -191,6 +191,8 @@ def test_protocol_harness_reproduces_the_harness_wikitext_metrics(student, enc, 
     assert stream["tokens"] == len(tokens) - 1 and ours["tokens"] == len(tokens) - len(docs)  # eots not scored
     with pytest.raises(ValueError, match="no --stride"):
         ev.evaluate(student, tokens, 32, stride=16, protocol="harness", eot=enc.eot_token)
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--ckpt", "x", "--data", "y", "--protocol", "harness", "--stride", "16"])
 
 
 def test_harness_windows_score_each_document_token_once():
@@ -218,3 +220,36 @@ def test_build_is_deterministic_and_well_formed(tmp_path):
         assert len(it["choices"]) == 4 and len(set(it["choices"])) == 4 and 0 <= it["label"] < 4
         assert book.replace("\n\n", " ").find(it["context"] + " " + it["choices"][it["label"]]) >= 0  # the true one
     assert build.sentences("Mr. Smith came. He left!") == ["Mr. Smith came.", "He left!"]
+
+
+def test_prepare_harness_writes_the_same_files_twice(tmp_path):
+    import tarfile
+
+    import prepare
+    shared = tmp_path / "shared"
+    (shared / "wikitext" / "wikitext-2-raw").mkdir(parents=True)
+    for name in ("valid", "test"):
+        (shared / "wikitext" / "wikitext-2-raw" / f"wiki.{name}.raw").write_text(" \n = A = \n \n x . \n = B = \n y . \n")
+    books = tmp_path / "gutenberg"
+    books.mkdir()
+    rng = np.random.default_rng(0)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    for name in ("val_book.txt", "train_book.txt"):
+        (books / name).write_text("\n\n".join(" ".join(rng.choice(words, 30)).capitalize() + " alpha. And " +
+                                                " ".join(rng.choice(words, 6)) + " beta." for _ in range(300)))
+    (shared / "corpus").mkdir()
+    with tarfile.open(shared / "corpus" / "gutenberg.tar.xz", "w:xz") as tar:
+        tar.add(books, arcname="gutenberg")
+    (shared / "corpus" / "VAL.txt").write_text("gutenberg/val_book.txt\n")
+    runs = []
+    for out in ("a", "b"):
+        prepare.main(["harness", "--shared", str(shared), "--out-dir", str(tmp_path / out), "--lambada", "5",
+                      "--next-sentence", "7"])
+        runs.append({p.relative_to(tmp_path / out): p.read_bytes() for p in sorted((tmp_path / out).rglob("*.jsonl"))})
+    assert runs[0] == runs[1] and len(runs[0]) == 4
+    gut = Path("gutenberg")
+    assert [len(runs[0][gut / f].splitlines()) for f in ("lambada.jsonl", "next_sentence.jsonl")] == [5, 7]
+    assert all(json.loads(line)["text"].split(" ")[-1] in ("alpha", "beta")  # a sentence's last word, bare
+               for line in runs[0][gut / "lambada.jsonl"].splitlines())
+    pages = [json.loads(line)["page"] for line in runs[0][Path("wikitext2") / "test.jsonl"].splitlines()]
+    assert pages == [" = A = \n \n x . ", " = B = \n y . \n"]
