@@ -23,7 +23,6 @@ reference):
                          requests whose contexts have the same number of tokens.
 lm-eval is optional: only this folder (and eval.py --tasks, lazily) imports it.
 """
-import sys
 from pathlib import Path
 
 import torch
@@ -36,9 +35,8 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root: run from anywhere
-import eval as ev  # noqa: E402
-from hyena import GPTNeoX, load_tokenizer  # noqa: E402
+import eval as ev  # the repo root's eval.py (harness/ is imported from the root, as `harness.adapter`)
+from hyena import GPTNeoX, load_tokenizer
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
@@ -61,13 +59,13 @@ class HyenaLM(TemplateLM):
         if dtype is not None and dtype not in ev.DTYPES:
             raise ValueError(f"dtype={dtype}: expected one of {', '.join(ev.DTYPES)}")
         if isinstance(pretrained, GPTNeoX):
-            model, self.name = pretrained, "GPTNeoX instance"
+            model = pretrained
             if dtype is not None:
                 model = model.to(ev.DTYPES[dtype])
         else:
-            self.name = ev.resolve_ckpt(str(pretrained))
-            model = GPTNeoX.from_pretrained(self.name, dtype=ev.DTYPES[dtype or "fp32"])
-            tokenizer = tokenizer or ev.checkpoint_tokenizer(self.name)
+            ckpt = ev.resolve_ckpt(str(pretrained))
+            model = GPTNeoX.from_pretrained(ckpt, dtype=ev.DTYPES[dtype or "fp32"])
+            tokenizer = tokenizer or ev.checkpoint_tokenizer(ckpt)
             device = device or "auto"
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -253,3 +253,18 @@ def test_prepare_harness_writes_the_same_files_twice(tmp_path):
                for line in runs[0][gut / "lambada.jsonl"].splitlines())
     pages = [json.loads(line)["page"] for line in runs[0][Path("wikitext2") / "test.jsonl"].splitlines()]
     assert pages == [" = A = \n \n x . ", " = B = \n y . \n"]
+
+
+@needs_lm_eval
+def test_registered_for_the_cli(tmp_path):
+    """lm-eval's CLI builds its model as get_model(--model).create_from_arg_string(--model_args, {...})."""
+    from lm_eval.api.registry import get_model
+
+    from harness.adapter import HyenaLM
+    GPTNeoX(Config(**TINY)).save_pretrained(tmp_path / "ckpt")
+    lm = get_model("hyena").create_from_arg_string(f"pretrained={tmp_path / 'ckpt'},dtype=bf16,tokenizer={TOKENIZER}",
+                                                   {"batch_size": "4", "max_batch_size": None, "device": "cpu"})
+    assert isinstance(lm, HyenaLM) and lm.batch_size == 4 and lm.max_length == 64
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype=float16: expected one of"):
+        HyenaLM(str(tmp_path / "ckpt"), dtype="float16", tokenizer=str(TOKENIZER))
