@@ -2,6 +2,7 @@
 
     python eval.py --ckpt EleutherAI/pythia-70m out/student --data wikitext2 --stride 512 --json out/eval.json
     python eval.py --ckpt out/student --prompt "The lobster is" --temperature 0
+    python eval.py --ckpt out/student --tasks wikitext2_offline,gutenberg_lambada --json out/tasks.json
 
 One pass scores every token of the split but the first exactly once (data.eval_windows) and sums the NLL in fp64:
   token ppl      exp(NLL / tokens scored)
@@ -11,6 +12,12 @@ bytes = len(text.encode("utf-8")); words = len(text.split()), i.e. the non-empty
 re.split(r"\\s+", text) (lm-eval also counts the empty strings re.split yields at leading/trailing whitespace).
 The data's <|endoftext|> (one after every document) is scored like any token and decodes to one "\\n": it ends a
 document, so it separates words and counts as one byte.
+
+--protocol harness scores as lm-evaluation-harness's loglikelihood_rolling does (harness_windows): each document
+(the text between <|endoftext|>s) on its own, its first token conditioned on <|endoftext|>, in back-to-back
+windows of `context` tokens whose last one still gets a full window of context; the <|endoftext|>s themselves
+are not scored, and words = len(re.split(r"\\s+", document)) per document, lm-eval's count.
+--tasks runs lm-evaluation-harness tasks through harness/adapter.py (pip install lm-eval; see harness/).
 """
 import argparse
 import copy
@@ -35,6 +42,7 @@ from train import integer
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")  # owner/name
 DEFAULT_TOKENIZER = "EleutherAI/pythia-70m"
+PROTOCOLS = ("stream", "harness")  # see the module docstring
 
 
 def batched(windows, batch_size):
@@ -49,15 +57,31 @@ def batched(windows, batch_size):
         yield torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch])
 
 
+def harness_windows(tokens, eot, context):
+    """lm-eval's rolling windows (its get_rolling_token_windows with context_len=1, made disjoint) for every
+    document of tokens: (x (1, L), y (1, L)), y = -1 where a position is context only."""
+    ends = np.flatnonzero(tokens == eot).tolist() + [len(tokens)]
+    for start, end in zip([0] + [e + 1 for e in ends[:-1]], ends):
+        seq = np.concatenate([[eot], tokens[start:end]]).astype(np.int64)  # seq[i + 1] is the document's token i
+        for first in range(0, end - start, context):  # this window scores document tokens first..last-1
+            last = min(first + context, end - start)
+            begin = max(0, last - context)  # a short last window reaches back for a full context
+            x, y = torch.from_numpy(seq[begin:last])[None], torch.from_numpy(seq[begin + 1:last + 1].copy())[None]
+            y[:, :first - begin] = -1
+            yield x, y
+
+
 @torch.no_grad()
 def evaluate(model, tokens, context, stride=None, batch_size=8, max_tokens=None, device=None, dtype=None,
-             decode=None, progress=None):
+             decode=None, progress=None, protocol="stream", eot=None):
     """NLL of tokens (1-D array of ids) under model, in windows of `context` tokens moving on by `stride`.
 
     device / dtype (None: the model's own): the whole forward runs in dtype; the model is not changed (a copy is
     cast when needed, since casting down and back would not restore the weights). Log-softmax runs in fp32 at least,
     the sum in fp64. decode(ids) -> str turns the scored ids into text for word ppl and bits per byte (None: skip).
     progress: a label for progress lines on stderr (None: quiet). max_tokens: use only the first max_tokens tokens.
+    protocol "harness" (needs eot, the document separator; no stride): lm-eval's per-document windows and word
+    count instead (see the module docstring).
     Returns {tokens (scored), nll, token_ppl, context, stride, windows, seconds, tokens_per_s} and, with decode,
     {words, bytes, word_ppl, bits_per_byte}.
     """
@@ -67,10 +91,20 @@ def evaluate(model, tokens, context, stride=None, batch_size=8, max_tokens=None,
     if (p.device, p.dtype) != (device, dtype):
         model = copy.deepcopy(model).to(device=device, dtype=dtype)
     n = len(tokens) if max_tokens is None else min(len(tokens), max_tokens)
-    total = max(0, -(-(n - 1 - context) // (stride or context))) + 1  # windows eval_windows will yield
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    if protocol == "harness":
+        if stride is not None or eot is None:
+            raise ValueError("protocol harness: windows are back to back (no --stride), documents end at eot")
+        docs = np.split(tokens[:n], np.flatnonzero(tokens[:n] == eot) + 1)  # each with its trailing eot, if any
+        total = sum(-(-int((d != eot).sum()) // context) for d in docs)
+        windows = harness_windows(tokens[:n], eot, context)
+    else:
+        total = max(0, -(-(n - 1 - context) // (stride or context))) + 1  # windows eval_windows will yield
+        windows = eval_windows(tokens, context, stride, max_tokens)
     nll = torch.zeros((), dtype=torch.float64, device=device)
     scored, done, t0, shown = 0, 0, time.monotonic(), time.monotonic()
-    for x, y in batched(eval_windows(tokens, context, stride, max_tokens), batch_size):
+    for x, y in batched(windows, batch_size):
         scored += int((y != -1).sum())
         x, y = x.to(device), y.to(device)  # (B, L) each
         logits, _ = model(x)  # (B, L, V) in dtype
@@ -85,10 +119,14 @@ def evaluate(model, tokens, context, stride=None, batch_size=8, max_tokens=None,
     seconds = time.monotonic() - t0
     nll = nll.item()
     out = {"tokens": scored, "nll": nll, "token_ppl": math.exp(nll / scored), "context": context, "stride": stride,
-           "windows": done, "seconds": seconds, "tokens_per_s": scored / seconds}
-    if decode is not None:
+           "protocol": protocol, "windows": done, "seconds": seconds, "tokens_per_s": scored / seconds}
+    if decode is not None and protocol == "harness":
+        texts = [decode(d[d != eot]) for d in docs if (d != eot).any()]
+        words, nbytes = sum(len(re.split(r"\s+", t)) for t in texts), sum(len(t.encode("utf-8")) for t in texts)
+    elif decode is not None:
         text = decode(np.asarray(tokens[1:n]))  # exactly the scored tokens
         words, nbytes = len(text.split()), len(text.encode("utf-8"))
+    if decode is not None:
         out.update(words=words, bytes=nbytes, word_ppl=math.exp(nll / words) if words else None,
                    bits_per_byte=nll / (math.log(2) * nbytes) if nbytes else None)
     return out
@@ -100,6 +138,18 @@ def text_decoder(enc):
         docs = np.split(ids, np.flatnonzero(ids == enc.eot_token))  # every piece but the first starts with eot
         return "\n".join(enc.decode(d[d != enc.eot_token].tolist()) for d in docs)
     return decode
+
+
+def harness_tasks(names, include_path):
+    """(adapter class, evaluate_tasks, task manager) for --tasks, or a clear error when lm-eval is missing."""
+    try:
+        from harness.adapter import HyenaLM, evaluate_tasks, task_manager
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("lm_eval"):
+            raise
+        raise ValueError("--tasks needs EleutherAI's lm-evaluation-harness, which is not installed: "
+                         "pip install lm-eval==0.4.13 (it is in requirements-dev.txt)") from e
+    return HyenaLM, evaluate_tasks, task_manager(names, include_path)
 
 
 def max_context(cfg):
@@ -144,9 +194,11 @@ def sample(model, enc, prompt, max_new_tokens, temperature, top_k, seed):
     return enc.decode(out[0].tolist())
 
 
-def table(results, datasets):
-    """Markdown: one row per model, four columns per dataset."""
+def table(results, datasets, tasks=()):
+    """Markdown: one row per model, four columns per dataset, one per harness task metric (value ± stderr)."""
+    metrics = [(t, m) for t in tasks for m in results[0]["tasks"][t] if not m.endswith("_stderr")] if tasks else []
     cols = ["model"] + [f"{d} {c}" for d in datasets for c in ("token ppl", "word ppl", "bits/byte", "tokens")]
+    cols += [f"{t} {m}" for t, m in metrics]
     lines = ["| " + " | ".join(cols) + " |", "| --- |" + " ---: |" * (len(cols) - 1)]
     def fmt(v, spec):
         return "n/a" if v is None else format(v, spec)
@@ -157,6 +209,9 @@ def table(results, datasets):
             m = r["datasets"][d]
             cells += [fmt(m["token_ppl"], ".3f"), fmt(m.get("word_ppl"), ".3f"), fmt(m.get("bits_per_byte"), ".4f"),
                       fmt(m["tokens"], ",")]
+        for t, m in metrics:
+            err = r["tasks"][t].get(f"{m}_stderr")
+            cells.append(fmt(r["tasks"][t][m], ".4f") + ("" if err is None else f" ± {err:.4f}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -168,10 +223,15 @@ def parse_args(argv):
     p.add_argument("--split", choices=("val", "test"), help="default: test where the dataset has one, else val")
     p.add_argument("--context", type=int, default=2048, help="window length (capped at the model's maximum)")
     p.add_argument("--stride", type=int, help="sliding windows moving on by this many tokens (default: context)")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="stream",
+                   help="stream: the split as one token stream; harness: lm-eval's per-document rolling windows")
     p.add_argument("--max-tokens", type=integer, help="use only the first N tokens of each split (N - 1 are scored)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="the model's weights and forward pass")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     p.add_argument("--json", help="also write every number here")
+    p.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], default=[], metavar="NAME[,NAME]",
+                   help="lm-evaluation-harness tasks (harness/tasks/*.yaml offline, or lm-eval's own; needs lm-eval)")
+    p.add_argument("--include-path", help="--tasks: a folder of more task YAMLs")
     p.add_argument("--data-root", default="data")
     p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
     p.add_argument("--prompt", help="print a sample from each checkpoint, continuing this text")
@@ -182,8 +242,10 @@ def parse_args(argv):
     p.add_argument("--tokenizer", help="for samples and for decoding the data (default: the checkpoint's "
                                        f"tokenizer.json, else {DEFAULT_TOKENIZER}; the data's own for decoding)")
     args = p.parse_args(argv)
-    if not args.data and args.prompt is None:
-        p.error("nothing to do: give --data to evaluate and/or --prompt to sample")
+    if args.protocol == "harness" and args.stride is not None:
+        p.error("--protocol harness scores back-to-back windows: drop --stride")
+    if not args.data and args.prompt is None and not args.tasks:
+        p.error("nothing to do: give --data to evaluate, --tasks to run and/or --prompt to sample")
     for flag, low in (("context", 1), ("stride", 1), ("max_tokens", 2), ("batch_size", 1), ("max_new_tokens", 1),
                       ("temperature", 0), ("top_k", 0)):
         value = getattr(args, flag)
@@ -215,6 +277,7 @@ def run(args):
                              f"tokenizer.json sha256 {meta['tokenizer_sha256'][:12]}...): the data would decode to "
                              "other text. Pass --tokenizer with that same tokenizer.json")
         data[name] = meta, split, load_split(data_dir, split), text_decoder(load_tokenizer(tok))
+    tasks = harness_tasks(args.tasks, args.include_path) if args.tasks else None
     configs = [Config.from_file(resolve_file(c, "config.json")) for c in ckpts]
     for ckpt, cfg in zip(ckpts, configs):
         tok = checkpoint_tokenizer(ckpt)
@@ -235,14 +298,19 @@ def run(args):
         for name, (meta, split, tokens, decode) in data.items():
             row["datasets"][name] = {"split": split, **evaluate(
                 model, tokens, context, args.stride, args.batch_size, args.max_tokens, decode=decode,
-                progress=f"{label} on {name} {split}")}
+                progress=f"{label} on {name} {split}", protocol=args.protocol, eot=meta["eot_token"])}
+        if tasks is not None:
+            adapter, evaluate_tasks, manager = tasks
+            lm = adapter(model, tokenizer=args.tokenizer or checkpoint_tokenizer(ckpt) or DEFAULT_TOKENIZER,
+                         batch_size=args.batch_size, max_length=context)
+            row["tasks"] = evaluate_tasks(lm, args.tasks, manager)
         results.append(row)
         del model  # free it before the next one loads
-    if data:
-        print(table(results, list(data)))
+    if data or args.tasks:
+        print(table(results, list(data), args.tasks))
     if args.json:
-        out = {"context": args.context, "stride": args.stride, "dtype": args.dtype, "split": args.split,
-               "max_tokens": args.max_tokens, "results": results}
+        out = {"context": args.context, "stride": args.stride, "protocol": args.protocol, "dtype": args.dtype,
+               "split": args.split, "max_tokens": args.max_tokens, "tasks": args.tasks, "results": results}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json + ".tmp").write_text(json.dumps(out, indent=1) + "\n")
         os.replace(args.json + ".tmp", args.json)

@@ -182,9 +182,10 @@ class GPTNeoX(nn.Module):
         return self.head(x), None  # (B, L, V)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=None, stop=None):
         """Sample max_new_tokens after idx (B, T); temperature 0 is greedy. Caches make each step O(T D); on a
-        GPU the step is a CUDA graph (cuda_graph=None: when idx is on CUDA)."""
+        GPU the step is a CUDA graph (cuda_graph=None: when idx is on CUDA). stop(idx) -> True ends it early
+        (called after every new token with everything so far, e.g. to look for stop strings)."""
         cache = new_cache(self, idx.shape[1] + max_new_tokens)
         logits, _ = self(idx, cache=cache)
         graphed = idx.is_cuda if cuda_graph is None else cuda_graph
@@ -200,6 +201,8 @@ class GPTNeoX(nn.Module):
                     logits = logits.masked_fill(logits < kth, -float("inf"))
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)  # (B, 1)
             idx = torch.cat([idx, nxt], dim=1)
+            if stop is not None and stop(idx):
+                break
             if idx.shape[1] < cache[0]["max_len"]:
                 logits = step(nxt)
         return idx

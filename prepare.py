@@ -3,6 +3,7 @@
     python prepare.py shakespeare          # hub datasets: openwebtext, wikitext2, wikitext103, shakespeare
     python prepare.py text books/ more.tar.xz --val-list VAL.txt --name books      # local text
     python prepare.py text --val wiki.valid.raw --test wiki.test.raw --name wikitext2
+    python prepare.py harness              # data/harness/: the offline lm-eval tasks' data (harness/build.py)
 
 Local text: a .txt file (or any file named on the command line that is not .jsonl or an archive) is one
 document; a .jsonl holds one document per line in its "text" field; folders are searched recursively for .txt,
@@ -260,6 +261,9 @@ def prepare(args, argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        if argv[:1] == ["harness"]:  # the offline lm-evaluation-harness tasks' data: harness/build.py
+            from harness.build import main as build_harness_data
+            return build_harness_data(argv[1:])
         prepare(_parser().parse_args(argv), argv)
     except tarfile.TarError as e:  # cli.run reports ValueErrors, OSErrors and HubErrors as they are
         raise ValueError(f"an input archive cannot be read ({e}); check the .tar.xz/.tar.gz/.tgz files") from e
