@@ -95,10 +95,21 @@ class FusedHeadLoss(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
-def head_loss(model, h, targets, ce_weight=1.0, teacher=None, h_teacher=None, temperature=1.0, chunk=8192):
+CPU_CHUNK_BYTES = 24 << 20  # under 32 MB: glibc serves larger blocks by mmap, never from its heap
+
+
+def default_chunk(device, vocab_size, itemsize=4):
+    """Rows per loss chunk: 8192 on a GPU. On the CPU each (rows, V) chunk tensor stays under CPU_CHUNK_BYTES:
+    a whole step's logits (200 MB at V = 50k, 1024 tokens) would be mmap-ed, page-faulted in and unmapped again
+    on every step, and the kernel's time would then equal the math's (train.keep_freed_memory keeps the rest)."""
+    return 8192 if device.type == "cuda" else max(1, CPU_CHUNK_BYTES // (max(itemsize, 4) * vocab_size))
+
+
+def head_loss(model, h, targets, ce_weight=1.0, teacher=None, h_teacher=None, temperature=1.0, chunk=None):
     """ce_weight * CE [+ tau^2 KL(teacher || model)], from final hidden states h
     (B, L, D) (and the teacher's h_teacher) before the final LayerNorm; targets (B, L), -1 = not scored.
-    Averaged over scored tokens for CE alone, over all tokens when distilling (the KL covers every position)."""
+    Averaged over scored tokens for CE alone, over all tokens when distilling (the KL covers every position).
+    chunk: rows per chunk (default_chunk when None)."""
     xs = model.gpt_neox.final_layer_norm(h).flatten(0, 1)  # (n, D)
     xt = wt = None
     if teacher is not None:
@@ -106,6 +117,7 @@ def head_loss(model, h, targets, ce_weight=1.0, teacher=None, h_teacher=None, te
             xt, wt = teacher.gpt_neox.final_layer_norm(h_teacher).flatten(0, 1), teacher.embed_out.weight
     ws, tgt = model.embed_out.weight, targets.flatten()
     need_grad = torch.is_grad_enabled() and (xs.requires_grad or ws.requires_grad)
+    chunk = chunk or default_chunk(xs.device, ws.shape[0], xs.element_size())
     total = FusedHeadLoss.apply(xs, ws, tgt, ce_weight, xt, wt, temperature, chunk, need_grad)
     n = xs.shape[0] if teacher is not None else (tgt != -1).sum().clamp_min(1)
     return total / n
