@@ -52,7 +52,7 @@ def rel_mse(out, target):
     return F.mse_loss(out.float(), target) / target.pow(2).mean().clamp_min(1e-12)
 
 
-def kd_loss(hs, ht, targets, student, teacher, temperature=1.0, ce_weight=0.0, chunk=8192):
+def kd_loss(hs, ht, targets, student, teacher, temperature=1.0, ce_weight=0.0, chunk=None):
     """Mean over tokens of tau^2 KL(p_teacher || p_student) [+ ce_weight * CE], from final hidden states hs, ht
     (B, L, D) before the final LayerNorm; fused with its gradient chunk by chunk (losses.FusedHeadLoss)."""
     return head_loss(student, hs, targets, ce_weight, teacher, ht, temperature, chunk)

@@ -10,16 +10,21 @@ Students, each given the same GPU-minutes (--student-minutes) on one GPU, run in
   best+ce  teacher init, `progressive` alignment, end-to-end KL, then the last 30% of the budget on CE
            fine-tuning (evaluated before and after the CE stage: where does CE help, where does it hurt?)
   scratch  the paper's baseline: Hyena of the same shape trained from scratch with CE
-Every step is skipped when its output exists, so an interrupted experiment resumes by running it again.
+Every step is skipped when its output exists, so an interrupted experiment resumes by running it again; the
+console shows each running step's output (its progress lines), and runs/logs/ keeps all of it.
+Without a GPU only `--preset tiny` runs (or `--allow-cpu` to insist on the full sizes).
 """
 import argparse
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import report
+from checkpoint import write_atomic
 
 PY = sys.executable
 EVAL_SETS = ["gutenberg", "wikitext2", "owt-sample"]  # eval.py scores each one's test split, else its val
@@ -42,14 +47,36 @@ def prepare_commands(shared, tok, root, data):
             text + ["--val", f"{shared}/openwebtext/owt10k_val500.jsonl", "--name", "owt-sample", *opts]]
 
 
+def relay(pipe, log, prefix):
+    """Copy a step's output to its log and to the console, each console line prefixed with the step's name."""
+    with log:
+        for line in pipe:
+            log.write(line)
+            log.flush()
+            sys.stderr.write(prefix + line)
+            sys.stderr.flush()
+
+
 def run(cmd, log, env=None):
-    """Run one step, its output appended to log; a failure stops the experiment naming the step and log."""
+    """Start one step, its output appended to log and shown on the console; finish(proc) waits for it."""
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[{time.strftime('%H:%M:%S')}] {' '.join(map(str, cmd))}", file=sys.stderr, flush=True)
-    with open(log, "a") as f:
-        f.write(f"$ {' '.join(map(str, cmd))}\n")
-        f.flush()
-        return subprocess.Popen(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, env=env)
+    f = open(log, "a")
+    f.write(f"$ {' '.join(map(str, cmd))}\n")
+    f.flush()
+    env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}  # progress reaches the console as it is printed
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            text=True, errors="replace")
+    proc.relay = threading.Thread(target=relay, args=(proc.stdout, f, f"[{log.stem}] "), daemon=True)
+    proc.relay.start()
+    return proc
+
+
+def finish(proc):
+    """Wait for a step and for the last of its output; returns its exit status."""
+    proc.wait()
+    proc.relay.join()
+    return proc.returncode
 
 
 def run_parallel(jobs, gpus, logs):
@@ -67,13 +94,24 @@ def run_parallel(jobs, gpus, logs):
             name, cmds, env, proc = job
             if proc.poll() is None:
                 continue
-            if proc.returncode:
+            if finish(proc):
                 raise SystemExit(f"experiment.py: step {name!r} failed (exit {proc.returncode}); see {logs / name}.log")
             cmds.pop(0)
             if cmds:
                 job[3] = run(cmds[0], logs / f"{name}.log", env)
             else:
                 del running[g]
+
+
+def add_wall_time(runs, phase, seconds):
+    """Add a phase's wall time to runs/wall_time.json: a rerun that skips or resumes steps adds only the time
+    it spends, so the experiment's recorded wall time stays the sum of the work actually done."""
+    path = Path(runs) / "wall_time.json"
+    times = json.loads(path.read_text()) if path.exists() else {}
+    times[phase] = times.get(phase, 0.0) + seconds
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(times, indent=1) + "\n")
+    return sum(times.values())
 
 
 def todo(cmd, out):
@@ -96,6 +134,8 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, help="sequences per GPU per step (default 16; tiny 8)")
     p.add_argument("--block-size", type=int, help="context (default 2048; tiny 128)")
     p.add_argument("--gpus", type=int, default=None, help="default: all visible (0 = CPU)")
+    p.add_argument("--allow-cpu", action="store_true", help="run the full-size comparison without a GPU "
+                   "(weeks on a CPU; --preset tiny is the CPU-sized run)")
     p.add_argument("--preset", choices=["tiny"], help="tiny: CPU-sized model, data and budgets")
     p.add_argument("--runs", help="checkpoints and logs (default runs/experiment; tiny: runs/tiny)")
     p.add_argument("--data-root", default="data")
@@ -107,6 +147,11 @@ def main(argv=None):
         import torch
         args.gpus = torch.cuda.device_count()
     tiny = args.preset == "tiny"
+    if args.gpus == 0 and not tiny and not args.allow_cpu:
+        raise ValueError("no GPU here, and the full comparison (a 160M-token pythia-70m-shaped "
+                         "teacher, then four students) would take weeks on a CPU. Run `python experiment.py "
+                         "--preset tiny` for the whole chain at CPU size, or pass --allow-cpu to run the full "
+                         "sizes anyway")
     defaults = dict(teacher_tokens=1.5e5, student_minutes=0.5, batch_size=8, block_size=128) if tiny else \
         dict(teacher_tokens=160e6, student_minutes=2.0, batch_size=16, block_size=2048)
     defaults.update(runs="runs/tiny", results="runs/tiny/results") if tiny else \
@@ -121,8 +166,15 @@ def main(argv=None):
     eval_sets = [data] if data == "shakespeare" else list(EVAL_SETS) if offline else [data, "wikitext2"]
     t0 = time.time()
 
+    def phase_done(name):  # adds the time since the last phase ended
+        nonlocal t0
+        now = time.time()
+        total = add_wall_time(runs, name, now - t0)
+        t0 = now
+        return total
+
     for cmd in prepare_commands(args.shared, tok, root, data):
-        if run(cmd, logs / "prepare.log").wait():
+        if finish(run(cmd, logs / "prepare.log")):
             raise SystemExit(f"experiment.py: data preparation failed; see {logs / 'prepare.log'}")
 
     common = ["--data", data, "--data-root", root, "--block-size", args.block_size, "--batch-size",
@@ -136,8 +188,10 @@ def main(argv=None):
         cfg = ["--config", "tiny", "--preset", "tiny"] if tiny else ["--config", "pythia-70m", "--lr", "1e-3"]
         for cmd in todo(launcher + ["finetune.py", "--init", "scratch", "--mixer", "attention", *cfg, *common,
                                     "--max-tokens", int(args.teacher_tokens), "--out-dir", runs / "teacher"], teacher):
-            if run(cmd, logs / "teacher.log").wait():
+            if finish(run(cmd, logs / "teacher.log")):
                 raise SystemExit(f"experiment.py: teacher pretraining failed; see {logs / 'teacher.log'}")
+
+    phase_done("data and teacher")
 
     M = args.student_minutes
     distill = [PY, "distill.py", "--teacher", teacher, *common, "--lr", "1e-3"]
@@ -158,6 +212,7 @@ def main(argv=None):
                          "--lr", "1e-3", "--max-minutes", M, "--out-dir", runs / "scratch"], runs / "scratch" / "final"),
     }
     run_parallel({k: v for k, v in jobs.items() if v}, args.gpus, logs)
+    phase_done("students")
 
     models = {"teacher": teacher, "scratch": runs / "scratch" / "final", "paper": runs / "paper" / "final",
               "paper-ft": runs / "paper-ft" / "final", "best": runs / "best" / "final",
@@ -173,9 +228,10 @@ def main(argv=None):
                                         "--max-tokens", 20000 if tiny else 262144, "--tokenizer", tok,
                                         "--json", ev / f"dtype-{dtype}.json"], ev / f"dtype-{dtype}.json")
     run_parallel({k: v for k, v in evals.items() if v}, args.gpus, logs)
+    wall = phase_done("evaluation")
 
     report.main(["--runs", str(runs), "--results", args.results, "--paper-minutes", str(M),
-                 "--wall-minutes", f"{(time.time() - t0) / 60:.1f}", "--gpus", str(args.gpus)])
+                 "--wall-minutes", f"{wall / 60:.1f}", "--gpus", str(args.gpus)])
 
 
 if __name__ == "__main__":

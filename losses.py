@@ -17,19 +17,26 @@ def chunk_loss_and_grad(zs, tgt, ce_weight, zt, temperature):
     instead of about fifteen fp32 passes eagerly (6 ms against 55 ms for 32k tokens of KL on an H200)."""
     up = torch.promote_types(zs.dtype, torch.float32)  # fp32 softmaxes for bf16 logits; fp64 stays fp64
     z = zs.to(up)
-    total, grad = z.new_zeros(()), torch.zeros_like(z)
+    total, grad = z.new_zeros(()), None
     if ce_weight:
         log_p = F.log_softmax(z, dim=-1)  # (c, V)
         keep = (tgt != -1)[:, None].to(z.dtype)  # (c, 1)
         total = total + ce_weight * F.nll_loss(log_p, tgt, ignore_index=-1, reduction="sum")
-        p = log_p.exp().scatter_add_(1, tgt.clamp(min=0)[:, None], -keep)  # softmax - onehot, no (c, V) onehot
-        grad = grad + ce_weight * p * keep
+        # In place from here on (log_p is spent): eagerly on the CPU every (c, V) pass and buffer counts.
+        p = log_p.exp_().scatter_add_(1, tgt.clamp(min=0)[:, None], -keep)  # softmax - onehot, no (c, V) onehot
+        grad = p.mul_(ce_weight * keep)
     if zt is not None:
-        log_pt = F.log_softmax(zt.to(up) / temperature, dim=-1)  # (c, V)
-        log_ps = F.log_softmax(z / temperature, dim=-1)
+        zt = zt.to(up)
+        log_pt = F.log_softmax(zt / temperature if temperature != 1 else zt, dim=-1)  # (c, V)
+        log_ps = F.log_softmax(z / temperature if temperature != 1 else z, dim=-1)
         pt = log_pt.exp()
         total = total + (pt * (log_pt - log_ps)).sum() * temperature ** 2
-        grad = grad + temperature * (log_ps.exp() - pt)
+        g = log_ps.exp_().sub_(pt)
+        if temperature != 1:
+            g.mul_(temperature)
+        grad = g if grad is None else grad.add_(g)
+    if grad is None:
+        grad = torch.zeros_like(z)
     return total, grad.to(zs.dtype)
 
 
@@ -95,10 +102,21 @@ class FusedHeadLoss(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
-def head_loss(model, h, targets, ce_weight=1.0, teacher=None, h_teacher=None, temperature=1.0, chunk=8192):
+CPU_CHUNK_BYTES = 24 << 20  # under 32 MB: glibc serves larger blocks by mmap, never from its heap
+
+
+def default_chunk(device, vocab_size, itemsize=4):
+    """Rows per loss chunk: 8192 on a GPU. On the CPU each (rows, V) chunk tensor stays under CPU_CHUNK_BYTES:
+    a whole step's logits (200 MB at V = 50k, 1024 tokens) would be mmap-ed, page-faulted in and unmapped again
+    on every step, and the kernel's time would then equal the math's (train.keep_freed_memory keeps the rest)."""
+    return 8192 if device.type == "cuda" else max(1, CPU_CHUNK_BYTES // (max(itemsize, 4) * vocab_size))
+
+
+def head_loss(model, h, targets, ce_weight=1.0, teacher=None, h_teacher=None, temperature=1.0, chunk=None):
     """ce_weight * CE [+ tau^2 KL(teacher || model)], from final hidden states h
     (B, L, D) (and the teacher's h_teacher) before the final LayerNorm; targets (B, L), -1 = not scored.
-    Averaged over scored tokens for CE alone, over all tokens when distilling (the KL covers every position)."""
+    Averaged over scored tokens for CE alone, over all tokens when distilling (the KL covers every position).
+    chunk: rows per chunk (default_chunk when None)."""
     xs = model.gpt_neox.final_layer_norm(h).flatten(0, 1)  # (n, D)
     xt = wt = None
     if teacher is not None:
@@ -106,6 +124,7 @@ def head_loss(model, h, targets, ce_weight=1.0, teacher=None, h_teacher=None, te
             xt, wt = teacher.gpt_neox.final_layer_norm(h_teacher).flatten(0, 1), teacher.embed_out.weight
     ws, tgt = model.embed_out.weight, targets.flatten()
     need_grad = torch.is_grad_enabled() and (xs.requires_grad or ws.requires_grad)
+    chunk = chunk or default_chunk(xs.device, ws.shape[0], xs.element_size())
     total = FusedHeadLoss.apply(xs, ws, tgt, ce_weight, xt, wt, temperature, chunk, need_grad)
     n = xs.shape[0] if teacher is not None else (tgt != -1).sum().clamp_min(1)
     return total / n

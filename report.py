@@ -5,6 +5,7 @@
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 # Row label -> (run folders whose training stages it spent, in order; eval JSON name). Folders may be missing
@@ -86,10 +87,15 @@ def build(runs):
     return out
 
 
-def markdown(res, meta):
+def minutes_label(gpus):
+    """The table's unit: minutes of the devices that trained (GPU-minutes, or CPU-minutes for --gpus 0)."""
+    return "CPU" if str(gpus) == "0" else "GPU"
+
+
+def markdown(res, meta, unit="GPU"):
     datasets = sorted({d for r in res["rows"].values() for d in r["datasets"]}, key=lambda d: (d != "gutenberg", d))
     head = "| model | " + " | ".join(f"{d} ppl | {d} word ppl | {d} bits/byte" for d in datasets) + \
-        " | vs teacher | tokens | GPU-min |"
+        f" | vs teacher | tokens | {unit}-min |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     teacher = next(iter(res["rows"].values()), None)
     first = datasets[0] if datasets else None
@@ -114,21 +120,27 @@ def markdown(res, meta):
     return text + "\n" + " ".join(f"{k}: {v}." for k, v in meta.items()) + "\n"
 
 
-def plots(res, out):
+PLOTS = ("val_loss.png", "progressive_mse.png", "perplexity.png")
+
+
+def plots(res, out, unit="GPU"):
+    """Draws PLOTS into out; returns False (saying so) where matplotlib, an optional dependency, is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("report.py: matplotlib not installed; no plots (pip install matplotlib)")
-        return
+        print(f"report.py: plots skipped: matplotlib is not installed, so {', '.join(PLOTS)} were not drawn in "
+              f"{out} (the table and JSON were written). pip install matplotlib, then run report.py again",
+              file=sys.stderr)
+        return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, pts in res["curves"].items():
         if pts:
             axes[0].plot([p[0] / 1e6 for p in pts], [p[2] for p in pts], label=name, marker=".")
             axes[1].plot([p[1] for p in pts], [p[2] for p in pts], label=name, marker=".")
     teacher = next((r for label, r in res["rows"].items() if label.startswith("teacher")), None)
-    for ax, xl in zip(axes, ["tokens (M)", "GPU-minutes"]):
+    for ax, xl in zip(axes, ["tokens (M)", f"{unit}-minutes"]):
         if teacher and "gutenberg" in teacher["datasets"]:
             ax.axhline(teacher["datasets"]["gutenberg"]["nll"] / teacher["datasets"]["gutenberg"]["tokens"],
                        color="k", ls="--", label="teacher")
@@ -158,26 +170,28 @@ def plots(res, out):
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / "perplexity.png", dpi=110)
+    return True
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="runs/experiment")
     p.add_argument("--results", default="results")
-    p.add_argument("--paper-minutes", help="student budget (GPU-minutes), recorded in the table's notes")
+    p.add_argument("--paper-minutes", help="student budget (device-minutes), recorded in the table's notes")
     p.add_argument("--wall-minutes", help="the experiment's wall time, recorded in the notes")
-    p.add_argument("--gpus", help="GPUs used, recorded in the notes")
+    p.add_argument("--gpus", help="GPUs used, recorded in the notes (0: a CPU run, timed in CPU-minutes)")
     args = p.parse_args(argv)
     runs, out = Path(args.runs), Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     res = build(runs)
-    meta = {k: v for k, v in {"student budget (GPU-minutes)": args.paper_minutes, "GPUs": args.gpus,
+    unit = minutes_label(args.gpus)
+    meta = {k: v for k, v in {f"student budget ({unit}-minutes)": args.paper_minutes, "GPUs": args.gpus,
                               "experiment wall time (minutes)": args.wall_minutes}.items() if v}
     res["meta"] = meta
-    for name, text in [("experiment.json", json.dumps(res, indent=1)), ("RESULTS.md", markdown(res, meta))]:
+    for name, text in [("experiment.json", json.dumps(res, indent=1)), ("RESULTS.md", markdown(res, meta, unit))]:
         (out / f"{name}.tmp").write_text(text)
         os.replace(out / f"{name}.tmp", out / name)
-    plots(res, out)
+    plots(res, out, unit)
     print((out / "RESULTS.md").read_text())
 
 

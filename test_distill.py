@@ -188,3 +188,34 @@ def test_modal_conversion_then_kl_repair(setup):
     with pytest.raises(ValueError, match="all attention"):
         distill.main([a if a != str(tmp / "conv") else str(tmp / "teacher") for a in common]
                      + ["--modal-state", "4", "--layers", "none", "--out-dir", str(tmp / "y")])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="page-fault counts and mallopt are glibc/Linux specifics")
+def test_cpu_loss_steps_do_not_page_fault_their_memory_in_again():
+    """A CPU step of KD on a 50k vocabulary (512 tokens: 100 MB of logits) reuses memory freed by the last step:
+    the loss's chunks stay under glibc's largest heap block and train.keep_freed_memory stops heap trimming,
+    instead of every step mmap-ing, page-faulting and unmapping its logits again. In a fresh process, as a
+    training run is (the test process's heap holds whatever earlier tests left)."""
+    code = """if True:
+        import resource, torch, train
+        from losses import FusedHeadLoss, default_chunk
+        assert default_chunk(torch.device("cpu"), 50304) * 50304 * 4 < 32 << 20
+        assert train.keep_freed_memory()
+        g = torch.Generator().manual_seed(0)
+        xs = torch.randn(512, 16, generator=g, requires_grad=True)
+        ws = (0.1 * torch.randn(50304, 16, generator=g)).requires_grad_()
+        xt, wt = torch.randn(512, 16, generator=g), 0.1 * torch.randn(50304, 16, generator=g)
+        tgt, chunk = torch.zeros(512).long(), default_chunk(xs.device, ws.shape[0])
+        step = lambda: FusedHeadLoss.apply(xs, ws, tgt, 0.5, xt, wt, 2.0, chunk, True).backward()
+        for _ in range(3):  # the heap grows to what a step needs
+            step()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            step()
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * resource.getpagesize())
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent)
+    assert out.returncode == 0, out.stderr
+    faulted = int(out.stdout.split()[-1])
+    assert faulted < 512 * 50304 * 4 / 4, f"{faulted / 1e6:.0f} MB page-faulted in by 3 steps"  # logits: 100 MB

@@ -189,3 +189,84 @@ def test_report_table_sums_every_stage_and_lays_curves_end_to_end(tmp_path, caps
         assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     else:
         assert pngs == set()
+
+
+def test_report_labels_a_cpu_run_in_cpu_minutes(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    write_stage(runs / "teacher", [{"ce": 4.0}], tokens=1000, minutes=3.0)
+    write_eval(runs / "eval" / "teacher.json", ("runs/teacher/final", {"shakespeare": 20.0}))
+    report.main(["--runs", str(runs), "--results", str(out), "--paper-minutes", "0.5", "--gpus", "0"])
+    md = (out / "RESULTS.md").read_text()
+    header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+    assert header[-1] == "CPU-min" and "GPU" not in md.replace("GPUs: 0", "")
+    assert dict(zip(header, table_rows(md)[0]))["CPU-min"] == "3.00"
+
+
+def test_report_says_plainly_when_plots_are_skipped(tmp_path, capsys, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kw):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kw)
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    write_stage(runs / "teacher", [{"ce": 4.0}], tokens=1000, minutes=1.0)
+    write_eval(runs / "eval" / "teacher.json", ("runs/teacher/final", {"gutenberg": 20.0}))
+    report.main(["--runs", str(runs), "--results", str(out)])
+    err = capsys.readouterr().err
+    assert "plots skipped: matplotlib is not installed" in err and "pip install matplotlib" in err
+    assert all(p in err for p in report.PLOTS) and str(out) in err
+    assert (out / "RESULTS.md").is_file() and not list(out.glob("*.png"))
+
+
+# ---------------------------------------------------------------------------------------- experiment.py's logic
+
+def test_experiment_refuses_the_full_run_without_a_gpu(tmp_path, monkeypatch, capsys):
+    import experiment
+    started = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(experiment, "run", lambda cmd, *a, **kw: started.append(cmd) or pytest.fail("ran a step"))
+    with pytest.raises(ValueError, match=r"no GPU.*python experiment.py --preset tiny.*--allow-cpu") as e:
+        experiment.main(["--runs", str(tmp_path / "runs")])
+    assert not started and not (tmp_path / "runs").exists() and "Traceback" not in str(e.value)
+
+    class Started(Exception):
+        pass
+    for flags in (["--allow-cpu"], ["--preset", "tiny"]):  # insisting, or the CPU-sized run: it starts
+        monkeypatch.setattr(experiment, "run", lambda cmd, *a, **kw: (_ for _ in ()).throw(Started(cmd)))
+        with pytest.raises(Started):
+            experiment.main(["--runs", str(tmp_path / "runs"), *flags])
+
+
+def test_experiment_shows_the_running_steps_output_on_the_console(tmp_path, capsys):
+    import experiment
+    log = tmp_path / "logs" / "teacher.log"
+    script = "import sys, time; print('step 10 | loss 9.7'); sys.stderr.write('step 20 | ETA 0h00m01s\\n')"
+    proc = experiment.run([experiment.PY, "-c", script], log)
+    assert experiment.finish(proc) == 0
+    err = capsys.readouterr().err
+    assert "[teacher] step 10 | loss 9.7\n" in err and "[teacher] step 20 | ETA 0h00m01s\n" in err
+    assert log.read_text().splitlines()[1:] == ["step 10 | loss 9.7", "step 20 | ETA 0h00m01s"]  # log has it too
+
+
+def test_experiment_rerun_keeps_the_recorded_wall_time(tmp_path, monkeypatch):
+    """Every step already done: the rerun skips them all, and the report still gets the time they took."""
+    import experiment
+    runs = tmp_path / "runs"
+    for d in ["teacher", "scratch", "paper", "paper-ft", "best", "best-ce", "best-ce-ft"]:
+        (runs / d / "final").mkdir(parents=True)
+    for name in ["teacher", "scratch", "paper", "paper-ft", "best", "best-ce-kd", "best-ce",
+                 *(f"dtype-{d}" for d in ("fp64", "fp32", "bf16", "fp16"))]:
+        write_eval(runs / "eval" / f"{name}.json", (name, {"shakespeare": 20.0}))
+    (runs / "wall_time.json").write_text(json.dumps({"data and teacher": 300.0, "students": 240.0,
+                                                     "evaluation": 60.0}))
+    reported = []
+    monkeypatch.setattr(experiment, "prepare_commands", lambda *a: [])
+    monkeypatch.setattr(experiment, "run", lambda cmd, *a, **kw: pytest.fail(f"reran a finished step: {cmd}"))
+    monkeypatch.setattr(report, "main", reported.append)
+    experiment.main(["--preset", "tiny", "--gpus", "0", "--runs", str(runs), "--results", str(tmp_path / "res")])
+    args = reported[0]
+    assert args[args.index("--wall-minutes") + 1] == "10.0"
+    assert sum(json.loads((runs / "wall_time.json").read_text()).values()) < 600 + 30
