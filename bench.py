@@ -55,7 +55,7 @@ class Sizes:
     repeats: int
 
 
-H200 = Sizes({}, [2048 << i for i in range(7)], 131072, 65536, 16, 2048, 65536, [2048, 16384, 65536], [1, 16], 64,
+H200 = Sizes({}, [2048 << i for i in range(7)], 131072, 65536, 16, 2048, 65536, [2048, 16384, 65536, 131072], [1, 16], 64,
              3, 10)
 SMOKE = Sizes(dict(hidden_size=32, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2, vocab_size=256),
               [16 << i for i in range(7)], 512, 256, 2, 32, 512, [16, 64, 256], [1, 2], 4, 1, 2)

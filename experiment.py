@@ -28,6 +28,7 @@ from checkpoint import write_atomic
 
 PY = sys.executable
 EVAL_SETS = ["gutenberg", "wikitext2", "owt-sample"]  # eval.py scores each one's test split, else its val
+STUDENTS = ("paper", "best", "best-ce", "scratch")  # the student jobs below
 
 
 def prepare_commands(shared, tok, root, data):
@@ -142,7 +143,22 @@ def main(argv=None):
     p.add_argument("--results", help="table, JSON and plots (default results; tiny: runs/tiny/results, so a CPU "
                    "try-out never overwrites the committed GPU results)")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--students", default=",".join(STUDENTS), help="which students to train (comma-separated, "
+                   f"from {','.join(STUDENTS)})")
+    p.add_argument("--dtype-study", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate the teacher and `best` at fp64/fp32/bf16/fp16")
+    p.add_argument("--modal", default="", help="state sizes d (e.g. 4,8,16,32,64): convert `best` to modal filters "
+                   "with each (distill.py --modal-state), repair each by KL, and evaluate before and after")
+    p.add_argument("--modal-repair-minutes", type=float, default=0.5, help="KL repair budget per modal student")
     args = p.parse_args(argv)
+    students = [s for s in args.students.split(",") if s]
+    modal = [int(d) for d in args.modal.split(",") if d]
+    if not set(students) <= set(STUDENTS) or not students:
+        raise ValueError(f"--students {args.students!r}: choose from {', '.join(STUDENTS)}")
+    if modal and "best" not in students:
+        raise ValueError("--modal converts the `best` student: keep `best` in --students")
+    if any(d < 1 for d in modal):
+        raise ValueError(f"--modal {args.modal!r}: state sizes must be >= 1")
     if args.gpus is None:
         import torch
         args.gpus = torch.cuda.device_count()
@@ -211,18 +227,32 @@ def main(argv=None):
         "scratch": todo([PY, "finetune.py", "--init", "scratch", "--mixer", "hyena", *scratch_cfg, *common,
                          "--lr", "1e-3", "--max-minutes", M, "--out-dir", runs / "scratch"], runs / "scratch" / "final"),
     }
-    run_parallel({k: v for k, v in jobs.items() if v}, args.gpus, logs)
+    run_parallel({k: v for k, v in jobs.items() if v and k in students}, args.gpus, logs)
     phase_done("students")
+
+    best = runs / "best" / "final"
+    repair = [PY, "distill.py", "--teacher", best, *common, "--layers", "none", "--e2e-minutes",
+              args.modal_repair_minutes, "--e2e-lr", "1e-4", "--compile", "off"]  # too short to pay for compiling
+    run_parallel({f"modal-d{d}": todo(repair + ["--modal-state", d, "--out-dir", runs / "modal" / f"d{d}"],
+                                      runs / "modal" / f"d{d}" / "final") for d in modal}, args.gpus, logs)
+    if modal:
+        phase_done("modal students")
 
     models = {"teacher": teacher, "scratch": runs / "scratch" / "final", "paper": runs / "paper" / "final",
               "paper-ft": runs / "paper-ft" / "final", "best": runs / "best" / "final",
               "best-ce-kd": runs / "best-ce" / "final", "best-ce": runs / "best-ce-ft" / "final"}
+    trained = {"teacher", *students, *(f"{s}-ft" for s in students), "best-ce-kd" if "best-ce" in students else ""}
     evals, ev = {}, Path(args.runs) / "eval"
-    for name, ckpt in models.items():
+    for name, ckpt in ((n, c) for n, c in models.items() if n in trained):
         evals[name] = todo([PY, "eval.py", "--ckpt", ckpt, "--data", *eval_sets, "--data-root", root,
                             "--context", args.block_size, "--tokenizer", tok, "--json", ev / f"{name}.json"],
                            ev / f"{name}.json")
-    for dtype in ["fp64", "fp32", "bf16", "fp16"]:  # the paper's open question: does precision move perplexity?
+    if modal:  # the conv student and every modal one before and after its repair, in one process
+        evals["modal"] = todo([PY, "eval.py", "--ckpt", best, *[runs / "modal" / f"d{d}" / stage for d in modal
+                                                               for stage in ("converted", "final")],
+                               "--data", data, "--data-root", root, "--context", args.block_size, "--tokenizer", tok,
+                               "--json", ev / "modal.json"], ev / "modal.json")
+    for dtype in ["fp64", "fp32", "bf16", "fp16"] if args.dtype_study else []:  # does precision move perplexity?
         evals[f"dtype-{dtype}"] = todo([PY, "eval.py", "--ckpt", teacher, models["best"], "--data", data,
                                         "--data-root", root, "--context", args.block_size, "--dtype", dtype,
                                         "--max-tokens", 20000 if tiny else 262144, "--tokenizer", tok,

@@ -87,6 +87,39 @@ def build(runs):
     return out
 
 
+def modal_study(runs):
+    """The modal students (runs/modal/dD): per-layer filter errors, perplexity before and after the KL repair,
+    against the convolutional student they came from (runs/eval/modal.json: eval.py on the training data)."""
+    results = load_eval(runs / "eval" / "modal.json")
+    first = next(iter(results[0]["datasets"]), None) if results else None
+    by_path = {r["path"]: r["datasets"][first] for r in results if first in r["datasets"]}
+    conv = next((v for p, v in by_path.items() if Path(p).parent.name == "best"), None)
+    rows = []
+    for d in sorted((runs / "modal").glob("d*"), key=lambda p: int(p.name[1:])):
+        fit = json.loads((d / "modal_fit.json").read_text())["layers"] if (d / "modal_fit.json").exists() else []
+        before, after = (by_path.get(str(d / s)) for s in ("converted", "final"))
+        summary = json.loads((d / "e2e" / "summary.json").read_text()) if (d / "e2e" / "summary.json").exists() else {}
+        rows.append({"state_size": int(d.name[1:]), "layers": fit, "before": before, "after": after,
+                     "repair_tokens": summary.get("tokens"), "repair_minutes": summary.get("minutes")})
+    return {"dataset": first, "conv": conv, "rows": rows} if rows else {}
+
+
+def modal_markdown(m):
+    """The modal study's table: filter error per layer, perplexity before/after repair and over the conv student."""
+    conv = m["conv"]["token_ppl"] if m["conv"] else None
+    head = "| d | filter rel. error per layer | ppl converted | ppl repaired | repaired / conv | repair tokens, min |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for r in m["rows"]:
+        errs = " ".join(f"{f['rel_error']:.1e}" for f in r["layers"])
+        b, a = (r[k]["token_ppl"] if r[k] else None for k in ("before", "after"))
+        cell = (lambda v, f: format(v, f) if v is not None else "-")
+        budget = f"{r['repair_tokens'] / 1e6:.1f}M, {r['repair_minutes']:.2f}" if r["repair_tokens"] else "-"
+        lines.append(f"| {r['state_size']} | {errs} | {cell(b, '.2f')} | {cell(a, '.2f')} | "
+                     f"{cell(a / conv if a and conv else None, '.4f')} | {budget} |")
+    return (f"Modal students on {m['dataset']} (token perplexity); the convolutional student: "
+            f"{conv:.2f}\n\n" if conv else "") + "\n".join(lines) + "\n"
+
+
 def minutes_label(gpus):
     """The table's unit: minutes of the devices that trained (GPU-minutes, or CPU-minutes for --gpus 0)."""
     return "CPU" if str(gpus) == "0" else "GPU"
@@ -191,6 +224,13 @@ def main(argv=None):
     for name, text in [("experiment.json", json.dumps(res, indent=1)), ("RESULTS.md", markdown(res, meta, unit))]:
         (out / f"{name}.tmp").write_text(text)
         os.replace(out / f"{name}.tmp", out / name)
+    res["modal"] = modal_study(runs)
+    if res["modal"]:
+        text = modal_markdown(res["modal"])
+        (out / "MODAL.md.tmp").write_text(text)
+        os.replace(out / "MODAL.md.tmp", out / "MODAL.md")
+        (out / "experiment.json.tmp").write_text(json.dumps(res, indent=1))
+        os.replace(out / "experiment.json.tmp", out / "experiment.json")
     plots(res, out, unit)
     print((out / "RESULTS.md").read_text())
 

@@ -277,7 +277,9 @@ def _train(objective, cfg, dist, stage, on_step, stop):
                               "another --out-dir (or delete that folder) to start afresh")
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda)
     amp = torch.autocast(torch.device(dist.device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    t_compile = time.perf_counter()  # the compile's trial step: reported, outside the budget
     compiled = compile_or_eager(objective, cfg, cuda, train_tokens, dist.device, amp)
+    compile_s = time.perf_counter() - t_compile if compiled is not objective else 0.0
     runner = compiled if dist.world == 1 else \
         DistributedDataParallel(compiled, device_ids=[dist.local_rank] if cuda else None)
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -386,7 +388,7 @@ def _train(objective, cfg, dist, stage, on_step, stop):
         checkpoint()
     seconds = elapsed()
     summary = {"stage": stage, "out_dir": str(out), "world": dist.world, "compiled": compiled is not objective,
-               "tokens": tokens, "steps": step,
+               "compile_s": compile_s, "tokens": tokens, "steps": step,
                "minutes": seconds / 60, "tokens_per_s": tokens / seconds, "val": val,
                "train": {k: sum(m[k] for m in recent) / len(recent) for k in recent[0]} if recent else {}}
     if dist.master:

@@ -167,7 +167,7 @@ def test_tasks_without_lm_eval_names_the_install(tmp_path, monkeypatch):
     GPTNeoX(Config(**TINY)).save_pretrained(tmp_path / "ckpt")
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ModuleNotFoundError
     monkeypatch.delitem(sys.modules, "harness.adapter", raising=False)
-    with pytest.raises(SystemExit, match=r"pip install lm-eval"):
+    with pytest.raises(ValueError, match=r"pip install lm-eval"):
         ev.main(["--ckpt", str(tmp_path / "ckpt"), "--tasks", "wikitext2_offline"])
 
 
