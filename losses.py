@@ -14,29 +14,22 @@ def chunk_loss_and_grad(zs, tgt, ce_weight, zt, temperature):
     """One chunk's summed loss and its gradient dLoss/dzs from the student's logits zs (c, V) (and the teacher's
     zt): ce_weight (softmax(zs) - onehot) [+ tau (p_s - p_t)], in zs's dtype. Only elementwise work and row
     reductions, so on CUDA it runs compiled (`chunk_fn`): a fused softmax in two passes over the bf16 logits
-    instead of about fifteen fp32 passes eagerly (6 ms against 55 ms for 32k tokens of KL on an H200)."""
+    instead of about fifteen fp32 passes eagerly."""
     up = torch.promote_types(zs.dtype, torch.float32)  # fp32 softmaxes for bf16 logits; fp64 stays fp64
     z = zs.to(up)
-    total, grad = z.new_zeros(()), None
+    total, grad = z.new_zeros(()), torch.zeros_like(z)
     if ce_weight:
         log_p = F.log_softmax(z, dim=-1)  # (c, V)
         keep = (tgt != -1)[:, None].to(z.dtype)  # (c, 1)
         total = total + ce_weight * F.nll_loss(log_p, tgt, ignore_index=-1, reduction="sum")
-        # In place from here on (log_p is spent): eagerly on the CPU every (c, V) pass and buffer counts.
-        p = log_p.exp_().scatter_add_(1, tgt.clamp(min=0)[:, None], -keep)  # softmax - onehot, no (c, V) onehot
-        grad = p.mul_(ce_weight * keep)
+        p = log_p.exp().scatter_add_(1, tgt.clamp(min=0)[:, None], -keep)  # softmax - onehot, no (c, V) onehot
+        grad = grad + ce_weight * p * keep
     if zt is not None:
-        zt = zt.to(up)
-        log_pt = F.log_softmax(zt / temperature if temperature != 1 else zt, dim=-1)  # (c, V)
-        log_ps = F.log_softmax(z / temperature if temperature != 1 else z, dim=-1)
+        log_pt = F.log_softmax(zt.to(up) / temperature, dim=-1)  # (c, V)
+        log_ps = F.log_softmax(z / temperature, dim=-1)
         pt = log_pt.exp()
         total = total + (pt * (log_pt - log_ps)).sum() * temperature ** 2
-        g = log_ps.exp_().sub_(pt)
-        if temperature != 1:
-            g.mul_(temperature)
-        grad = g if grad is None else grad.add_(g)
-    if grad is None:
-        grad = torch.zeros_like(z)
+        grad = grad + temperature * (log_ps.exp() - pt)
     return total, grad.to(zs.dtype)
 
 
