@@ -24,7 +24,7 @@ from checkpoint import out_dir_lock
 from fakehub import FakeHub
 from hyena import Config, GPTNeoX
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 VOCAB = 64
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=VOCAB,
             max_position_embeddings=64)
@@ -84,9 +84,9 @@ def test_every_script_exits_2_with_one_line_and_no_traceback(tmp_path, monkeypat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("HYENA_DEBUG", raising=False)
     for script, (argv, fault) in cases.items():
-        monkeypatch.setattr(sys, "argv", [str(HERE / script), *argv])
+        monkeypatch.setattr(sys, "argv", [str(ROOT / script), *argv])
         with pytest.raises(SystemExit) as e:
-            runpy.run_path(str(HERE / script), run_name="__main__")
+            runpy.run_path(str(ROOT / script), run_name="__main__")
         err = capsys.readouterr().err
         assert e.value.code == 2 and "Traceback" not in err, (script, err)
         errors = [line for line in err.splitlines() if "error:" in line]
@@ -126,7 +126,7 @@ def test_count_flags_device_and_config_json_are_checked(tmp_path, data_dir, caps
 def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path, data_dir):
     out = tmp_path / "run"
     args = train_args(out, data_dir, "--max-tokens", "1e9", "--ckpt-interval", "100000", "--eval-batches", "0")
-    proc = subprocess.Popen([sys.executable, str(HERE / "finetune.py"), *args], cwd=HERE, text=True,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *args], cwd=ROOT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:

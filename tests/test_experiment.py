@@ -20,7 +20,7 @@ import prepare
 import report
 from hyena import GPTNeoX
 
-SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # beside the repository
 TOKENIZER = SHARED / "tokenizer" / "20B_tokenizer.json"
 SHAKESPEARE = SHARED / "corpus" / "tinyshakespeare" / "input.txt"
 # The 50k-token vocabulary dominates every step's cost (~0.4 s per 256-token step on one core), so budgets are
