@@ -4,8 +4,7 @@ import json
 
 import pytest
 
-import bench
-import bench_report
+from bench import bench, bench_report
 
 
 def test_cpu_smoke_writes_rows_targets_and_report(tmp_path):

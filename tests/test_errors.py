@@ -74,11 +74,11 @@ def test_every_script_exits_2_with_one_line_and_no_traceback(tmp_path, monkeypat
         "finetune.py": (["--init", "scratch", "--max-tokens", "100", "--batch-size", "0"], "--batch-size must be >= 1"),
         "distill.py": (["--teacher", "x", "--max-tokens", "100", "--kd-temperature", "0"], "--kd-temperature"),
         "eval.py": (["--ckpt", "x", "--prompt", "hi", "--max-new-tokens", "-5"], "--max-new-tokens must be >= 1"),
-        "experiment.py": (["--preset", "tiny", "--gpus", "0", "--runs", str(tmp_path / "file" / "runs")],
+        "experiment/experiment.py": (["--preset", "tiny", "--gpus", "0", "--runs", str(tmp_path / "file" / "runs")],
                           str(tmp_path / "file")),
-        "report.py": (["--runs", str(tmp_path), "--results", str(tmp_path / "file" / "results")],
+        "experiment/report.py": (["--runs", str(tmp_path), "--results", str(tmp_path / "file" / "results")],
                       str(tmp_path / "file")),
-        "bench.py": (["--cpu-smoke", "--only", "decode", "--out", str(tmp_path / "bench")], "bench.json: not JSON"),
+        "bench/bench.py": (["--cpu-smoke", "--only", "decode", "--out", str(tmp_path / "bench")], "bench.json: not JSON"),
     }
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -90,7 +90,7 @@ def test_every_script_exits_2_with_one_line_and_no_traceback(tmp_path, monkeypat
         err = capsys.readouterr().err
         assert e.value.code == 2 and "Traceback" not in err, (script, err)
         errors = [line for line in err.splitlines() if "error:" in line]
-        assert len(errors) == 1 and errors[0].startswith(f"{script}: error:") and fault in errors[0], (script, err)
+        assert len(errors) == 1 and errors[0].startswith(f"{Path(script).name}: error:") and fault in errors[0], (script, err)
 
 
 def test_debug_flag_or_env_shows_the_traceback(tmp_path, monkeypatch, capsys):
@@ -270,3 +270,11 @@ def test_a_tokenizer_differing_in_formatting_only_is_accepted(tmp_path):
         data.check_tokenizer(meta, str(tmp_path / "other"))
     (tmp_path / "run").mkdir()
     data.check_tokenizer(meta, str(tmp_path / "run"))  # a run's ckpt/: no tokenizer.json to compare
+
+
+def test_the_scripts_in_subfolders_run_from_any_folder(tmp_path):
+    """bench/ and experiment/ scripts put the repo root on sys.path themselves: `python bench/bench.py` works."""
+    for script in ("bench/bench.py", "bench/bench_report.py", "experiment/experiment.py", "experiment/report.py"):
+        run = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert run.returncode == 0 and run.stdout.startswith(f"usage: {Path(script).name}"), (script, run.stderr)
