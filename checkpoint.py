@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
+import data
 from hub import read_safetensors
 
 # --resume refuses to change these (or the sequences per step), which would change what a step means. The lr, the
@@ -133,6 +134,14 @@ def load_checkpoint(out, model, opt, rng, cfg, dist):
     if mine["cuda"] is not None and dist.device.startswith("cuda"):
         torch.cuda.set_rng_state(mine["cuda"])
     return state["step"], state["tokens"], state["elapsed"]
+
+
+def save_final(model, out, meta):
+    """OUT_DIR/final: the weights, plus the data's tokenizer.json when it is a local file (eval.py uses it)."""
+    model.save_pretrained(out)
+    tok = Path(meta["tokenizer"])
+    if tok.is_file() and data.tokenizer_sha256(tok) == meta["tokenizer_sha256"]:
+        shutil.copyfile(tok, out / "tokenizer.json")
 
 
 def write_atomic(path, text):

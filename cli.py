@@ -63,3 +63,11 @@ def writable_dir(path, flag):
     except OSError as e:
         raise OSError(f"{flag} {path}: cannot write there ({e.strerror or e}); choose another {flag}") from None
     return path
+
+
+def integer(text):
+    """An int flag that may also be written 50e6 or 50_000_000."""
+    value = float(text)
+    if not value.is_integer():
+        raise ValueError(text)
+    return int(value)

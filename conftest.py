@@ -1,4 +1,5 @@
-"""Shared test set-up."""
+"""Shared test set-up. It stays at the repository root: pytest (prepend import mode) puts a conftest's folder on
+sys.path, so the tests in tests/ import the modules (`import hyena`) as the scripts do, from any cwd."""
 import pytest
 import torch
 

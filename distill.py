@@ -39,8 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from checkpoint import out_dir_lock, write_atomic
-from finetune import save_final
+from checkpoint import out_dir_lock, save_final, write_atomic
 from hyena import GPTNeoX, make_student, to_modal
 from losses import head_loss
 from train import add_train_args, setup_distributed, train, train_config_from_args

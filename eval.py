@@ -36,8 +36,7 @@ import torch.nn.functional as F
 from data import check_compatible, eval_windows, load_meta, load_split, resolve_data_dir, tokenizer_sha256
 from hub import HubError, resolve_file
 from hyena import Config, GPTNeoX, load_tokenizer
-from cli import writable_dir
-from train import integer
+from cli import integer, writable_dir
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")  # owner/name

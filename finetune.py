@@ -10,7 +10,6 @@ we pretrain our own GPT-NeoX teacher. The model lands in OUT_DIR/final/ (OUT_DIR
 """
 import argparse
 import json
-import shutil
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 import torch.nn as nn
 
 import data
-from checkpoint import out_dir_lock
+from checkpoint import out_dir_lock, save_final
 from hyena import MIXERS, Config, GPTNeoX
 from train import add_train_args, setup_distributed, train, train_config_from_args
 
@@ -61,14 +60,6 @@ def scratch_model(shape, mixer, vocab_size, block_size):
     if mixer:
         kw["mixers"] = [mixer] * cfg.num_hidden_layers
     return GPTNeoX(Config(**kw))
-
-
-def save_final(model, out, meta):
-    """OUT_DIR/final: the weights, plus the data's tokenizer.json when it is a local file (eval.py uses it)."""
-    model.save_pretrained(out)
-    tok = Path(meta["tokenizer"])
-    if tok.is_file() and data.tokenizer_sha256(tok) == meta["tokenizer_sha256"]:
-        shutil.copyfile(tok, out / "tokenizer.json")
 
 
 def parse_args(argv):

@@ -28,6 +28,7 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
 import data
+from cli import integer
 from checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, trim_log, write_atomic
 
 DTYPES = ("auto", "bf16", "fp32")
@@ -79,14 +80,6 @@ class TrainConfig:
         for name in ("eval_batches", "max_tokens", "max_minutes", "lr", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name):g}")
-
-
-def integer(text):
-    """An int flag that may also be written 50e6 or 50_000_000."""
-    value = float(text)
-    if not value.is_integer():
-        raise ValueError(text)
-    return int(value)
 
 
 def add_train_args(parser, **defaults):

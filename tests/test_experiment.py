@@ -17,10 +17,10 @@ import distill
 import eval as ev
 import finetune
 import prepare
-import report
+from experiment import report
 from hyena import GPTNeoX
 
-SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # beside the repository
 TOKENIZER = SHARED / "tokenizer" / "20B_tokenizer.json"
 SHAKESPEARE = SHARED / "corpus" / "tinyshakespeare" / "input.txt"
 # The 50k-token vocabulary dominates every step's cost (~0.4 s per 256-token step on one core), so budgets are
@@ -224,11 +224,11 @@ def test_report_says_plainly_when_plots_are_skipped(tmp_path, capsys, monkeypatc
 # ---------------------------------------------------------------------------------------- experiment.py's logic
 
 def test_experiment_refuses_the_full_run_without_a_gpu(tmp_path, monkeypatch, capsys):
-    import experiment
+    from experiment import experiment
     started = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     monkeypatch.setattr(experiment, "run", lambda cmd, *a, **kw: started.append(cmd) or pytest.fail("ran a step"))
-    with pytest.raises(ValueError, match=r"no GPU.*python experiment.py --preset tiny.*--allow-cpu") as e:
+    with pytest.raises(ValueError, match=r"no GPU.*python experiment/experiment.py --preset tiny.*--allow-cpu") as e:
         experiment.main(["--runs", str(tmp_path / "runs")])
     assert not started and not (tmp_path / "runs").exists() and "Traceback" not in str(e.value)
 
@@ -241,7 +241,7 @@ def test_experiment_refuses_the_full_run_without_a_gpu(tmp_path, monkeypatch, ca
 
 
 def test_experiment_shows_the_running_steps_output_on_the_console(tmp_path, capsys):
-    import experiment
+    from experiment import experiment
     log = tmp_path / "logs" / "teacher.log"
     script = "import sys, time; print('step 10 | loss 9.7'); sys.stderr.write('step 20 | ETA 0h00m01s\\n')"
     proc = experiment.run([experiment.PY, "-c", script], log)
@@ -253,7 +253,7 @@ def test_experiment_shows_the_running_steps_output_on_the_console(tmp_path, caps
 
 def test_experiment_rerun_keeps_the_recorded_wall_time(tmp_path, monkeypatch):
     """Every step already done: the rerun skips them all, and the report still gets the time they took."""
-    import experiment
+    from experiment import experiment
     runs = tmp_path / "runs"
     for d in ["teacher", "scratch", "paper", "paper-ft", "best", "best-ce", "best-ce-ft"]:
         (runs / d / "final").mkdir(parents=True)

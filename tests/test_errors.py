@@ -24,7 +24,7 @@ from checkpoint import out_dir_lock
 from fakehub import FakeHub
 from hyena import Config, GPTNeoX
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 VOCAB = 64
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=VOCAB,
             max_position_embeddings=64)
@@ -74,23 +74,23 @@ def test_every_script_exits_2_with_one_line_and_no_traceback(tmp_path, monkeypat
         "finetune.py": (["--init", "scratch", "--max-tokens", "100", "--batch-size", "0"], "--batch-size must be >= 1"),
         "distill.py": (["--teacher", "x", "--max-tokens", "100", "--kd-temperature", "0"], "--kd-temperature"),
         "eval.py": (["--ckpt", "x", "--prompt", "hi", "--max-new-tokens", "-5"], "--max-new-tokens must be >= 1"),
-        "experiment.py": (["--preset", "tiny", "--gpus", "0", "--runs", str(tmp_path / "file" / "runs")],
+        "experiment/experiment.py": (["--preset", "tiny", "--gpus", "0", "--runs", str(tmp_path / "file" / "runs")],
                           str(tmp_path / "file")),
-        "report.py": (["--runs", str(tmp_path), "--results", str(tmp_path / "file" / "results")],
+        "experiment/report.py": (["--runs", str(tmp_path), "--results", str(tmp_path / "file" / "results")],
                       str(tmp_path / "file")),
-        "bench.py": (["--cpu-smoke", "--only", "decode", "--out", str(tmp_path / "bench")], "bench.json: not JSON"),
+        "bench/bench.py": (["--cpu-smoke", "--only", "decode", "--out", str(tmp_path / "bench")], "bench.json: not JSON"),
     }
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("HYENA_DEBUG", raising=False)
     for script, (argv, fault) in cases.items():
-        monkeypatch.setattr(sys, "argv", [str(HERE / script), *argv])
+        monkeypatch.setattr(sys, "argv", [str(ROOT / script), *argv])
         with pytest.raises(SystemExit) as e:
-            runpy.run_path(str(HERE / script), run_name="__main__")
+            runpy.run_path(str(ROOT / script), run_name="__main__")
         err = capsys.readouterr().err
         assert e.value.code == 2 and "Traceback" not in err, (script, err)
         errors = [line for line in err.splitlines() if "error:" in line]
-        assert len(errors) == 1 and errors[0].startswith(f"{script}: error:") and fault in errors[0], (script, err)
+        assert len(errors) == 1 and errors[0].startswith(f"{Path(script).name}: error:") and fault in errors[0], (script, err)
 
 
 def test_debug_flag_or_env_shows_the_traceback(tmp_path, monkeypatch, capsys):
@@ -126,7 +126,7 @@ def test_count_flags_device_and_config_json_are_checked(tmp_path, data_dir, caps
 def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path, data_dir):
     out = tmp_path / "run"
     args = train_args(out, data_dir, "--max-tokens", "1e9", "--ckpt-interval", "100000", "--eval-batches", "0")
-    proc = subprocess.Popen([sys.executable, str(HERE / "finetune.py"), *args], cwd=HERE, text=True,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *args], cwd=ROOT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
@@ -270,3 +270,11 @@ def test_a_tokenizer_differing_in_formatting_only_is_accepted(tmp_path):
         data.check_tokenizer(meta, str(tmp_path / "other"))
     (tmp_path / "run").mkdir()
     data.check_tokenizer(meta, str(tmp_path / "run"))  # a run's ckpt/: no tokenizer.json to compare
+
+
+def test_the_scripts_in_subfolders_run_from_any_folder(tmp_path):
+    """bench/ and experiment/ scripts put the repo root on sys.path themselves: `python bench/bench.py` works."""
+    for script in ("bench/bench.py", "bench/bench_report.py", "experiment/experiment.py", "experiment/report.py"):
+        run = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert run.returncode == 0 and run.stdout.startswith(f"usage: {Path(script).name}"), (script, run.stderr)

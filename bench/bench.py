@@ -1,7 +1,8 @@
 """Speed and memory, side by side in one run: Hyena vs attention, our GPT-NeoX vs transformers, distillation.
 
-    python bench.py [--quick] [--out results/bench] [--only check,mixer,model,train,decode,kd] [--compile on|off|both]
-    python bench.py --cpu-smoke --out /tmp/benchsmoke   # every code path at tiny sizes on the CPU, ~1 minute
+    python bench/bench.py [--quick] [--out results/bench] [--only check,mixer,model,train,decode,kd]
+                          [--compile on|off|both]
+    python bench/bench.py --cpu-smoke --out /tmp/benchsmoke   # every code path at tiny sizes on the CPU, ~1 minute
 
 Sections (one GPU, bf16 autocast; B*L constant across L within a section):
   check   each fast path against its reference on this device, as relative errors (bench_check.py)
@@ -26,6 +27,7 @@ holds the targets, tables and plot.
 import argparse
 import gc
 import statistics
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass, replace
@@ -33,8 +35,9 @@ from pathlib import Path
 
 import torch
 
-from bench_check import Checks
-from bench_report import MODES, SECTIONS, fmt, get, keep_previous, table, targets, write
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench.py`: import from the repo root
+from bench.bench_check import Checks
+from bench.bench_report import MODES, SECTIONS, fmt, get, keep_previous, table, targets, write
 from decode import cache_bytes, decode_step, new_cache
 from hyena import Attention, Config, GPTNeoX, HyenaOperator, make_student
 
@@ -293,7 +296,8 @@ def main(argv=None):
     if not set(only) <= set(SECTIONS):
         p.error(f"--only {args.only!r}: unknown section(s) {sorted(set(only) - set(SECTIONS))}; choose from {SECTIONS}")
     if not args.cpu_smoke and not torch.cuda.is_available():
-        p.error("no CUDA GPU visible: bench.py measures one GPU; `python bench.py --cpu-smoke` checks it on the CPU")
+        p.error("no CUDA GPU visible: bench.py measures one GPU; `python bench/bench.py --cpu-smoke` checks it "
+                "on the CPU")
     sizes = SMOKE if args.cpu_smoke else replace(H200, warmup=2, repeats=3) if args.quick else H200
     modes = MODES[args.compile or ("off" if args.cpu_smoke else "on")]
     dev = torch.device("cpu" if args.cpu_smoke else "cuda")

@@ -241,3 +241,22 @@ def test_bench_100mb_download(fake):
     seconds = time.perf_counter() - t0
     assert path.stat().st_size == len(data)
     print(f"\n100 MB from FakeHub in {seconds:.2f}s: {100 * MB / 1e6 / seconds:.0f} MB/s (incl. sha256 check)")
+
+
+def test_from_pretrained_through_the_hub(fake, tmp_path):
+    """A hub repo id with a Pythia-style branch revision downloads once, then loads from the cache alone."""
+    from hyena import Config, GPTNeoX
+    torch.manual_seed(0)
+    m = GPTNeoX(Config(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2,
+                       vocab_size=97, max_position_embeddings=32))
+    with torch.no_grad():
+        for w in m.parameters():
+            w.add_(0.05 * torch.randn_like(w))  # LayerNorms and biases too: every tensor must arrive
+    m.save_pretrained(tmp_path / "src")
+    fake.add_dir("EleutherAI/pythia-tiny", tmp_path / "src", revision="step143000")
+    a = GPTNeoX.from_pretrained("EleutherAI/pythia-tiny", revision="step143000")
+    n = len(fake.requests)
+    b = GPTNeoX.from_pretrained("EleutherAI/pythia-tiny", revision="step143000")
+    assert n > 0 and len(fake.requests) == n  # the warm cache answers; no request
+    for k, v in m.state_dict().items():
+        assert torch.equal(a.state_dict()[k], v) and torch.equal(b.state_dict()[k], v)

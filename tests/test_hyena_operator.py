@@ -166,7 +166,7 @@ def test_decode_kernel_equals_the_definition_in_tritons_interpreter():
     pytest.importorskip("triton", reason="Triton is not installed (CUDA builds of torch bring it)")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert run.returncode == 0, run.stderr[-2000:]
     assert float(run.stdout.split()[-1]) <= 1e-5
 

@@ -16,7 +16,7 @@ from tokenizer import HFEncoding, load_tokenizer, tokenizer_file_sha256
 
 tokenizers = pytest.importorskip("tokenizers")
 
-DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # beside the repository
 TOKENIZER_JSON = DATA / "tokenizer" / "20B_tokenizer.json"
 SHA256 = "56ac4821e129d2c520fdaba60abd920fa852ada51b45c0dd52bbb6bd8c985ade"  # shared/data/tokenizer/SOURCE.md
 WIKI_VALID = DATA / "wikitext" / "wikitext-2-raw" / "wiki.valid.raw"

@@ -21,7 +21,7 @@ from train import TrainConfig, add_train_args, build_optimizer, lr_factor, train
 
 VOCAB = 64
 STEP_TOKENS = 4 * 32  # batch 4, block 32
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 
 @pytest.fixture
@@ -155,7 +155,7 @@ def test_killed_run_leaves_loadable_checkpoint_and_resumes(tmp_path, data_dir):
     args = cli_args(out, data_dir, "--max-tokens", "1e9", "--ckpt-interval", "1", "--eval-batches", "0")
     stderr = tmp_path / "stderr.txt"
     with open(stderr, "w") as err:
-        proc = subprocess.Popen([sys.executable, str(HERE / "finetune.py"), *args], cwd=HERE,
+        proc = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *args], cwd=ROOT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 60
@@ -258,7 +258,7 @@ def test_two_process_ddp_on_cpu_trains_and_matches_the_budget(tmp_path, data_dir
     args = cli_args(out, data_dir, "--max-tokens", str(6 * 2 * STEP_TOKENS), "--eval-batches", "1",
                     "--mixer", "hyena")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    str(HERE / "finetune.py"), *args], cwd=HERE, check=True, capture_output=True, timeout=120,
+                    str(ROOT / "finetune.py"), *args], cwd=ROOT, check=True, capture_output=True, timeout=120,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     steps, _ = read_log(out)
     assert [r["step"] for r in steps] == list(range(1, 7)) and steps[-1]["tokens"] == 6 * 2 * STEP_TOKENS

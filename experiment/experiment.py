@@ -1,8 +1,8 @@
 """The paper's comparison end to end, with the project's own scripts: data -> teacher -> students -> evaluation.
 
-    python experiment.py                                      # every GPU here; results/ gets table + plots
-    python experiment.py --teacher EleutherAI/pythia-70m --train-data openwebtext   # real Pythia, real data
-    python experiment.py --preset tiny                        # the whole chain on a CPU in minutes
+    python experiment/experiment.py                           # every GPU here; results/ gets table + plots
+    python experiment/experiment.py --teacher EleutherAI/pythia-70m --train-data openwebtext  # real Pythia, real data
+    python experiment/experiment.py --preset tiny             # the whole chain on a CPU in minutes
 
 Students, each given the same GPU-minutes (--student-minutes) on one GPU, run in parallel, one per GPU:
   paper    Hyena from random init, `progressive` layer-output MSE transfer, then CE fine-tuning (half each)
@@ -23,10 +23,12 @@ import threading
 import time
 from pathlib import Path
 
-import report
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python experiment/experiment.py`: import from the repo root
 from checkpoint import write_atomic
+from experiment import report
 
 PY = sys.executable
+ROOT = Path(__file__).resolve().parents[1]  # the scripts it launches; data and run paths stay relative to the cwd
 EVAL_SETS = ["gutenberg", "wikitext2", "owt-sample"]  # eval.py scores each one's test split, else its val
 STUDENTS = ("paper", "best", "best-ce", "scratch")  # the student jobs below
 
@@ -35,9 +37,9 @@ def prepare_commands(shared, tok, root, data):
     """Offline: tokenize ../shared/data (Gutenberg with its fixed VAL.txt split, WikiText-2 valid/test, the
     OpenWebText sample). Any other --train-data is a hub dataset, evaluated beside WikiText-2 from the hub."""
     if data not in ("gutenberg", "shakespeare"):
-        return [[PY, "prepare.py", name, "--tokenizer", tok, "--out-dir", root] for name in (data, "wikitext2")]
+        return [[PY, ROOT / "prepare.py", name, "--tokenizer", tok, "--out-dir", root] for name in (data, "wikitext2")]
     opts = ["--tokenizer", tok, "--out-dir", root]
-    text = [PY, "prepare.py", "text"]  # paths first: argparse takes them only right after the positional
+    text = [PY, ROOT / "prepare.py", "text"]  # paths first: argparse takes them only right after the positional
     if data == "shakespeare":
         return [text + [f"{shared}/corpus/tinyshakespeare/input.txt", "--val-fraction", "0.1", "--name",
                         "shakespeare", *opts]]
@@ -165,7 +167,7 @@ def main(argv=None):
     tiny = args.preset == "tiny"
     if args.gpus == 0 and not tiny and not args.allow_cpu:
         raise ValueError("no GPU here, and the full comparison (a 160M-token pythia-70m-shaped "
-                         "teacher, then four students) would take weeks on a CPU. Run `python experiment.py "
+                         "teacher, then four students) would take weeks on a CPU. Run `python experiment/experiment.py "
                          "--preset tiny` for the whole chain at CPU size, or pass --allow-cpu to run the full "
                          "sizes anyway")
     defaults = dict(teacher_tokens=1.5e5, student_minutes=0.5, batch_size=8, block_size=128) if tiny else \
@@ -202,7 +204,7 @@ def main(argv=None):
         launcher = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}"] \
             if args.gpus > 1 else [PY]
         cfg = ["--config", "tiny", "--preset", "tiny"] if tiny else ["--config", "pythia-70m", "--lr", "1e-3"]
-        for cmd in todo(launcher + ["finetune.py", "--init", "scratch", "--mixer", "attention", *cfg, *common,
+        for cmd in todo(launcher + [ROOT / "finetune.py", "--init", "scratch", "--mixer", "attention", *cfg, *common,
                                     "--max-tokens", int(args.teacher_tokens), "--out-dir", runs / "teacher"], teacher):
             if finish(run(cmd, logs / "teacher.log")):
                 raise SystemExit(f"experiment.py: teacher pretraining failed; see {logs / 'teacher.log'}")
@@ -210,8 +212,8 @@ def main(argv=None):
     phase_done("data and teacher")
 
     M = args.student_minutes
-    distill = [PY, "distill.py", "--teacher", teacher, *common, "--lr", "1e-3"]
-    finetune = [PY, "finetune.py", *common, "--lr", "3e-4"]
+    distill = [PY, ROOT / "distill.py", "--teacher", teacher, *common, "--lr", "1e-3"]
+    finetune = [PY, ROOT / "finetune.py", *common, "--lr", "3e-4"]
     scratch_cfg = ["--config", "tiny", "--preset", "tiny"] if tiny else ["--config", "pythia-70m"]
     jobs = {
         "paper": todo(distill + ["--init", "random", "--layers", "progressive", "--train", "block",
@@ -224,14 +226,14 @@ def main(argv=None):
                                    "--e2e-minutes", 0.45 * M, "--out-dir", runs / "best-ce"], runs / "best-ce" / "final")
         + todo(finetune + ["--init", runs / "best-ce" / "final", "--max-minutes", 0.3 * M, "--lr", "1e-4",
                            "--out-dir", runs / "best-ce-ft"], runs / "best-ce-ft" / "final"),
-        "scratch": todo([PY, "finetune.py", "--init", "scratch", "--mixer", "hyena", *scratch_cfg, *common,
+        "scratch": todo([PY, ROOT / "finetune.py", "--init", "scratch", "--mixer", "hyena", *scratch_cfg, *common,
                          "--lr", "1e-3", "--max-minutes", M, "--out-dir", runs / "scratch"], runs / "scratch" / "final"),
     }
     run_parallel({k: v for k, v in jobs.items() if v and k in students}, args.gpus, logs)
     phase_done("students")
 
     best = runs / "best" / "final"
-    repair = [PY, "distill.py", "--teacher", best, *common, "--layers", "none", "--e2e-minutes",
+    repair = [PY, ROOT / "distill.py", "--teacher", best, *common, "--layers", "none", "--e2e-minutes",
               args.modal_repair_minutes, "--e2e-lr", "1e-4", "--compile", "off"]  # too short to pay for compiling
     run_parallel({f"modal-d{d}": todo(repair + ["--modal-state", d, "--out-dir", runs / "modal" / f"d{d}"],
                                       runs / "modal" / f"d{d}" / "final") for d in modal}, args.gpus, logs)
@@ -244,16 +246,16 @@ def main(argv=None):
     trained = {"teacher", *students, *(f"{s}-ft" for s in students), "best-ce-kd" if "best-ce" in students else ""}
     evals, ev = {}, Path(args.runs) / "eval"
     for name, ckpt in ((n, c) for n, c in models.items() if n in trained):
-        evals[name] = todo([PY, "eval.py", "--ckpt", ckpt, "--data", *eval_sets, "--data-root", root,
+        evals[name] = todo([PY, ROOT / "eval.py", "--ckpt", ckpt, "--data", *eval_sets, "--data-root", root,
                             "--context", args.block_size, "--tokenizer", tok, "--json", ev / f"{name}.json"],
                            ev / f"{name}.json")
     if modal:  # the conv student and every modal one before and after its repair, in one process
-        evals["modal"] = todo([PY, "eval.py", "--ckpt", best, *[runs / "modal" / f"d{d}" / stage for d in modal
+        evals["modal"] = todo([PY, ROOT / "eval.py", "--ckpt", best, *[runs / "modal" / f"d{d}" / stage for d in modal
                                                                for stage in ("converted", "final")],
                                "--data", data, "--data-root", root, "--context", args.block_size, "--tokenizer", tok,
                                "--json", ev / "modal.json"], ev / "modal.json")
     for dtype in ["fp64", "fp32", "bf16", "fp16"] if args.dtype_study else []:  # does precision move perplexity?
-        evals[f"dtype-{dtype}"] = todo([PY, "eval.py", "--ckpt", teacher, models["best"], "--data", data,
+        evals[f"dtype-{dtype}"] = todo([PY, ROOT / "eval.py", "--ckpt", teacher, models["best"], "--data", data,
                                         "--data-root", root, "--context", args.block_size, "--dtype", dtype,
                                         "--max-tokens", 20000 if tiny else 262144, "--tokenizer", tok,
                                         "--json", ev / f"dtype-{dtype}.json"], ev / f"dtype-{dtype}.json")

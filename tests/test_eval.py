@@ -15,7 +15,7 @@ import eval as ev
 from data import load_split
 from hyena import Config, GPTNeoX, load_tokenizer, make_student
 
-SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # beside the repository
 TOKENIZER = SHARED / "tokenizer" / "20B_tokenizer.json"
 WIKI = SHARED / "wikitext" / "wikitext-2-raw" / "wiki.valid.raw"
 pytestmark = pytest.mark.skipif(not (TOKENIZER.is_file() and WIKI.is_file()),

@@ -18,7 +18,7 @@ import sources
 from fakehub import FakeHub
 from tokenizer import load_tokenizer
 
-SHARED = Path(__file__).resolve().parent.parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # beside the repository
 TOKENIZER = SHARED / "tokenizer" / "20B_tokenizer.json"
 WIKI_VALID = SHARED / "wikitext" / "wikitext-2-raw" / "wiki.valid.raw"
 EOT = "<|endoftext|>"

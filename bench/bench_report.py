@@ -3,7 +3,10 @@ written atomically (a killed run leaves the last good one)."""
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench_report.py`: import from the repo root
 
 SECTIONS = ("check", "mixer", "model", "train", "decode", "kd")
 MODES = {"on": [True], "off": [False], "both": [True, False]}  # --compile: which of compiled / eager run

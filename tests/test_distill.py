@@ -122,11 +122,11 @@ def test_clear_errors(setup):
 def test_progressive_and_end_to_end_under_two_process_ddp(setup):
     """torchrun, 2 gloo processes: stages freeze all but one layer, which DDP must accept; rank 0 saves final/."""
     tmp, common = setup
-    here = Path(__file__).resolve().parent
+    root = Path(__file__).resolve().parent.parent
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    str(here / "distill.py"), *common, "--device", "cpu", "--layers", "progressive", "--train",
+                    str(root / "distill.py"), *common, "--device", "cpu", "--layers", "progressive", "--train",
                     "block", "--max-tokens", str(2 * 2 * 4 * 4 * 32), "--e2e-tokens", str(2 * 4 * 4 * 32),
-                    "--out-dir", str(tmp / "ddp")], cwd=here, check=True, capture_output=True, timeout=120,
+                    "--out-dir", str(tmp / "ddp")], cwd=root, check=True, capture_output=True, timeout=120,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
     for stage in ("stage-00", "stage-01", "e2e"):
         assert json.loads((tmp / "ddp" / stage / "summary.json").read_text())["world"] == 2
@@ -215,7 +215,7 @@ def test_cpu_loss_steps_do_not_page_fault_their_memory_in_again():
         print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * resource.getpagesize())
     """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent)
+                         cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 0, out.stderr
     faulted = int(out.stdout.split()[-1])
     # one step's logits are 100 MB; the churn this guards against faulted in about 3 GB a step

@@ -1,12 +1,14 @@
 """Turn an experiment's runs (training logs, eval JSON) into results/: JSON, a markdown table, PNG plots.
 
-    python report.py --runs runs/experiment --results results      # experiment.py calls this at the end
+    python experiment/report.py --runs runs/experiment --results results      # experiment.py calls this at the end
 """
 import argparse
 import json
 import os
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python experiment/report.py`: import from the repo root
 
 # Row label -> (run folders whose training stages it spent, in order; eval JSON name). Folders may be missing
 # (e.g. a teacher loaded from the hub was not trained here).
@@ -164,7 +166,7 @@ def plots(res, out, unit="GPU"):
         import matplotlib.pyplot as plt
     except ImportError:
         print(f"report.py: plots skipped: matplotlib is not installed, so {', '.join(PLOTS)} were not drawn in "
-              f"{out} (the table and JSON were written). pip install matplotlib, then run report.py again",
+              f"{out} (the table and JSON were written). pip install matplotlib, then run experiment/report.py again",
               file=sys.stderr)
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

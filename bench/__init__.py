@@ -1,0 +1,1 @@
+"""The benchmarks: `python bench/bench.py` (speed, memory, fast paths vs references) and its report."""
