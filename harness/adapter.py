@@ -73,9 +73,9 @@ class HyenaLM(TemplateLM):
         self._device = next(self.model.parameters()).device
         self.tokenizer_path = str(tokenizer or ev.DEFAULT_TOKENIZER)
         self.enc = load_tokenizer(self.tokenizer_path)
-        limit = ev.max_context(self.model.config)
-        self._max_length = int(max_length or limit)
-        if not 1 <= self._max_length <= limit:
+        limit = ev.max_context(self.model.config)  # None: any length (an all-modal student); default: its training's
+        self._max_length = int(max_length or limit or self.model.config.max_position_embeddings)
+        if not 1 <= self._max_length <= (limit or self._max_length):
             raise ValueError(f"max_length={max_length}: the model is defined for windows of 1 to {limit} tokens")
         self._batch_size, self._max_gen_toks = int(batch_size), int(max_gen_toks)
 
