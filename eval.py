@@ -18,6 +18,15 @@ document, so it separates words and counts as one byte.
 windows of `context` tokens whose last one still gets a full window of context; the <|endoftext|>s themselves
 are not scored, and words = len(re.split(r"\\s+", document)) per document, lm-eval's count.
 --tasks runs lm-evaluation-harness tasks through harness/adapter.py (pip install lm-eval; see harness/).
+
+Several --context values make a context sweep (run_sweep), which scores THE SAME tokens at every context:
+    python eval.py --ckpt A B --data gutenberg --context 512 2048 8192 32768 --beyond window --json out/ctx.json
+From the split's documents at least max(C) tokens long, windows of max(C) tokens are cut back from each document's
+end (data.document_windows, up to --max-windows); at context C a model reads the last C tokens of each window and
+the last --score-tokens are scored. Past a model's maximum (max_context: max_position_embeddings, a conv Hyena
+filter's l_max; none for an all-modal student) --beyond refuses, extrapolates (RoPE as transformers computes it;
+conv filters cannot: "skipped") or slides windows of that maximum --window-stride apart (data.context_windows).
+Each context also records tokens/s read and scored and peak GPU memory; --compile times the compiled forward.
 """
 import argparse
 import copy
@@ -170,9 +179,9 @@ def last_logits(model, x, n):
 
 def compiled_forward(model):
     """torch.compile(last_logits) for one model: each (batch, length, n) shape its own static graph."""
-    limit = getattr(torch._dynamo.config, "recompile_limit", None)
-    if limit is not None:  # the sweep's contexts and batch shapes are a few dozen graphs, not 8
-        torch._dynamo.config.recompile_limit = max(limit, 64)
+    torch._dynamo.reset()  # the previous model's graphs would count against this one's recompile limit
+    if hasattr(torch._dynamo.config, "recompile_limit"):  # a sweep's contexts and batch shapes: a few dozen graphs
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     fn = torch.compile(last_logits, dynamic=False)
     return lambda x, n: fn(model, x, n)
 
