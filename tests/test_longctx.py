@@ -148,3 +148,89 @@ def test_speed_times_the_same_tokens_per_step_at_each_context(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["peak_mem_gb"] is None for r in out["contexts"].values())
     with pytest.raises(ValueError, match="--tokens-per-step 256 must be a multiple"):
         longctx.main(["speed", "--ckpt", str(tmp_path / "modal"), "--contexts", "96", "--tokens-per-step", "256"])
+
+
+def sweep_entry(ppl, tps=None, mode="native", compiled=True):
+    return {"mode": mode, "ppl": ppl, "loss": 1.0, "scored_tokens": 512, "windows": 1, "read_tokens_per_s": tps,
+            "peak_mem_gb": 1.0, "compiled": compiled}
+
+
+def test_report_longctx_section_from_synthetic_runs(tmp_path):
+    from experiment import report
+    d = tmp_path / "runs" / "longctx"
+    d.mkdir(parents=True)
+    models = {"teacher": "T", "best": "B", "modal d4": "M", "long": "L"}
+    (d / "models.json").write_text(json.dumps({"models": models, "block": 2048, "long": 16384, "modal": 4}))
+    (d / "sweep-window.json").write_text(json.dumps({"contexts": {
+        "T": {"2048": sweep_entry(20.0, 1000), "16384": sweep_entry(19.0, 900, "window"),
+              "32768": sweep_entry(19.0, 900, "window")},
+        "B": {"2048": sweep_entry(22.0), "16384": {"skipped": "conv filters end at l_max 2048"}},
+        "L": {"2048": sweep_entry(21.0, 2000), "16384": sweep_entry(18.0, 2500),  # 5.3 % under the teacher
+              "32768": sweep_entry(17.5, 1500)}}}))  # 1.67x the teacher's tokens/s: short of 2x
+    (d / "sweep-extrapolate.json").write_text(json.dumps({"contexts": {"T": {"16384": sweep_entry(80.0, 1, "extrapolate")}}}))
+    (d / "passkey-window.json").write_text(json.dumps({"passkey": {"L": {"2048": {
+        "mode": "native", "accuracy": 0.5, "mean_key_logprob": -3.0, "trials": 2}, "4096": {"skipped": "x"}}}}))
+    (d / "speed.json").write_text(json.dumps({"tokens_per_step": 32768, "device": "H200", "contexts": {
+        "2048": {"batch_size": 16, "tokens_per_s": 1e6, "peak_mem_gb": 5.0, "compiled": True},
+        "16384": {"batch_size": 2, "tokens_per_s": 0.95e6, "peak_mem_gb": 6.0, "compiled": True}}}))
+    m = report.write_longctx(tmp_path / "runs", tmp_path / "res")
+    md = (tmp_path / "res" / "longctx" / "LONGCTX.md").read_text()
+    assert json.loads((tmp_path / "res" / "longctx" / "longctx.json").read_text())["targets"] == m["targets"]
+    assert "| model (mode past its native maximum) | 2048 | 16384 | 32768 |" in md
+    assert "| long (window) | 21.00 | 18.00 | 17.50 |" in md and "| teacher (window) | 20.00 | 19.00 (window) |" in md
+    assert "| best (window) | 22.00 | skipped |" in md and "teacher (extrapolate)" in md
+    assert "| long (window) | 0.50 (-3.00) | skipped |" in md
+    assert [t["reached"] for t in m["targets"]] == [True, True, True, False]
+    assert "(+5.3%)" in md and "(0.95x)" in md
+    assert report.write_longctx(tmp_path / "none", tmp_path / "res2") == {}  # no study: no section
+
+
+def test_experiment_long_step_commands_and_resume(tmp_path, monkeypatch):
+    """--preset tiny --modal 4 --long-context 512: the fine-tune at 512 x 2 (8 x 128 tokens per step), then the
+    sweeps, passkeys and speed at contexts scaled to 128..1024; a rerun with every output present runs nothing."""
+    from experiment import experiment, report
+    runs = tmp_path / "runs"
+    for d in ["teacher", "scratch", "paper", "paper-ft", "best", "best-ce", "best-ce-ft", "modal/d4"]:
+        (runs / d / "final").mkdir(parents=True)
+    for name in ["teacher", "scratch", "paper", "paper-ft", "best", "best-ce-kd", "best-ce", "modal"]:
+        (runs / "eval").mkdir(parents=True, exist_ok=True)
+        (runs / "eval" / f"{name}.json").write_text("{}")
+    launched = []
+
+    class Done:
+        returncode = 0
+
+        def poll(self):
+            return 0
+
+    def fake_run(cmd, *a, **kw):
+        launched.append([str(c) for c in cmd])
+        out = [str(c) for c in cmd]
+        if "--json" in out:
+            Path(out[out.index("--json") + 1]).write_text("{}")
+        return Done()
+    monkeypatch.setattr(experiment, "prepare_commands", lambda *a: [])
+    monkeypatch.setattr(experiment, "run", fake_run)
+    monkeypatch.setattr(experiment, "finish", lambda proc: 0)
+    monkeypatch.setattr(experiment.time, "sleep", lambda s: None)
+    monkeypatch.setattr(report, "main", lambda argv: None)
+    argv = ["--preset", "tiny", "--gpus", "0", "--runs", str(runs), "--results", str(tmp_path / "res"),
+            "--modal", "4", "--long-context", "512", "--no-dtype-study"]
+    experiment.main(argv)
+    tune = next(c for c in launched if c[1].endswith("finetune.py"))
+    assert tune[tune.index("--init") + 1] == str(runs / "modal" / "d4" / "final")
+    assert (tune[tune.index("--block-size") + 1], tune[tune.index("--batch-size") + 1]) == ("512", "2")
+    sweep = next(c for c in launched if c[1].endswith("eval.py") and "window" in c)
+    assert sweep[sweep.index("--context") + 1:sweep.index("--score-tokens")] == ["128", "256", "512", "1024"]
+    assert sweep[sweep.index("--ckpt") + 1:sweep.index("--beyond")] == [str(runs / p / "final") for p in
+                                                                        ("teacher", "best", "modal/d4", "long")]
+    speed = next(c for c in launched if "speed" in c)
+    assert speed[speed.index("--contexts") + 1:speed.index("--tokens-per-step")] == ["128", "512"]
+    names = json.loads((runs / "longctx" / "models.json").read_text())["models"]
+    assert names["long"] == str(runs / "long" / "final")
+    (runs / "long" / "final").mkdir(parents=True)
+    launched.clear()
+    experiment.main(argv)
+    assert launched == []  # every long step's output exists: skipped
+    with pytest.raises(ValueError, match="--long-context .*--modal D"):
+        experiment.main([a for a in argv if a not in ("--modal", "4")])
