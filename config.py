@@ -86,6 +86,39 @@ class Config:
     def l_max(self):
         return self.hyena_l_max or self.max_position_embeddings
 
+    @property
+    def filter_context(self):
+        """The longest sequence the model can compute at all: l_max while any Hyena layer has a convolutional
+        (implicit) filter, whose table ends there; None (any length) otherwise. RoPE is defined at every position."""
+        conv = any(m == "hyena" and d == 0 for m, d in zip(self.mixers, self.hyena_modal_state))
+        return self.l_max if conv else None
+
+    @property
+    def native_context(self):
+        """The longest context the model is native to (None: any length): attention layers' max_position_embeddings
+        (past it RoPE extrapolates), convolutional Hyena filters' l_max; modal filters have no limit."""
+        limits = [self.max_position_embeddings] if "attention" in self.mixers else []
+        limits += [self.filter_context] if self.filter_context is not None else []
+        return min(limits) if limits else None
+
+    def trained_at(self, context):
+        """This config, recording that the model was trained on sequences of `context` tokens: attention layers'
+        max_position_embeddings and modal-only students' l_max rise to it (never fall), so eval.py and sampling
+        treat it as native there. Refused where the function would change or is undefined: dynamic RoPE (reads
+        max_position_embeddings), convolutional Hyena filters past l_max (their table ends there)."""
+        kw = asdict(self)
+        if self.filter_context is not None and context > self.filter_context:
+            raise ValueError(f"context {context} exceeds the convolutional Hyena filters' l_max {self.l_max}")
+        if "attention" in self.mixers and context > self.max_position_embeddings:
+            if self.rope_type == "dynamic":
+                raise ValueError(f"context {context} exceeds max_position_embeddings {self.max_position_embeddings} "
+                                 "under dynamic RoPE, whose frequencies depend on max_position_embeddings: recording "
+                                 "the longer context would change the function")
+            kw["max_position_embeddings"] = context
+        if "hyena" in self.mixers and context > self.l_max:  # modal filters only (conv ones were refused above)
+            kw["hyena_l_max"] = context
+        return Config(**kw)
+
     @classmethod
     def from_file(cls, path):
         """Config.from_hf of a config.json file; a file that is not JSON is refused by name."""

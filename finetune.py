@@ -62,6 +62,27 @@ def scratch_model(shape, mixer, vocab_size, block_size):
     return GPTNeoX(Config(**kw))
 
 
+def long_context(config, block_size, init):
+    """The model's config once trained at --block-size (Config.trained_at), or a refusal naming the fix. Modal
+    Hyena filters are defined at any length; convolutional ones end at l_max. Attention layers train past
+    max_position_embeddings (RoPE is defined at every position: the model learns those positions), and the saved
+    config's max_position_embeddings becomes the block size, except under dynamic RoPE (refused)."""
+    limit = config.filter_context
+    if limit is not None and block_size > limit:
+        raise ValueError(f"--block-size {block_size} exceeds the convolutional Hyena filters' l_max {limit} of {init} "
+                         f"(their table ends there): use --block-size {limit} or less, or convert the student to "
+                         f"modal filters, defined at any length, first (distill.py --teacher {init} --modal-state D)")
+    if "attention" in config.mixers and block_size > config.max_position_embeddings:
+        if config.rope_type == "dynamic":
+            raise ValueError(f"--block-size {block_size} exceeds max_position_embeddings "
+                             f"{config.max_position_embeddings} of {init}, whose dynamic RoPE reads it: training "
+                             f"there would change its function; use --block-size {config.max_position_embeddings} "
+                             "or less")
+        print(f"finetune: attention layers train past max_position_embeddings {config.max_position_embeddings} "
+              f"(RoPE at positions up to {block_size - 1}); the saved config records {block_size}", file=sys.stderr)
+    return config.trained_at(block_size)
+
+
 def parse_args(argv):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", choices=PRESETS)
@@ -107,9 +128,7 @@ def run(args, cfg, meta, dist):
         model = GPTNeoX.from_pretrained(args.init, args.revision)
         data.check_tokenizer(meta, args.init, args.revision)
     data.check_compatible(meta, vocab_size=model.config.vocab_size)
-    if "hyena" in model.config.mixers and cfg.block_size > model.config.l_max:
-        raise ValueError(f"--block-size {cfg.block_size} exceeds the Hyena filters' length {model.config.l_max} "
-                         f"of {args.init}; use --block-size {model.config.l_max} or less")
+    model.config = long_context(model.config, cfg.block_size, args.init)
     summary = train(CrossEntropy(model), cfg, dist)
     if dist.master:
         final = Path(cfg.out_dir) / "final"

@@ -126,6 +126,70 @@ def todo(cmd, out):
     return [cmd + ["--resume"] if started else cmd]
 
 
+def add_long_args(p):
+    g = p.add_argument_group("long context (issue 15)")
+    g.add_argument("--long-context", type=int, default=0, help="after the modal students, CE fine-tune runs/modal/dD "
+                   "at this many tokens per sequence (same tokens per step as the 2k runs) into runs/long, then sweep "
+                   "context, probe passkeys and time training steps (default 0: off; needs --modal)")
+    g.add_argument("--long-minutes", type=float, help="budget of that fine-tuning (default: --student-minutes)")
+    g.add_argument("--long-modal", type=int, help="which modal student D to fine-tune (default: the first of --modal)")
+
+
+def long_scale(contexts, long):
+    """Lengths given for a 16k run, scaled to --long-context (at least 128 tokens each)."""
+    return sorted({max(128, c * long // 16384) for c in contexts})
+
+
+def long_context_steps(args, modal, teacher, runs, root, data, tok, logs):
+    """The long-context study: fine-tune the modal student at --long-context, then context sweeps with eval.py
+    (teacher: sliding window and its own RoPE extrapolation; conv `best`, modal dD and the long student), the
+    passkey probe of the same models, and 2k vs long training-step speed. Every step skipped once its output
+    exists. runs/longctx/models.json tells report.py which label is which model."""
+    long, d = args.long_context, args.long_modal or modal[0]
+    if d not in modal:
+        raise ValueError(f"--long-modal {d}: not among --modal {args.modal}")
+    tokens = args.batch_size * args.block_size
+    if long <= args.block_size or tokens % long:
+        raise ValueError(f"--long-context {long}: must exceed --block-size {args.block_size} and divide the "
+                         f"{tokens} tokens per step (--batch-size x --block-size), so the step keeps its size")
+    tiny, out = args.preset == "tiny", runs / "longctx"
+    best = runs / "best" / "final"
+    start, final = runs / "modal" / f"d{d}" / "final", runs / "long" / "final"
+    models = {"teacher": str(teacher), "best": str(best), f"modal d{d}": str(start), "long": str(final)}
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "models.json", json.dumps({"models": models, "block": args.block_size, "long": long,
+                                                  "modal": d}, indent=1) + "\n")
+    minutes = args.long_minutes if args.long_minutes is not None else args.student_minutes
+    tune = todo([PY, ROOT / "finetune.py", "--init", start, "--data", data, "--data-root", root, "--block-size", long,
+                 "--batch-size", tokens // long, "--seed", args.seed, "--eval-interval", 50 if tiny else 100,
+                 "--eval-batches", 4 if tiny else 8, "--log-interval", 10, "--lr", "1e-4", "--compile", "auto",
+                 "--max-minutes", minutes, "--out-dir", runs / "long"], final)
+    run_parallel({"long": tune} if tune else {}, args.gpus, logs)
+    contexts = long_scale([512, 1024, 2048, 4096, 8192, 16384, 32768], long)
+    lengths = long_scale([2048, 4096, 8192, 16384, 32768], long)
+    score = max(16, 512 * long // 16384)
+    compiled = ["--compile"] if args.gpus else []  # compiling on a CPU costs more than the tiny sweep
+    sweep = [PY, ROOT / "eval.py", "--data", data, "--data-root", root, "--context", *contexts, "--score-tokens",
+             score, "--window-stride", score, *compiled]
+    probe = [PY, ROOT / "experiment" / "longctx.py", "passkey", "--lengths", *lengths, "--trials", 4 if tiny else 20,
+             "--tokenizer", tok, "--seed", args.seed]
+    every = [teacher, best, start, final]
+    jobs = {
+        "sweep-window": todo(sweep + ["--ckpt", *every, "--beyond", "window", "--json", out / "sweep-window.json"],
+                             out / "sweep-window.json"),
+        "sweep-extrapolate": todo(sweep + ["--ckpt", teacher, "--beyond", "extrapolate",
+                                           "--json", out / "sweep-extrapolate.json"], out / "sweep-extrapolate.json"),
+        "passkey-window": todo(probe + ["--ckpt", *every, "--beyond", "window", "--json", out / "passkey-window.json"],
+                               out / "passkey-window.json"),
+        "passkey-extrapolate": todo(probe + ["--ckpt", teacher, "--beyond", "extrapolate",
+                                             "--json", out / "passkey-extrapolate.json"], out / "passkey-extrapolate.json"),
+        "speed": todo([PY, ROOT / "experiment" / "longctx.py", "speed", "--ckpt", start, "--contexts", args.block_size,
+                       long, "--tokens-per-step", tokens, "--steps", 4 if tiny else 10, *compiled,
+                       "--json", out / "speed.json"], out / "speed.json"),
+    }
+    run_parallel({k: v for k, v in jobs.items() if v}, args.gpus, logs)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shared", default="../shared/data", help="the offline data folder (corpus/, wikitext/, ...)")
@@ -152,6 +216,7 @@ def main(argv=None):
     p.add_argument("--modal", default="", help="state sizes d (e.g. 4,8,16,32,64): convert `best` to modal filters "
                    "with each (distill.py --modal-state), repair each by KL, and evaluate before and after")
     p.add_argument("--modal-repair-minutes", type=float, default=0.5, help="KL repair budget per modal student")
+    add_long_args(p)
     args = p.parse_args(argv)
     students = [s for s in args.students.split(",") if s]
     modal = [int(d) for d in args.modal.split(",") if d]
@@ -159,6 +224,9 @@ def main(argv=None):
         raise ValueError(f"--students {args.students!r}: choose from {', '.join(STUDENTS)}")
     if modal and "best" not in students:
         raise ValueError("--modal converts the `best` student: keep `best` in --students")
+    if args.long_context and not modal:
+        raise ValueError("--long-context fine-tunes a modal student (its filters are defined at any length): add "
+                         "--modal D")
     if any(d < 1 for d in modal):
         raise ValueError(f"--modal {args.modal!r}: state sizes must be >= 1")
     if args.gpus is None:
@@ -235,10 +303,14 @@ def main(argv=None):
     best = runs / "best" / "final"
     repair = [PY, ROOT / "distill.py", "--teacher", best, *common, "--layers", "none", "--e2e-minutes",
               args.modal_repair_minutes, "--e2e-lr", "1e-4", "--compile", "off"]  # too short to pay for compiling
-    run_parallel({f"modal-d{d}": todo(repair + ["--modal-state", d, "--out-dir", runs / "modal" / f"d{d}"],
-                                      runs / "modal" / f"d{d}" / "final") for d in modal}, args.gpus, logs)
+    repairs = {f"modal-d{d}": todo(repair + ["--modal-state", d, "--out-dir", runs / "modal" / f"d{d}"],
+                                   runs / "modal" / f"d{d}" / "final") for d in modal}
+    run_parallel({k: v for k, v in repairs.items() if v}, args.gpus, logs)  # a finished one has no command left
     if modal:
         phase_done("modal students")
+    if args.long_context:
+        long_context_steps(args, modal, teacher, runs, root, data, tok, logs)
+        phase_done("long context")
 
     models = {"teacher": teacher, "scratch": runs / "scratch" / "final", "paper": runs / "paper" / "final",
               "paper-ft": runs / "paper-ft" / "final", "best": runs / "best" / "final",

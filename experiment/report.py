@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python experiment/report.py`: import from the repo root
+from checkpoint import write_atomic  # noqa: E402
 
 # Row label -> (run folders whose training stages it spent, in order; eval JSON name). Folders may be missing
 # (e.g. a teacher loaded from the hub was not trained here).
@@ -208,6 +209,132 @@ def plots(res, out, unit="GPU"):
     return True
 
 
+def read_json(path):
+    return json.loads(Path(path).read_text()) if Path(path).exists() else {}
+
+
+def longctx_study(runs):
+    """The long-context study (experiment.py --long-context): runs/longctx/{models,sweep-*,passkey-*,speed}.json
+    regrouped by model name ("teacher", "best", "modal dD", "long") instead of checkpoint label."""
+    d = runs / "longctx"
+    info = read_json(d / "models.json")
+    if not info:
+        return {}
+    name = {label: n for n, label in info["models"].items()}
+    out = {"block": info["block"], "long": info["long"], "sweep": {}, "passkey": {}, "speed": read_json(d / "speed.json")}
+    for way in ("window", "extrapolate"):
+        for label, by in read_json(d / f"sweep-{way}.json").get("contexts", {}).items():
+            out["sweep"][f"{name.get(label, label)} ({way})"] = by
+        for label, by in read_json(d / f"passkey-{way}.json").get("passkey", {}).items():
+            out["passkey"][f"{name.get(label, label)} ({way})"] = by
+    return out
+
+
+def longctx_targets(m):
+    """Issue 15's targets: (text, reached or None where a number is missing)."""
+    b, L = str(m["block"]), str(m["long"])
+    sw, sp = m["sweep"], m["speed"].get("contexts", {})
+    student, teacher = sw.get("long (window)", {}), sw.get("teacher (window)", {})
+
+    def ppl(by, c):
+        return by.get(c, {}).get("ppl")
+    rows = []
+    a, z = ppl(student, L), ppl(student, b)
+    rows.append((f"long student ppl at {L} below its own at {b}: {a} vs {z}", a < z if a and z else None))
+    t = ppl(teacher, L)
+    rows.append((f"at {L}, long student beats the teacher's sliding window by >= 3 %: {a} vs {t}"
+                 + (f" ({1 - a / t:+.1%})" if a and t else ""), a <= 0.97 * t if a and t else None))
+    s2, s16 = (sp.get(c, {}).get("tokens_per_s") for c in (b, L))
+    rows.append((f"training step at {L} runs at >= 0.9x the tokens/s of {b}: {s16} vs {s2}"
+                 + (f" ({s16 / s2:.2f}x)" if s2 and s16 else ""), s16 >= 0.9 * s2 if s2 and s16 else None))
+    far = str(2 * m["long"])
+    si, ti = (by.get(far, {}) for by in (student, teacher))
+    ok = None
+    if si.get("read_tokens_per_s") and ti.get("read_tokens_per_s"):
+        ok = si["read_tokens_per_s"] >= 2 * ti["read_tokens_per_s"] and bool(si.get("compiled") and ti.get("compiled"))
+    rows.append((f"inference at {far}: student tokens/s >= 2x the teacher's sliding window, both compiled: "
+                 f"{si.get('read_tokens_per_s')} (compiled {si.get('compiled')}) vs {ti.get('read_tokens_per_s')} "
+                 f"(compiled {ti.get('compiled')})", ok))
+    return rows
+
+
+def longctx_markdown(m):
+    fmt = (lambda v, f: "-" if v is None else format(v, f))
+    contexts = sorted({int(c) for by in m["sweep"].values() for c in by})
+    lines = ["# Long context (issue 15)", "", "Perplexity against context (same scored tokens at every context; "
+             "'skipped' where the mode does not apply):", "",
+             "| model (mode past its native maximum) | " + " | ".join(map(str, contexts)) + " |",
+             "|---|" + "---|" * len(contexts)]
+    for label, by in m["sweep"].items():
+        cells = [("skipped" if "skipped" in by.get(str(c), {}) else
+                  fmt(by.get(str(c), {}).get("ppl"), ".2f") + (f" ({by[str(c)]['mode']})" if by.get(str(c), {})
+                                                                .get("mode") not in (None, "native") else ""))
+                 for c in contexts]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lengths = sorted({int(c) for by in m["passkey"].values() for c in by})
+    lines += ["", "Passkey retrieval: accuracy (mean log-prob of the key's tokens):", "",
+              "| model | " + " | ".join(map(str, lengths)) + " |", "|---|" + "---|" * len(lengths)]
+    for label, by in m["passkey"].items():
+        cells = [("skipped" if "skipped" in by.get(str(c), {"skipped": 1}) else
+                  f"{by[str(c)]['accuracy']:.2f} ({by[str(c)]['mean_key_logprob']:.2f})") for c in lengths]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    student, teacher = m["sweep"].get("long (window)", {}), m["sweep"].get("teacher (window)", {})
+    lines += ["", "Inference (eval.py read tokens/s, peak memory): long student vs teacher sliding window:", "",
+              "| context | student tokens/s | teacher tokens/s | ratio | student GB | teacher GB |",
+              "|---|---|---|---|---|---|"]
+    for c in contexts:
+        s, t = student.get(str(c), {}), teacher.get(str(c), {})
+        a, b = s.get("read_tokens_per_s"), t.get("read_tokens_per_s")
+        lines.append(f"| {c} | {fmt(a, ',.0f')} | {fmt(b, ',.0f')} | {fmt(a / b if a and b else None, '.2f')} | "
+                     f"{fmt(s.get('peak_mem_gb'), '.2f')} | {fmt(t.get('peak_mem_gb'), '.2f')} |")
+    sp = m["speed"].get("contexts", {})
+    if sp:
+        lines += ["", f"Training step (forward + backward + AdamW, {m['speed']['tokens_per_step']:,} tokens per step, "
+                  f"{m['speed']['device']}):", "", "| context | batch | tokens/s | peak GB | compiled |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c} | {r['batch_size']} | {r['tokens_per_s']:,.0f} | {fmt(r['peak_mem_gb'], '.2f')} | "
+                  f"{r['compiled']} |" for c, r in sp.items()]
+    lines += ["", "Targets:", ""] + [f"- {'reached' if ok else 'NOT reached' if ok is False else 'no data'}: {text}"
+                                     for text, ok in longctx_targets(m)]
+    return "\n".join(lines) + "\n"
+
+
+def longctx_plot(m, path):
+    """ppl against context, log2 x axis; False where matplotlib is missing (said by plots())."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"report.py: {path} skipped: matplotlib is not installed", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, by in m["sweep"].items():
+        pts = sorted((int(c), r["ppl"]) for c, r in by.items() if r.get("ppl") is not None)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="context (tokens)", ylabel="perplexity")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def write_longctx(runs, out):
+    """results/longctx/: LONGCTX.md, longctx.json, longctx.png; nothing when the study did not run."""
+    m = longctx_study(runs)
+    if not m:
+        return {}
+    folder = out / "longctx"
+    folder.mkdir(parents=True, exist_ok=True)
+    m["targets"] = [{"target": t, "reached": ok} for t, ok in longctx_targets(m)]
+    write_atomic(folder / "longctx.json", json.dumps(m, indent=1) + "\n")
+    write_atomic(folder / "LONGCTX.md", longctx_markdown(m))
+    longctx_plot(m, folder / "longctx.png")
+    return m
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="runs/experiment")
@@ -234,6 +361,7 @@ def main(argv=None):
         (out / "experiment.json.tmp").write_text(json.dumps(res, indent=1))
         os.replace(out / "experiment.json.tmp", out / "experiment.json")
     plots(res, out, unit)
+    write_longctx(runs, out)
     print((out / "RESULTS.md").read_text())
 
 
