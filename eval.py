@@ -136,12 +136,8 @@ def harness_tasks(names, include_path):
 
 
 def max_context(cfg):
-    """The longest window the model is defined for: attention's max_position_embeddings (the RoPE positions it
-    was trained on), a conv Hyena filter's l_max; None where neither applies (every layer a Hyena layer with a
-    modal filter: defined for any length)."""
-    limits = [cfg.max_position_embeddings] if "attention" in cfg.mixers else []
-    limits += [cfg.l_max] if any(m == "hyena" and not d for m, d in zip(cfg.mixers, cfg.hyena_modal_state)) else []
-    return min(limits, default=None)
+    """The longest window the model is native to (Config.native_context; None: any length)."""
+    return cfg.native_context
 
 
 def plan(label, cfg, context, beyond, stride):
@@ -151,7 +147,7 @@ def plan(label, cfg, context, beyond, stride):
     limit = max_context(cfg)
     if limit is None or context <= limit:
         return "native", None
-    conv = cfg.l_max if any(m == "hyena" and not d for m, d in zip(cfg.mixers, cfg.hyena_modal_state)) else None
+    conv = cfg.filter_context
     what = "conv Hyena filters' l_max" if conv == limit else "max_position_embeddings"
     if beyond == "refuse":
         raise ValueError(f"--context {context} is past {label}'s maximum of {limit} tokens (its {what}): pass "
@@ -268,11 +264,12 @@ def sample(model, enc, prompt, max_new_tokens, temperature, top_k, seed):
     """prompt + the model's continuation, as text; an empty prompt starts from <|endoftext|>."""
     ids = enc.encode(prompt, allowed_special="all") or [enc.eot_token]
     cfg = model.config
-    if "hyena" in cfg.mixers and len(ids) + max_new_tokens > cfg.l_max:  # the Hyena filters end at l_max
-        fix = (f"lower --max-new-tokens to {cfg.l_max - len(ids)} or less, or shorten the prompt"
-               if len(ids) < cfg.l_max else f"shorten the prompt to well under {cfg.l_max} tokens")
+    reach = cfg.filter_context  # conv Hyena filters end at l_max; modal filters and RoPE go on
+    if reach is not None and len(ids) + max_new_tokens > reach:
+        fix = (f"lower --max-new-tokens to {reach - len(ids)} or less, or shorten the prompt"
+               if len(ids) < reach else f"shorten the prompt to well under {reach} tokens")
         raise ValueError(f"--prompt ({len(ids)} tokens) plus --max-new-tokens {max_new_tokens} is longer than this "
-                         f"model's Hyena filters reach (l_max {cfg.l_max} tokens): {fix}")
+                         f"model's Hyena filters reach (l_max {reach} tokens): {fix}")
     idx = torch.tensor([ids], device=next(model.parameters()).device)  # (1, T)
     torch.manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None)  # (1, T + new)
