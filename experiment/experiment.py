@@ -162,13 +162,13 @@ def long_context_steps(args, modal, teacher, runs, root, data, tok, logs):
     minutes = args.long_minutes if args.long_minutes is not None else args.student_minutes
     tune = todo([PY, ROOT / "finetune.py", "--init", start, "--data", data, "--data-root", root, "--block-size", long,
                  "--batch-size", tokens // long, "--seed", args.seed, "--eval-interval", 50 if tiny else 100,
-                 "--eval-batches", 4 if tiny else 8, "--log-interval", 10, "--lr", "1e-4", "--compile", "auto",
+                 "--eval-batches", 4 if tiny else 8, "--log-interval", 10, "--lr", "1e-4", "--compile", args.compile,
                  "--max-minutes", minutes, "--out-dir", runs / "long"], final)
     run_parallel({"long": tune} if tune else {}, args.gpus, logs)
     contexts = long_scale([512, 1024, 2048, 4096, 8192, 16384, 32768], long)
     lengths = long_scale([2048, 4096, 8192, 16384, 32768], long)
     score = max(16, 512 * long // 16384)
-    compiled = ["--compile"] if args.gpus else []  # compiling on a CPU costs more than the tiny sweep
+    compiled = ["--compile"] if args.gpus and args.compile != "off" else []  # a CPU compile costs more than the tiny sweep
     sweep = [PY, ROOT / "eval.py", "--data", data, "--data-root", root, "--context", *contexts, "--score-tokens",
              score, "--window-stride", score, *compiled]
     probe = [PY, ROOT / "experiment" / "longctx.py", "passkey", "--lengths", *lengths, "--trials", 4 if tiny else 20,
@@ -211,6 +211,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--students", default=",".join(STUDENTS), help="which students to train (comma-separated, "
                    f"from {','.join(STUDENTS)})")
+    p.add_argument("--compile", choices=("off", "auto", "on"), default="off", help="torch.compile in the "
+                   "training steps (train.py --compile) and the long-context sweeps; off by default until compiled "
+                   "training is verified to learn on CUDA (see README)")
     p.add_argument("--dtype-study", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the teacher and `best` at fp64/fp32/bf16/fp16")
     p.add_argument("--modal", default="", help="state sizes d (e.g. 4,8,16,32,64): convert `best` to modal filters "
@@ -265,7 +268,7 @@ def main(argv=None):
 
     common = ["--data", data, "--data-root", root, "--block-size", args.block_size, "--batch-size",
               args.batch_size, "--seed", args.seed, "--eval-interval", 50 if tiny else 100, "--eval-batches",
-              4 if tiny else 8, "--log-interval", 10]
+              4 if tiny else 8, "--log-interval", 10, "--compile", args.compile]
     teacher = args.teacher
     if teacher == "train":
         teacher = runs / "teacher" / "final"
