@@ -30,7 +30,6 @@ default for alignment, since the MLPs and LayerNorms are the teacher's and alrea
 import argparse
 import dataclasses
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -39,7 +38,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from checkpoint import out_dir_lock, save_final, write_atomic
+from checkpoint import out_dir_lock, save_final
+from cli import write_atomic
 from hyena import GPTNeoX, make_student, to_modal
 from losses import head_loss
 from train import add_train_args, setup_distributed, train, train_config_from_args
@@ -248,9 +248,7 @@ def distill(args, cfg, dist):
         summaries[name] = train(Distill(teacher, student, **kw), stage_cfg, dist, stage=name)
     if dist.master:  # like finetune.py: the data's tokenizer.json goes along, for eval.py and sampling
         save_final(student, out / "final", meta)
-        tmp = out / "distill_summary.json.tmp"
-        tmp.write_text(json.dumps({"args": vars(args), "stages": summaries}, indent=2))
-        os.replace(tmp, out / "distill_summary.json")
+        write_atomic(out / "distill_summary.json", json.dumps({"args": vars(args), "stages": summaries}, indent=2))
         print(f"distill: student saved to {out / 'final'}; evaluate with: "
               f"python eval.py --ckpt {out / 'final'} --data {cfg.data}", file=sys.stderr)
     return summaries

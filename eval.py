@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from data import check_compatible, eval_windows, load_meta, load_split, resolve_data_dir, tokenizer_sha256
 from hub import HubError, resolve_file
 from hyena import Config, GPTNeoX, load_tokenizer
-from cli import integer, writable_dir
+from cli import integer, writable_dir, write_atomic
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")  # owner/name
@@ -311,8 +310,7 @@ def run(args):
         out = {"context": args.context, "stride": args.stride, "protocol": args.protocol, "dtype": args.dtype,
                "split": args.split, "max_tokens": args.max_tokens, "tasks": args.tasks, "results": results}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json + ".tmp").write_text(json.dumps(out, indent=1) + "\n")
-        os.replace(args.json + ".tmp", args.json)
+        write_atomic(Path(args.json), json.dumps(out, indent=1) + "\n")
     return results
 
 

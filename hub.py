@@ -17,7 +17,7 @@ from urllib.parse import quote, urljoin, urlparse
 import requests
 
 from safetensors_io import DTYPES, read_safetensors, read_safetensors_metadata, write_safetensors  # noqa: F401
-from safetensors_io import atomic_open
+from cli import write_atomic
 
 __all__ = ["DTYPES", "read_safetensors", "read_safetensors_metadata", "write_safetensors",  # from safetensors_io
            "HubError", "hub_endpoint", "hub_cache_dir", "hf_hub_download", "list_repo_files", "resolve_file"]
@@ -159,8 +159,7 @@ def hf_hub_download(repo_id, filename, revision="main", repo_type="model"):
     _link(blob, snapshot)
     if revision != commit:
         ref.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(ref) as f:
-            f.write(commit.encode())
+        write_atomic(ref, commit)
     return snapshot
 
 

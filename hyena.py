@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cli import write_atomic
 from config import MIXERS, Config
 from decode import decode_step, new_cache
 from hub import HubError, read_safetensors, resolve_file, write_safetensors
@@ -258,9 +259,7 @@ class GPTNeoX(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         write_safetensors(out / "model.safetensors", tensors, {"format": "pt", **(metadata or {})})
-        tmp = out / "config.json.tmp"
-        tmp.write_text(json.dumps(self.config.to_hf(), indent=2))
-        tmp.replace(out / "config.json")
+        write_atomic(out / "config.json", json.dumps(self.config.to_hf(), indent=2))
 
 
 def _weight_files(name_or_path, revision):

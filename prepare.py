@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cli import write_atomic
 from data import SPLITS, tokenizer_sha256
 from sources import ARCHIVES, HUB_DATASETS, hub_files, hub_source, read_val_list, text_files, text_source
 from tokenizer import load_tokenizer
@@ -251,8 +252,7 @@ def prepare(args, argv):
     meta = {"source": source, "command": shlex.join(["python", "prepare.py", *argv]), "tokenizer": args.tokenizer,
             "tokenizer_sha256": sha, "vocab_size": enc.n_vocab, "eot_token": enc.eot_token, "dtype": "uint16",
             "splits": counts, "fingerprint": fingerprint}
-    (out / "meta.json.tmp").write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(out / "meta.json.tmp", out / "meta.json")
+    write_atomic(out / "meta.json", json.dumps(meta, indent=1) + "\n")
     seconds, tokens = time.monotonic() - t0, sum(c["tokens"] for c in counts.values())
     print(f"{out}: " + ", ".join(f"{s} {c['tokens']:,} tokens ({c['documents']:,} docs)" for s, c in counts.items())
           + f" in {seconds:.1f} s ({tokens / seconds / 1e6:.2f}M tokens/s)")

@@ -9,10 +9,11 @@ import math
 import mmap
 import os
 import struct
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from cli import write_atomic
 
 DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -102,7 +103,7 @@ def read_safetensors_metadata(path):
 
 
 def write_safetensors(path, tensors, metadata=None):
-    """Write tensors (name -> Tensor) and optional str -> str metadata; atomic (temp file, then os.replace)."""
+    """Write tensors (name -> Tensor) and optional str -> str metadata; atomically (cli.write_atomic)."""
     path = Path(path)
     header = {}
     if metadata is not None:
@@ -126,22 +127,10 @@ def write_safetensors(path, tensors, metadata=None):
         offset += t.numel() * t.element_size()
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with atomic_open(path) as f:
+
+    def write(f):
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name in order:  # one tensor at a time to the CPU, so a GPU model is never copied whole
             f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # raw bytes
-
-
-@contextmanager
-def atomic_open(path):
-    """Write to a pid-named temp file beside path and move it into place only when complete, so a crash or
-    a concurrent reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, write)

@@ -28,8 +28,8 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
 import data
-from cli import integer
-from checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, trim_log, write_atomic
+from cli import integer, write_atomic
+from checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, trim_log
 
 DTYPES = ("auto", "bf16", "fp32")
 CHOICES = {"dtype": DTYPES, "compile": ("auto", "on", "off")}

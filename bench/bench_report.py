@@ -2,11 +2,12 @@
 written atomically (a killed run leaves the last good one)."""
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench_report.py`: import from the repo root
+
+from cli import write_atomic
 
 SECTIONS = ("check", "mixer", "model", "train", "decode", "kd")
 MODES = {"on": [True], "off": [False], "both": [True, False]}  # --compile: which of compiled / eager run
@@ -95,8 +96,7 @@ def write(out, res, sizes, modes, plot=False):
           *lines, "## issue-7 targets", "", *table(tg), ""]
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("bench.json", json.dumps({**res, "targets": tg}, indent=1)), ("bench.md", "\n".join(md))):
-        (out / f"{name}.tmp").write_text(text)
-        os.replace(out / f"{name}.tmp", out / name)
+        write_atomic(out / name, text)
     if plot:
         try:
             draw(out, res)
@@ -141,8 +141,7 @@ def draw(out, res):
         ax.grid(alpha=0.3)
         if ax.lines:  # the memory panel stays empty on the CPU
             ax.legend(fontsize=7)
-    fig.savefig(out / "bench.png.tmp", format="png", dpi=110)
-    os.replace(out / "bench.png.tmp", out / "bench.png")
+    write_atomic(out / "bench.png", lambda f: fig.savefig(f, format="png", dpi=110))
 
 
 def main(argv=None):

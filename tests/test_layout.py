@@ -17,3 +17,35 @@ def test_no_root_script_imports_another_script():
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             found += [f"{name}.py imports {m}" for m in imported if m.split(".")[0] in scripts - {name}]
     assert not found, found
+
+
+def test_write_atomic_replaces_whole_files_or_leaves_the_old_one(tmp_path):
+    from cli import write_atomic
+    path = tmp_path / "out.json"
+    write_atomic(path, "first\n")
+    write_atomic(path, b"second\n")
+    assert path.read_text() == "second\n"
+
+    def broken(f):
+        f.write(b"half a fi")
+        raise OSError("disk full")
+    try:
+        write_atomic(path, broken)
+    except OSError:
+        pass
+    assert path.read_text() == "second\n" and [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp left
+
+
+def test_files_are_replaced_only_through_write_atomic():
+    """os.replace / rename / write_text outside cli.write_atomic only where a whole write cannot be one call:
+    the hub's resumable downloads and cache links, prepare.py's streamed .bin files (moved together, after their
+    checks), and the checkpoint folder's swap."""
+    allowed = {"cli.py", "hub.py", "prepare.py", "checkpoint.py"}
+    found = []
+    for path in sorted(ROOT.glob("**/*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", "data", "runs") or rel.name.startswith("test_") or str(rel) in allowed:
+            continue
+        found += [f"{rel}: {m.group(0)}" for m in re.finditer(r"os\.replace\(|\.rename\(|\.write_text\(|\.write_bytes\(",
+                                                                 path.read_text())]
+    assert not found, found
