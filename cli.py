@@ -1,5 +1,5 @@
-"""What every script shares: the one error path (`if __name__ == "__main__": cli.run(main)`), flag helpers, and
-the one way to write a file that must survive a crash (`write_atomic`).
+"""What every script shares: the one error path (`if __name__ == "__main__": cli.run(main)`), flag helpers, the
+one way to write a file that must survive a crash (`write_atomic`), and the one progress line (`Progress`).
 
 Expected failures (bad flags, values, files, checkpoints, data, network) exit with status 2 and one line,
 `script.py: error: <what is wrong and how to fix it>`; a traceback only with --debug or HYENA_DEBUG=1. Anything
@@ -7,6 +7,7 @@ else is a bug and keeps its traceback. Ctrl-C exits 130 (train.py saves a checkp
 """
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -90,3 +91,22 @@ def write_atomic(path, content):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+class Progress:
+    """One progress line on stderr for work of `total` units (None: unknown), `done` of them already behind it:
+    redrawn in place on a terminal (at most every 0.2 s), a new line every 30 s in a log; never when quiet.
+    update(done, line) draws line(rate, eta) when due (always with final=True): rate is the units per second
+    done since this Progress began, eta ", ETA 12 s" (or "" when unknown) for the rest of total."""
+
+    def __init__(self, total=None, done=0, quiet=False):
+        self.total, self.start, self.quiet, self.tty = total, done, quiet, sys.stderr.isatty()
+        self.t0 = self.shown = time.monotonic()
+
+    def update(self, done, line, final=False):
+        now = time.monotonic()
+        if self.quiet or not final and now - self.shown < (0.2 if self.tty else 30):
+            return
+        self.shown, rate = now, (done - self.start) / max(now - self.t0, 1e-9)
+        eta = f", ETA {(self.total - done) / rate:.0f} s" if self.total and rate and not final else ""
+        print(line(rate, eta), end="\n" if final or not self.tty else "\r", file=sys.stderr, flush=True)

@@ -17,7 +17,7 @@ from urllib.parse import quote, urljoin, urlparse
 import requests
 
 from safetensors_io import DTYPES, read_safetensors, read_safetensors_metadata, write_safetensors  # noqa: F401
-from cli import write_atomic
+from cli import Progress, write_atomic
 
 __all__ = ["DTYPES", "read_safetensors", "read_safetensors_metadata", "write_safetensors",  # from safetensors_io
            "HubError", "hub_endpoint", "hub_cache_dir", "hf_hub_download", "list_repo_files", "resolve_file"]
@@ -204,7 +204,12 @@ def _download(url, blob, etag, size, what, filename):
         headers.pop("Authorization", None)  # never hand the token to the CDN: its signed URL is the credential
     part.touch()  # so an empty file needs no request; touch keeps the bytes of a leftover
     have = part.stat().st_size
-    progress, stalls = _Progress(filename, size, have), 0
+    stalls, quiet = 0, size is not None and size < 1 << 20  # no progress line under 1 MB
+    progress = Progress(size, have, quiet)
+    total = f"/{size / 1e6:.1f}" if size else ""
+
+    def line(got):
+        return lambda rate, eta: f"{filename}: {got / 1e6:.1f}{total} MB, {rate / 1e6:.1f} MB/s{eta}"
     # Hash while writing: reading the file back afterwards would cost a third of the download time. A prefix
     # left by an earlier process is hashed first.
     digest = hashlib.sha256()
@@ -215,14 +220,15 @@ def _download(url, blob, etag, size, what, filename):
         r = _request("GET", url, what, {**headers, "Range": f"bytes={have}-"} if have else headers, stream=True,
                      follow=True)
         if have and r.status_code != 206:  # the server ignored the Range header: start over
-            have, digest, progress = 0, hashlib.sha256(), _Progress(filename, size, 0)
-        before = have
+            have, digest, progress = 0, hashlib.sha256(), Progress(size, 0, quiet)
+        before = got = have
         try:
             with r, open(part, "ab" if have else "wb") as f:
                 for chunk in r.iter_content(1 << 20):
                     f.write(chunk)
                     digest.update(chunk)
-                    progress.update(len(chunk))
+                    got += len(chunk)
+                    progress.update(got, line(got))
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
             error = e
         else:
@@ -240,7 +246,7 @@ def _download(url, blob, etag, size, what, filename):
               f"{RETRY_BASE_S * 2 ** stalls:.0f} s", file=sys.stderr)
         time.sleep(RETRY_BASE_S * 2 ** stalls)
     have = part.stat().st_size
-    progress.update(0, final=True)
+    progress.update(have, line(have), final=True)
     if size is not None and have != size:
         part.unlink()
         raise HubError(f"{what}: got {have} bytes but the hub announced {size}; the download was deleted, try again")
@@ -250,24 +256,6 @@ def _download(url, blob, etag, size, what, filename):
         raise HubError(f"{what}: sha256 mismatch: the download hashes to {digest.hexdigest()} but the hub says "
                        f"{etag}; the corrupt download was deleted, try again")
     os.replace(part, blob)
-
-
-class _Progress:
-    """MB, MB/s and ETA on stderr: redrawn in place on a terminal, a line every 30 s in logs; quiet under 1 MB."""
-
-    def __init__(self, name, total, done):
-        self.name, self.total, self.done, self.start, self.t0 = name, total, done, done, time.monotonic()
-        self.tty, self.shown, self.on = sys.stderr.isatty(), self.t0, total is None or total >= 1 << 20
-
-    def update(self, n, final=False):
-        self.done += n
-        now = time.monotonic()
-        if self.on and (final or now - self.shown >= (0.2 if self.tty else 30)):
-            self.shown, rate = now, (self.done - self.start) / max(now - self.t0, 1e-6)  # bytes/s this session
-            total = f"/{self.total / 1e6:.1f}" if self.total else ""
-            eta = f", ETA {(self.total - self.done) / rate:.0f}s" if self.total and rate else ""
-            print(f"{self.name}: {self.done / 1e6:.1f}{total} MB, {rate / 1e6:.1f} MB/s{eta}",
-                  end="\n" if final or not self.tty else "\r", file=sys.stderr, flush=True)
 
 
 def list_repo_files(repo_id, revision="main", repo_type="model"):

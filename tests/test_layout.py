@@ -49,3 +49,20 @@ def test_files_are_replaced_only_through_write_atomic():
         found += [f"{rel}: {m.group(0)}" for m in re.finditer(r"os\.replace\(|\.rename\(|\.write_text\(|\.write_bytes\(",
                                                                  path.read_text())]
     assert not found, found
+
+
+def test_one_progress_line_for_downloads_and_tokenizing(capsys):
+    """cli.Progress serves hub.py and prepare.py: in a log (stderr not a terminal) a line every 30 s, and the
+    final line always; quiet draws nothing."""
+    from cli import Progress
+    progress = Progress(total=100)
+    progress.update(10, lambda rate, eta: f"10 of 100{eta}")  # 30 s have not passed: not drawn
+    progress.update(100, lambda rate, eta: f"done at {rate:.0f}/s{eta}", final=True)
+    Progress(total=100, quiet=True).update(100, lambda rate, eta: "never", final=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("done at ") and "ETA" not in lines[0]
+    progress.t0 = progress.shown = progress.shown - 31  # 31 s later, half done: a line with the ETA of the rest
+    progress.update(50, lambda rate, eta: f"half{eta}")
+    assert capsys.readouterr().err == "half, ETA 31 s\n"
+    sources = {name: (ROOT / name).read_text() for name in ("hub.py", "prepare.py")}
+    assert all("Progress(" in text and "class _Progress" not in text for text in sources.values())
