@@ -33,12 +33,11 @@ import torch
 import torch.nn.functional as F
 
 from data import check_compatible, eval_windows, load_meta, load_split, resolve_data_dir, tokenizer_sha256
-from hub import HubError, resolve_file
+from hub import HubError, looks_like_path, resolve_file
 from hyena import Config, GPTNeoX, load_tokenizer
 from cli import integer, writable_dir, write_atomic
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")  # owner/name
 DEFAULT_TOKENIZER = "EleutherAI/pythia-70m"
 PROTOCOLS = ("stream", "harness")  # see the module docstring
 
@@ -165,7 +164,7 @@ def resolve_ckpt(name):
     if path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path} holds no config.json (nor ckpt/config.json); "
                                 "expected a folder written by save_pretrained or a train.py --out-dir")
-    if not HUB_ID.fullmatch(name) or ".." in name or Path(name.split("/")[0]).is_dir():
+    if looks_like_path(name):
         raise FileNotFoundError(f"checkpoint not found: {name} is no local folder, nor a hub repo id like "
                                 "'EleutherAI/pythia-160m'")
     return name

@@ -28,7 +28,9 @@ TRIES = 5
 # only, so a stalled endpoint fails within a minute (tests shrink these too).
 TIMEOUT = (5, 20)
 STALL_TRIES = 2
-_REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+# A hub repo id: "owner/name" (or a bare legacy "name", which hf_hub_download accepts but name-or-path arguments
+# read as local paths: see looks_like_path). No part starts with '.' or '-', and '..' is refused separately.
+REPO_ID = re.compile(r"(?![.-])[\w.-]+(/(?![.-])[\w.-]+)?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -111,7 +113,7 @@ def _repo_folder(repo_id, repo_type):
     """The cache folder name, e.g. models--EleutherAI--pythia-70m, after checking both parts."""
     if repo_type not in ("model", "dataset"):
         raise ValueError(f"repo_type {repo_type!r} must be 'model' or 'dataset'")
-    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+    if not REPO_ID.fullmatch(repo_id) or ".." in repo_id:
         raise ValueError(f"repo_id {repo_id!r} is not a hub repo id like 'EleutherAI/pythia-70m'")
     return f"{repo_type}s--{repo_id.replace('/', '--')}"
 
@@ -281,15 +283,17 @@ def list_repo_files(repo_id, revision="main", repo_type="model"):
 
 
 def looks_like_path(name):
-    """Meant as a local path, not a hub repo id (owner/name): it starts with '.', '/' or '~', has a separator a
-    repo id cannot have (a backslash, a second '/'), or its first part is a local folder (`out/nope`, out/ here)."""
+    """Meant as a local path, not a hub repo id: anything but owner/name (a bare `run1`, `./x`, `/abs`, `~/x`,
+    `a/b/c`, a backslash, '..'), and an owner/name whose first part is a local folder (`out/nope`, out/ here).
+    Every name-or-path argument (checkpoints, teachers, tokenizers) is told apart by this one rule."""
     name = str(name)
-    return (name.startswith((".", "/", "~")) or not _REPO_ID.fullmatch(name)
-            or ("/" in name and Path(name.split("/")[0]).is_dir()))
+    return (not REPO_ID.fullmatch(name) or "/" not in name or ".." in name
+            or Path(name.split("/")[0]).is_dir())
 
 
 def resolve_file(name_or_path, filename, revision="main"):
-    """A local directory -> dir/filename (which must exist); anything else is a hub repo id -> hf_hub_download."""
+    """The one name-or-path resolver: a local directory -> dir/filename (which must exist); a hub repo id
+    (owner/name) -> hf_hub_download at revision; anything else that looks like a path is refused by name."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / filename).is_file():

@@ -66,3 +66,10 @@ def test_one_progress_line_for_downloads_and_tokenizing(capsys):
     assert capsys.readouterr().err == "half, ETA 31 s\n"
     sources = {name: (ROOT / name).read_text() for name in ("hub.py", "prepare.py")}
     assert all("Progress(" in text and "class _Progress" not in text for text in sources.values())
+
+
+def test_one_repo_id_rule():
+    """Hub ids are told from paths in one place (hub.REPO_ID, hub.looks_like_path), not by regexes here and there."""
+    found = [str(p.relative_to(ROOT)) for p in sorted(ROOT.glob("**/*.py"))
+             if p.name != "hub.py" and "tests" not in p.parts and re.search(r"re\.compile\(r?[\"'][^\"']*\\w\.-", p.read_text())]
+    assert not found, found
