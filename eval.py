@@ -34,7 +34,9 @@ import torch.nn.functional as F
 
 from data import check_compatible, eval_windows, load_meta, load_split, resolve_data_dir, tokenizer_sha256
 from hub import HubError, looks_like_path, resolve_file
-from hyena import Config, GPTNeoX, load_tokenizer
+from config import Config
+from hyena import GPTNeoX
+from tokenizer import load_tokenizer
 from cli import integer, writable_dir, write_atomic
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

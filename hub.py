@@ -1,8 +1,8 @@
-"""A small Hugging Face hub client built on requests; re-exports the safetensors reader/writer.
+"""A small Hugging Face hub client built on requests, and the one rule telling hub ids from local paths.
 
 The client keeps huggingface_hub's cache layout (models--org--name/{blobs,snapshots,refs}), so the two share
 one cache: a file fetched by either is found by the other. Safetensors reading and writing live in
-safetensors_io.py; its names are re-exported here, so `from hub import read_safetensors` keeps working.
+safetensors_io.py.
 """
 import fcntl
 import hashlib
@@ -16,11 +16,7 @@ from urllib.parse import quote, urljoin, urlparse
 
 import requests
 
-from safetensors_io import DTYPES, read_safetensors, read_safetensors_metadata, write_safetensors  # noqa: F401
 from cli import Progress, write_atomic
-
-__all__ = ["DTYPES", "read_safetensors", "read_safetensors_metadata", "write_safetensors",  # from safetensors_io
-           "HubError", "hub_endpoint", "hub_cache_dir", "hf_hub_download", "list_repo_files", "resolve_file"]
 
 RETRY_BASE_S = 1.0  # first backoff; it doubles on each retry (tests shrink it)
 TRIES = 5

@@ -16,17 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import write_atomic
-from config import MIXERS, Config
-from decode import decode_step, new_cache
-from hub import HubError, read_safetensors, resolve_file, write_safetensors
 import modal
-from hyena_operator import HyenaOperator, fftconv, short_conv
+from cli import write_atomic
+from config import Config
+from decode import decode_step, new_cache
+from hyena_operator import HyenaOperator
 from losses import head_loss
-from tokenizer import load_tokenizer
-
-__all__ = ["Config", "GPTNeoX", "Attention", "HyenaOperator", "fftconv", "short_conv", "make_student", "to_modal",
-           "load_tokenizer", "MIXERS"]  # the config, operator and tokenizer are re-exported from their files
+from safetensors_io import read_safetensors, write_safetensors
 
 # Buffers that HF checkpoints may carry but that we recompute: never persistent in this model.
 IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
@@ -223,6 +219,7 @@ class GPTNeoX(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, revision="main", dtype=torch.float32):
         """Load a local directory or a hub repo (any revision) holding config.json + safetensors weights."""
+        from hub import resolve_file  # here, not at the top: the model itself needs no HTTP client
         config_file = resolve_file(name_or_path, "config.json", revision)
         cfg = Config.from_file(config_file)
         model = cls(cfg)
@@ -264,6 +261,7 @@ class GPTNeoX(nn.Module):
 
 def _weight_files(name_or_path, revision):
     """model.safetensors, or the shards a model.safetensors.index.json names. Pickle files are refused."""
+    from hub import HubError, resolve_file
     try:
         return [resolve_file(name_or_path, "model.safetensors", revision)]
     except (FileNotFoundError, HubError) as single_err:

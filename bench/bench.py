@@ -39,7 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 from bench.bench_check import Checks
 from bench.bench_report import MODES, SECTIONS, fmt, get, keep_previous, table, targets, write
 from decode import cache_bytes, decode_step, new_cache
-from hyena import Attention, Config, GPTNeoX, HyenaOperator, make_student
+from config import Config
+from hyena import Attention, GPTNeoX, make_student
+from hyena_operator import HyenaOperator
 
 
 @dataclass

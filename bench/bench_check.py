@@ -6,7 +6,7 @@ from dataclasses import replace
 import torch
 
 from decode import decode_step, new_cache
-from hyena import HyenaOperator
+from hyena_operator import HyenaOperator
 
 
 class Checks:

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 import distill
-from hyena import Config, GPTNeoX, make_student, to_modal
+from config import Config
+from hyena import GPTNeoX, make_student, to_modal
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=64,
             max_position_embeddings=32)

@@ -13,7 +13,9 @@ import torch
 import cli
 import eval as ev
 from data import load_split
-from hyena import Config, GPTNeoX, load_tokenizer, make_student
+from config import Config
+from hyena import GPTNeoX, make_student
+from tokenizer import load_tokenizer
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # beside the repository
 TOKENIZER = SHARED / "tokenizer" / "20B_tokenizer.json"

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 import eval as ev
 from harness import build
-from hyena import Config, GPTNeoX, load_tokenizer, make_student
+from config import Config
+from hyena import GPTNeoX, make_student
+from tokenizer import load_tokenizer
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 TOKENIZER = SHARED / "tokenizer" / "20B_tokenizer.json"

@@ -245,7 +245,8 @@ def test_bench_100mb_download(fake):
 
 def test_from_pretrained_through_the_hub(fake, tmp_path):
     """A hub repo id with a Pythia-style branch revision downloads once, then loads from the cache alone."""
-    from hyena import Config, GPTNeoX
+    from config import Config
+    from hyena import GPTNeoX
     torch.manual_seed(0)
     m = GPTNeoX(Config(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2,
                        vocab_size=97, max_position_embeddings=32))

@@ -73,3 +73,41 @@ def test_one_repo_id_rule():
     found = [str(p.relative_to(ROOT)) for p in sorted(ROOT.glob("**/*.py"))
              if p.name != "hub.py" and "tests" not in p.parts and re.search(r"re\.compile\(r?[\"'][^\"']*\\w\.-", p.read_text())]
     assert not found, found
+
+
+def test_names_are_imported_from_where_they_are_defined():
+    """No re-exports: `from m import name` (here, in bench/, experiment/, harness/ and the tests) takes name from
+    the module that defines it, never from one that imported it (hyena once passed on Config and load_tokenizer,
+    hub the safetensors functions)."""
+    def defined(module):
+        tree = ast.parse(module.read_text())
+        names = set()
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                names |= {t.id for n in ast.walk(node) for t in [n] if isinstance(t, ast.Name)
+                          and isinstance(t.ctx, ast.Store)}
+            elif isinstance(node, ast.If):  # e.g. `if triton is not None:` around a kernel
+                names |= {n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        return names
+
+    ours = {str(p.relative_to(ROOT).with_suffix("")).replace("/", "."): p for p in ROOT.glob("**/*.py")
+            if not {"data", "runs"} & set(p.relative_to(ROOT).parts)}
+    found = []
+    for path in ours.values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in ours and node.level == 0:
+                missing = [a.name for a in node.names if a.name not in defined(ours[node.module])
+                           and not (ours[node.module].parent / a.name).is_dir()
+                           and not (ours[node.module].parent / node.module.split(".")[-1] / f"{a.name}.py").exists()]
+                found += [f"{path.relative_to(ROOT)}: from {node.module} import {n}" for n in missing]
+    assert not found, found
+
+
+def test_the_model_does_not_import_the_http_client():
+    import subprocess
+    import sys
+    code = "import sys, hyena; print(sorted({'hub', 'requests'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

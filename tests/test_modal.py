@@ -7,7 +7,8 @@ import torch
 
 import modal
 from decode import cache_bytes, new_cache
-from hyena import Config, GPTNeoX, make_student, to_modal
+from config import Config
+from hyena import GPTNeoX, make_student, to_modal
 from hyena_operator import HyenaFilter, HyenaOperator, fftconv
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3, vocab_size=64,
