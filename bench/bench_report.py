@@ -125,11 +125,11 @@ def draw(out, res):
         lat.plot(L, [1e6 * r["ms"] / (r["B"] * r["L"]) for r in rows], label=key, **style)
         if rows[0]["peak_gb"] is not None:
             mem.plot(L, [r["peak_gb"] for r in rows], label=key, **style)
-    decode = {}
+    decoding = {}
     for r in res["decode"]:
         if "tok_s" in r:
-            decode.setdefault((r["model"], r["B"], r.get("graph", False)), []).append(r)
-    for (model, B, graph), rows in sorted(decode.items()):
+            decoding.setdefault((r["model"], r["B"], r.get("graph", False)), []).append(r)
+    for (model, B, graph), rows in sorted(decoding.items()):
         dec.plot([r["ctx"] for r in rows], [r["tok_s"] for r in rows], marker="o", linestyle="--" if graph else "-",
                  color={"student": "C0", "teacher": "C1"}.get(model, "C2"), alpha=1.0 if B > 1 else 0.55,
                  label=f"{model} B={B}{' CUDA graph' if graph else ''}")

@@ -111,3 +111,22 @@ def test_the_model_does_not_import_the_http_client():
     code = "import sys, hyena; print(sorted({'hub', 'requests'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_one_meaning_per_name():
+    """DTYPES is eval's --dtype table, evaluate is eval's perplexity pass, decode is the decoding module: no other
+    module defines these names at its top level, and no function (methods aside) or parameter is named so."""
+    owner = {"DTYPES": "eval.py", "evaluate": "eval.py", "decode": None}
+    found = []
+    for path in sorted(ROOT.glob("**/*.py")):
+        rel, tree = str(path.relative_to(ROOT)), ast.parse(path.read_text())
+        methods = {id(f) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body}
+        names = [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                 if isinstance(t, ast.Name)]
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and id(node) not in methods:
+                names.append(node.name)
+            if isinstance(node, (ast.FunctionDef, ast.Lambda)):
+                names += [a.arg for a in node.args.args + node.args.kwonlyargs]
+        found += [f"{rel}: {n}" for n in names if n in owner and owner[n] != rel]
+    assert not found, found
