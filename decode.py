@@ -24,7 +24,7 @@ except ImportError:  # CPU-only installs: the PyTorch path serves
     triton = None
 
 BLOCK_D, BLOCK_S = 4, 512  # a tile: 4 channels x 512 positions
-PROGRAMS = 1024  # enough tiles in flight to fill an H200's 132 SMs: short batches split the positions too
+PROGRAMS = 1024  # enough tiles in flight to fill a large GPU's SMs: short batches split the positions too
 
 
 def available(t):

@@ -205,12 +205,17 @@ class GPTNeoX(nn.Module):
         return idx
 
     def optim_groups(self, weight_decay, lr):
-        """AdamW groups: decay matrices and embeddings only; Hyena filter params follow their `_optim` hints."""
+        """AdamW groups, one per (weight decay, lr): decay on matrices and embeddings only; the Hyena filters'
+        parameters take the settings their operator gives (HyenaOperator.optim_settings)."""
+        own = {}
+        for m in self.modules():
+            if isinstance(m, HyenaOperator):
+                own.update(m.optim_settings())
         groups = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            hint = {"weight_decay": weight_decay if p.dim() >= 2 else 0.0, "lr": lr, **getattr(p, "_optim", {})}
+            hint = {"weight_decay": weight_decay if p.dim() >= 2 else 0.0, "lr": lr, **own.get(p, {})}
             groups.setdefault((hint["weight_decay"], hint["lr"]), []).append(p)
         return [{"params": ps, "weight_decay": wd, "lr": glr} for (wd, glr), ps in groups.items()]
 

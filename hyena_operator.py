@@ -76,7 +76,7 @@ def rfft(x: torch.Tensor) -> torch.Tensor:
     """torch.fft.rfft along the last axis, as an op torch.compile does not look into: inductor must then hand
     it the contiguous layout it was traced with. Left to itself, inductor lays the padded channels-first copy
     out time-strided (the order of the activations it came from), and torch then copies it once more before
-    calling cuFFT (0.5 ms per layer for 64k tokens on an H200)."""
+    calling cuFFT."""
     return torch.fft.rfft(x)
 
 
@@ -86,7 +86,7 @@ def _(x):
 
 
 class FFTConv(torch.autograd.Function):
-    """fftconv_reference with a hand-written backward and a layout for speed (the H200 numbers are in README):
+    """fftconv_reference with a hand-written backward and a layout for speed (measurements: README, results/):
     FFTs run along a contiguous time axis, channels first (`channels_first`); the 1/n of the inverse FFT is folded
     into the filter's padded copy (no extra pass over the output); the input's spectrum is kept for the
     filter's gradient. With y = irfft(U K)[:L] + bias u, and G the spectrum of dLoss/dy:
@@ -147,7 +147,8 @@ class PositionalEmbedding(nn.Module):
     """safari's positional embedding of the filter's time axis, a table over t = 0 .. l_max-1:
     z(t) = [t / (l_max-1), Re e^{-i f_b w_t}, Im e^{-i f_b w_t}] with w_t = 2 pi t / l_max and bands f_b =
     linspace(1e-4, bands-1, bands). As in safari, z is a trainable parameter with its own learning rate
-    (`_optim` hint, 1e-5) and no weight decay; the normalised time `t` is a buffer."""
+    (`lr`, 1e-5; HyenaOperator.optim_settings hands it to the optimizer) and no weight decay; the normalised
+    time `t` is a buffer."""
     def __init__(self, emb_dim, l_max, lr=1e-5):
         super().__init__()
         bands = (emb_dim - 1) // 2
@@ -156,7 +157,7 @@ class PositionalEmbedding(nn.Module):
         w = 2 * math.pi * torch.arange(l_max, dtype=torch.float64)[None, :, None] / l_max  # (1, L, 1)
         angle = torch.linspace(1e-4, bands - 1, bands, dtype=torch.float64)[None, None] * w  # (1, L, bands)
         self.z = nn.Parameter(torch.cat([t, angle.cos(), -angle.sin()], dim=-1).float())  # (1, L, emb_dim)
-        self.z._optim = {"lr": lr, "weight_decay": 0.0}
+        self.lr = lr
         self.register_buffer("t", t.float())
 
     def forward(self, L):
@@ -274,7 +275,7 @@ class HyenaOperator(nn.Module):
         super().__init__()
         if order < 2:
             raise ValueError(f"Hyena order must be >= 2 (one gate and one long convolution), got {order}")
-        self.d_model, self.order = d_model, order
+        self.d_model, self.order, self.filter_lr = d_model, order, filter_lr
         self.in_proj = nn.Linear(d_model, (order + 1) * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
         width = (order + 1) * d_model
@@ -283,9 +284,16 @@ class HyenaOperator(nn.Module):
         self.modal = modal_state > 0  # a ModalFilter: decoded by its recurrence, not by the z history
         self.filter_fn = (ModalFilter(d_model * (order - 1), modal_state) if self.modal
                           else HyenaFilter(d_model * (order - 1), l_max, emb_dim, filter_order))
-        for p in self.filter_fn.parameters():  # hints read by optim_groups(): no decay, optionally own lr
-            if not hasattr(p, "_optim"):  # pos_emb.z brings its own (safari's lr 1e-5)
-                p._optim = {"weight_decay": 0.0, **({"lr": filter_lr} if filter_lr else {})}
+
+    def optim_settings(self):
+        """{parameter: AdamW settings} where they differ from the run's (GPTNeoX.optim_groups reads them): the long
+        filter's parameters take no weight decay, and their own lr when filter_lr is set; the positional
+        embedding z takes safari's lr (PositionalEmbedding.lr)."""
+        own = {p: {"weight_decay": 0.0, **({"lr": self.filter_lr} if self.filter_lr else {})}
+               for p in self.filter_fn.parameters()}
+        if isinstance(self.filter_fn, HyenaFilter):
+            own[self.filter_fn.pos_emb.z] = {"lr": self.filter_fn.pos_emb.lr, "weight_decay": 0.0}
+        return own
 
     def filters(self, L):
         k = self.filter_fn(L).view(L, self.order - 1, self.d_model)  # (L, N-1, D)

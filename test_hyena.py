@@ -290,6 +290,8 @@ def test_filter_parameters_get_their_own_optimizer_group():
     by = {(g["weight_decay"], g["lr"]): len(g["params"]) for g in groups}
     assert by[(0.0, 3e-4)] == len(filter_params) - 1 and (0.1, 1e-3) in by and (0.0, 1e-3) in by
     assert by[(0.0, 1e-5)] == 1  # the positional embedding z, at safari's lr_pos_emb
+    student = make_student(GPTNeoX(cfg), layers=[1])  # the settings come from the operator, not from attributes
+    assert not any(vars(p) for p in student.parameters())  # monkey-patched onto the parameters
 
 
 # ----------------------------------------------------------------------------- students

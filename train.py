@@ -130,8 +130,8 @@ def setup_distributed(device="auto"):
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     if world > 1 and not torch_dist.is_initialized():
-        # NVLink SHARP (multicast) fails to initialise on hosts whose fabric manager does not enable it (lent or
-        # virtualised H200 nodes); plain NVLink rings are as fast for gradient all-reduce. Harmless elsewhere.
+        # NVLink SHARP (multicast) fails to initialise on hosts whose fabric manager does not enable it (e.g.
+        # virtualised nodes); plain NVLink rings serve gradient all-reduce as well. Harmless elsewhere.
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         cuda = device.startswith("cuda")
         torch_dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)

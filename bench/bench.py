@@ -21,8 +21,8 @@ Timing: warm-up calls first (compilation happens there: `warmup_s`), then CUDA e
 in between; `ms` is the median, `spread` (max-min)/median. `peak_gb`: max_memory_allocated since the case began,
 models included. Each case records its own OOM/error and the run goes on; bench.json and bench.md are rewritten
 after every case, bench.png after every section; with --only, the other sections' rows of the last run at the
-same sizes in --out are kept (env.kept says from when). The issue-7 targets table is printed last; bench_report.py
-holds the targets, tables and plot.
+same sizes in --out are kept (env.kept says from when). The targets table (each goal against its measurement) is
+printed last; bench_report.py holds the targets, tables and plot.
 """
 import argparse
 import gc
@@ -319,7 +319,7 @@ def main(argv=None):
             bench.res["errors"][name] = f"{type(e).__name__}: {e}"[:400]
         print(f"== {name}: {time.perf_counter() - t0:.1f} s", flush=True)
         write(bench.out, bench.res, env["sizes"], modes, plot=True)
-    print(f"\nwrote {args.out}/bench.json, bench.md, bench.png\n\n## issue-7 targets ({env['device']})\n")
+    print(f"\nwrote {args.out}/bench.json, bench.md, bench.png\n\n## targets ({env['device']})\n")
     print("\n".join(table(targets(bench.res, env["sizes"], modes))))
     return bench.res
 

@@ -1,5 +1,5 @@
-"""bench.py's reporting: the issue-7 targets from its results, and bench.json / bench.md / bench.png, each
-written atomically (a killed run leaves the last good one)."""
+"""bench.py's reporting: the targets (speed and memory goals) judged from its results, and bench.json /
+bench.md / bench.png, each written atomically (a killed run leaves the last good one)."""
 import argparse
 import json
 import sys
@@ -93,7 +93,7 @@ def write(out, res, sizes, modes, plot=False):
     lines += [f"section {name} failed: {err}\n" for name, err in res["errors"].items()]
     md = [f"# bench.py: {env['device']}, torch {env['torch']}", "",
           "ms: median per call; tok_s: tokens/s; peak_gb: max allocated; spread: (max-min)/median", "",
-          *lines, "## issue-7 targets", "", *table(tg), ""]
+          *lines, "## targets", "", *table(tg), ""]
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("bench.json", json.dumps({**res, "targets": tg}, indent=1)), ("bench.md", "\n".join(md))):
         write_atomic(out / name, text)
