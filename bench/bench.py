@@ -38,9 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench.py`: import from the repo root
 from bench.bench_check import Checks
 from bench.bench_report import MODES, SECTIONS, fmt, get, keep_previous, table, targets, write
-from decode import cache_bytes, decode_step, new_cache
+from decode import decode_step
 from config import Config
-from hyena import Attention, GPTNeoX, make_student
+from hyena import Attention, GPTNeoX, make_student, new_cache
 from hyena_operator import HyenaOperator
 
 
@@ -250,12 +250,12 @@ class Bench(Checks):
             m(self.tokens(B, ctx), cache=cache)
         self.sync()
         prefill_s, nxt = time.perf_counter() - t0, self.tokens(B, steps)
-        per_seq = cache_bytes(cache) / B  # filter copies shared by the batch counted in
+        per_seq = cache.nbytes() / B  # filter copies shared by the batch counted in
         with self.autocast():
             one = decode_step(m, cache, B, graph)
 
         def step():
-            cache[0]["pos"].fill_(ctx)  # rewind the position (shared by all layers) to time the same steps
+            cache.pos.fill_(ctx)  # rewind the position (shared by all layers) to time the same steps
             # again; Hyena's short-conv tails are not restored, which changes values, not the work
             with self.autocast():
                 for i in range(steps):

@@ -5,7 +5,8 @@ from dataclasses import replace
 
 import torch
 
-from decode import decode_step, new_cache
+from decode import decode_step
+from hyena import new_cache
 from hyena_operator import HyenaOperator
 
 

@@ -130,3 +130,8 @@ def test_one_meaning_per_name():
                 names += [a.arg for a in node.args.args + node.args.kwonlyargs]
         found += [f"{rel}: {n}" for n in names if n in owner and owner[n] != rel]
     assert not found, found
+
+
+def test_one_position_representation_in_the_forwards():
+    """The decoding position is always hyena.Cache.pos, a device tensor: no forward asks which kind it is."""
+    assert all("is_tensor(" not in (ROOT / name).read_text() for name in ("hyena.py", "hyena_operator.py"))
