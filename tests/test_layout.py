@@ -94,11 +94,11 @@ def test_names_are_imported_from_where_they_are_defined():
 
     ours = {str(p.relative_to(ROOT).with_suffix("")).replace("/", "."): p for p in ROOT.glob("**/*.py")
             if not {"data", "runs"} & set(p.relative_to(ROOT).parts)}
-    found = []
+    found, names = [], {module: defined(path) for module, path in ours.items()}
     for path in ours.values():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module in ours and node.level == 0:
-                missing = [a.name for a in node.names if a.name not in defined(ours[node.module])
+                missing = [a.name for a in node.names if a.name not in names[node.module]
                            and not (ours[node.module].parent / a.name).is_dir()
                            and not (ours[node.module].parent / node.module.split(".")[-1] / f"{a.name}.py").exists()]
                 found += [f"{path.relative_to(ROOT)}: from {node.module} import {n}" for n in missing]
