@@ -21,7 +21,8 @@ import torch
 import torch.distributed as torch_dist
 
 import data
-from hub import read_safetensors
+from cli import write_atomic
+from safetensors_io import read_safetensors
 
 # --resume refuses to change these (or the sequences per step), which would change what a step means. The lr, the
 # budgets and the split of a step into GPUs x micro-batches may change.
@@ -141,13 +142,7 @@ def save_final(model, out, meta):
     model.save_pretrained(out)
     tok = Path(meta["tokenizer"])
     if tok.is_file() and data.tokenizer_sha256(tok) == meta["tokenizer_sha256"]:
-        shutil.copyfile(tok, out / "tokenizer.json")
-
-
-def write_atomic(path, text):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        write_atomic(out / "tokenizer.json", tok.read_bytes())
 
 
 def trim_log(path, step):

@@ -1,4 +1,5 @@
-"""The one error path of every script: `if __name__ == "__main__": cli.run(main)`.
+"""What every script shares: the one error path (`if __name__ == "__main__": cli.run(main)`), flag helpers, the
+one way to write a file that must survive a crash (`write_atomic`), and the one progress line (`Progress`).
 
 Expected failures (bad flags, values, files, checkpoints, data, network) exit with status 2 and one line,
 `script.py: error: <what is wrong and how to fix it>`; a traceback only with --debug or HYENA_DEBUG=1. Anything
@@ -6,16 +7,17 @@ else is a bug and keeps its traceback. Ctrl-C exits 130 (train.py saves a checkp
 """
 import os
 import sys
+import time
 from pathlib import Path
-
-from hub import HubError
 
 
 def expected():
     """What a user can cause and fix. RuntimeError is not here: from torch it is most often a bug (the loaders
-    turn corrupt files into ValueErrors that name them). torch only counts when the script imported it."""
-    torch = sys.modules.get("torch")
-    return (ValueError, OSError, HubError, FloatingPointError) + ((torch.OutOfMemoryError,) if torch else ())
+    turn corrupt files into ValueErrors that name them). torch and hub only count when the script imported them
+    (this module imports neither, so that every module, hub.py included, can use its helpers)."""
+    torch, hub = sys.modules.get("torch"), sys.modules.get("hub")
+    return ((ValueError, OSError, FloatingPointError) + ((hub.HubError,) if hub else ())
+            + ((torch.OutOfMemoryError,) if torch else ()))
 
 
 def debug():
@@ -71,3 +73,40 @@ def integer(text):
     if not value.is_integer():
         raise ValueError(text)
     return int(value)
+
+
+def write_atomic(path, content):
+    """Write `content` to path so that a crash or a concurrent reader never sees half a file: into a pid-named temp
+    file beside it, moved into place (os.replace) only when complete, removed if the write fails. content: str
+    (written as UTF-8), bytes, or a function f -> None that writes to the open binary file (streamed output,
+    e.g. tensors one at a time)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class Progress:
+    """One progress line on stderr for work of `total` units (None: unknown), `done` of them already behind it:
+    redrawn in place on a terminal (at most every 0.2 s), a new line every 30 s in a log; never when quiet.
+    update(done, line) draws line(rate, eta) when due (always with final=True): rate is the units per second
+    done since this Progress began, eta ", ETA 12 s" (or "" when unknown) for the rest of total."""
+
+    def __init__(self, total=None, done=0, quiet=False):
+        self.total, self.start, self.quiet, self.tty = total, done, quiet, sys.stderr.isatty()
+        self.t0 = self.shown = time.monotonic()
+
+    def update(self, done, line, final=False):
+        now = time.monotonic()
+        if self.quiet or not final and now - self.shown < (0.2 if self.tty else 30):
+            return
+        self.shown, rate = now, (done - self.start) / max(now - self.t0, 1e-9)
+        eta = f", ETA {(self.total - done) / rate:.0f} s" if self.total and rate and not final else ""
+        print(line(rate, eta), end="\n" if final or not self.tty else "\r", file=sys.stderr, flush=True)

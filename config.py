@@ -1,5 +1,5 @@
 """The model configuration: GPT-NeoX's own fields under HF's names (so config.json maps across) plus the
-student's per-layer mixers and Hyena settings. Re-exported by hyena.py.
+student's per-layer mixers and Hyena settings.
 
 `Config.from_hf` reads a config.json the way transformers' GPT-NeoX does, or refuses it by key and file.
 The keys transformers' GPT-NeoX reads, and what happens to each here:

@@ -6,7 +6,7 @@ import torch
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose 3-100x to contention."""
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they lose many times over to contention."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hub import HubError, resolve_file
-from tokenizer import load_tokenizer, tokenizer_file_sha256
+from hub import HubError
+from tokenizer import load_tokenizer, tokenizer_file_sha256, tokenizer_path
 
 SPLITS = ("train", "val", "test")
 
@@ -57,10 +57,7 @@ def load_split(data_dir, split):
 def tokenizer_sha256(name_or_path, revision="main"):
     """sha256 of the tokenizer.json that load_tokenizer(name_or_path) reads: that .json file itself, a folder
     holding tokenizer.json, or a hub repo id (downloaded into the hub cache)."""
-    path = Path(name_or_path).expanduser()
-    if not path.is_file():
-        path = resolve_file(name_or_path, "tokenizer.json", revision)
-    return tokenizer_file_sha256(path)
+    return tokenizer_file_sha256(tokenizer_path(name_or_path, revision))
 
 
 def check_tokenizer(meta, ckpt, revision="main"):

@@ -24,7 +24,7 @@ except ImportError:  # CPU-only installs: the PyTorch path serves
     triton = None
 
 BLOCK_D, BLOCK_S = 4, 512  # a tile: 4 channels x 512 positions
-PROGRAMS = 1024  # enough tiles in flight to fill an H200's 132 SMs: short batches split the positions too
+PROGRAMS = 1024  # enough tiles in flight to fill a large GPU's SMs: short batches split the positions too
 
 
 def available(t):
@@ -57,7 +57,7 @@ if triton is not None:
 
 def long_conv_step(z, k_rev, pos):
     """z (B, D, T) history (positions > pos ignored), k_rev (D, >= T) with k_rev[d, T-1-j] = k[j, d] (the
-    zero-padded k_pad of HyenaOperator's cache qualifies), pos a 0-dim integer tensor -> y (B, D) in fp32.
+    zero-padded HyenaState.k_pad of a decoding cache qualifies), pos a 0-dim integer tensor -> y (B, D) in fp32.
     The positions are split into as many chunks as it takes to run ~PROGRAMS tiles (static: graph-safe)."""
     B, D, T = z.shape
     if not (z.is_contiguous() and k_rev.stride(1) == 1):
@@ -73,16 +73,16 @@ def long_conv_step(z, k_rev, pos):
 
 @torch.no_grad()
 def graphed_step(model, cache, batch):
-    """One cached decoding step captured as a CUDA graph, after a prefill: returns step(tokens (B, 1)) ->
+    """One cached decoding step of a hyena.Cache captured as a CUDA graph, after a prefill: step(tokens (B, 1)) ->
     logits (B, 1, V) (one static tensor, overwritten by the next call). Replaying the captured kernels skips
     the ~100 small launches per token that otherwise cost more than their work. Runs under the caller's
     autocast (with its weight-cast cache off, as graphs need)."""
-    dev, pos = cache[0]["pos"].device, cache[0]["pos"]
-    if int(pos) + 2 > cache[0]["max_len"]:  # a host read, before any capture
+    pos = cache.pos
+    if int(pos) + 2 > cache.max_len:  # a host read, before any capture
         raise ValueError(f"graphed_step warms up on the next two positions, but the cache ends at "
-                         f"{cache[0]['max_len']} with pos {int(pos)}: make max_len at least pos + 2")
-    tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-    moving = [pos] + [c[k] for c in cache for k in ("tail", "state") if k in c]  # what warm-up steps move
+                         f"{cache.max_len} with pos {int(pos)}: make max_len at least pos + 2")
+    tok = torch.zeros(batch, 1, dtype=torch.long, device=pos.device)
+    moving = [pos] + [t for state in cache.layers for t in state.carried()]  # what warm-up steps move
     saved = [t.clone() for t in moving]  # (a modal layer's recurrence state must come back exactly)
     amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
                          cache_enabled=False)
@@ -103,17 +103,6 @@ def graphed_step(model, cache, batch):
         graph.replay()
         return logits
     return step
-
-
-def new_cache(model, max_len):
-    """Empty per-layer decoding caches for `model`, room for max_len positions (a cached forward fills them)."""
-    return [{"pos": 0, "max_len": max_len} for _ in model.gpt_neox.layers]
-
-
-def cache_bytes(cache):
-    """Bytes the per-layer caches hold (every tensor in them: KV, z history, modal states, filters' copies)."""
-    return sum(t.nbytes for c in cache for v in c.values() for t in (v if isinstance(v, list) else [v])
-               if torch.is_tensor(t) and t is not cache[0]["pos"])
 
 
 def decode_step(model, cache, batch, graph):

@@ -30,8 +30,8 @@ default for alignment, since the MLPs and LayerNorms are the teacher's and alrea
 import argparse
 import dataclasses
 import json
-import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,10 +39,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from checkpoint import out_dir_lock, save_final, write_atomic
+from checkpoint import out_dir_lock, save_final
+from cli import write_atomic
 from hyena import GPTNeoX, make_student, to_modal
 from losses import head_loss
-from train import add_train_args, setup_distributed, train, train_config_from_args
+from train import TrainConfig, add_train_args, setup_distributed, train, train_config_from_args
 
 
 def rel_mse(out, target):
@@ -127,19 +128,97 @@ def parse_layers(spec, n):
         raise ValueError(f"--hyena-layers {spec!r} must be 'all' or a list like 0,2,4") from None
 
 
-def modal_student(teacher, args, out, master):
+@dataclass
+class DistillConfig:
+    """What distill.py does beyond the training loop's TrainConfig: one field per flag of the same name (see
+    main's --help for each); checked on construction, naming the flag at fault."""
+    teacher: str
+    revision: str = "main"
+    layers: str = "progressive"      # the alignment: progressive | joint | independent | none
+    hyena_layers: str = "all"        # which layers become Hyena: "all" or e.g. "0,2,4"
+    init: str = "teacher"            # Hyena projections' init: teacher | random
+    hyena_order: int = 2
+    hyena_filter_lr: float = 0.0     # own lr for filter parameters (0: the run's)
+    train: str = "mixer"             # alignment trains this: mixer | block
+    e2e_train: str = "all"           # the end-to-end stage trains this: mixer | block | all
+    e2e_tokens: float = 0
+    e2e_minutes: float = 0.0
+    e2e_lr: float = 3e-4
+    kd_temperature: float = 1.0
+    ce_weight: float = 0.0
+    modal_state: int = 0             # convert the teacher to this many modes per channel (0: no conversion)
+    modal_tol: float = 0.0           # or choose the modes per layer by this relative filter error
+    modal_max_state: int = 64
+    modal_refine_steps: int = 0
+
+    def __post_init__(self):
+        for name, low in (("hyena_order", 1), ("e2e_tokens", 0), ("e2e_minutes", 0), ("hyena_filter_lr", 0),
+                          ("modal_state", 0), ("modal_tol", 0), ("modal_max_state", 1), ("modal_refine_steps", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name):g}")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"--kd-temperature must be > 0, got {self.kd_temperature:g}")
+        if self.modal_state and self.modal_tol:
+            raise ValueError("give --modal-state (d for every layer) or --modal-tol (d per layer), not both")
+        if self.convert and self.hyena_layers != "all":
+            raise ValueError("--hyena-layers does not apply with --modal-state/--modal-tol: every Hyena layer of the "
+                             "teacher is converted")
+        if self.layers == "none" and not (self.e2e or self.convert):
+            raise ValueError("nothing to do: --layers none and no --e2e-tokens/--e2e-minutes")
+
+    @property
+    def convert(self):
+        """Whether the teacher's filters become modal (--modal-state or --modal-tol)."""
+        return bool(self.modal_state or self.modal_tol)
+
+    @property
+    def e2e(self):
+        """Whether an end-to-end KL stage runs (a token or time budget for it)."""
+        return bool(self.e2e_tokens or self.e2e_minutes)
+
+
+@dataclass
+class Stage:
+    """One training run of the student, in OUT_DIR/name: the Distill objective's mode (and, progressive, its
+    layer), what trains (set_trainable's `what` of `layers`), and its budget and lr (cfg)."""
+    name: str
+    mode: str
+    trains: str
+    layers: list
+    cfg: TrainConfig
+    layer: int | None = None
+
+
+def plan_stages(dcfg, cfg, layers):
+    """The stages in order: the alignment (one stage per layer when progressive, its budget split evenly over
+    them), then the end-to-end stage if it has a budget."""
+    stages = []
+    if dcfg.layers == "progressive":
+        per = dataclasses.replace(cfg, max_tokens=int(cfg.max_tokens // len(layers)),
+                                  max_minutes=cfg.max_minutes / len(layers))
+        stages += [Stage(f"stage-{l:02d}", "progressive", dcfg.train, [l], per, layer=l) for l in layers]
+    elif dcfg.layers != "none":
+        stages.append(Stage(dcfg.layers, dcfg.layers, dcfg.train, layers, cfg))
+    if dcfg.e2e:
+        e2e_cfg = dataclasses.replace(cfg, max_tokens=int(dcfg.e2e_tokens), max_minutes=dcfg.e2e_minutes,
+                                      lr=dcfg.e2e_lr)
+        stages.append(Stage("e2e", "e2e", dcfg.e2e_train, layers, e2e_cfg))
+    return stages
+
+
+def modal_student(teacher, dcfg, out, master):
     """hyena.to_modal of the teacher (a Hyena student); the per-layer filter errors logged and in modal_fit.json."""
     try:
-        student = to_modal(teacher, state_size=args.modal_state or None, tol=args.modal_tol or None,
-                           max_state=args.modal_max_state, refine_steps=args.modal_refine_steps)
+        student = to_modal(teacher, state_size=dcfg.modal_state or None, tol=dcfg.modal_tol or None,
+                           max_state=dcfg.modal_max_state, refine_steps=dcfg.modal_refine_steps)
     except ValueError as e:
-        raise ValueError(f"--teacher {args.teacher}: {e}") from None
+        raise ValueError(f"--teacher {dcfg.teacher}: {e}") from None
     if master:
         for f in student.modal_fit:
             print(f"distill: modal layer {f['layer']}: d={f['state_size']}, filter rel error {f['rel_error']:.2e} "
                   f"(worst channel {f['max_channel_error']:.2e})", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "modal_fit.json", json.dumps({"teacher": str(args.teacher), "layers": student.modal_fit},
+        write_atomic(out / "modal_fit.json", json.dumps({"teacher": str(dcfg.teacher), "layers": student.modal_fit},
                                                        indent=2))
     return student
 
@@ -169,88 +248,62 @@ def main(argv=None):
     p.add_argument("--modal-refine-steps", type=int, default=0, help="Adam steps on each filter's fit error")
     add_train_args(p, lr=1e-3, out_dir="out/distill")
     args = p.parse_args(argv)
-    for flag, value, low in (("--hyena-order", args.hyena_order, 1), ("--e2e-tokens", args.e2e_tokens, 0),
-                             ("--e2e-minutes", args.e2e_minutes, 0), ("--hyena-filter-lr", args.hyena_filter_lr, 0),
-                             ("--modal-state", args.modal_state, 0), ("--modal-tol", args.modal_tol, 0),
-                             ("--modal-max-state", args.modal_max_state, 1),
-                             ("--modal-refine-steps", args.modal_refine_steps, 0)):
-        if value < low:
-            raise ValueError(f"{flag} must be >= {low}, got {value:g}")
-    if args.kd_temperature <= 0:
-        raise ValueError(f"--kd-temperature must be > 0, got {args.kd_temperature:g}")
-    convert = bool(args.modal_state or args.modal_tol)
-    if args.modal_state and args.modal_tol:
-        raise ValueError("give --modal-state (d for every layer) or --modal-tol (d per layer), not both")
-    if convert and args.hyena_layers != "all":
-        raise ValueError("--hyena-layers does not apply with --modal-state/--modal-tol: every Hyena layer of the "
-                         "teacher is converted")
-    if args.layers == "none" and not (args.e2e_tokens or args.e2e_minutes or convert):
-        raise ValueError("nothing to do: --layers none and no --e2e-tokens/--e2e-minutes")
-    if args.layers == "none":  # only the end-to-end stage: its budget is the run's
-        args.max_tokens, args.max_minutes = int(args.e2e_tokens), args.e2e_minutes
-        if convert and not (args.max_tokens or args.max_minutes):
+    dcfg = DistillConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)})
+    if dcfg.layers == "none":  # only the end-to-end stage: its budget is the run's
+        args.max_tokens, args.max_minutes = int(dcfg.e2e_tokens), dcfg.e2e_minutes
+        if dcfg.convert and not (args.max_tokens or args.max_minutes):
             args.max_tokens = 1  # conversion only: no stage trains, but TrainConfig insists on a budget
     cfg = train_config_from_args(args)
     dist = setup_distributed(cfg.device)
     try:
         with out_dir_lock(cfg.out_dir, dist.master):
-            return distill(args, cfg, dist)
+            return distill(dcfg, cfg, dist)
     finally:
         dist.close()
 
 
-def distill(args, cfg, dist):
+def distill(dcfg, cfg, dist):
+    """Make the student (or the modal conversion), train it through its stages, and save OUT_DIR/final; returns
+    {stage name: train.train's summary}."""
     meta = data.load_meta(data.resolve_data_dir(cfg.data, cfg.data_root))
-    teacher = GPTNeoX.from_pretrained(args.teacher, args.revision).to(dist.device).eval().requires_grad_(False)
-    data.check_tokenizer(meta, args.teacher, args.revision)
+    teacher = GPTNeoX.from_pretrained(dcfg.teacher, dcfg.revision).to(dist.device).eval().requires_grad_(False)
+    data.check_tokenizer(meta, dcfg.teacher, dcfg.revision)
     data.check_compatible(meta, vocab_size=teacher.config.vocab_size)
     n = teacher.config.num_hidden_layers
-    layers = parse_layers(args.hyena_layers, n)
+    layers = parse_layers(dcfg.hyena_layers, n)
     torch.manual_seed(cfg.seed)  # the Hyena filters (and --init random projections) are drawn here
-    if args.modal_state or args.modal_tol:
-        student = modal_student(teacher, args, Path(cfg.out_dir), dist.master)
+    if dcfg.convert:
+        student = modal_student(teacher, dcfg, Path(cfg.out_dir), dist.master)
         layers = [i for i, m in enumerate(student.config.mixers) if m == "hyena"]
     else:
-        student = make_student(teacher, layers, init=args.init, order=args.hyena_order,
-                               filter_lr=args.hyena_filter_lr)
+        student = make_student(teacher, layers, init=dcfg.init, order=dcfg.hyena_order,
+                               filter_lr=dcfg.hyena_filter_lr)
     if max(cfg.block_size, 1) > student.config.l_max:
         raise ValueError(f"--block-size {cfg.block_size} exceeds the teacher's max_position_embeddings "
                          f"{student.config.l_max}; use --block-size {student.config.l_max} or less")
 
     out = Path(cfg.out_dir)
-    stages = []  # (name, objective kwargs, trainable, TrainConfig)
-    if args.layers == "progressive":
-        per = dataclasses.replace(cfg, max_tokens=int(cfg.max_tokens // len(layers)),
-                                  max_minutes=cfg.max_minutes / len(layers))
-        stages += [(f"stage-{l:02d}", dict(mode="progressive", layer=l), (args.train, [l]), per) for l in layers]
-    elif args.layers != "none":
-        stages.append((args.layers, dict(mode=args.layers), (args.train, layers), cfg))
-    if args.e2e_tokens or args.e2e_minutes:
-        e2e_cfg = dataclasses.replace(cfg, max_tokens=int(args.e2e_tokens), max_minutes=args.e2e_minutes,
-                                      lr=args.e2e_lr)
-        stages.append(("e2e", dict(mode="e2e", temperature=args.kd_temperature, ce_weight=args.ce_weight),
-                       (args.e2e_train, layers), e2e_cfg))
-
-    if (args.modal_state or args.modal_tol) and stages and dist.master and not (out / "converted").exists():
+    stages = plan_stages(dcfg, cfg, layers)
+    if dcfg.convert and stages and dist.master and not (out / "converted").exists():
         save_final(student, out / "converted", meta)  # the modal student before its repair, for comparison
     summaries = {}
-    for name, kw, (what, which), stage_cfg in stages:
-        done = out / name / "summary.json"
+    for stage in stages:
+        done = out / stage.name / "summary.json"
         if cfg.resume and done.exists():  # finished earlier: take its weights and move on
-            student.load_state_dict(GPTNeoX.from_pretrained(out / name / "ckpt").to(dist.device).state_dict())
-            summaries[name] = json.loads(done.read_text())
+            student.load_state_dict(GPTNeoX.from_pretrained(out / stage.name / "ckpt").to(dist.device).state_dict())
+            summaries[stage.name] = json.loads(done.read_text())
             continue
-        set_trainable(student, what, which)
+        set_trainable(student, stage.trains, stage.layers)
         if dist.master:
-            print(f"distill: {name}: training {what} of layers {which}", file=sys.stderr)
-        started = any((out / name / d).exists() for d in ("ckpt", "ckpt.old"))
-        stage_cfg = dataclasses.replace(stage_cfg, resume=cfg.resume and started)
-        summaries[name] = train(Distill(teacher, student, **kw), stage_cfg, dist, stage=name)
+            print(f"distill: {stage.name}: training {stage.trains} of layers {stage.layers}", file=sys.stderr)
+        started = any((out / stage.name / d).exists() for d in ("ckpt", "ckpt.old"))
+        stage_cfg = dataclasses.replace(stage.cfg, resume=cfg.resume and started)
+        objective = Distill(teacher, student, stage.mode, stage.layer, dcfg.kd_temperature, dcfg.ce_weight)
+        summaries[stage.name] = train(objective, stage_cfg, dist, stage=stage.name)
     if dist.master:  # like finetune.py: the data's tokenizer.json goes along, for eval.py and sampling
         save_final(student, out / "final", meta)
-        tmp = out / "distill_summary.json.tmp"
-        tmp.write_text(json.dumps({"args": vars(args), "stages": summaries}, indent=2))
-        os.replace(tmp, out / "distill_summary.json")
+        settings = {**dataclasses.asdict(dcfg), **dataclasses.asdict(cfg)}  # every flag's value
+        write_atomic(out / "distill_summary.json", json.dumps({"args": settings, "stages": summaries}, indent=2))
         print(f"distill: student saved to {out / 'final'}; evaluate with: "
               f"python eval.py --ckpt {out / 'final'} --data {cfg.data}", file=sys.stderr)
     return summaries

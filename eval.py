@@ -43,29 +43,29 @@ import torch.nn.functional as F
 
 from data import (batched, check_compatible, context_windows, document_windows, eval_windows, harness_windows,
                   load_meta, load_split, resolve_data_dir, tokenizer_sha256)
-from hub import HubError, resolve_file
-from hyena import Config, GPTNeoX, load_tokenizer
-from checkpoint import write_atomic
-from cli import integer, writable_dir
+from hub import HubError, looks_like_path, resolve_file
+from config import Config
+from hyena import GPTNeoX
+from tokenizer import load_tokenizer
+from cli import integer, writable_dir, write_atomic
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-HUB_ID = re.compile(r"[\w-][\w.-]*/[\w.-]+")  # owner/name
 DEFAULT_TOKENIZER = "EleutherAI/pythia-70m"
 PROTOCOLS = ("stream", "harness")  # see the module docstring
 
 
 @torch.no_grad()
 def evaluate(model, tokens, context, stride=None, batch_size=8, max_tokens=None, device=None, dtype=None,
-             decode=None, progress=None, protocol="stream", eot=None):
+             to_text=None, progress=None, protocol="stream", eot=None):
     """NLL of tokens (1-D array of ids) under model, in windows of `context` tokens moving on by `stride`.
 
     device / dtype (None: the model's own): the whole forward runs in dtype; the model is not changed (a copy is
     cast when needed, since casting down and back would not restore the weights). Log-softmax runs in fp32 at least,
-    the sum in fp64. decode(ids) -> str turns the scored ids into text for word ppl and bits per byte (None: skip).
+    the sum in fp64. to_text(ids) -> str turns the scored ids into text for word ppl and bits per byte (None: skip).
     progress: a label for progress lines on stderr (None: quiet). max_tokens: use only the first max_tokens tokens.
     protocol "harness" (needs eot, the document separator; no stride): lm-eval's per-document windows and word
     count instead (see the module docstring).
-    Returns {tokens (scored), nll, token_ppl, context, stride, windows, seconds, tokens_per_s} and, with decode,
+    Returns {tokens (scored), nll, token_ppl, context, stride, windows, seconds, tokens_per_s} and, with to_text,
     {words, bytes, word_ppl, bits_per_byte}.
     """
     p = next(model.parameters())
@@ -103,13 +103,13 @@ def evaluate(model, tokens, context, stride=None, batch_size=8, max_tokens=None,
     nll = nll.item()
     out = {"tokens": scored, "nll": nll, "token_ppl": math.exp(nll / scored), "context": context, "stride": stride,
            "protocol": protocol, "windows": done, "seconds": seconds, "tokens_per_s": scored / seconds}
-    if decode is not None and protocol == "harness":
-        texts = [decode(d[d != eot]) for d in docs if (d != eot).any()]
+    if to_text is not None and protocol == "harness":
+        texts = [to_text(d[d != eot]) for d in docs if (d != eot).any()]
         words, nbytes = sum(len(re.split(r"\s+", t)) for t in texts), sum(len(t.encode("utf-8")) for t in texts)
-    elif decode is not None:
-        text = decode(np.asarray(tokens[1:n]))  # exactly the scored tokens
+    elif to_text is not None:
+        text = to_text(np.asarray(tokens[1:n]))  # exactly the scored tokens
         words, nbytes = len(text.split()), len(text.encode("utf-8"))
-    if decode is not None:
+    if to_text is not None:
         out.update(words=words, bytes=nbytes, word_ppl=math.exp(nll / words) if words else None,
                    bits_per_byte=nll / (math.log(2) * nbytes) if nbytes else None)
     return out
@@ -117,10 +117,10 @@ def evaluate(model, tokens, context, stride=None, batch_size=8, max_tokens=None,
 
 def text_decoder(enc):
     """ids -> text for word and byte counts, each <|endoftext|> as "\\n" (see the module docstring)."""
-    def decode(ids):
+    def to_text(ids):
         docs = np.split(ids, np.flatnonzero(ids == enc.eot_token))  # every piece but the first starts with eot
         return "\n".join(enc.decode(d[d != enc.eot_token].tolist()) for d in docs)
-    return decode
+    return to_text
 
 
 def harness_tasks(names, include_path):
@@ -248,7 +248,7 @@ def resolve_ckpt(name):
     if path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path} holds no config.json (nor ckpt/config.json); "
                                 "expected a folder written by save_pretrained or a train.py --out-dir")
-    if not HUB_ID.fullmatch(name) or ".." in name or Path(name.split("/")[0]).is_dir():
+    if looks_like_path(name):
         raise FileNotFoundError(f"checkpoint not found: {name} is no local folder, nor a hub repo id like "
                                 "'EleutherAI/pythia-160m'")
     return name
@@ -428,9 +428,9 @@ def run(args):
         if data and context < args.context:
             print(f"{label}: context capped at {context}, the model's maximum", file=sys.stderr)
         row = {"model": label, "path": ckpt, "context": context, "datasets": {}}
-        for name, (meta, split, tokens, decode) in data.items():
+        for name, (meta, split, tokens, to_text) in data.items():
             row["datasets"][name] = {"split": split, **evaluate(
-                model, tokens, context, args.stride, args.batch_size, args.max_tokens, decode=decode,
+                model, tokens, context, args.stride, args.batch_size, args.max_tokens, to_text=to_text,
                 progress=f"{label} on {name} {split}", protocol=args.protocol, eot=meta["eot_token"])}
         if tasks is not None:
             adapter, evaluate_tasks, manager = tasks
@@ -444,6 +444,7 @@ def run(args):
     if args.json:
         out = {"context": args.context, "stride": args.stride, "protocol": args.protocol, "dtype": args.dtype,
                "split": args.split, "max_tokens": args.max_tokens, "tasks": args.tasks, "results": results}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(Path(args.json), json.dumps(out, indent=1) + "\n")
     return results
 

@@ -19,7 +19,8 @@ import torch.nn as nn
 
 import data
 from checkpoint import out_dir_lock, save_final
-from hyena import MIXERS, Config, GPTNeoX
+from config import MIXERS, Config
+from hyena import GPTNeoX
 from train import add_train_args, setup_distributed, train, train_config_from_args
 
 SHAPES = {  # --config presets; vocab_size comes from the data

@@ -1,8 +1,8 @@
-"""A small Hugging Face hub client built on requests; re-exports the safetensors reader/writer.
+"""A small Hugging Face hub client built on requests, and the one rule telling hub ids from local paths.
 
 The client keeps huggingface_hub's cache layout (models--org--name/{blobs,snapshots,refs}), so the two share
 one cache: a file fetched by either is found by the other. Safetensors reading and writing live in
-safetensors_io.py; its names are re-exported here, so `from hub import read_safetensors` keeps working.
+safetensors_io.py.
 """
 import fcntl
 import hashlib
@@ -16,11 +16,7 @@ from urllib.parse import quote, urljoin, urlparse
 
 import requests
 
-from safetensors_io import DTYPES, read_safetensors, read_safetensors_metadata, write_safetensors  # noqa: F401
-from safetensors_io import atomic_open
-
-__all__ = ["DTYPES", "read_safetensors", "read_safetensors_metadata", "write_safetensors",  # from safetensors_io
-           "HubError", "hub_endpoint", "hub_cache_dir", "hf_hub_download", "list_repo_files", "resolve_file"]
+from cli import Progress, write_atomic
 
 RETRY_BASE_S = 1.0  # first backoff; it doubles on each retry (tests shrink it)
 TRIES = 5
@@ -28,7 +24,9 @@ TRIES = 5
 # only, so a stalled endpoint fails within a minute (tests shrink these too).
 TIMEOUT = (5, 20)
 STALL_TRIES = 2
-_REPO_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+# A hub repo id: "owner/name" (or a bare legacy "name", which hf_hub_download accepts but name-or-path arguments
+# read as local paths: see looks_like_path). No part starts with '.' or '-', and '..' is refused separately.
+REPO_ID = re.compile(r"(?![.-])[\w.-]+(/(?![.-])[\w.-]+)?")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -111,7 +109,7 @@ def _repo_folder(repo_id, repo_type):
     """The cache folder name, e.g. models--EleutherAI--pythia-70m, after checking both parts."""
     if repo_type not in ("model", "dataset"):
         raise ValueError(f"repo_type {repo_type!r} must be 'model' or 'dataset'")
-    if not _REPO_ID.fullmatch(repo_id) or ".." in repo_id:
+    if not REPO_ID.fullmatch(repo_id) or ".." in repo_id:
         raise ValueError(f"repo_id {repo_id!r} is not a hub repo id like 'EleutherAI/pythia-70m'")
     return f"{repo_type}s--{repo_id.replace('/', '--')}"
 
@@ -159,8 +157,7 @@ def hf_hub_download(repo_id, filename, revision="main", repo_type="model"):
     _link(blob, snapshot)
     if revision != commit:
         ref.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(ref) as f:
-            f.write(commit.encode())
+        write_atomic(ref, commit)
     return snapshot
 
 
@@ -205,7 +202,12 @@ def _download(url, blob, etag, size, what, filename):
         headers.pop("Authorization", None)  # never hand the token to the CDN: its signed URL is the credential
     part.touch()  # so an empty file needs no request; touch keeps the bytes of a leftover
     have = part.stat().st_size
-    progress, stalls = _Progress(filename, size, have), 0
+    stalls, quiet = 0, size is not None and size < 1 << 20  # no progress line under 1 MB
+    progress = Progress(size, have, quiet)
+    total = f"/{size / 1e6:.1f}" if size else ""
+
+    def line(got):
+        return lambda rate, eta: f"{filename}: {got / 1e6:.1f}{total} MB, {rate / 1e6:.1f} MB/s{eta}"
     # Hash while writing: reading the file back afterwards would cost a third of the download time. A prefix
     # left by an earlier process is hashed first.
     digest = hashlib.sha256()
@@ -216,14 +218,15 @@ def _download(url, blob, etag, size, what, filename):
         r = _request("GET", url, what, {**headers, "Range": f"bytes={have}-"} if have else headers, stream=True,
                      follow=True)
         if have and r.status_code != 206:  # the server ignored the Range header: start over
-            have, digest, progress = 0, hashlib.sha256(), _Progress(filename, size, 0)
-        before = have
+            have, digest, progress = 0, hashlib.sha256(), Progress(size, 0, quiet)
+        before = got = have
         try:
             with r, open(part, "ab" if have else "wb") as f:
                 for chunk in r.iter_content(1 << 20):
                     f.write(chunk)
                     digest.update(chunk)
-                    progress.update(len(chunk))
+                    got += len(chunk)
+                    progress.update(got, line(got))
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
             error = e
         else:
@@ -241,7 +244,7 @@ def _download(url, blob, etag, size, what, filename):
               f"{RETRY_BASE_S * 2 ** stalls:.0f} s", file=sys.stderr)
         time.sleep(RETRY_BASE_S * 2 ** stalls)
     have = part.stat().st_size
-    progress.update(0, final=True)
+    progress.update(have, line(have), final=True)
     if size is not None and have != size:
         part.unlink()
         raise HubError(f"{what}: got {have} bytes but the hub announced {size}; the download was deleted, try again")
@@ -251,24 +254,6 @@ def _download(url, blob, etag, size, what, filename):
         raise HubError(f"{what}: sha256 mismatch: the download hashes to {digest.hexdigest()} but the hub says "
                        f"{etag}; the corrupt download was deleted, try again")
     os.replace(part, blob)
-
-
-class _Progress:
-    """MB, MB/s and ETA on stderr: redrawn in place on a terminal, a line every 30 s in logs; quiet under 1 MB."""
-
-    def __init__(self, name, total, done):
-        self.name, self.total, self.done, self.start, self.t0 = name, total, done, done, time.monotonic()
-        self.tty, self.shown, self.on = sys.stderr.isatty(), self.t0, total is None or total >= 1 << 20
-
-    def update(self, n, final=False):
-        self.done += n
-        now = time.monotonic()
-        if self.on and (final or now - self.shown >= (0.2 if self.tty else 30)):
-            self.shown, rate = now, (self.done - self.start) / max(now - self.t0, 1e-6)  # bytes/s this session
-            total = f"/{self.total / 1e6:.1f}" if self.total else ""
-            eta = f", ETA {(self.total - self.done) / rate:.0f}s" if self.total and rate else ""
-            print(f"{self.name}: {self.done / 1e6:.1f}{total} MB, {rate / 1e6:.1f} MB/s{eta}",
-                  end="\n" if final or not self.tty else "\r", file=sys.stderr, flush=True)
 
 
 def list_repo_files(repo_id, revision="main", repo_type="model"):
@@ -294,15 +279,17 @@ def list_repo_files(repo_id, revision="main", repo_type="model"):
 
 
 def looks_like_path(name):
-    """Meant as a local path, not a hub repo id (owner/name): it starts with '.', '/' or '~', has a separator a
-    repo id cannot have (a backslash, a second '/'), or its first part is a local folder (`out/nope`, out/ here)."""
+    """Meant as a local path, not a hub repo id: anything but owner/name (a bare `run1`, `./x`, `/abs`, `~/x`,
+    `a/b/c`, a backslash, '..'), and an owner/name whose first part is a local folder (`out/nope`, out/ here).
+    Every name-or-path argument (checkpoints, teachers, tokenizers) is told apart by this one rule."""
     name = str(name)
-    return (name.startswith((".", "/", "~")) or not _REPO_ID.fullmatch(name)
-            or ("/" in name and Path(name.split("/")[0]).is_dir()))
+    return (not REPO_ID.fullmatch(name) or "/" not in name or ".." in name
+            or Path(name.split("/")[0]).is_dir())
 
 
 def resolve_file(name_or_path, filename, revision="main"):
-    """A local directory -> dir/filename (which must exist); anything else is a hub repo id -> hf_hub_download."""
+    """The one name-or-path resolver: a local directory -> dir/filename (which must exist); a hub repo id
+    (owner/name) -> hf_hub_download at revision; anything else that looks like a path is refused by name."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / filename).is_file():

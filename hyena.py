@@ -9,28 +9,63 @@ The Hyena operator itself lives in hyena_operator.py (glossary of its names ther
 config.py; this file holds the network around them, checkpoints, and `make_student`.
 """
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import MIXERS, Config
-from decode import decode_step, new_cache
-from hub import HubError, read_safetensors, resolve_file, write_safetensors
 import modal
-from hyena_operator import HyenaOperator, fftconv, short_conv
+from cli import write_atomic
+from config import Config
+from decode import decode_step
+from hyena_operator import HyenaOperator
 from losses import head_loss
-from tokenizer import load_tokenizer
-
-__all__ = ["Config", "GPTNeoX", "Attention", "HyenaOperator", "fftconv", "short_conv", "make_student", "to_modal",
-           "load_tokenizer", "MIXERS"]  # the config, operator and tokenizer are re-exported from their files
+from safetensors_io import read_safetensors, write_safetensors
 
 # Buffers that HF checkpoints may carry but that we recompute: never persistent in this model.
 IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
 # Tensors of the Hyena filter that checkpoints from before it followed safari's convention lack.
 SAFARI_FILTER_TENSORS = ("filter_fn.pos_emb.z", "filter_fn.pos_emb.t", "filter_fn.modulation.deltas")
+
+
+# ----------------------------------------------------------------------------- the decoding cache
+
+@dataclass
+class Cache:
+    """What cached decoding keeps (GPTNeoX.forward(idx, cache=...) fills and advances it; new_cache makes one):
+    room for max_len positions; `pos`, the position the next token takes: ONE 0-dim int64 tensor on the model's
+    device, shared by every layer and advanced in place, so a decoding step never reads the host and a CUDA
+    graph can replay it (decode.graphed_step); `layers[i]`, what layer i's mixer keeps: None until the prefill
+    (from position 0) fills it, then an AttentionState, a HyenaState or a ModalState."""
+    max_len: int
+    pos: torch.Tensor
+    layers: list
+
+    def advance(self, n):
+        self.pos += n  # in place: the tensor a captured graph reads
+
+    def nbytes(self):
+        """Bytes the layers' states hold (KV, z history, modal states, the filters' copies), pos aside."""
+        return sum(t.nbytes for s in self.layers if s is not None for v in vars(s).values()
+                   for t in (v if isinstance(v, list) else [v]))
+
+
+def new_cache(model, max_len):
+    """An empty Cache for `model` with room for max_len positions, its position 0 on the model's device."""
+    pos = torch.zeros((), dtype=torch.long, device=next(model.parameters()).device)
+    return Cache(max_len, pos, [None] * len(model.gpt_neox.layers))
+
+
+@dataclass
+class AttentionState:
+    """What an attention layer keeps for decoding: keys and values (B, H, max_len, hd), rotated as made."""
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def carried(self):
+        return []  # nothing moves but the positions a step writes
 
 
 # ----------------------------------------------------------------------------- attention (the teacher)
@@ -71,35 +106,33 @@ class Attention(nn.Module):
         base = self.base * (self.factor * s / self.max_pos - (self.factor - 1)) ** (self.rot / (self.rot - 2))
         return 1.0 / base ** exps  # (ceil(rot/2),) in fp32 as transformers computes it
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, layer=0):
+        """x (B, L, D) -> (B, L, D). With a decoding `cache` (Cache): the prefill from position 0 while
+        cache.layers[layer] is None (it fills it), then steps of any length from cache.pos."""
         B, L, D = x.shape
-        pos = cache["pos"] if cache is not None else 0
+        pos = cache.pos if cache is not None else 0
         qkv = self.query_key_value(x).view(B, L, self.n_head, 3 * self.head_dim)  # per-head [q|k|v]
         q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # (B, H, L, hd) each
-        t = (pos + torch.arange(L, device=x.device)).float()  # (L,) positions; pos may be a device tensor
+        t = (pos + torch.arange(L, device=x.device)).float()  # (L,) positions
         freqs = torch.outer(t, self.frequencies(pos + L))  # (L, r/2), r = 2 * ceil(rot/2) dims rotated
         emb = torch.cat((freqs, freqs), dim=-1)  # (L, r)
         cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
         r = emb.shape[-1]
         q = torch.cat((q[..., :r] * cos + rotate_half(q[..., :r]) * sin, q[..., r:]), -1)
         k = torch.cat((k[..., :r] * cos + rotate_half(k[..., :r]) * sin, k[..., r:]), -1)
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, L, hd)
-        elif not torch.is_tensor(pos):  # prefill into a preallocated KV cache, attend over everything so far
-            if "k" not in cache:
-                shape = (B, self.n_head, cache["max_len"], self.head_dim)
-                cache["k"], cache["v"] = k.new_zeros(shape), v.new_zeros(shape)
-            cache["k"][:, :, pos:pos + L], cache["v"][:, :, pos:pos + L] = k, v
-            K, V = cache["k"][:, :, :pos + L], cache["v"][:, :, :pos + L]  # (B, H, pos+L, hd)
-            # From position 0 this is plain causal attention (flash kernel, no mask).
-            mask = None if L == 1 or pos == 0 else torch.ones(L, pos + L, dtype=torch.bool, device=x.device).tril(pos)
-            y = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, is_causal=pos == 0 and L > 1)
-        else:  # decoding, pos a device tensor: fixed shapes, no host sync, so a CUDA graph can capture it
+        state = cache.layers[layer] if cache is not None else None
+        if state is None:  # no cache, or the prefill: plain causal attention over the prompt (flash kernel, no mask)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or L > 1)  # (B, H, L, hd)
+            if cache is not None:  # keep its keys and values in a preallocated KV cache
+                shape = (B, self.n_head, cache.max_len, self.head_dim)
+                state = cache.layers[layer] = AttentionState(k.new_zeros(shape), v.new_zeros(shape))
+                state.k[:, :, :L], state.v[:, :, :L] = k, v
+        else:  # decoding: fixed shapes, no host sync, so a CUDA graph can capture it
             at = pos + torch.arange(L, device=x.device)  # (L,) positions written
-            cache["k"].index_copy_(2, at, k.to(cache["k"].dtype))
-            cache["v"].index_copy_(2, at, v.to(cache["v"].dtype))
-            mask = torch.arange(cache["max_len"], device=x.device) <= at[:, None]  # (L, max_len): the past only
-            y = F.scaled_dot_product_attention(q, cache["k"].to(q.dtype), cache["v"].to(q.dtype), attn_mask=mask)
+            state.k.index_copy_(2, at, k.to(state.k.dtype))
+            state.v.index_copy_(2, at, v.to(state.v.dtype))
+            mask = torch.arange(cache.max_len, device=x.device) <= at[:, None]  # (L, max_len): the past only
+            y = F.scaled_dot_product_attention(q, state.k.to(q.dtype), state.v.to(q.dtype), attn_mask=mask)
         return self.dense(y.transpose(1, 2).reshape(B, L, D))
 
 
@@ -128,8 +161,8 @@ class Block(nn.Module):
                                        cfg.hyena_emb_dim, filter_lr=cfg.hyena_filter_lr, modal_state=modal_state)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cache=None):
-        a = getattr(self, self.mixer)(self.input_layernorm(x), cache)  # (B, L, D)
+    def forward(self, x, cache=None, layer=0):
+        a = getattr(self, self.mixer)(self.input_layernorm(x), cache, layer)  # (B, L, D)
         if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
             return x + a + self.mlp(self.post_attention_layernorm(x))
         x = x + a
@@ -163,19 +196,13 @@ class GPTNeoX(nn.Module):
 
     def forward(self, idx, targets=None, cache=None):
         """idx (B, L) -> (logits (B, L, V), None), or with targets (B, L) -> (None, mean CE over targets != -1):
-        training never holds the full logits (see FusedHeadLoss). With `cache` (one dict per layer, see
-        generate) it decodes on from where the cache stands and returns the last position's logits."""
+        training never holds the full logits (see FusedHeadLoss). With `cache` (a Cache, see new_cache and
+        generate) it decodes on from cache.pos, advances it, and returns the last position's logits."""
         x = self.gpt_neox.embed_in(idx)  # (B, L, D)
         for i, block in enumerate(self.gpt_neox.layers):
-            x = block(x, cache[i] if cache is not None else None)
+            x = block(x, cache, i)
         if cache is not None:  # decoding needs only the last position's logits: (B, 1, V), not (B, L, V)
-            pos = cache[0]["pos"]
-            if torch.is_tensor(pos):  # one device tensor shared by every layer's cache, advanced in place
-                pos += idx.shape[1]
-            else:  # after the prefill the position moves to the device: decoding steps never sync with the host
-                pos = torch.tensor(pos + idx.shape[1], device=idx.device)
-                for c in cache:
-                    c["pos"] = pos
+            cache.advance(idx.shape[1])
             x = x[:, -1:]
         if targets is not None:  # training: the loss without materialising (B, L, V) logits
             return None, head_loss(self, x, targets)
@@ -203,17 +230,22 @@ class GPTNeoX(nn.Module):
             idx = torch.cat([idx, nxt], dim=1)
             if stop is not None and stop(idx):
                 break
-            if idx.shape[1] < cache[0]["max_len"]:
+            if idx.shape[1] < cache.max_len:
                 logits = step(nxt)
         return idx
 
     def optim_groups(self, weight_decay, lr):
-        """AdamW groups: decay matrices and embeddings only; Hyena filter params follow their `_optim` hints."""
+        """AdamW groups, one per (weight decay, lr): decay on matrices and embeddings only; the Hyena filters'
+        parameters take the settings their operator gives (HyenaOperator.optim_settings)."""
+        own = {}
+        for m in self.modules():
+            if isinstance(m, HyenaOperator):
+                own.update(m.optim_settings())
         groups = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            hint = {"weight_decay": weight_decay if p.dim() >= 2 else 0.0, "lr": lr, **getattr(p, "_optim", {})}
+            hint = {"weight_decay": weight_decay if p.dim() >= 2 else 0.0, "lr": lr, **own.get(p, {})}
             groups.setdefault((hint["weight_decay"], hint["lr"]), []).append(p)
         return [{"params": ps, "weight_decay": wd, "lr": glr} for (wd, glr), ps in groups.items()]
 
@@ -222,6 +254,7 @@ class GPTNeoX(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, revision="main", dtype=torch.float32):
         """Load a local directory or a hub repo (any revision) holding config.json + safetensors weights."""
+        from hub import resolve_file  # here, not at the top: the model itself needs no HTTP client
         config_file = resolve_file(name_or_path, "config.json", revision)
         cfg = Config.from_file(config_file)
         model = cls(cfg)
@@ -258,13 +291,12 @@ class GPTNeoX(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         write_safetensors(out / "model.safetensors", tensors, {"format": "pt", **(metadata or {})})
-        tmp = out / "config.json.tmp"
-        tmp.write_text(json.dumps(self.config.to_hf(), indent=2))
-        tmp.replace(out / "config.json")
+        write_atomic(out / "config.json", json.dumps(self.config.to_hf(), indent=2))
 
 
 def _weight_files(name_or_path, revision):
     """model.safetensors, or the shards a model.safetensors.index.json names. Pickle files are refused."""
+    from hub import HubError, resolve_file
     try:
         return [resolve_file(name_or_path, "model.safetensors", revision)]
     except (FileNotFoundError, HubError) as single_err:

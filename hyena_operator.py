@@ -14,6 +14,7 @@ Glossary (code name -> paper symbol, Hyena paper section 3):
                            any length, and decoding by a (B, channels, d) recurrence state instead of z history
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -76,7 +77,7 @@ def rfft(x: torch.Tensor) -> torch.Tensor:
     """torch.fft.rfft along the last axis, as an op torch.compile does not look into: inductor must then hand
     it the contiguous layout it was traced with. Left to itself, inductor lays the padded channels-first copy
     out time-strided (the order of the activations it came from), and torch then copies it once more before
-    calling cuFFT (0.5 ms per layer for 64k tokens on an H200)."""
+    calling cuFFT."""
     return torch.fft.rfft(x)
 
 
@@ -86,7 +87,7 @@ def _(x):
 
 
 class FFTConv(torch.autograd.Function):
-    """fftconv_reference with a hand-written backward and a layout for speed (the H200 numbers are in README):
+    """fftconv_reference with a hand-written backward and a layout for speed (measurements: README, results/):
     FFTs run along a contiguous time axis, channels first (`channels_first`); the 1/n of the inverse FFT is folded
     into the filter's padded copy (no extra pass over the output); the input's spectrum is kept for the
     filter's gradient. With y = irfft(U K)[:L] + bias u, and G the spectrum of dLoss/dy:
@@ -147,7 +148,8 @@ class PositionalEmbedding(nn.Module):
     """safari's positional embedding of the filter's time axis, a table over t = 0 .. l_max-1:
     z(t) = [t / (l_max-1), Re e^{-i f_b w_t}, Im e^{-i f_b w_t}] with w_t = 2 pi t / l_max and bands f_b =
     linspace(1e-4, bands-1, bands). As in safari, z is a trainable parameter with its own learning rate
-    (`_optim` hint, 1e-5) and no weight decay; the normalised time `t` is a buffer."""
+    (`lr`, 1e-5; HyenaOperator.optim_settings hands it to the optimizer) and no weight decay; the normalised
+    time `t` is a buffer."""
     def __init__(self, emb_dim, l_max, lr=1e-5):
         super().__init__()
         bands = (emb_dim - 1) // 2
@@ -156,7 +158,7 @@ class PositionalEmbedding(nn.Module):
         w = 2 * math.pi * torch.arange(l_max, dtype=torch.float64)[None, :, None] / l_max  # (1, L, 1)
         angle = torch.linspace(1e-4, bands - 1, bands, dtype=torch.float64)[None, None] * w  # (1, L, bands)
         self.z = nn.Parameter(torch.cat([t, angle.cos(), -angle.sin()], dim=-1).float())  # (1, L, emb_dim)
-        self.z._optim = {"lr": lr, "weight_decay": 0.0}
+        self.lr = lr
         self.register_buffer("t", t.float())
 
     def forward(self, L):
@@ -268,13 +270,40 @@ class ModalFilter(nn.Module):
         return torch.polar(torch.exp(-w.exp()), th)
 
 
+@dataclass
+class HyenaState:
+    """What a Hyena layer keeps for decoding (its cache.layers entry, filled by the prefill): O(max_len D)."""
+    tail: torch.Tensor   # (B, K-1, (N+1)D) the short conv's last inputs
+    z: list              # per long conv (B, D, max_len): its inputs so far, channels first (for bmm)
+    k_pad: torch.Tensor  # (N-1, D, 2 max_len - 1): k_pad[..., T-1-t+s] = k[t-s] for s <= t, 0 for s > t
+    lags: torch.Tensor   # (max_len,) 0 .. max_len-1
+    bias: torch.Tensor   # (N-1, D) the skip term D, in the model's dtype
+
+    def carried(self):
+        """The tensors a step updates in place at every position (the history is written at the step's own)."""
+        return [self.tail]
+
+
+@dataclass
+class ModalState:
+    """What a modal Hyena layer keeps for decoding: O(channels d), whatever the context or max_len."""
+    tail: torch.Tensor    # (B, K-1, (N+1)D) the short conv's last inputs
+    state: torch.Tensor   # (B, (N-1)D, d) complex: each long conv's recurrence state
+    lam: torch.Tensor     # (C, d) the poles
+    res: torch.Tensor     # (C, d) the residues
+    direct: torch.Tensor  # (C,) h0 + D, the current input's weight
+
+    def carried(self):
+        return [self.tail, self.state]
+
+
 class HyenaOperator(nn.Module):
     def __init__(self, d_model, l_max, order=2, filter_order=64, emb_dim=33, short_filter_order=3, filter_lr=0.0,
                  modal_state=0):
         super().__init__()
         if order < 2:
             raise ValueError(f"Hyena order must be >= 2 (one gate and one long convolution), got {order}")
-        self.d_model, self.order = d_model, order
+        self.d_model, self.order, self.filter_lr = d_model, order, filter_lr
         self.in_proj = nn.Linear(d_model, (order + 1) * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
         width = (order + 1) * d_model
@@ -283,41 +312,52 @@ class HyenaOperator(nn.Module):
         self.modal = modal_state > 0  # a ModalFilter: decoded by its recurrence, not by the z history
         self.filter_fn = (ModalFilter(d_model * (order - 1), modal_state) if self.modal
                           else HyenaFilter(d_model * (order - 1), l_max, emb_dim, filter_order))
-        for p in self.filter_fn.parameters():  # hints read by optim_groups(): no decay, optionally own lr
-            if not hasattr(p, "_optim"):  # pos_emb.z brings its own (safari's lr 1e-5)
-                p._optim = {"weight_decay": 0.0, **({"lr": filter_lr} if filter_lr else {})}
+
+    def optim_settings(self):
+        """{parameter: AdamW settings} where they differ from the run's (GPTNeoX.optim_groups reads them): the long
+        filter's parameters take no weight decay, and their own lr when filter_lr is set; the positional
+        embedding z takes safari's lr (PositionalEmbedding.lr)."""
+        own = {p: {"weight_decay": 0.0, **({"lr": self.filter_lr} if self.filter_lr else {})}
+               for p in self.filter_fn.parameters()}
+        if isinstance(self.filter_fn, HyenaFilter):
+            own[self.filter_fn.pos_emb.z] = {"lr": self.filter_fn.pos_emb.lr, "weight_decay": 0.0}
+        return own
 
     def filters(self, L):
         k = self.filter_fn(L).view(L, self.order - 1, self.d_model)  # (L, N-1, D)
         return k, self.filter_fn.bias.view(self.order - 1, self.d_model)  # (N-1, D)
 
-    def forward(self, u, cache=None):
+    def forward(self, u, cache=None, layer=0):
+        """u (B, L, D) -> (B, L, D). With a decoding `cache` (hyena.Cache): the prefill from position 0 while
+        cache.layers[layer] is None (it fills it), then one token at a time (`step`)."""
         B, L, D = u.shape
-        if cache is not None and (torch.is_tensor(cache["pos"]) or cache["pos"] > 0):
-            return self.step(u, cache)
+        if cache is not None and cache.layers[layer] is not None:
+            return self.step(u, cache, layer)
         p = self.in_proj(u)  # (B, L, (N+1)D)
         pc = short_conv(p, self.short_filter.weight, self.short_filter.bias)  # (B, L, (N+1)D) sees t-2..t
         *x, v = pc.split(D, dim=-1)  # N gates x (B, L, D), value v (B, L, D)
         if self.modal and cache is not None:
-            return self.modal_prefill(p, x, v, cache)
-        k, bias = self.filters(cache["max_len"] if cache is not None else L)
+            return self.modal_prefill(p, x, v, cache, layer)
+        k, bias = self.filters(cache.max_len if cache is not None else L)
+        zs = []  # prefill: every long-conv input, remembered for O(L D) decoding
         for o, x_i in enumerate(reversed(x[1:])):
             z = v * x_i  # (B, L, D)
-            if cache is not None:  # prefill: remember every long-conv input for O(L D) decoding
-                cache.setdefault("z", []).append(z.new_zeros(B, D, cache["max_len"]))  # channels-first for bmm
-                cache["z"][o][..., :L] = z.transpose(1, 2)
+            if cache is not None:
+                zs.append(z.new_zeros(B, D, cache.max_len))  # channels-first for bmm
+                zs[o][..., :L] = z.transpose(1, 2)
             v = fftconv(z, k[:L, o], bias[o])  # (B, L, D)
         if cache is not None:
-            T, kw = cache["max_len"], self.short_filter.kernel_size[0] - 1
-            cache["tail"] = F.pad(p, (0, 0, max(0, kw - L), 0))[:, -kw:].clone()  # (B, kw, (N+1)D) last inputs
+            T, kw = cache.max_len, self.short_filter.kernel_size[0] - 1
+            tail = F.pad(p, (0, 0, max(0, kw - L), 0))[:, -kw:].clone()  # (B, kw, (N+1)D) last inputs
             # The reversed filter then as many zeros: k_pad[..., T-1-t+s] = k[t-s] for s <= t, 0 for s > t.
             k_rev = k.flip(0).permute(1, 2, 0).to(v.dtype)  # (N-1, D, T): k[T-1], ..., k[0]
-            cache["k_pad"] = F.pad(k_rev, (0, T - 1)).contiguous()  # (N-1, D, 2T-1)
+            k_pad = F.pad(k_rev, (0, T - 1)).contiguous()  # (N-1, D, 2T-1)
             # The skip term in the model's dtype: in a bf16 model the filter itself stays fp32.
-            cache["lags"], cache["bias"] = torch.arange(T, device=u.device), bias.to(self.in_proj.weight.dtype)
+            cache.layers[layer] = HyenaState(tail, zs, k_pad, torch.arange(T, device=u.device),
+                                             bias.to(self.in_proj.weight.dtype))
         return self.out_proj(v * x[0])  # (B, L, D)
 
-    def modal_prefill(self, p, x, v, cache):
+    def modal_prefill(self, p, x, v, cache, layer):
         """The prompt through the FFT path, and each long conv's recurrence state after it, computed exactly
         (modal.prefill_state): the cache holds O(channels d) numbers whatever the context or max_len."""
         B, L, D = v.shape
@@ -332,48 +372,49 @@ class HyenaOperator(nn.Module):
             states.append(modal.prefill_state(z, w[ch], th[ch]))  # (B, D, d): sum_t lambda^(L-1-t) z_t
             v = fftconv(z, k[:L, o], bias[o])  # (B, L, D)
         R = f.residues.to(lam.real.dtype)
-        cache["tail"] = F.pad(p, (0, 0, max(0, kw - L), 0))[:, -kw:].clone()  # (B, kw, (N+1)D) last inputs
-        cache["state"] = torch.cat(states, 1)  # (B, (N-1)D, d) complex
-        cache["lam"], cache["res"] = lam.detach(), torch.complex(R[..., 0], R[..., 1]).detach()  # (C, d) each
-        cache["direct"] = (f.h0.to(lam.real.dtype) + f.bias.to(lam.real.dtype)).detach()  # (C,) h0 + D
+        cache.layers[layer] = ModalState(
+            tail=F.pad(p, (0, 0, max(0, kw - L), 0))[:, -kw:].clone(),  # (B, kw, (N+1)D) last inputs
+            state=torch.cat(states, 1),  # (B, (N-1)D, d) complex
+            lam=lam.detach(), res=torch.complex(R[..., 0], R[..., 1]).detach(),  # (C, d) each
+            direct=(f.h0.to(lam.real.dtype) + f.bias.to(lam.real.dtype)).detach())  # (C,) h0 + D
         return self.out_proj(v * x[0])  # (B, L, D)
 
-    def modal_step(self, x, v, cache):
+    def modal_step(self, x, v, state):
         """One token through the recurrences: y = 2 Re(R . state) + (h0 + D) z, then state = lambda state + z.
         No position and no history: the same work at any context."""
-        D, st = self.d_model, cache["state"]
+        D = self.d_model
         for o, x_i in enumerate(reversed(x[1:])):
             ch = slice(o * D, (o + 1) * D)
-            s = st[:, ch]  # (B, D, d) view: updated in place (fixed shapes, a CUDA graph replays it)
-            z = (v * x_i).to(cache["direct"].dtype)  # (B, D) in fp32 (fp64)
-            y = 2 * (s * cache["res"][ch]).real.sum(-1) + cache["direct"][ch] * z  # (B, D)
-            s.mul_(cache["lam"][ch]).add_(z[..., None])
+            s = state.state[:, ch]  # (B, D, d) view: updated in place (fixed shapes, a CUDA graph replays it)
+            z = (v * x_i).to(state.direct.dtype)  # (B, D) in fp32 (fp64)
+            y = 2 * (s * state.res[ch]).real.sum(-1) + state.direct[ch] * z  # (B, D)
+            s.mul_(state.lam[ch]).add_(z[..., None])
             v = y.to(v.dtype)
         return self.out_proj(v * x[0])[:, None]  # (B, 1, D)
 
-    def step(self, u, cache):
-        """One token at position cache["pos"] (a device tensor; fixed shapes, so a CUDA graph can capture it):
+    def step(self, u, cache, layer):
+        """One token at position cache.pos (a device tensor; fixed shapes, so a CUDA graph can capture it):
         the short conv from the cached tail, each long conv the z history against the filter reversed from
         pos. On CUDA one Triton kernel (decode.py) reads only positions <= pos; the PyTorch reference
         takes the whole history against a gathered filter window (later, stale history meets its zeros)."""
         B, L, D = u.shape
         if L != 1:
             raise ValueError(f"Hyena decoding takes one token at a time after the prefill, got {L}")
-        T, pos = cache["max_len"], torch.as_tensor(cache["pos"], device=u.device)
-        window = torch.cat([cache["tail"], self.in_proj(u).to(cache["tail"].dtype)], dim=1)  # (B, K, (N+1)D)
-        cache["tail"].copy_(window[:, 1:])
+        T, pos, state = cache.max_len, cache.pos, cache.layers[layer]
+        window = torch.cat([state.tail, self.in_proj(u).to(state.tail.dtype)], dim=1)  # (B, K, (N+1)D)
+        state.tail.copy_(window[:, 1:])
         pc = short_conv(window, self.short_filter.weight, self.short_filter.bias)[:, -1]  # (B, (N+1)D)
         *x, v = pc.split(D, dim=-1)  # (B, D) each
         if self.modal:
-            return self.modal_step(x, v, cache)
+            return self.modal_step(x, v, state)
         for o, x_i in enumerate(reversed(x[1:])):
             z = v * x_i  # (B, D)
-            hist = cache["z"][o]  # (B, D, T)
+            hist = state.z[o]  # (B, D, T)
             hist.index_copy_(2, pos.view(1), z[..., None].to(hist.dtype))
             if decode.available(hist):  # one Triton kernel reading only s <= pos (fp32 sums)
-                y = decode.long_conv_step(hist, cache["k_pad"][o], pos).to(hist.dtype)  # (B, D)
+                y = decode.long_conv_step(hist, state.k_pad[o], pos).to(hist.dtype)  # (B, D)
             else:  # the reference: the whole history against the filter window (k_pad[T-1-pos+s] = k[pos-s])
-                kr = cache["k_pad"][o].index_select(1, cache["lags"] + (T - 1 - pos))  # (D, T): k[pos..0], 0...
+                kr = state.k_pad[o].index_select(1, state.lags + (T - 1 - pos))  # (D, T): k[pos..0], 0...
                 y = torch.bmm(hist.transpose(0, 1), kr[..., None])[..., 0].transpose(0, 1)  # (B, D) per-channel GEMV
-            v = y + z * cache["bias"][o]  # (B, D)
+            v = y + z * state.bias[o]  # (B, D)
         return self.out_proj(v * x[0])[:, None]  # (B, 1, D)

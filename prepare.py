@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cli import Progress, write_atomic
 from data import SPLITS, tokenizer_sha256
 from sources import ARCHIVES, HUB_DATASETS, hub_files, hub_source, read_val_list, text_files, text_source
 from tokenizer import load_tokenizer
@@ -112,28 +113,17 @@ def _encoded(enc, tokenizer, tasks, workers):
             yield result.get(), done
 
 
-class _Progress:
-    """Documents, tokens/s, MB of text, input done and ETA on stderr: redrawn in place on a terminal, a line
-    every 30 s in logs."""
-
-    def __init__(self, total):
-        self.total, self.t0, self.shown, self.tty = total, time.monotonic(), 0.0, sys.stderr.isatty()
-
-    def show(self, counts, text_bytes, done, final=False):
-        now = time.monotonic()
-        if not final and now - self.shown < (0.5 if self.tty else 30):
-            return
-        self.shown, seconds = now, max(now - self.t0, 1e-9)
-        docs, tokens = (sum(c[key] for c in counts.values()) for key in ("documents", "tokens"))
-        eta = f", ETA {seconds * (self.total - done) / done:.0f} s" if done and not final else ""
-        print(f"{docs:,} docs, {tokens:,} tokens, {tokens / seconds / 1e6:.2f}M tokens/s, {text_bytes / 1e6:.1f} MB "
-              f"of text, {done / max(self.total, 1):.0%} of the input{eta}",
-              end="\n" if final or not self.tty else "\r", file=sys.stderr, flush=True)
+def _progress_line(counts, text_bytes, done, total, t0):
+    """Documents, tokens/s, MB of text and input done, for cli.Progress (which adds the ETA)."""
+    docs, tokens = (sum(c[key] for c in counts.values()) for key in ("documents", "tokens"))
+    seconds = max(time.monotonic() - t0, 1e-9)
+    return lambda rate, eta: (f"{docs:,} docs, {tokens:,} tokens, {tokens / seconds / 1e6:.2f}M tokens/s, "
+                              f"{text_bytes / 1e6:.1f} MB of text, {done / max(total, 1):.0%} of the input{eta}")
 
 
 def _write(out, enc, tokenizer, segments, total, workers):
     """Stream token ids into out/SPLIT.bin.tmp files; returns {split: {"tokens", "documents"}}."""
-    counts, files, text_bytes, progress = {}, {}, 0, _Progress(total)
+    counts, files, text_bytes, progress, t0 = {}, {}, 0, Progress(total), time.monotonic()
     try:
         for (result, nbytes), done in _encoded(enc, tokenizer, _tasks(segments), workers):
             for split, (ids, docs) in result.items():
@@ -144,11 +134,11 @@ def _write(out, enc, tokenizer, segments, total, workers):
                 counts[split]["tokens"] += len(ids)
                 counts[split]["documents"] += docs
             text_bytes += nbytes
-            progress.show(counts, text_bytes, done)
+            progress.update(done, _progress_line(counts, text_bytes, done, total, t0))
     finally:
         for f in files.values():
             f.close()
-    progress.show(counts, text_bytes, total, final=True)
+    progress.update(total, _progress_line(counts, text_bytes, total, total, t0), final=True)
     return {split: counts[split] for split in SPLITS if split in counts}
 
 
@@ -251,8 +241,7 @@ def prepare(args, argv):
     meta = {"source": source, "command": shlex.join(["python", "prepare.py", *argv]), "tokenizer": args.tokenizer,
             "tokenizer_sha256": sha, "vocab_size": enc.n_vocab, "eot_token": enc.eot_token, "dtype": "uint16",
             "splits": counts, "fingerprint": fingerprint}
-    (out / "meta.json.tmp").write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(out / "meta.json.tmp", out / "meta.json")
+    write_atomic(out / "meta.json", json.dumps(meta, indent=1) + "\n")
     seconds, tokens = time.monotonic() - t0, sum(c["tokens"] for c in counts.values())
     print(f"{out}: " + ", ".join(f"{s} {c['tokens']:,} tokens ({c['documents']:,} docs)" for s, c in counts.items())
           + f" in {seconds:.1f} s ({tokens / seconds / 1e6:.2f}M tokens/s)")

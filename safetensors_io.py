@@ -9,15 +9,16 @@ import math
 import mmap
 import os
 import struct
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+from cli import write_atomic
+
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
-_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def _read_header(path):
@@ -47,8 +48,8 @@ def _read_header(path):
         if not (isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}):
             raise ValueError(f"{at} must have exactly dtype, shape and data_offsets, got {info!r:.200}")
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in DTYPES:
-            raise ValueError(f"{at} has unknown dtype {dtype!r} (known: {', '.join(DTYPES)})")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{at} has unknown dtype {dtype!r} (known: {', '.join(SAFETENSORS_DTYPES)})")
         # type() is int, not isinstance: JSON true/false would otherwise pass as 1/0.
         if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
             raise ValueError(f"{at} shape {shape!r} is not a list of non-negative integers")
@@ -59,11 +60,11 @@ def _read_header(path):
         if end > data_len:
             raise ValueError(f"{at} data_offsets {offsets} run past the end of the data section "
                              f"({data_len} bytes): the file is truncated or the offsets are out of range")
-        need = DTYPES[dtype].itemsize * math.prod(shape)
+        need = SAFETENSORS_DTYPES[dtype].itemsize * math.prod(shape)
         if end - begin != need:
             raise ValueError(f"{at} data_offsets {offsets} hold {end - begin} bytes but {dtype} shape {shape} "
                              f"needs {need}")
-        entries[name] = (DTYPES[dtype], shape, begin, end)
+        entries[name] = (SAFETENSORS_DTYPES[dtype], shape, begin, end)
     # Like the safetensors package: the tensors must tile the data section exactly, with no overlap
     # (two tensors aliasing bytes) and no gaps or trailing bytes (data that no tensor accounts for).
     end, prev = 0, None
@@ -102,7 +103,7 @@ def read_safetensors_metadata(path):
 
 
 def write_safetensors(path, tensors, metadata=None):
-    """Write tensors (name -> Tensor) and optional str -> str metadata; atomic (temp file, then os.replace)."""
+    """Write tensors (name -> Tensor) and optional str -> str metadata; atomically (cli.write_atomic)."""
     path = Path(path)
     header = {}
     if metadata is not None:
@@ -114,7 +115,7 @@ def write_safetensors(path, tensors, metadata=None):
             raise TypeError(f"{path}: expected str -> torch.Tensor, got {type(name).__name__} -> {type(t).__name__}")
         if t.dtype not in _DTYPE_NAMES:
             raise ValueError(f"{path}: tensor {name!r} has dtype {t.dtype}, which safetensors here cannot store "
-                             f"(storable: {', '.join(map(str, DTYPES.values()))})")
+                             f"(storable: {', '.join(map(str, SAFETENSORS_DTYPES.values()))})")
     # Widest dtypes first: with the header padded to 8 bytes, every tensor then starts aligned to its itemsize,
     # so readers can map it in place instead of copying.
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
@@ -126,22 +127,10 @@ def write_safetensors(path, tensors, metadata=None):
         offset += t.numel() * t.element_size()
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    with atomic_open(path) as f:
+
+    def write(f):
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name in order:  # one tensor at a time to the CPU, so a GPU model is never copied whole
             f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # raw bytes
-
-
-@contextmanager
-def atomic_open(path):
-    """Write to a pid-named temp file beside path and move it into place only when complete, so a crash or
-    a concurrent reader never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, write)

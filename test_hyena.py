@@ -4,7 +4,9 @@ import json
 import pytest
 import torch
 
-from hyena import Config, GPTNeoX, HyenaOperator, make_student
+from config import Config
+from hyena import GPTNeoX, make_student, new_cache
+from hyena_operator import HyenaOperator
 
 TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=160, num_hidden_layers=3, vocab_size=211,
             max_position_embeddings=64)
@@ -75,7 +77,7 @@ def test_cached_decoding_matches_transformers_generate(name, tmp_path):
     out = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=new, do_sample=False,
                       output_logits=True, return_dict_in_generate=True, pad_token_id=0)
     seq, theirs = out.sequences, torch.stack(out.logits, 1)  # (2, T+new), (2, new, V)
-    cache = [{"pos": 0, "max_len": T + new} for _ in range(cfg.num_hidden_layers)]
+    cache = new_cache(ours, T + new)
     with torch.no_grad():
         steps = [ours(seq[:, :T], cache=cache)[0]]
         steps += [ours(seq[:, i:i + 1], cache=cache)[0] for i in range(T, T + new - 1)]
@@ -132,7 +134,7 @@ def test_loads_transformers_scaled_rope_checkpoints(rope_type, tmp_path):
 
 
 def test_attention_bias_false_round_trips_without_bias_tensors(tmp_path):
-    from hub import read_safetensors
+    from safetensors_io import read_safetensors
     m = randomized(Config(**{**TINY, "attention_bias": False}))
     m.save_pretrained(tmp_path)
     assert not any(k.endswith(("attention.query_key_value.bias", "attention.dense.bias"))
@@ -208,7 +210,7 @@ def test_loads_transformers_checkpoint_and_config_forms(tmp_path):
 
 
 def test_from_pretrained_rejects_bad_checkpoints(tmp_path):
-    from hub import read_safetensors, write_safetensors
+    from safetensors_io import read_safetensors, write_safetensors
     m = GPTNeoX(Config(**TINY))
     m.save_pretrained(tmp_path)
     state = read_safetensors(tmp_path / "model.safetensors")
@@ -234,7 +236,7 @@ def test_from_pretrained_rejects_bad_checkpoints(tmp_path):
 
 
 def test_sharded_checkpoint_and_lm_head_name(tmp_path):
-    from hub import write_safetensors
+    from safetensors_io import write_safetensors
     m = randomized(Config(**TINY))
     state = {("lm_head.weight" if k == "embed_out.weight" else k): v for k, v in m.state_dict().items()}
     keys = sorted(state)
@@ -288,6 +290,8 @@ def test_filter_parameters_get_their_own_optimizer_group():
     by = {(g["weight_decay"], g["lr"]): len(g["params"]) for g in groups}
     assert by[(0.0, 3e-4)] == len(filter_params) - 1 and (0.1, 1e-3) in by and (0.0, 1e-3) in by
     assert by[(0.0, 1e-5)] == 1  # the positional embedding z, at safari's lr_pos_emb
+    student = make_student(GPTNeoX(cfg), layers=[1])  # the settings come from the operator, not from attributes
+    assert not any(vars(p) for p in student.parameters())  # monkey-patched onto the parameters
 
 
 # ----------------------------------------------------------------------------- students
@@ -340,7 +344,7 @@ def test_casting_to_bf16_keeps_the_filter_fp32_and_fp64_follows():
 
 
 def test_checkpoints_from_the_old_filter_convention_are_refused_with_the_reason(tmp_path):
-    from hub import read_safetensors, write_safetensors
+    from safetensors_io import read_safetensors, write_safetensors
     make_student(randomized(Config(**TINY))).save_pretrained(tmp_path)
     state = read_safetensors(tmp_path / "model.safetensors")
     old = {k: v for k, v in state.items() if not k.endswith(("pos_emb.z", "pos_emb.t", "modulation.deltas"))}
@@ -373,7 +377,7 @@ def test_cached_generation_equals_full_forward(layers, order):
     prompt = torch.randint(0, 211, (2, 7))
     out = model.generate(prompt, max_new_tokens=25, temperature=0)
     assert out.shape == (2, 32) and torch.equal(out[:, :7], prompt)
-    cache = [{"pos": 0, "max_len": 32} for _ in range(3)]
+    cache = new_cache(model, 32)
     with torch.no_grad():  # a cached forward returns the last position's logits only
         steps = [model(out[:, :7], cache=cache)[0]] + [model(out[:, i:i + 1], cache=cache)[0] for i in range(7, 32)]
         full = model(out)[0]
@@ -405,7 +409,7 @@ def test_bf16_autocast_forward_close_to_fp32():
 
 @pytest.mark.parametrize("layers", [None, []], ids=["hyena", "attention"])
 def test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_them(layers):
-    """After the prefill the position lives in one device tensor shared by all layers: a step has fixed shapes
+    """The position is one device tensor, shared by all layers and advanced in place: a step has fixed shapes
     and calls no .item() (what a CUDA graph cannot capture: `graphed_step` replays one)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -417,11 +421,11 @@ def test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_t
     torch.manual_seed(0)
     model = make_student(randomized(Config(**TINY)), layers=layers).eval()
     idx = torch.randint(TINY["vocab_size"], (2, 12))
-    cache = [{"pos": 0, "max_len": 12} for _ in model.gpt_neox.layers]
+    cache = new_cache(model, 12)
+    pos = cache.pos
     with torch.no_grad():
         model(idx[:, :8], cache=cache)
-        pos = cache[0]["pos"]
-        assert torch.is_tensor(pos) and all(c["pos"] is pos for c in cache)
+        assert cache.pos is pos and pos.item() == 8  # the same tensor, moved on by the prefill
         with NoHostReads():
             steps = [model(idx[:, i:i + 1], cache=cache)[0] for i in range(8, 12)]
         assert pos.item() == 12
@@ -433,6 +437,7 @@ def test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_t
 def test_graphed_step_refuses_a_cache_without_room_for_its_warm_up():
     from decode import graphed_step
     model = make_student(randomized(Config(**TINY)), layers=[0])
-    cache = [{"pos": torch.tensor(11), "max_len": 12} for _ in model.gpt_neox.layers]
+    cache = new_cache(model, 12)
+    cache.advance(11)
     with pytest.raises(ValueError, match="make max_len at least pos \\+ 2"):
         graphed_step(model, cache, batch=1)  # raised before anything touches a GPU

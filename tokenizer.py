@@ -32,8 +32,6 @@ import tiktoken
 
 # GPT-2's pre-tokenizer regex: tiktoken's r50k_base pat_str, equivalent to the one in HF's ByteLevel.
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-# a hub repo id ("owner/name" or "name"); anything else that does not exist locally is a missing path
-_REPO_ID = re.compile(r"(?![.-])[\w.-]+(/[\w.-]+)?")
 
 
 class HFEncoding(tiktoken.Encoding):
@@ -100,26 +98,24 @@ def _byte_of_char() -> dict[str, int]:
     return {**{chr(b): b for b in printable}, **{chr(256 + i): b for i, b in enumerate(others)}}
 
 
-def _resolve(name_or_path, revision: str) -> Path:
+def tokenizer_path(name_or_path, revision="main") -> Path:
+    """The tokenizer.json that load_tokenizer reads: a file named directly (any name, e.g. 20B_tokenizer.json), else
+    hub.resolve_file's: a directory holding tokenizer.json, or a hub repo id (downloaded at revision)."""
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{path / 'tokenizer.json'} not found: the directory holds no tokenizer.json")
-        return path / "tokenizer.json"
     if path.is_file():
         return path
-    if isinstance(name_or_path, str) and _REPO_ID.fullmatch(name_or_path) and not name_or_path.endswith(".json"):
-        from hub import resolve_file  # lazy: local files need no hub client
+    if path.suffix == ".json":
+        raise FileNotFoundError(f"{name_or_path}: no such tokenizer file; pass a tokenizer.json file, a directory "
+                                "holding one, or a hub repo id such as EleutherAI/pythia-70m")
+    from hub import resolve_file  # lazy: local files need no hub client
 
-        return Path(resolve_file(name_or_path, "tokenizer.json", revision))
-    raise FileNotFoundError(f"no tokenizer at {str(name_or_path)!r}: pass a tokenizer.json file, a directory "
-                            "holding one, or a hub repo id such as EleutherAI/pythia-70m")
+    return Path(resolve_file(name_or_path, "tokenizer.json", revision))
 
 
 def load_tokenizer(name_or_path="EleutherAI/pythia-70m", revision="main") -> HFEncoding:
     """tiktoken.Encoding with HF-identical ids, from a tokenizer.json path, a directory holding one, or a
     hub repo id (downloaded at `revision` via hub.resolve_file). Named "hf-<sha256[:12]>" of the file."""
-    path = _resolve(name_or_path, revision)
+    path = tokenizer_path(name_or_path, revision)
     sha = tokenizer_file_sha256(path)
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))

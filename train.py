@@ -28,11 +28,10 @@ import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
 import data
-from cli import integer
-from checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, trim_log, write_atomic
+from cli import integer, write_atomic
+from checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, trim_log
 
-DTYPES = ("auto", "bf16", "fp32")
-CHOICES = {"dtype": DTYPES, "compile": ("auto", "on", "off")}
+CHOICES = {"dtype": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off")}  # the flags with fixed choices
 
 
 def arg(default, help):
@@ -131,8 +130,8 @@ def setup_distributed(device="auto"):
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     if world > 1 and not torch_dist.is_initialized():
-        # NVLink SHARP (multicast) fails to initialise on hosts whose fabric manager does not enable it (lent or
-        # virtualised H200 nodes); plain NVLink rings are as fast for gradient all-reduce. Harmless elsewhere.
+        # NVLink SHARP (multicast) fails to initialise on hosts whose fabric manager does not enable it (e.g.
+        # virtualised nodes); plain NVLink rings serve gradient all-reduce as well. Harmless elsewhere.
         os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
         cuda = device.startswith("cuda")
         torch_dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
@@ -200,7 +199,7 @@ def lr_factor(p, cfg):
 
 
 @torch.no_grad()
-def evaluate(objective, tokens, cfg, dist, amp):
+def validation_metrics(objective, tokens, cfg, dist, amp):
     """Mean loss and metrics over eval_batches val batches; a fixed rng gives the same windows every time. Every
     rank evaluates all of them, so the ranks stay in step and all know the result."""
     objective.eval()
@@ -302,7 +301,7 @@ def _train(objective, cfg, dist, stage, on_step, stop):
                 print(prefix + line, file=sys.stderr)
 
     def validate():
-        result = evaluate(compiled, val_tokens, cfg, dist, amp)
+        result = validation_metrics(compiled, val_tokens, cfg, dist, amp)
         log({"step": step, "tokens": tokens, "val": result},
             f"step {step} | val " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result

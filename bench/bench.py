@@ -21,8 +21,8 @@ Timing: warm-up calls first (compilation happens there: `warmup_s`), then CUDA e
 in between; `ms` is the median, `spread` (max-min)/median. `peak_gb`: max_memory_allocated since the case began,
 models included. Each case records its own OOM/error and the run goes on; bench.json and bench.md are rewritten
 after every case, bench.png after every section; with --only, the other sections' rows of the last run at the
-same sizes in --out are kept (env.kept says from when). The issue-7 targets table is printed last; bench_report.py
-holds the targets, tables and plot.
+same sizes in --out are kept (env.kept says from when). The targets table (each goal against its measurement) is
+printed last; bench_report.py holds the targets, tables and plot.
 """
 import argparse
 import gc
@@ -38,8 +38,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench.py`: import from the repo root
 from bench.bench_check import Checks
 from bench.bench_report import MODES, SECTIONS, fmt, get, keep_previous, table, targets, write
-from decode import cache_bytes, decode_step, new_cache
-from hyena import Attention, Config, GPTNeoX, HyenaOperator, make_student
+from decode import decode_step
+from config import Config
+from hyena import Attention, GPTNeoX, make_student, new_cache
+from hyena_operator import HyenaOperator
 
 
 @dataclass
@@ -248,12 +250,12 @@ class Bench(Checks):
             m(self.tokens(B, ctx), cache=cache)
         self.sync()
         prefill_s, nxt = time.perf_counter() - t0, self.tokens(B, steps)
-        per_seq = cache_bytes(cache) / B  # filter copies shared by the batch counted in
+        per_seq = cache.nbytes() / B  # filter copies shared by the batch counted in
         with self.autocast():
             one = decode_step(m, cache, B, graph)
 
         def step():
-            cache[0]["pos"].fill_(ctx)  # rewind the position (shared by all layers) to time the same steps
+            cache.pos.fill_(ctx)  # rewind the position (shared by all layers) to time the same steps
             # again; Hyena's short-conv tails are not restored, which changes values, not the work
             with self.autocast():
                 for i in range(steps):
@@ -317,7 +319,7 @@ def main(argv=None):
             bench.res["errors"][name] = f"{type(e).__name__}: {e}"[:400]
         print(f"== {name}: {time.perf_counter() - t0:.1f} s", flush=True)
         write(bench.out, bench.res, env["sizes"], modes, plot=True)
-    print(f"\nwrote {args.out}/bench.json, bench.md, bench.png\n\n## issue-7 targets ({env['device']})\n")
+    print(f"\nwrote {args.out}/bench.json, bench.md, bench.png\n\n## targets ({env['device']})\n")
     print("\n".join(table(targets(bench.res, env["sizes"], modes))))
     return bench.res
 

@@ -5,8 +5,9 @@ from dataclasses import replace
 
 import torch
 
-from decode import decode_step, new_cache
-from hyena import HyenaOperator
+from decode import decode_step
+from hyena import new_cache
+from hyena_operator import HyenaOperator
 
 
 class Checks:

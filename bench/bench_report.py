@@ -1,12 +1,13 @@
-"""bench.py's reporting: the issue-7 targets from its results, and bench.json / bench.md / bench.png, each
-written atomically (a killed run leaves the last good one)."""
+"""bench.py's reporting: the targets (speed and memory goals) judged from its results, and bench.json /
+bench.md / bench.png, each written atomically (a killed run leaves the last good one)."""
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench_report.py`: import from the repo root
+
+from cli import write_atomic
 
 SECTIONS = ("check", "mixer", "model", "train", "decode", "kd")
 MODES = {"on": [True], "off": [False], "both": [True, False]}  # --compile: which of compiled / eager run
@@ -92,11 +93,10 @@ def write(out, res, sizes, modes, plot=False):
     lines += [f"section {name} failed: {err}\n" for name, err in res["errors"].items()]
     md = [f"# bench.py: {env['device']}, torch {env['torch']}", "",
           "ms: median per call; tok_s: tokens/s; peak_gb: max allocated; spread: (max-min)/median", "",
-          *lines, "## issue-7 targets", "", *table(tg), ""]
+          *lines, "## targets", "", *table(tg), ""]
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("bench.json", json.dumps({**res, "targets": tg}, indent=1)), ("bench.md", "\n".join(md))):
-        (out / f"{name}.tmp").write_text(text)
-        os.replace(out / f"{name}.tmp", out / name)
+        write_atomic(out / name, text)
     if plot:
         try:
             draw(out, res)
@@ -125,11 +125,11 @@ def draw(out, res):
         lat.plot(L, [1e6 * r["ms"] / (r["B"] * r["L"]) for r in rows], label=key, **style)
         if rows[0]["peak_gb"] is not None:
             mem.plot(L, [r["peak_gb"] for r in rows], label=key, **style)
-    decode = {}
+    decoding = {}
     for r in res["decode"]:
         if "tok_s" in r:
-            decode.setdefault((r["model"], r["B"], r.get("graph", False)), []).append(r)
-    for (model, B, graph), rows in sorted(decode.items()):
+            decoding.setdefault((r["model"], r["B"], r.get("graph", False)), []).append(r)
+    for (model, B, graph), rows in sorted(decoding.items()):
         dec.plot([r["ctx"] for r in rows], [r["tok_s"] for r in rows], marker="o", linestyle="--" if graph else "-",
                  color={"student": "C0", "teacher": "C1"}.get(model, "C2"), alpha=1.0 if B > 1 else 0.55,
                  label=f"{model} B={B}{' CUDA graph' if graph else ''}")
@@ -141,8 +141,7 @@ def draw(out, res):
         ax.grid(alpha=0.3)
         if ax.lines:  # the memory panel stays empty on the CPU
             ax.legend(fontsize=7)
-    fig.savefig(out / "bench.png.tmp", format="png", dpi=110)
-    os.replace(out / "bench.png.tmp", out / "bench.png")
+    write_atomic(out / "bench.png", lambda f: fig.savefig(f, format="png", dpi=110))
 
 
 def main(argv=None):

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python experiment/experiment.py`: import from the repo root
-from checkpoint import write_atomic
+from cli import write_atomic
 from experiment import report
 
 PY = sys.executable

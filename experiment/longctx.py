@@ -32,9 +32,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import write_atomic
-from cli import integer, writable_dir
-from hyena import Config, GPTNeoX
+from cli import integer, writable_dir, write_atomic
+from config import Config
+from hyena import GPTNeoX
 from tokenizer import load_tokenizer, tokenizer_file_sha256
 from train import TrainConfig, build_optimizer, compile_or_eager
 

@@ -4,12 +4,11 @@
 """
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python experiment/report.py`: import from the repo root
-from checkpoint import write_atomic  # noqa: E402
+from cli import write_atomic  # noqa: E402
 
 # Row label -> (run folders whose training stages it spent, in order; eval JSON name). Folders may be missing
 # (e.g. a teacher loaded from the hub was not trained here).
@@ -351,15 +350,12 @@ def main(argv=None):
                               "experiment wall time (minutes)": args.wall_minutes}.items() if v}
     res["meta"] = meta
     for name, text in [("experiment.json", json.dumps(res, indent=1)), ("RESULTS.md", markdown(res, meta, unit))]:
-        (out / f"{name}.tmp").write_text(text)
-        os.replace(out / f"{name}.tmp", out / name)
+        write_atomic(out / name, text)
     res["modal"] = modal_study(runs)
     if res["modal"]:
         text = modal_markdown(res["modal"])
-        (out / "MODAL.md.tmp").write_text(text)
-        os.replace(out / "MODAL.md.tmp", out / "MODAL.md")
-        (out / "experiment.json.tmp").write_text(json.dumps(res, indent=1))
-        os.replace(out / "experiment.json.tmp", out / "experiment.json")
+        write_atomic(out / "MODAL.md", text)
+        write_atomic(out / "experiment.json", json.dumps(res, indent=1))
     plots(res, out, unit)
     write_longctx(runs, out)
     print((out / "RESULTS.md").read_text())

@@ -36,7 +36,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 import eval as ev  # the repo root's eval.py (harness/ is imported from the root, as `harness.adapter`)
-from hyena import GPTNeoX, load_tokenizer
+from hyena import GPTNeoX
+from tokenizer import load_tokenizer
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 

@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from checkpoint import write_atomic
+from cli import write_atomic
 from sources import read_val_list, text_source
 
 SENTENCE_END = re.compile(r"""(?:(?<=[.!?])|(?<=[.!?]["'\u2019\u201d]))\s+(?=["'\u2018\u201c]?[A-Z])""")

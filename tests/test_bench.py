@@ -34,7 +34,7 @@ def test_cpu_smoke_writes_rows_targets_and_report(tmp_path):
     res2 = bench.main(["--cpu-smoke", "--out", str(tmp_path), "--only", "kd"])
     assert res2["decode"] == saved["decode"] and set(res2["env"]["kept"]) == {"check", "mixer", "model", "train", "decode"}
     bench_report.main([str(tmp_path)])  # the report redraws from bench.json alone
-    assert "## issue-7 targets" in (tmp_path / "bench.md").read_text()
+    assert "## targets" in (tmp_path / "bench.md").read_text()
 
 
 def test_unknown_section_is_named(capsys):

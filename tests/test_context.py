@@ -14,7 +14,9 @@ import torch.nn.functional as F
 import cli
 import eval as ev
 from data import context_windows, document_windows, load_split
-from hyena import Config, GPTNeoX, load_tokenizer, make_student, to_modal
+from config import Config
+from hyena import GPTNeoX, make_student, to_modal
+from tokenizer import load_tokenizer
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # beside the repository
 TOKENIZER = SHARED / "tokenizer" / "20B_tokenizer.json"

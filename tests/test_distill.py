@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import distill
-from hyena import Config, GPTNeoX, make_student, to_modal
+from config import Config
+from hyena import GPTNeoX, make_student, to_modal
+from train import TrainConfig
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=64,
             max_position_embeddings=32)
@@ -220,3 +222,21 @@ def test_cpu_loss_steps_do_not_page_fault_their_memory_in_again():
     faulted = int(out.stdout.split()[-1])
     # one step's logits are 100 MB; the churn this guards against faulted in about 3 GB a step
     assert faulted < 512 * 50304 * 4, f"{faulted / 1e6:.0f} MB page-faulted in by 3 steps"
+
+
+def test_stages_are_planned_from_the_config():
+    """progressive: one stage per Hyena layer, the budget split evenly; then the end-to-end stage with its own
+    budget and lr. DistillConfig refuses contradictions by flag."""
+    cfg = TrainConfig(out_dir="x", max_tokens=300, max_minutes=6.0, lr=1e-3)
+    dcfg = distill.DistillConfig(teacher="t", e2e_tokens=50, e2e_lr=2e-4, train="block")
+    stages = distill.plan_stages(dcfg, cfg, [0, 2, 3])
+    assert [(s.name, s.mode, s.layer, s.trains, s.layers) for s in stages] == [
+        ("stage-00", "progressive", 0, "block", [0]), ("stage-02", "progressive", 2, "block", [2]),
+        ("stage-03", "progressive", 3, "block", [3]), ("e2e", "e2e", None, "all", [0, 2, 3])]
+    assert [(s.cfg.max_tokens, s.cfg.max_minutes, s.cfg.lr) for s in stages] == [(100, 2.0, 1e-3)] * 3 + [(50, 0.0, 2e-4)]
+    joint = distill.plan_stages(distill.DistillConfig(teacher="t", layers="joint"), cfg, [1])
+    assert [(s.name, s.mode, s.layers, s.cfg) for s in joint] == [("joint", "joint", [1], cfg)]
+    with pytest.raises(ValueError, match="--kd-temperature must be > 0"):
+        distill.DistillConfig(teacher="t", kd_temperature=0)
+    with pytest.raises(ValueError, match="nothing to do: --layers none"):
+        distill.DistillConfig(teacher="t", layers="none")

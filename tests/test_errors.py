@@ -22,7 +22,8 @@ import finetune
 import hub
 from checkpoint import out_dir_lock
 from fakehub import FakeHub
-from hyena import Config, GPTNeoX
+from config import Config
+from hyena import GPTNeoX
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 VOCAB = 64

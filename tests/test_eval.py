@@ -13,7 +13,9 @@ import torch
 import cli
 import eval as ev
 from data import load_split
-from hyena import Config, GPTNeoX, load_tokenizer, make_student
+from config import Config
+from hyena import GPTNeoX, make_student
+from tokenizer import load_tokenizer
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # beside the repository
 TOKENIZER = SHARED / "tokenizer" / "20B_tokenizer.json"
@@ -92,7 +94,7 @@ def test_perplexity_is_the_plain_loops(root, ckpts, stride):
 
 def test_word_ppl_and_bits_per_byte_count_the_decoded_scored_text(root, ckpts, enc, docs):
     tokens = load_split(root / "wiki", "test")
-    r = ev.evaluate(GPTNeoX.from_pretrained(ckpts[0]), tokens, 128, decode=ev.text_decoder(enc))
+    r = ev.evaluate(GPTNeoX.from_pretrained(ckpts[0]), tokens, 128, to_text=ev.text_decoder(enc))
     text = enc.decode(enc.encode(docs[0])[1:]) + "\n" + docs[1] + "\n"  # the first token is context; eot -> "\n"
     words, nbytes = len(re.findall(r"\S+", text)), len(text.encode("utf-8"))
     assert (r["words"], r["bytes"]) == (words, nbytes)
@@ -100,7 +102,7 @@ def test_word_ppl_and_bits_per_byte_count_the_decoded_scored_text(root, ckpts, e
     assert r["bits_per_byte"] == pytest.approx(r["nll"] / math.log(2) / nbytes, rel=1e-12)
     assert r["word_ppl"] > r["token_ppl"]  # fewer words than tokens share the same NLL
 
-    part = ev.evaluate(GPTNeoX.from_pretrained(ckpts[0]), tokens, 128, max_tokens=100, decode=ev.text_decoder(enc))
+    part = ev.evaluate(GPTNeoX.from_pretrained(ckpts[0]), tokens, 128, max_tokens=100, to_text=ev.text_decoder(enc))
     assert part["tokens"] == 99 and part["bytes"] == len(enc.decode(tokens[1:100].tolist()).encode())
 
 

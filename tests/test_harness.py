@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 import eval as ev
 from harness import build
-from hyena import Config, GPTNeoX, load_tokenizer, make_student
+from config import Config
+from hyena import GPTNeoX, make_student
+from tokenizer import load_tokenizer
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 TOKENIZER = SHARED / "tokenizer" / "20B_tokenizer.json"
@@ -183,11 +185,11 @@ def test_protocol_harness_reproduces_the_harness_wikitext_metrics(student, enc, 
     lm = lm_for(student, batch_size=3, max_length=32)
     harness = evaluate_tasks(lm, ["tiny_wiki"], task_manager(["tiny_wiki"], tmp_path))["tiny_wiki"]
     tokens = np.array([t for d in docs for t in enc.encode_ordinary(d) + [enc.eot_token]], dtype=np.uint16)
-    ours = ev.evaluate(student, tokens, 32, batch_size=2, decode=ev.text_decoder(enc), protocol="harness",
+    ours = ev.evaluate(student, tokens, 32, batch_size=2, to_text=ev.text_decoder(enc), protocol="harness",
                        eot=enc.eot_token)
     assert ours["word_ppl"] == pytest.approx(harness["word_perplexity"], rel=1e-6)
     assert ours["bits_per_byte"] == pytest.approx(harness["bits_per_byte"], rel=1e-6)
-    stream = ev.evaluate(student, tokens, 32, decode=ev.text_decoder(enc))
+    stream = ev.evaluate(student, tokens, 32, to_text=ev.text_decoder(enc))
     assert stream["tokens"] == len(tokens) - 1 and ours["tokens"] == len(tokens) - len(docs)  # eots not scored
     with pytest.raises(ValueError, match="no --stride"):
         ev.evaluate(student, tokens, 32, stride=16, protocol="harness", eot=enc.eot_token)

@@ -245,7 +245,8 @@ def test_bench_100mb_download(fake):
 
 def test_from_pretrained_through_the_hub(fake, tmp_path):
     """A hub repo id with a Pythia-style branch revision downloads once, then loads from the cache alone."""
-    from hyena import Config, GPTNeoX
+    from config import Config
+    from hyena import GPTNeoX
     torch.manual_seed(0)
     m = GPTNeoX(Config(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2,
                        vocab_size=97, max_position_embeddings=32))
@@ -260,3 +261,14 @@ def test_from_pretrained_through_the_hub(fake, tmp_path):
     assert n > 0 and len(fake.requests) == n  # the warm cache answers; no request
     for k, v in m.state_dict().items():
         assert torch.equal(a.state_dict()[k], v) and torch.equal(b.state_dict()[k], v)
+
+
+@pytest.mark.parametrize("name,path", [("EleutherAI/pythia-70m", False), ("org/model.v2", False), ("run1", True),
+                                       ("./org/x", True), ("/abs/x", True), ("~/x", True), ("a/b/c", True),
+                                       ("org/..", True), ("-org/x", True), ("out/nope", True)])
+def test_one_rule_tells_paths_from_repo_ids(name, path, tmp_path, monkeypatch):
+    """hub.looks_like_path decides for every name-or-path argument: only owner/name is asked of the hub, and not
+    when its owner part is a local folder (out/ exists here)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    assert hub.looks_like_path(name) is path

@@ -140,7 +140,8 @@ for pos in (0, 1, 511, 512, 700, T - 1):
     out = decode.long_conv_step(z, k_pad, torch.tensor(pos))
     worst = max(worst, ((out - ref).abs().max() / ref.abs().max()).item())
 # a bf16 student decoding through the kernel matches the PyTorch step (and keeps its dtype)
-from hyena import Config, GPTNeoX, make_student
+from config import Config
+from hyena import GPTNeoX, make_student, new_cache
 cfg = Config(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=97,
              max_position_embeddings=48)
 student = make_student(GPTNeoX(cfg)).to(torch.bfloat16).eval()
@@ -148,7 +149,7 @@ idx, kernel = torch.randint(97, (2, 48)), decode.available
 runs = []
 for use_kernel in (True, False):
     decode.available = kernel if use_kernel else (lambda t: False)
-    cache = [{"pos": 0, "max_len": 48} for _ in student.gpt_neox.layers]
+    cache = new_cache(student, 48)
     with torch.no_grad():
         student(idx[:, :40], cache=cache)
         runs.append(torch.cat([student(idx[:, i:i + 1], cache=cache)[0] for i in range(40, 48)], 1).float())

@@ -17,3 +17,121 @@ def test_no_root_script_imports_another_script():
                 [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
             found += [f"{name}.py imports {m}" for m in imported if m.split(".")[0] in scripts - {name}]
     assert not found, found
+
+
+def test_write_atomic_replaces_whole_files_or_leaves_the_old_one(tmp_path):
+    from cli import write_atomic
+    path = tmp_path / "out.json"
+    write_atomic(path, "first\n")
+    write_atomic(path, b"second\n")
+    assert path.read_text() == "second\n"
+
+    def broken(f):
+        f.write(b"half a fi")
+        raise OSError("disk full")
+    try:
+        write_atomic(path, broken)
+    except OSError:
+        pass
+    assert path.read_text() == "second\n" and [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temp left
+
+
+def test_files_are_replaced_only_through_write_atomic():
+    """os.replace / rename / write_text outside cli.write_atomic only where a whole write cannot be one call:
+    the hub's resumable downloads and cache links, prepare.py's streamed .bin files (moved together, after their
+    checks), and the checkpoint folder's swap."""
+    allowed = {"cli.py", "hub.py", "prepare.py", "checkpoint.py"}
+    found = []
+    for path in sorted(ROOT.glob("**/*.py")):
+        rel = path.relative_to(ROOT)
+        if rel.parts[0] in ("tests", "data", "runs") or rel.name.startswith("test_") or str(rel) in allowed:
+            continue
+        found += [f"{rel}: {m.group(0)}" for m in re.finditer(r"os\.replace\(|\.rename\(|\.write_text\(|\.write_bytes\(",
+                                                                 path.read_text())]
+    assert not found, found
+
+
+def test_one_progress_line_for_downloads_and_tokenizing(capsys):
+    """cli.Progress serves hub.py and prepare.py: in a log (stderr not a terminal) a line every 30 s, and the
+    final line always; quiet draws nothing."""
+    from cli import Progress
+    progress = Progress(total=100)
+    progress.update(10, lambda rate, eta: f"10 of 100{eta}")  # 30 s have not passed: not drawn
+    progress.update(100, lambda rate, eta: f"done at {rate:.0f}/s{eta}", final=True)
+    Progress(total=100, quiet=True).update(100, lambda rate, eta: "never", final=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("done at ") and "ETA" not in lines[0]
+    progress.t0 = progress.shown = progress.shown - 31  # 31 s later, half done: a line with the ETA of the rest
+    progress.update(50, lambda rate, eta: f"half{eta}")
+    assert capsys.readouterr().err == "half, ETA 31 s\n"
+    sources = {name: (ROOT / name).read_text() for name in ("hub.py", "prepare.py")}
+    assert all("Progress(" in text and "class _Progress" not in text for text in sources.values())
+
+
+def test_one_repo_id_rule():
+    """Hub ids are told from paths in one place (hub.REPO_ID, hub.looks_like_path), not by regexes here and there."""
+    found = [str(p.relative_to(ROOT)) for p in sorted(ROOT.glob("**/*.py"))
+             if p.name != "hub.py" and "tests" not in p.parts and re.search(r"re\.compile\(r?[\"'][^\"']*\\w\.-", p.read_text())]
+    assert not found, found
+
+
+def test_names_are_imported_from_where_they_are_defined():
+    """No re-exports: `from m import name` (here, in bench/, experiment/, harness/ and the tests) takes name from
+    the module that defines it, never from one that imported it (hyena once passed on Config and load_tokenizer,
+    hub the safetensors functions)."""
+    def defined(module):
+        tree = ast.parse(module.read_text())
+        names = set()
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                names |= {t.id for n in ast.walk(node) for t in [n] if isinstance(t, ast.Name)
+                          and isinstance(t.ctx, ast.Store)}
+            elif isinstance(node, ast.If):  # e.g. `if triton is not None:` around a kernel
+                names |= {n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        return names
+
+    ours = {str(p.relative_to(ROOT).with_suffix("")).replace("/", "."): p for p in ROOT.glob("**/*.py")
+            if not {"data", "runs"} & set(p.relative_to(ROOT).parts)}
+    found, names = [], {module: defined(path) for module, path in ours.items()}
+    for path in ours.values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module in ours and node.level == 0:
+                missing = [a.name for a in node.names if a.name not in names[node.module]
+                           and not (ours[node.module].parent / a.name).is_dir()
+                           and not (ours[node.module].parent / node.module.split(".")[-1] / f"{a.name}.py").exists()]
+                found += [f"{path.relative_to(ROOT)}: from {node.module} import {n}" for n in missing]
+    assert not found, found
+
+
+def test_the_model_does_not_import_the_http_client():
+    import subprocess
+    import sys
+    code = "import sys, hyena; print(sorted({'hub', 'requests'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_one_meaning_per_name():
+    """DTYPES is eval's --dtype table, evaluate is eval's perplexity pass, decode is the decoding module: no other
+    module defines these names at its top level, and no function (methods aside) or parameter is named so."""
+    owner = {"DTYPES": "eval.py", "evaluate": "eval.py", "decode": None}
+    found = []
+    for path in sorted(ROOT.glob("**/*.py")):
+        rel, tree = str(path.relative_to(ROOT)), ast.parse(path.read_text())
+        methods = {id(f) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) for f in c.body}
+        names = [t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                 if isinstance(t, ast.Name)]
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and id(node) not in methods:
+                names.append(node.name)
+            if isinstance(node, (ast.FunctionDef, ast.Lambda)):
+                names += [a.arg for a in node.args.args + node.args.kwonlyargs]
+        found += [f"{rel}: {n}" for n in names if n in owner and owner[n] != rel]
+    assert not found, found
+
+
+def test_one_position_representation_in_the_forwards():
+    """The decoding position is always hyena.Cache.pos, a device tensor: no forward asks which kind it is."""
+    assert all("is_tensor(" not in (ROOT / name).read_text() for name in ("hyena.py", "hyena_operator.py"))

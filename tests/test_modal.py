@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import modal
-from decode import cache_bytes, new_cache
-from hyena import Config, GPTNeoX, make_student, to_modal
+from config import Config
+from hyena import Cache, GPTNeoX, make_student, new_cache, to_modal
 from hyena_operator import HyenaFilter, HyenaOperator, fftconv
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3, vocab_size=64,
@@ -51,10 +51,12 @@ def test_recurrent_decoding_equals_the_fft_convolution_with_the_materialised_fil
     op = HyenaOperator(8, l_max=16, order=order, modal_state=4).double()
     u = torch.randn(2, 40, 8, dtype=torch.float64)  # beyond l_max: a modal filter has no length limit
     full = op(u)
-    cache = {"pos": 0, "max_len": 40}
+    cache = Cache(max_len=40, pos=torch.tensor(0), layers=[None])  # one layer: the operator alone
     outs = [op(u[:, :13], cache)]
-    cache["pos"] = torch.tensor(13)
-    outs += [op(u[:, t:t + 1], cache) for t in range(13, 40)]
+    cache.advance(13)  # GPTNeoX.forward advances the position after its layers; alone, the caller does
+    for t in range(13, 40):
+        outs.append(op(u[:, t:t + 1], cache))
+        cache.advance(1)
     err = (torch.cat(outs, 1) - full).abs().max().item()
     print(f"order {order}: recurrence vs FFT: {err:.1e}")
     assert err <= 1e-10
@@ -139,8 +141,8 @@ def test_modal_cache_size_does_not_depend_on_the_context():
         with torch.no_grad():
             model(torch.randint(0, 64, (2, ctx)), cache=cache)
             model(torch.randint(0, 64, (2, 1)), cache=cache)
-        sizes[ctx, max_len] = cache_bytes(cache)
-        assert all("z" not in c and "k_pad" not in c for c in cache)
+        sizes[ctx, max_len] = cache.nbytes()
+        assert all(type(state).__name__ == "ModalState" for state in cache.layers)  # no z history, no k_pad
     assert len(set(sizes.values())) == 1, sizes
     conv = make_student(randomized(TINY))  # the convolutional student's history does grow (the check can fail)
     grown = []
@@ -148,7 +150,7 @@ def test_modal_cache_size_does_not_depend_on_the_context():
         cache = new_cache(conv, max_len)
         with torch.no_grad():
             conv(torch.randint(0, 64, (2, 8)), cache=cache)
-        grown.append(cache_bytes(cache))
+        grown.append(cache.nbytes())
     assert grown[1] > grown[0]
 
 
@@ -218,10 +220,10 @@ def test_modal_decoding_steps_never_read_the_device_back():
     cache = new_cache(model, 12)
     with torch.no_grad():
         model(idx[:, :8], cache=cache)
-        state = cache[0]["state"]
+        state = cache.layers[0].state
         with NoHostReads():
             steps = [model(idx[:, i:i + 1], cache=cache)[0] for i in range(8, 12)]
-        assert cache[0]["state"] is state  # updated in place: a replayed graph sees the same storage
+        assert cache.layers[0].state is state  # updated in place: a replayed graph sees the same storage
         full = model(idx)[0]
     for i, logits in zip(range(8, 12), steps):
         assert torch.allclose(logits[:, 0], full[:, i], atol=1e-4)

@@ -36,7 +36,7 @@ def assert_same(got, want):
 
 
 def test_round_trip_every_dtype_with_metadata(tmp_path):
-    assert set(sio.DTYPES) == {"BF16", "F16", "F32", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL"}
+    assert set(sio.SAFETENSORS_DTYPES) == {"BF16", "F16", "F32", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL"}
     path = tmp_path / "model.safetensors"
     sio.write_safetensors(path, sample_tensors(), metadata={"format": "pt", "step": "10"})
     assert_same(sio.read_safetensors(path), sample_tensors())
