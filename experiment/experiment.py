@@ -15,6 +15,7 @@ console shows each running step's output (its progress lines), and runs/logs/ ke
 Without a GPU only `--preset tiny` runs (or `--allow-cpu` to insist on the full sizes).
 """
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -31,6 +32,8 @@ PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]  # the scripts it launches; data and run paths stay relative to the cwd
 EVAL_SETS = ["gutenberg", "wikitext2", "owt-sample"]  # eval.py scores each one's test split, else its val
 STUDENTS = ("paper", "best", "best-ce", "scratch")  # the student jobs below
+HARNESS_TASKS = ROOT / "harness" / "tasks"  # the offline lm-eval tasks (--harness)
+HARNESS_DATA = Path("data") / "harness"  # where their YAMLs read the data: relative to the cwd, as they say
 
 
 def prepare_commands(shared, tok, root, data):
@@ -126,6 +129,43 @@ def todo(cmd, out):
     return [cmd + ["--resume"] if started else cmd]
 
 
+def add_harness_args(p):
+    g = p.add_argument_group("lm-evaluation-harness", "the offline harness tasks on the experiment's checkpoints")
+    g.add_argument("--harness", default="", metavar="TASK[,TASK]", help="offline lm-eval tasks from harness/tasks "
+                   "(e.g. wikitext2_offline,gutenberg_lambada,gutenberg_next_sentence): prepare.py harness builds "
+                   "their data, then eval.py --tasks scores teacher, paper-ft, best, scratch and each modal dD "
+                   "into <runs>/eval/harness-<model>.json; report.py writes <results>/harness/ (needs lm-eval)")
+
+
+def harness_tasks(spec):
+    """--harness's task names, checked (known offline task, lm-eval installed) before any step runs."""
+    names = [t for t in spec.split(",") if t]
+    known = sorted(p.stem for p in HARNESS_TASKS.glob("*.yaml"))
+    unknown = [t for t in names if t not in known]
+    if unknown:
+        raise ValueError(f"--harness {spec!r}: {', '.join(unknown)} is no offline task; choose from "
+                         f"{', '.join(known)} (harness/tasks). lm-eval's own tasks download their data: run "
+                         "eval.py --tasks on the checkpoints for those")
+    if names and importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("--harness needs EleutherAI's lm-evaluation-harness, which is not installed: "
+                         "pip install lm-eval==0.4.13 (requirements-dev.txt), or drop --harness")
+    return names
+
+
+def harness_prepare(shared):
+    """prepare.py harness: deterministic and seconds long, so it runs every time, as the other data steps do."""
+    return [PY, ROOT / "prepare.py", "harness", "--shared", shared, "--out-dir", HARNESS_DATA]
+
+
+def harness_steps(tasks, models, runs, context, tok):
+    """One eval.py --tasks step per model ({label: checkpoint}), each skipped once its JSON exists."""
+    ev = Path(runs) / "eval"
+    return {f"harness-{name}": todo([PY, ROOT / "eval.py", "--ckpt", ckpt, "--tasks", ",".join(tasks),
+                                     "--include-path", HARNESS_TASKS, "--context", context, "--tokenizer", tok,
+                                     "--json", ev / f"harness-{name}.json"], ev / f"harness-{name}.json")
+            for name, ckpt in models.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shared", default="../shared/data", help="the offline data folder (corpus/, wikitext/, ...)")
@@ -152,7 +192,9 @@ def main(argv=None):
     p.add_argument("--modal", default="", help="state sizes d (e.g. 4,8,16,32,64): convert `best` to modal filters "
                    "with each (distill.py --modal-state), repair each by KL, and evaluate before and after")
     p.add_argument("--modal-repair-minutes", type=float, default=0.5, help="KL repair budget per modal student")
+    add_harness_args(p)
     args = p.parse_args(argv)
+    harness = harness_tasks(args.harness)
     students = [s for s in args.students.split(",") if s]
     modal = [int(d) for d in args.modal.split(",") if d]
     if not set(students) <= set(STUDENTS) or not students:
@@ -194,6 +236,9 @@ def main(argv=None):
     for cmd in prepare_commands(args.shared, tok, root, data):
         if finish(run(cmd, logs / "prepare.log")):
             raise SystemExit(f"experiment.py: data preparation failed; see {logs / 'prepare.log'}")
+    if harness:
+        if finish(run(harness_prepare(args.shared), logs / "prepare.log")):
+            raise SystemExit(f"experiment.py: the harness tasks' data failed; see {logs / 'prepare.log'}")
 
     common = ["--data", data, "--data-root", root, "--block-size", args.block_size, "--batch-size",
               args.batch_size, "--seed", args.seed, "--eval-interval", 50 if tiny else 100, "--eval-batches",
@@ -235,8 +280,9 @@ def main(argv=None):
     best = runs / "best" / "final"
     repair = [PY, ROOT / "distill.py", "--teacher", best, *common, "--layers", "none", "--e2e-minutes",
               args.modal_repair_minutes, "--e2e-lr", "1e-4", "--compile", "off"]  # too short to pay for compiling
-    run_parallel({f"modal-d{d}": todo(repair + ["--modal-state", d, "--out-dir", runs / "modal" / f"d{d}"],
-                                      runs / "modal" / f"d{d}" / "final") for d in modal}, args.gpus, logs)
+    repairs = {f"modal-d{d}": todo(repair + ["--modal-state", d, "--out-dir", runs / "modal" / f"d{d}"],
+                                   runs / "modal" / f"d{d}" / "final") for d in modal}
+    run_parallel({k: v for k, v in repairs.items() if v}, args.gpus, logs)  # a finished one has no steps left
     if modal:
         phase_done("modal students")
 
@@ -261,6 +307,13 @@ def main(argv=None):
                                         "--json", ev / f"dtype-{dtype}.json"], ev / f"dtype-{dtype}.json")
     run_parallel({k: v for k, v in evals.items() if v}, args.gpus, logs)
     wall = phase_done("evaluation")
+    if harness:  # the paper recipe's final, the best recipe, the baseline, and every modal student there is
+        picked = {"teacher": teacher, **{n: models[n] for n in ("paper-ft", "best", "scratch") if n in trained},
+                  **{f"modal-d{d}": runs / "modal" / f"d{d}" / "final" for d in modal
+                     if (runs / "modal" / f"d{d}" / "final").exists()}}
+        run_parallel({k: v for k, v in harness_steps(harness, picked, runs, args.block_size, tok).items() if v},
+                     args.gpus, logs)
+        wall = phase_done("harness tasks")
 
     report.main(["--runs", str(runs), "--results", args.results, "--paper-minutes", str(M),
                  "--wall-minutes", f"{wall / 60:.1f}", "--gpus", str(args.gpus)])
