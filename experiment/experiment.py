@@ -10,8 +10,9 @@ Students, each given the same GPU-minutes (--student-minutes) on one GPU, run in
   best+ce  teacher init, `progressive` alignment, end-to-end KL, then the last 30% of the budget on CE
            fine-tuning (evaluated before and after the CE stage: where does CE help, where does it hurt?)
   scratch  the paper's baseline: Hyena of the same shape trained from scratch with CE
-Every step is skipped when its output exists, so an interrupted experiment resumes by running it again; the
-console shows each running step's output (its progress lines), and runs/logs/ keeps all of it.
+--harness TASKS also scores teacher, paper-ft, best, scratch and the modal students on offline lm-eval tasks
+(results/harness/HARNESS.md). Every step is skipped when its output exists, so an interrupted experiment resumes by
+running it again; the console shows each running step's output (its progress lines), and runs/logs/ keeps all of it.
 Without a GPU only `--preset tiny` runs (or `--allow-cpu` to insist on the full sizes).
 """
 import argparse
@@ -32,7 +33,7 @@ PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]  # the scripts it launches; data and run paths stay relative to the cwd
 EVAL_SETS = ["gutenberg", "wikitext2", "owt-sample"]  # eval.py scores each one's test split, else its val
 STUDENTS = ("paper", "best", "best-ce", "scratch")  # the student jobs below
-HARNESS_TASKS = ROOT / "harness" / "tasks"  # the offline lm-eval tasks (--harness)
+HARNESS_TASKS = ROOT / "harness" / "tasks"  # the offline lm-eval tasks (--harness); eval.py --tasks reads them
 HARNESS_DATA = Path("data") / "harness"  # where their YAMLs read the data: relative to the cwd, as they say
 
 
@@ -160,9 +161,9 @@ def harness_prepare(shared):
 def harness_steps(tasks, models, runs, context, tok):
     """One eval.py --tasks step per model ({label: checkpoint}), each skipped once its JSON exists."""
     ev = Path(runs) / "eval"
-    return {f"harness-{name}": todo([PY, ROOT / "eval.py", "--ckpt", ckpt, "--tasks", ",".join(tasks),
-                                     "--include-path", HARNESS_TASKS, "--context", context, "--tokenizer", tok,
-                                     "--json", ev / f"harness-{name}.json"], ev / f"harness-{name}.json")
+    return {f"harness-{name}": todo([PY, ROOT / "eval.py", "--ckpt", ckpt, "--tasks", ",".join(tasks), "--context",
+                                     context, "--tokenizer", tok, "--json", ev / f"harness-{name}.json"],
+                                    ev / f"harness-{name}.json")  # no --include-path: eval.py knows harness/tasks
             for name, ckpt in models.items()}
 
 
