@@ -8,6 +8,9 @@ takes minutes on a CPU: too slow for the suite. The chain below is the same sequ
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -363,3 +366,21 @@ def test_report_without_harness_results_writes_no_harness_folder(tmp_path):
     write_eval(tmp_path / "runs" / "eval" / "teacher.json", ("teacher", {"gutenberg": 20.0}))
     report.main(["--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
     assert not (tmp_path / "results" / "harness").exists()
+
+
+@pytest.mark.skipif(not os.environ.get("EXPERIMENT_TINY"), reason="minutes on a CPU (the tiny preset's fixed teacher "
+                    "and student budgets): set EXPERIMENT_TINY=1")
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs lm-eval")
+def test_experiment_tiny_with_harness_end_to_end(tmp_path):
+    """The real thing on a CPU: experiment.py --preset tiny --students best --harness gutenberg_lambada, from the
+    repo root (the task YAMLs read data/harness/ there), ends in results/harness/ with the teacher and best."""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "experiment/experiment.py", "--preset", "tiny", "--students", "best", "--gpus",
+                    "0", "--harness", "gutenberg_lambada", "--shared", str(SHARED), "--runs", str(tmp_path / "runs"),
+                    "--results", str(tmp_path / "results")], cwd=root, check=True)
+    h = json.loads((tmp_path / "results" / "harness" / "harness.json").read_text())
+    assert list(h["models"]) == ["teacher", "best"]
+    for r in h["models"].values():
+        lam = r["tasks"]["gutenberg_lambada"]
+        assert 0 <= lam["acc"] <= 1 and lam["perplexity"] > 1 and lam["acc_stderr"] is not None
+    assert list(h["commands"]) == ["data", "teacher", "best"]
