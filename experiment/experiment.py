@@ -10,11 +10,13 @@ Students, each given the same GPU-minutes (--student-minutes) on one GPU, run in
   best+ce  teacher init, `progressive` alignment, end-to-end KL, then the last 30% of the budget on CE
            fine-tuning (evaluated before and after the CE stage: where does CE help, where does it hurt?)
   scratch  the paper's baseline: Hyena of the same shape trained from scratch with CE
-Every step is skipped when its output exists, so an interrupted experiment resumes by running it again; the
-console shows each running step's output (its progress lines), and runs/logs/ keeps all of it.
+--harness TASKS also scores teacher, paper-ft, best, scratch and the modal students on offline lm-eval tasks
+(results/harness/HARNESS.md). Every step is skipped when its output exists, so an interrupted experiment resumes by
+running it again; the console shows each running step's output (its progress lines), and runs/logs/ keeps all of it.
 Without a GPU only `--preset tiny` runs (or `--allow-cpu` to insist on the full sizes).
 """
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -31,6 +33,8 @@ PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]  # the scripts it launches; data and run paths stay relative to the cwd
 EVAL_SETS = ["gutenberg", "wikitext2", "owt-sample"]  # eval.py scores each one's test split, else its val
 STUDENTS = ("paper", "best", "best-ce", "scratch")  # the student jobs below
+HARNESS_TASKS = ROOT / "harness" / "tasks"  # the offline lm-eval tasks (--harness); eval.py --tasks reads them
+HARNESS_DATA = Path("data") / "harness"  # where their YAMLs read the data: relative to the cwd, as they say
 
 
 def prepare_commands(shared, tok, root, data):
@@ -190,6 +194,43 @@ def long_context_steps(args, modal, teacher, runs, root, data, tok, logs):
     run_parallel({k: v for k, v in jobs.items() if v}, args.gpus, logs)
 
 
+def add_harness_args(p):
+    g = p.add_argument_group("lm-evaluation-harness", "the offline harness tasks on the experiment's checkpoints")
+    g.add_argument("--harness", default="", metavar="TASK[,TASK]", help="offline lm-eval tasks from harness/tasks "
+                   "(e.g. wikitext2_offline,gutenberg_lambada,gutenberg_next_sentence): prepare.py harness builds "
+                   "their data, then eval.py --tasks scores teacher, paper-ft, best, scratch and each modal dD "
+                   "into <runs>/eval/harness-<model>.json; report.py writes <results>/harness/ (needs lm-eval)")
+
+
+def harness_tasks(spec):
+    """--harness's task names, checked (known offline task, lm-eval installed) before any step runs."""
+    names = [t for t in spec.split(",") if t]
+    known = sorted(p.stem for p in HARNESS_TASKS.glob("*.yaml"))
+    unknown = [t for t in names if t not in known]
+    if unknown:
+        raise ValueError(f"--harness {spec!r}: {', '.join(unknown)} is no offline task; choose from "
+                         f"{', '.join(known)} (harness/tasks). lm-eval's own tasks download their data: run "
+                         "eval.py --tasks on the checkpoints for those")
+    if names and importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("--harness needs EleutherAI's lm-evaluation-harness, which is not installed: "
+                         "pip install lm-eval==0.4.13 (requirements-dev.txt), or drop --harness")
+    return names
+
+
+def harness_prepare(shared):
+    """prepare.py harness: deterministic and seconds long, so it runs every time, as the other data steps do."""
+    return [PY, ROOT / "prepare.py", "harness", "--shared", shared, "--out-dir", HARNESS_DATA]
+
+
+def harness_steps(tasks, models, runs, context, tok):
+    """One eval.py --tasks step per model ({label: checkpoint}), each skipped once its JSON exists."""
+    ev = Path(runs) / "eval"
+    return {f"harness-{name}": todo([PY, ROOT / "eval.py", "--ckpt", ckpt, "--tasks", ",".join(tasks), "--context",
+                                     context, "--tokenizer", tok, "--json", ev / f"harness-{name}.json"],
+                                    ev / f"harness-{name}.json")  # no --include-path: eval.py knows harness/tasks
+            for name, ckpt in models.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shared", default="../shared/data", help="the offline data folder (corpus/, wikitext/, ...)")
@@ -220,7 +261,9 @@ def main(argv=None):
                    "with each (distill.py --modal-state), repair each by KL, and evaluate before and after")
     p.add_argument("--modal-repair-minutes", type=float, default=0.5, help="KL repair budget per modal student")
     add_long_args(p)
+    add_harness_args(p)
     args = p.parse_args(argv)
+    harness = harness_tasks(args.harness)
     students = [s for s in args.students.split(",") if s]
     modal = [int(d) for d in args.modal.split(",") if d]
     if not set(students) <= set(STUDENTS) or not students:
@@ -265,6 +308,9 @@ def main(argv=None):
     for cmd in prepare_commands(args.shared, tok, root, data):
         if finish(run(cmd, logs / "prepare.log")):
             raise SystemExit(f"experiment.py: data preparation failed; see {logs / 'prepare.log'}")
+    if harness:
+        if finish(run(harness_prepare(args.shared), logs / "prepare.log")):
+            raise SystemExit(f"experiment.py: the harness tasks' data failed; see {logs / 'prepare.log'}")
 
     common = ["--data", data, "--data-root", root, "--block-size", args.block_size, "--batch-size",
               args.batch_size, "--seed", args.seed, "--eval-interval", 50 if tiny else 100, "--eval-batches",
@@ -336,6 +382,13 @@ def main(argv=None):
                                         "--json", ev / f"dtype-{dtype}.json"], ev / f"dtype-{dtype}.json")
     run_parallel({k: v for k, v in evals.items() if v}, args.gpus, logs)
     wall = phase_done("evaluation")
+    if harness:  # the paper recipe's final, the best recipe, the baseline, and every modal student there is
+        picked = {"teacher": teacher, **{n: models[n] for n in ("paper-ft", "best", "scratch") if n in trained},
+                  **{f"modal-d{d}": runs / "modal" / f"d{d}" / "final" for d in modal
+                     if (runs / "modal" / f"d{d}" / "final").exists()}}
+        run_parallel({k: v for k, v in harness_steps(harness, picked, runs, args.block_size, tok).items() if v},
+                     args.gpus, logs)
+        wall = phase_done("harness tasks")
 
     report.main(["--runs", str(runs), "--results", args.results, "--paper-minutes", str(M),
                  "--wall-minutes", f"{wall / 60:.1f}", "--gpus", str(args.gpus)])

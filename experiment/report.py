@@ -155,6 +155,96 @@ def markdown(res, meta, unit="GPU"):
     return text + "\n" + " ".join(f"{k}: {v}." for k, v in meta.items()) + "\n"
 
 
+HARNESS_ORDER = ["teacher", "paper-ft", "best", "scratch"]  # then modal-dD by d
+HARNESS_LABELS = {name: label for label, (_, name) in ROWS.items()}
+TASK_YAMLS = Path(__file__).resolve().parents[1] / "harness" / "tasks"
+
+
+def task_description(task):
+    """A task's definition in one line: its YAML's leading comment (harness/tasks), else lm-eval's own task."""
+    path = TASK_YAMLS / f"{task}.yaml"
+    if not path.is_file():
+        return "lm-eval's own task (see its documentation)"
+    lines = path.read_text().splitlines()
+    comment = [line.lstrip("#").strip() for line in lines[:next((i for i, x in enumerate(lines)
+                                                                 if not x.startswith("#")), len(lines))]]
+    return " ".join(comment)
+
+
+def logged_command(log, needle):
+    """The last command a step's log records ("$ ..." lines, appended per run) that contains needle, shown as run
+    from the repo root: the interpreter as `python`, the repo's scripts and harness/tasks by their repo paths."""
+    cmds = [line[2:].split() for line in (log.read_text().splitlines() if log.exists() else [])
+            if line.startswith("$ ") and needle in line]
+    if not cmds:
+        return None
+    out = ["python"]
+    for arg in cmds[-1][1:]:
+        if arg.startswith("/") and arg.endswith((".py", "/harness/tasks")):
+            arg = "harness/tasks" if arg.endswith("/harness/tasks") else Path(arg).name
+        out.append(arg)
+    return " ".join(out)
+
+
+def harness_results(runs):
+    """runs/eval/harness-<model>.json (eval.py --tasks, one model each) -> {tasks, models, commands}, or {}."""
+    files = {f.stem[len("harness-"):]: f for f in (runs / "eval").glob("harness-*.json")}
+    order = HARNESS_ORDER + sorted((n for n in files if n not in HARNESS_ORDER),
+                                   key=lambda n: (not n.startswith("modal-d"), int(n[7:]) if n[7:].isdigit() else 0, n))
+    models, tasks, commands = {}, {}, {}
+    prep = logged_command(runs / "logs" / "prepare.log", "prepare.py harness")
+    if prep:
+        commands["data"] = prep
+    for name in (n for n in order if n in files):
+        out = json.loads(files[name].read_text())
+        r = out["results"][0]
+        label = HARNESS_LABELS.get(name) or (f"best, modal filters d={name[7:]} (KL-repaired)"
+                                             if name.startswith("modal-d") else name)
+        models[name] = {"label": label, "path": r["path"], "context": r["context"], "dtype": out["dtype"],
+                        "tasks": r["tasks"]}
+        for task, metrics in r["tasks"].items():
+            known = tasks.setdefault(task, {"description": task_description(task), "metrics": []})["metrics"]
+            known += [m for m in metrics if not m.endswith("_stderr") and m not in known]
+        cmd = logged_command(runs / "logs" / f"harness-{name}.log", "eval.py")
+        if cmd:
+            commands[name] = cmd
+    return {"tasks": tasks, "models": models, "commands": commands} if models else {}
+
+
+def harness_markdown(h):
+    """HARNESS.md: model x task metric (value ± stderr where lm-eval gives one), the tasks, the commands."""
+    cols = [(t, m) for t, spec in h["tasks"].items() for m in spec["metrics"]]
+    lines = ["| model | " + " | ".join(f"{t} {m}" for t, m in cols) + " |", "|---|" + "---:|" * len(cols)]
+    for r in h["models"].values():
+        cells = []
+        for t, m in cols:
+            v, err = r["tasks"].get(t, {}).get(m), r["tasks"].get(t, {}).get(f"{m}_stderr")
+            spec = ".2f" if v is not None and abs(v) >= 10 else ".4f"
+            cells.append("-" if v is None else format(v, spec) + ("" if err is None else f" ± {format(err, spec)}"))
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    text = "# lm-evaluation-harness: the experiment's checkpoints on the offline tasks\n\n" + "\n".join(lines)
+    text += ("\n\n± is lm-eval's standard error (bootstrap for perplexity, the mean's for acc); lm-eval gives none "
+             "for the rolling-window metrics (word_perplexity, byte_perplexity, bits_per_byte).\n\n## Tasks\n\n")
+    text += "".join(f"- `{t}`: {spec['description']}\n" for t, spec in h["tasks"].items())
+    settings = sorted({f"context {r['context']} tokens, {r['dtype']}" for r in h["models"].values()})
+    text += f"\neval.py scored every model with {'; '.join(settings)}.\n"
+    if h["commands"]:
+        text += "\n## Commands\n\nRun from the repo root (experiment/experiment.py --harness ran these).\n\n```bash\n"
+        text += "".join(f"{cmd}\n" for cmd in h["commands"].values()) + "```\n"
+    return text
+
+
+def write_harness(runs, out):
+    """<results>/harness/HARNESS.md and harness.json, when runs/eval holds harness results; returns them or {}."""
+    h = harness_results(runs)
+    if h:
+        folder = out / "harness"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in (("harness.json", json.dumps(h, indent=1) + "\n"), ("HARNESS.md", harness_markdown(h))):
+            write_atomic(folder / name, text)
+    return h
+
+
 PLOTS = ("val_loss.png", "progressive_mse.png", "perplexity.png")
 
 
@@ -356,6 +446,7 @@ def main(argv=None):
         text = modal_markdown(res["modal"])
         write_atomic(out / "MODAL.md", text)
         write_atomic(out / "experiment.json", json.dumps(res, indent=1))
+    write_harness(runs, out)
     plots(res, out, unit)
     write_longctx(runs, out)
     print((out / "RESULTS.md").read_text())

@@ -8,6 +8,9 @@ takes minutes on a CPU: too slow for the suite. The chain below is the same sequ
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -270,3 +273,114 @@ def test_experiment_rerun_keeps_the_recorded_wall_time(tmp_path, monkeypatch):
     args = reported[0]
     assert args[args.index("--wall-minutes") + 1] == "10.0"
     assert sum(json.loads((runs / "wall_time.json").read_text()).values()) < 600 + 30
+
+
+# ------------------------------------------------------------------------- --harness: lm-eval tasks on the results
+
+def write_harness_eval(path, model, tasks):
+    """eval.py --tasks --json's layout for one checkpoint; tasks: {task: {metric: value, metric_stderr: value}}."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"context": 128, "dtype": "fp32", "tasks": list(tasks), "results": [
+        {"model": model, "path": model, "context": 128, "datasets": {}, "tasks": tasks}]}))
+
+
+def test_experiment_harness_prepares_the_data_then_scores_each_checkpoint_in_its_own_step(tmp_path, monkeypatch):
+    """--harness: prepare.py harness joins the data phase; after the evaluations one eval.py --tasks step per model
+    (teacher, paper-ft, best, scratch, each modal student whose final exists), each skipped once its JSON is there."""
+    from experiment import experiment
+    runs = tmp_path / "runs"
+    for d in ["teacher", "scratch", "paper", "paper-ft", "best", "best-ce", "best-ce-ft", "modal/d4"]:
+        (runs / d / "final").mkdir(parents=True)
+    for name in ["teacher", "scratch", "paper", "paper-ft", "best", "best-ce-kd", "best-ce", "modal",
+                 *(f"dtype-{d}" for d in ("fp64", "fp32", "bf16", "fp16"))]:
+        write_eval(runs / "eval" / f"{name}.json", (name, {"shakespeare": 20.0}))
+    write_harness_eval(runs / "eval" / "harness-scratch.json", "scratch", {})  # a step finished before
+    started = []
+    monkeypatch.setattr(experiment, "prepare_commands", lambda *a: [])
+    done = type("Done", (), {"poll": lambda self: 0, "returncode": 0})()  # a step that finished at once
+    monkeypatch.setattr(experiment, "run", lambda cmd, *a, **kw: started.append([str(c) for c in cmd]) or done)
+    monkeypatch.setattr(experiment, "finish", lambda proc: 0)
+    monkeypatch.setattr(experiment.time, "sleep", lambda s: None)
+    monkeypatch.setattr(report, "main", lambda argv: None)
+    experiment.main(["--preset", "tiny", "--gpus", "0", "--runs", str(runs), "--results", str(tmp_path / "res"),
+                     "--modal", "4,8", "--shared", "/shared", "--harness", "gutenberg_lambada,wikitext2_offline"])
+    assert started[0] == [experiment.PY, str(experiment.ROOT / "prepare.py"), "harness", "--shared", "/shared",
+                          "--out-dir", "data/harness"]  # where the task YAMLs read their data
+    assert [c[c.index("--out-dir") + 1] for c in started if c[1].endswith("distill.py")] == [
+        str(runs / "modal" / "d8")]  # d4's repair is done; d8's only pretends to run, so d8/final never appears
+    evals = {Path(c[c.index("--json") + 1]).name: c for c in started if c[1].endswith("eval.py")}
+    # d4 exists, d8 was never repaired (its distill step only pretended to run), scratch's JSON was there already.
+    assert sorted(evals) == ["harness-best.json", "harness-modal-d4.json", "harness-paper-ft.json",
+                             "harness-teacher.json"]
+    cmd = evals["harness-modal-d4.json"]
+    assert cmd[cmd.index("--ckpt") + 1] == str(runs / "modal" / "d4" / "final")
+    assert cmd[cmd.index("--tasks") + 1] == "gutenberg_lambada,wikitext2_offline"
+    assert "--include-path" not in cmd  # eval.py always reads harness/tasks (again here: every task overridden)
+    assert cmd[cmd.index("--context") + 1] == "128"  # the block size the other evaluations use
+    assert "harness tasks" in json.loads((runs / "wall_time.json").read_text())
+
+
+def test_experiment_harness_refuses_an_unknown_task_before_any_step(tmp_path, monkeypatch):
+    from experiment import experiment
+    monkeypatch.setattr(experiment, "run", lambda cmd, *a, **kw: pytest.fail(f"ran a step: {cmd}"))
+    with pytest.raises(ValueError, match=r"--harness .*lambada_openai is no offline task; choose from "
+                                         r".*gutenberg_lambada.*eval.py --tasks"):
+        experiment.main(["--preset", "tiny", "--gpus", "0", "--runs", str(tmp_path), "--harness",
+                         "gutenberg_lambada,lambada_openai"])
+
+
+def test_report_harness_table_tasks_and_commands(tmp_path):
+    """results/harness/: one row per model, one column per task metric, ± lm-eval's stderr where it gives one
+    (None for the rolling metrics), the tasks' definitions from their YAMLs, the commands from the steps' logs."""
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    lam = {"perplexity": 123.456, "perplexity_stderr": 4.0, "acc": 0.4, "acc_stderr": 0.02}
+    write_harness_eval(runs / "eval" / "harness-modal-d4.json", "m", {"gutenberg_lambada": dict(lam, acc=0.1)})
+    write_harness_eval(runs / "eval" / "harness-best.json", "b", {"gutenberg_lambada": dict(lam, acc=0.3)})
+    write_harness_eval(runs / "eval" / "harness-teacher.json", "t", {
+        "gutenberg_lambada": lam, "wikitext2_offline": {"word_perplexity": 55.5, "word_perplexity_stderr": None}})
+    (runs / "logs").mkdir(parents=True)
+    (runs / "logs" / "harness-best.log").write_text(
+        "$ /venv/bin/python3 /x/repo/eval.py --ckpt runs/best/final --tasks gutenberg_lambada "
+        "--include-path /x/repo/harness/tasks --json runs/eval/harness-best.json\nprogress...\n")
+    (runs / "logs" / "prepare.log").write_text("$ /venv/bin/python3 /x/repo/prepare.py text a.txt\n"
+                                               "$ /venv/bin/python3 /x/repo/prepare.py harness --shared /s\n")
+    report.main(["--runs", str(runs), "--results", str(out)])
+    md = (out / "harness" / "HARNESS.md").read_text()
+    assert md.splitlines()[2] == ("| model | gutenberg_lambada perplexity | gutenberg_lambada acc | "
+                                  "wikitext2_offline word_perplexity |")
+    assert table_rows(md) == [  # teacher, the recipes, then the modal students
+        ["teacher (GPT-NeoX, attention)", "123.46 ± 4.00", "0.4000 ± 0.0200", "55.50"],
+        ["best recipe (teacher init, align, KL)", "123.46 ± 4.00", "0.3000 ± 0.0200", "-"],
+        ["best, modal filters d=4 (KL-repaired)", "123.46 ± 4.00", "0.1000 ± 0.0200", "-"]]
+    assert "- `gutenberg_lambada`: LAMBADA-style last-word prediction on passages of the Gutenberg" in md
+    assert ("python prepare.py harness --shared /s\npython eval.py --ckpt runs/best/final --tasks gutenberg_lambada "
+            "--include-path harness/tasks --json runs/eval/harness-best.json\n") in md
+    h = json.loads((out / "harness" / "harness.json").read_text())
+    assert list(h["models"]) == ["teacher", "best", "modal-d4"]
+    assert h["models"]["best"]["tasks"]["gutenberg_lambada"]["acc"] == 0.3
+    assert h["tasks"]["wikitext2_offline"]["metrics"] == ["word_perplexity"]
+    assert list(h["commands"]) == ["data", "best"]
+
+
+def test_report_without_harness_results_writes_no_harness_folder(tmp_path):
+    write_eval(tmp_path / "runs" / "eval" / "teacher.json", ("teacher", {"gutenberg": 20.0}))
+    report.main(["--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")])
+    assert not (tmp_path / "results" / "harness").exists()
+
+
+@pytest.mark.skipif(not os.environ.get("EXPERIMENT_TINY"), reason="minutes on a CPU (the tiny preset's fixed teacher "
+                    "and student budgets): set EXPERIMENT_TINY=1")
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs lm-eval")
+def test_experiment_tiny_with_harness_end_to_end(tmp_path):
+    """The real thing on a CPU: experiment.py --preset tiny --students best --harness gutenberg_lambada, from the
+    repo root (the task YAMLs read data/harness/ there), ends in results/harness/ with the teacher and best."""
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "experiment/experiment.py", "--preset", "tiny", "--students", "best", "--gpus",
+                    "0", "--harness", "gutenberg_lambada", "--shared", str(SHARED), "--runs", str(tmp_path / "runs"),
+                    "--results", str(tmp_path / "results")], cwd=root, check=True)
+    h = json.loads((tmp_path / "results" / "harness" / "harness.json").read_text())
+    assert list(h["models"]) == ["teacher", "best"]
+    for r in h["models"].values():
+        lam = r["tasks"]["gutenberg_lambada"]
+        assert 0 <= lam["acc"] <= 1 and lam["perplexity"] > 1 and lam["acc_stderr"] is not None
+    assert list(h["commands"]) == ["data", "teacher", "best"]
