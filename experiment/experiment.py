@@ -187,6 +187,10 @@ def long_context_steps(args, modal, teacher, runs, root, data, tok, logs):
                                out / "passkey-window.json"),
         "passkey-extrapolate": todo(probe + ["--ckpt", teacher, "--beyond", "extrapolate",
                                              "--json", out / "passkey-extrapolate.json"], out / "passkey-extrapolate.json"),
+        "infer": todo([PY, ROOT / "experiment" / "longctx.py", "infer", "--ckpt", teacher, final, "--contexts",
+                       *long_scale([16384, 32768], long), "--tokens", 2 * long_scale([32768], long)[0], "--stride",
+                       score, *(["--compile"] if args.gpus else []), "--json", out / "infer.json"],
+                      out / "infer.json"),  # inference compiles on a GPU whatever --compile says (no training)
         "speed": todo([PY, ROOT / "experiment" / "longctx.py", "speed", "--ckpt", start, "--contexts", args.block_size,
                        long, "--tokens-per-step", tokens, "--steps", 4 if tiny else 10, *compiled,
                        "--json", out / "speed.json"], out / "speed.json"),

@@ -15,6 +15,12 @@ input_tokens). Past it, --beyond decides as in eval.py: refuse (before any work)
 RoPE past max_position_embeddings; conv Hyena filters end at l_max, so those lengths are skipped with the reason),
 or window (the model reads only the prompt's last tokens that fit).
 
+infer: the cost of scoring every token of long sequences at inference (bf16 autocast on CUDA): a model native at
+the context reads each sequence in one forward; one whose native maximum is shorter (the teacher) reads it in
+sliding windows of that maximum, --stride apart, each window scoring its last stride tokens (the first all of
+its own) -- its best honest use. The head runs only on scored positions, for both. tokens/s = scored tokens
+(every token of every sequence) per second, after one untimed warm-up call (which compiles, with --compile).
+
 speed: forward + backward + AdamW steps of the model on random tokens (bf16 autocast on CUDA, as train.py), the same
 tokens per step at every context (batch = tokens-per-step / context); tokens/s over the steps after --warmup.
 """
@@ -35,6 +41,7 @@ import torch.nn.functional as F
 from cli import integer, writable_dir, write_atomic
 from config import Config
 from hyena import GPTNeoX
+from losses import head_loss
 from tokenizer import load_tokenizer, tokenizer_file_sha256
 from train import TrainConfig, build_optimizer, compile_or_eager
 
@@ -263,6 +270,93 @@ def speed(args):
     return out
 
 
+def body(model, x):
+    """The final hidden states (B, L, D) before the last LayerNorm: every layer, no head."""
+    h = model.gpt_neox.embed_in(x)  # (B, L, D)
+    for block in model.gpt_neox.layers:
+        h = block(h)
+    return h
+
+
+def window_starts(length, window, stride):
+    """Start of each sliding window over `length` tokens (the last one ends at the sequence's end), and how many of
+    its last tokens it scores: the first window scores all it reads, each later one the tokens past the previous."""
+    if length <= window:
+        return [(0, length)]
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] + window < length:
+        starts.append(length - window)
+    return [(s, window if i == 0 else s + window - (starts[i - 1] + window)) for i, s in enumerate(starts)]
+
+
+@torch.no_grad()
+def score_sequences(model, x, window=None, stride=None, forward=body, max_batch_tokens=65536):
+    """Mean next-token CE of every position of x (B, L + 1) -- inputs x[:, :-1], targets x[:, 1:] -- read in one
+    forward, or in sliding windows of `window` tokens `stride` apart (window_starts), the windows of all sequences
+    batched (up to max_batch_tokens per forward); the head only on scored positions (losses.head_loss, chunked)."""
+    inputs, targets = x[:, :-1], x[:, 1:]  # (B, L) each
+    B, L = inputs.shape
+    if window is None or window >= L:
+        return head_loss(model, forward(model, inputs), targets)
+    starts = window_starts(L, window, stride)
+    xs = torch.cat([inputs[:, s:s + window] for s, _ in starts])  # (windows * B, W)
+    rows = max(1, max_batch_tokens // window)
+    hs = torch.cat([forward(model, xs[i:i + rows]) for i in range(0, len(xs), rows)])  # (windows * B, W, D)
+    h = torch.cat([hs[j * B:(j + 1) * B, -n:] for j, (_, n) in enumerate(starts)], dim=1)  # (B, L, D) scored
+    t = torch.cat([targets[:, s + window - n:s + window] for s, n in starts], dim=1)  # (B, L)
+    return head_loss(model, h, t)
+
+
+def infer(args):
+    device = device_of(args.device)
+    cuda = device.startswith("cuda")
+    if args.json:
+        writable_dir(Path(args.json).parent, "--json")
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    out = {"contexts": args.contexts, "tokens": args.tokens, "stride": args.stride, "compile": args.compile,
+           "device": torch.cuda.get_device_name(device) if cuda else "cpu", "infer": {}}
+    rng = np.random.default_rng(args.seed)
+    for ckpt in args.ckpt:
+        model = load(ckpt, device)
+        limit = model.config.native_context  # None: any length
+        forward, compiled = body, False
+        if args.compile:
+            torch._dynamo.reset()
+            forward, compiled = torch.compile(body, dynamic=False), True
+        row = out["infer"][ckpt] = {}
+        for C in args.contexts:
+            if args.tokens % C:
+                raise ValueError(f"--contexts {C}: --tokens {args.tokens} must be a multiple of it")
+            window = limit if limit is not None and limit < C else None
+            x = torch.from_numpy(rng.integers(0, model.config.vocab_size, (args.tokens // C, C + 1))).to(device)
+            with amp:
+                try:
+                    score_sequences(model, x, window, args.stride, forward)  # warm-up (compiles)
+                except torch.OutOfMemoryError:
+                    raise
+                except Exception as e:  # noqa: BLE001 (a compiler failure: eager computes the same numbers)
+                    if not compiled:
+                        raise
+                    print(f"warning: torch.compile failed ({type(e).__name__}); running eagerly", file=sys.stderr)
+                    forward, compiled = body, False
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                loss = float(score_sequences(model, x, window, args.stride, forward))
+            seconds = time.perf_counter() - t0
+            row[str(C)] = r = {"mode": "window" if window else "native", "window": window, "batch_size": x.shape[0],
+                               "loss": loss, "seconds": seconds, "tokens_per_s": args.tokens / seconds,
+                               "compiled": compiled,
+                               "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None}
+            print(f"infer {ckpt} @ {C} ({r['mode']}): {r['tokens_per_s']:,.0f} tokens/s" +
+                  (f", peak {r['peak_mem_gb']:.1f} GB" if cuda else ""), file=sys.stderr)
+        del model
+    if args.json:
+        write_atomic(Path(args.json), json.dumps(out, indent=1) + "\n")
+    return out
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -277,6 +371,17 @@ def parse_args(argv):
     pk.add_argument("--seed", type=int, default=1337, help="draws the keys and depths (default: %(default)s)")
     pk.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pk.add_argument("--json", help="write every number here")
+    inf = sub.add_parser("infer", help="inference tokens/s and peak memory scoring whole long sequences")
+    inf.add_argument("--ckpt", nargs="+", required=True, help="checkpoint folders (save_pretrained)")
+    inf.add_argument("--contexts", nargs="+", type=integer, default=[16384, 32768], help="default: %(default)s")
+    inf.add_argument("--tokens", type=integer, default=65536, help="tokens scored per context (sequences x "
+                     "context; default: %(default)s)")
+    inf.add_argument("--stride", type=integer, default=512, help="sliding-window stride past a model's native "
+                     "maximum (default: %(default)s)")
+    inf.add_argument("--compile", action="store_true", help="torch.compile the forward (eager if it fails)")
+    inf.add_argument("--seed", type=int, default=1337)
+    inf.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    inf.add_argument("--json", help="write every number here")
     sp = sub.add_parser("speed", help="training-step tokens/s and peak memory against context")
     sp.add_argument("--ckpt", required=True, help="checkpoint folder (save_pretrained)")
     sp.add_argument("--contexts", nargs="+", type=integer, default=[2048, 16384], help="default: %(default)s")
@@ -294,7 +399,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    return passkey(args) if args.command == "passkey" else speed(args)
+    return {"passkey": passkey, "infer": infer, "speed": speed}[args.command](args)
 
 
 if __name__ == "__main__":

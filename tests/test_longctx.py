@@ -173,6 +173,9 @@ def test_report_longctx_section_from_synthetic_runs(tmp_path):
     (d / "speed.json").write_text(json.dumps({"tokens_per_step": 32768, "device": "H200", "contexts": {
         "2048": {"batch_size": 16, "tokens_per_s": 1e6, "peak_mem_gb": 5.0, "compiled": True},
         "16384": {"batch_size": 2, "tokens_per_s": 0.95e6, "peak_mem_gb": 6.0, "compiled": True}}}))
+    (d / "infer.json").write_text(json.dumps({"tokens": 65536, "stride": 512, "device": "H200", "infer": {
+        "T": {"32768": {"mode": "window", "tokens_per_s": 900.0, "peak_mem_gb": 2.0, "compiled": True}},
+        "L": {"32768": {"mode": "native", "tokens_per_s": 1500.0, "peak_mem_gb": 3.0, "compiled": True}}}}))
     m = report.write_longctx(tmp_path / "runs", tmp_path / "res")
     md = (tmp_path / "res" / "longctx" / "LONGCTX.md").read_text()
     assert json.loads((tmp_path / "res" / "longctx" / "longctx.json").read_text())["targets"] == m["targets"]
@@ -181,7 +184,8 @@ def test_report_longctx_section_from_synthetic_runs(tmp_path):
     assert "| best (window) | 22.00 | skipped |" in md and "teacher (extrapolate)" in md
     assert "| long (window) | 0.50 (-3.00) | skipped |" in md
     assert [t["reached"] for t in m["targets"]] == [True, True, True, False]
-    assert "(+5.3%)" in md and "(0.95x)" in md
+    assert "(+5.3%)" in md and "(0.95x)" in md and "1,500 vs 900 (1.67x" in md
+    assert "| long | 32768 | native | 1,500 | 3.00 | True |" in md
     assert report.write_longctx(tmp_path / "none", tmp_path / "res2") == {}  # no study: no section
 
 
@@ -234,3 +238,44 @@ def test_experiment_long_step_commands_and_resume(tmp_path, monkeypatch):
     assert launched == []  # every long step's output exists: skipped
     with pytest.raises(ValueError, match="--long-context .*--modal D"):
         experiment.main([a for a in argv if a not in ("--modal", "4")])
+
+
+def test_sliding_windows_cover_every_position_once():
+    for length, window, stride in ((100, 32, 8), (64, 32, 32), (33, 32, 5), (20, 32, 8)):
+        covered = []
+        for start, n in longctx.window_starts(length, window, stride):
+            end = min(start + window, length)
+            covered += range(end - n, end)
+        assert covered == list(range(length)), (length, window, stride)
+
+
+def test_infer_scores_every_token_the_same_way_as_the_model(tmp_path):
+    """infer's native read is the model's own mean CE; its sliding windows equal the native read where the
+    window holds the whole sequence, and equal a by-hand per-window computation otherwise."""
+    teacher = tiny("attention", 32)
+    x = torch.randint(VOCAB, (2, 65))
+    native = longctx.score_sequences(teacher, x)
+    assert torch.allclose(native, teacher(x[:, :-1], x[:, 1:])[1], rtol=1e-6)
+    assert torch.allclose(longctx.score_sequences(teacher, x, window=64, stride=8), native, rtol=1e-6)
+    with torch.no_grad():
+        nll = []
+        for start, n in longctx.window_starts(64, 16, 8):
+            logits = teacher(x[:, start:start + 16])[0][:, -n:]  # (B, n, V)
+            nll.append(torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1), x[:, start + 16 - n + 1:start + 17].flatten(), reduction="sum"))
+    by_hand = sum(nll) / x[:, 1:].numel()
+    assert torch.allclose(longctx.score_sequences(teacher, x, window=16, stride=8), by_hand, rtol=1e-5)
+
+
+def test_infer_reads_the_teacher_in_windows_and_a_modal_student_whole(tmp_path):
+    teacher = tiny("attention", 32)
+    teacher.save_pretrained(tmp_path / "teacher")
+    to_modal(tiny("hyena", 32), state_size=4).save_pretrained(tmp_path / "modal")
+    out = longctx.main(["infer", "--ckpt", str(tmp_path / "teacher"), str(tmp_path / "modal"), "--contexts", "32",
+                        "128", "--tokens", "256", "--stride", "8", "--device", "cpu",
+                        "--json", str(tmp_path / "infer.json")])
+    t, m = out["infer"][str(tmp_path / "teacher")], out["infer"][str(tmp_path / "modal")]
+    assert t["32"]["mode"] == "native" and t["128"] == {**t["128"], "mode": "window", "window": 32}
+    assert m["128"]["mode"] == "native" and m["128"]["batch_size"] == 2
+    assert all(r["tokens_per_s"] > 0 for r in (*t.values(), *m.values()))
+    assert json.loads((tmp_path / "infer.json").read_text())["infer"][str(tmp_path / "modal")]["32"]["loss"] > 0
