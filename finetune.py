@@ -15,13 +15,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 import data
 from checkpoint import out_dir_lock, save_final
 from config import MIXERS, Config
 from hyena import GPTNeoX
-from train import add_train_args, setup_distributed, train, train_config_from_args
+from train import CrossEntropy, add_train_args, setup_distributed, train, train_config_from_args
 
 SHAPES = {  # --config presets; vocab_size comes from the data
     "pythia-70m": {},
@@ -34,17 +33,6 @@ PRESETS = {  # --preset: train-flag defaults (explicit flags still win)
     "tiny": dict(batch_size=8, block_size=128, max_tokens=200_000, eval_interval=50, eval_batches=10,
                  ckpt_interval=100, lr=2e-3, warmup_frac=0.05, out_dir="out/tiny"),
 }
-
-
-class CrossEntropy(nn.Module):
-    """The objective train.py optimises: next-token cross-entropy of .model."""
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, y):
-        loss = self.model(x, y)[1]
-        return loss, {"ce": loss.detach()}
 
 
 def scratch_model(shape, mixer, vocab_size, block_size):

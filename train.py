@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 import data
@@ -152,6 +153,17 @@ def keep_freed_memory():
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+class CrossEntropy(nn.Module):
+    """The objective of plain language-model training: next-token cross-entropy of .model (finetune.py)."""
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        loss = self.model(x, y)[1]
+        return loss, {"ce": loss.detach()}
 
 
 def build_optimizer(model, cfg, fused=False):

@@ -35,7 +35,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python experiment/longctx.py`
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from cli import integer, writable_dir, write_atomic
@@ -43,7 +42,7 @@ from config import Config
 from hyena import GPTNeoX
 from losses import head_loss
 from tokenizer import load_tokenizer, tokenizer_file_sha256
-from train import TrainConfig, build_optimizer, compile_or_eager
+from train import CrossEntropy, TrainConfig, build_optimizer, compile_or_eager
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.")
@@ -203,17 +202,6 @@ def passkey(args):
     return out
 
 
-class NextToken(nn.Module):
-    """Next-token CE of .model: the objective train.py's loop optimises (as finetune.py's CrossEntropy)."""
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, y):
-        loss = self.model(x, y)[1]
-        return loss, {"ce": loss.detach()}
-
-
 def speed(args):
     device = device_of(args.device)
     cuda = device.startswith("cuda")
@@ -239,7 +227,7 @@ def speed(args):
         cfg = TrainConfig(out_dir="unused", batch_size=args.tokens_per_step // C, block_size=C,
                           max_tokens=args.tokens_per_step * args.steps, compile="on" if args.compile else "off",
                           device=device)
-        objective = NextToken(model)
+        objective = CrossEntropy(model)
         opt = build_optimizer(model, cfg, fused=cuda)
         step_fn = compile_or_eager(objective, cfg, cuda, tokens, device, amp)
         if cuda:

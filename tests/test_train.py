@@ -15,7 +15,8 @@ import torch
 
 import finetune
 from checkpoint import find_checkpoint
-from finetune import CrossEntropy, scratch_model
+from finetune import scratch_model
+from train import CrossEntropy
 from hyena import GPTNeoX, make_student
 from train import TrainConfig, add_train_args, build_optimizer, lr_factor, train, train_config_from_args
 
