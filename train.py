@@ -61,7 +61,7 @@ class TrainConfig:
     eval_batches: int = arg(20, "validation batches, the same windows every time (0 = no validation)")
     log_interval: int = arg(10, "print a progress line every this many steps (log.jsonl has every step)")
     ckpt_interval: int = arg(500, "checkpoint every this many steps (and at the end)")
-    compile: str = arg("off", "torch.compile the objective: auto (on CUDA), on, off; a compile that fails "
+    compile: str = arg("auto", "torch.compile the objective: auto (on CUDA), on, off; a compile that fails "
                        "falls back to eager with a warning")
     dtype: str = arg("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
     seed: int = arg(1337, "seeds the data sampler (per rank) and the validation windows")

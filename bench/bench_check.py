@@ -15,6 +15,8 @@ class Checks:
         """Each fast path against its reference on this device (CPU tests hold them to fp64): relative errors."""
         for name, tol, fn in (("fftconv fast vs reference, fp32: max over y, du, dk, dbias", 1e-5, self.check_fftconv),
                               ("Hyena mixer compiled vs eager, bf16 autocast: max over y, dx", 2e-2, self.check_mixer),
+                              ("training step compiled vs eager, bf16 autocast: max over loss, grads", 2e-2,
+                               self.check_step),
                               ("KD+CE chunk compiled vs eager, bf16 logits: max over loss, grad", 1e-2, self.check_chunk),
                               ("Hyena decode: Triton kernel vs PyTorch formula, bf16 cache", 1e-3, self.check_kernel),
                               ("student decode steps vs full forward, fp32: logits", 5e-3, lambda: self.check_decode(0)),
@@ -23,7 +25,7 @@ class Checks:
                                lambda: self.check_decode(0, graph=True)),
                               ("teacher CUDA-graph steps vs eager steps, bf16: logits", 1e-2,
                                lambda: self.check_decode(1, graph=True))):
-            if ("graph" in name or "Triton" in name) and not self.cuda:
+            if ("graph" in name or "Triton" in name or "training step" in name) and not self.cuda:
                 continue
             self.case("check", dict(check=name), lambda: (lambda e: {"rel_err": e, "tol": tol,
                                                                      "ok": "PASS" if e <= tol else "FAIL"})(fn()))
@@ -53,6 +55,22 @@ class Checks:
                 y = m(xi)
             y.backward(g)
             out.append((y, xi.grad))
+        return max(self.rel(a, b) for a, b in zip(out[1], out[0]))
+
+    def check_step(self):
+        """A whole student's CE objective under torch.compile (train.py --compile) against eager: the loss and
+        every parameter's gradient."""
+        from train import CrossEntropy
+        L = self.s.ls[0]
+        model = self.student(self.build(replace(self.cfg, max_position_embeddings=L)), l_max=L)
+        x = self.tokens(2, L + 1)
+        out = []
+        for fn in (CrossEntropy(model), torch.compile(CrossEntropy(model))):
+            model.zero_grad(set_to_none=True)
+            with self.autocast():
+                loss, _ = fn(x[:, :-1], x[:, 1:])
+            loss.backward()
+            out.append([loss] + [p.grad for p in model.parameters() if p.requires_grad])
         return max(self.rel(a, b) for a, b in zip(out[1], out[0]))
 
     def check_chunk(self):

@@ -256,9 +256,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--students", default=",".join(STUDENTS), help="which students to train (comma-separated, "
                    f"from {','.join(STUDENTS)})")
-    p.add_argument("--compile", choices=("off", "auto", "on"), default="off", help="torch.compile in the "
-                   "training steps (train.py --compile) and the long-context sweeps; off by default until compiled "
-                   "training is verified to learn on CUDA (see README)")
+    p.add_argument("--compile", choices=("off", "auto", "on"), default="auto", help="torch.compile in the "
+                   "training steps (train.py --compile; auto = on CUDA) and the long-context sweeps")
     p.add_argument("--dtype-study", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the teacher and `best` at fp64/fp32/bf16/fp16")
     p.add_argument("--modal", default="", help="state sizes d (e.g. 4,8,16,32,64): convert `best` to modal filters "

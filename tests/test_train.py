@@ -247,7 +247,7 @@ def test_flags_presets_and_overrides():
     add_train_args(parser, lr=1e-3, out_dir="out/x")
     cfg = train_config_from_args(parser.parse_args(["--max-minutes", "2", "--compile", "on"]))
     assert (cfg.lr, cfg.out_dir, cfg.max_minutes, cfg.compile, cfg.max_tokens) == (1e-3, "out/x", 2.0, "on", 0)
-    assert train_config_from_args(parser.parse_args(["--max-minutes", "2"])).compile == "off"
+    assert train_config_from_args(parser.parse_args(["--max-minutes", "2"])).compile == "auto"
     with pytest.raises(ValueError, match="--max-tokens and/or --max-minutes"):
         train_config_from_args(parser.parse_args([]))
 
@@ -267,9 +267,9 @@ def test_two_process_ddp_on_cpu_trains_and_matches_the_budget(tmp_path, data_dir
     assert summary["world"] == 2 and GPTNeoX.from_pretrained(out / "final").config.mixers == ["hyena", "hyena"]
 
 
-def test_compile_is_off_by_default_and_a_failed_compile_trains_eagerly(tmp_path, data_dir, monkeypatch,
-                                                                                 capsys):
-    """--compile off by default (auto compiles on CUDA only); when compiling fails (here: a compiler that raises on the first
+def test_compile_is_auto_by_default_and_a_failed_compile_trains_eagerly(tmp_path, data_dir, monkeypatch,
+                                                                                  capsys):
+    """--compile auto by default, which compiles on CUDA only (so this CPU run is eager); when compiling fails (here: a compiler that raises on the first
     call), the run warns once, trains eagerly to the same numbers, and its summary says it ran eagerly."""
     eager = train(CrossEntropy(tiny_model()), config(tmp_path / "eager", data_dir))
     assert eager["compiled"] is False
