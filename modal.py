@@ -75,8 +75,10 @@ def prefill_state(z, log_decay, angle):
         B, L, C = z.shape
         d, b = w.shape[1], math.isqrt(max(L - 1, 0)) + 1
         a = -(-L // b)
-        zp = torch.nn.functional.pad(z.to(dt), (0, 0, a * b - L, 0))  # (B, a b, C): leading zeros add nothing
-        zp = zp.view(B, a, b, C).permute(3, 0, 1, 2).reshape(C, B * a, b)  # (C, B a, b)
+        zp = z.new_empty(C, B, a * b, dtype=dt)  # channels first, in one copy that also casts
+        zp[..., :a * b - L].zero_()  # leading zeros add nothing
+        zp[..., a * b - L:].copy_(z.permute(2, 0, 1))  # (C, B, L)
+        zp = zp.view(C, B * a, b)  # (C, B a, b)
         pr, pi = powers(w, th, torch.arange(b - 1, -1, -1, device=z.device))  # (C, b, d): lambda^(b-1-i)
         s = torch.bmm(zp, torch.cat([pr, pi], -1)).view(C, B, a, 2 * d)  # per-chunk states
         s = torch.complex(s[..., :d], s[..., d:])  # (C, B, a, d)

@@ -243,13 +243,16 @@ class Bench(Checks):
 
     @torch.no_grad()
     def decode_case(self, m, ctx, B, graph):
-        steps = self.s.decode_steps
-        cache = new_cache(m, ctx + steps)
-        t0 = time.perf_counter()
-        with self.autocast():  # a cached forward keeps only the last position's logits, not (B, ctx, V)
-            m(self.tokens(B, ctx), cache=cache)
-        self.sync()
-        prefill_s, nxt = time.perf_counter() - t0, self.tokens(B, steps)
+        steps, prompt, times = self.s.decode_steps, self.tokens(B, ctx), []
+        for _ in range(3):  # the mean of two prefills after a warm-up (which pays FFT plans and allocations)
+            cache = new_cache(m, ctx + steps)
+            self.sync()
+            t0 = time.perf_counter()
+            with self.autocast():  # a cached forward keeps only the last position's logits, not (B, ctx, V)
+                m(prompt, cache=cache)
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        prefill_s, nxt = statistics.fmean(times[1:]), self.tokens(B, steps)
         per_seq = cache.nbytes() / B  # filter copies shared by the batch counted in
         with self.autocast():
             one = decode_step(m, cache, B, graph)
