@@ -36,7 +36,7 @@ def run(main, argv=None):
     except KeyboardInterrupt as e:
         if show:
             raise
-        print(f"{prog}: {e or 'interrupted'}", file=sys.stderr)
+        print(f"{prog}: {str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
     except SystemExit as e:  # argparse (already exit 2) or a script's own `sys.exit("...: error: ...")`
         if isinstance(e.code, str):

@@ -126,7 +126,8 @@ def todo(cmd, out):
     if Path(out).exists():
         return []
     run_dir = Path(cmd[cmd.index("--out-dir") + 1]) if "--out-dir" in cmd else None
-    started = run_dir is not None and any(run_dir.glob("**/ckpt*/train_state.pt"))
+    started = run_dir is not None and any(p.parent.name in ("ckpt", "ckpt.old")  # not a torn ckpt.tmp
+                                          for p in run_dir.glob("**/train_state.pt"))
     return [cmd + ["--resume"] if started else cmd]
 
 
@@ -236,6 +237,24 @@ def harness_steps(tasks, models, runs, context, tok):
 
 
 def main(argv=None):
+    """The experiment; on Ctrl-C (SIGINT reaches the whole process group) it waits for the running steps, which
+    stop after their current step with a checkpoint, relaying their output meanwhile: a driver that died first
+    would close their pipes, and their last words, checkpoint included, would be lost."""
+    try:
+        drive(argv)
+    except KeyboardInterrupt:
+        print("experiment.py: Ctrl-C: waiting for the running steps to save their checkpoints (Ctrl-C again "
+              "stops at once)", file=sys.stderr, flush=True)
+        while True:
+            try:
+                os.wait()
+            except ChildProcessError:  # none left
+                break
+        time.sleep(0.5)  # the relay threads' last lines
+        raise KeyboardInterrupt("stopped; the same command resumes every step where it stopped") from None
+
+
+def drive(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shared", default="../shared/data", help="the offline data folder (corpus/, wikitext/, ...)")
     p.add_argument("--tokenizer", default=None, help="default: <shared>/tokenizer/20B_tokenizer.json")

@@ -384,3 +384,29 @@ def test_experiment_tiny_with_harness_end_to_end(tmp_path):
         lam = r["tasks"]["gutenberg_lambada"]
         assert 0 <= lam["acc"] <= 1 and lam["perplexity"] > 1 and lam["acc_stderr"] is not None
     assert list(h["commands"]) == ["data", "teacher", "best"]
+
+
+@pytest.mark.skipif(not (TOKENIZER.is_file() and SHAKESPEARE.is_file()),
+                    reason="needs ../shared/data (tokenizer, tinyshakespeare)")
+def test_ctrl_c_stops_the_experiment_with_the_running_step_checkpointed(tmp_path):
+    """SIGINT to the whole process group (a terminal's Ctrl-C, `timeout -s INT`): the driver outlives its step, which
+    stops after its current step with a checkpoint (before the fix, the driver died first, closing the step's
+    output pipe, and the step died printing, without its checkpoint); then exit 130 without a traceback."""
+    import signal
+    import time
+    root = Path(__file__).resolve().parent.parent
+    log = tmp_path / "console.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(root / "experiment" / "experiment.py"), "--preset", "tiny",
+                                 "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
+                                 "--shared", str(SHARED), "--data-root", str(tmp_path / "data")],
+                                cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 120
+        while "[teacher] step 10 |" not in log.read_text() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    text = log.read_text()
+    assert "Ctrl-C: waiting for the running steps" in text and "Traceback" not in text, text
+    assert "the same command resumes every step" in text
+    assert (tmp_path / "runs" / "teacher" / "ckpt" / "train_state.pt").is_file()
