@@ -39,10 +39,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from checkpoint import out_dir_lock, save_final
-from cli import write_atomic
+from lib.checkpoint import out_dir_lock, save_final
+from lib.cli import write_atomic
 from hyena import GPTNeoX, make_student, to_modal
-from losses import head_loss
+from fast.losses import head_loss
 from train import TrainConfig, add_train_args, setup_distributed, train, train_config_from_args
 
 
@@ -310,5 +310,5 @@ def distill(dcfg, cfg, dist):
 
 
 if __name__ == "__main__":
-    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

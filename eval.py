@@ -47,7 +47,7 @@ from hub import HubError, looks_like_path, resolve_file
 from config import Config
 from hyena import GPTNeoX
 from tokenizer import load_tokenizer
-from cli import integer, writable_dir, write_atomic
+from lib.cli import integer, writable_dir, write_atomic
 
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_TOKENIZER = "EleutherAI/pythia-70m"
@@ -519,5 +519,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

@@ -16,12 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import modal
-from cli import write_atomic
+from lib import modal
+from lib.cli import write_atomic
 from config import Config
-from decode import decode_step
+from fast.decode import decode_step
 from hyena_operator import HyenaOperator
-from losses import head_loss
+from fast.losses import head_loss
 from safetensors_io import read_safetensors, write_safetensors
 
 # Buffers that HF checkpoints may carry but that we recompute: never persistent in this model.

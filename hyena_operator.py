@@ -20,8 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import decode
-import modal
+from fast import decode
+from lib import modal
 
 
 def fft_size(n):

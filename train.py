@@ -29,8 +29,8 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 import data
-from cli import integer, write_atomic
-from checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, trim_log
+from lib.cli import integer, write_atomic
+from lib.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, trim_log
 
 CHOICES = {"dtype": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off")}  # the flags with fixed choices
 

@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import torch
 
-from decode import decode_step
+from fast.decode import decode_step
 from hyena import new_cache
 from hyena_operator import HyenaOperator
 
@@ -74,7 +74,7 @@ class Checks:
         return max(self.rel(a, b) for a, b in zip(out[1], out[0]))
 
     def check_chunk(self):
-        from losses import chunk_fn, chunk_loss_and_grad
+        from fast.losses import chunk_fn, chunk_loss_and_grad
         c, V = 2048, self.cfg.vocab_size
         zs, zt = (3 * torch.randn(c, V, device=self.dev, dtype=torch.bfloat16) for _ in "st")
         tgt = torch.randint(V, (c,), device=self.dev)
@@ -82,7 +82,7 @@ class Checks:
         return max(self.rel(a, b) for a, b in zip(fast, ref))
 
     def check_kernel(self, B=4, T=5000):
-        import decode
+        from fast import decode
         D, bf16 = self.cfg.hidden_size, torch.bfloat16
         z, k = torch.randn(B, D, T, device=self.dev, dtype=bf16), torch.randn(T, D, device=self.dev, dtype=bf16)
         k_pad = torch.cat([k.flip(0).T, torch.zeros_like(k.T[:, 1:])], 1).contiguous()  # (D, 2T-1) cache layout

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python experiment/experiment.py`: import from the repo root
-from cli import write_atomic
+from lib.cli import write_atomic
 from experiment import report
 
 PY = sys.executable
@@ -398,5 +398,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

@@ -37,10 +37,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cli import integer, writable_dir, write_atomic
+from lib.cli import integer, writable_dir, write_atomic
 from config import Config
 from hyena import GPTNeoX
-from losses import head_loss
+from fast.losses import head_loss
 from tokenizer import load_tokenizer, tokenizer_file_sha256
 from train import CrossEntropy, TrainConfig, build_optimizer, compile_or_eager
 
@@ -391,5 +391,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

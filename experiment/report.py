@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python experiment/report.py`: import from the repo root
-from cli import write_atomic  # noqa: E402
+from lib.cli import write_atomic  # noqa: E402
 
 # Row label -> (run folders whose training stages it spent, in order; eval JSON name). Folders may be missing
 # (e.g. a teacher loaded from the hub was not trained here).
@@ -456,5 +456,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cli
+from lib import cli
 import eval as ev
 from data import context_windows, document_windows, load_split
 from config import Config

@@ -137,7 +137,7 @@ def test_progressive_and_end_to_end_under_two_process_ddp(setup):
 
 def test_loss_chunk_falls_back_to_eager_when_compiling_fails(monkeypatch):
     """On CUDA the loss chunk runs compiled; where inductor cannot work, it warns once and runs eagerly."""
-    import losses
+    from fast import losses
 
     def broken_compile(fn):
         def run(*args):
@@ -200,7 +200,7 @@ def test_cpu_loss_steps_do_not_page_fault_their_memory_in_again():
     training run is (the test process's heap holds whatever earlier tests left)."""
     code = """if True:
         import resource, torch, train
-        from losses import FusedHeadLoss, default_chunk
+        from fast.losses import FusedHeadLoss, default_chunk
         assert default_chunk(torch.device("cpu"), 50304) * 50304 * 4 < 32 << 20
         assert train.keep_freed_memory()
         g = torch.Generator().manual_seed(0)

@@ -128,7 +128,8 @@ def test_complex_product_in_real_arithmetic_equals_the_complex_op(conj_b, monkey
 
 
 KERNEL_CHECK = """
-import torch, decode
+import torch
+from fast import decode
 assert decode.available(torch.zeros(1))
 torch.manual_seed(0)
 B, D, T = 2, 6, 1100  # D not a multiple of the channel block, T over two position blocks

@@ -20,7 +20,7 @@ def test_no_root_script_imports_another_script():
 
 
 def test_write_atomic_replaces_whole_files_or_leaves_the_old_one(tmp_path):
-    from cli import write_atomic
+    from lib.cli import write_atomic
     path = tmp_path / "out.json"
     write_atomic(path, "first\n")
     write_atomic(path, b"second\n")
@@ -40,7 +40,7 @@ def test_files_are_replaced_only_through_write_atomic():
     """os.replace / rename / write_text outside cli.write_atomic only where a whole write cannot be one call:
     the hub's resumable downloads and cache links, prepare.py's streamed .bin files (moved together, after their
     checks), and the checkpoint folder's swap."""
-    allowed = {"cli.py", "hub.py", "prepare.py", "checkpoint.py"}
+    allowed = {"lib/cli.py", "hub.py", "prepare.py", "lib/checkpoint.py"}
     found = []
     for path in sorted(ROOT.glob("**/*.py")):
         rel = path.relative_to(ROOT)
@@ -54,7 +54,7 @@ def test_files_are_replaced_only_through_write_atomic():
 def test_one_progress_line_for_downloads_and_tokenizing(capsys):
     """cli.Progress serves hub.py and prepare.py: in a log (stderr not a terminal) a line every 30 s, and the
     final line always; quiet draws nothing."""
-    from cli import Progress
+    from lib.cli import Progress
     progress = Progress(total=100)
     progress.update(10, lambda rate, eta: f"10 of 100{eta}")  # 30 s have not passed: not drawn
     progress.update(100, lambda rate, eta: f"done at {rate:.0f}/s{eta}", final=True)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import modal
+from lib import modal
 from config import Config
 from hyena import Cache, GPTNeoX, make_student, new_cache, to_modal
 from hyena_operator import HyenaFilter, HyenaOperator, fftconv

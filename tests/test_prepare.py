@@ -14,7 +14,7 @@ import torch
 
 import data
 import prepare
-import sources
+from lib import sources
 from fakehub import FakeHub
 from tokenizer import load_tokenizer
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import finetune
-from checkpoint import find_checkpoint
+from lib.checkpoint import find_checkpoint
 from finetune import scratch_model
 from train import CrossEntropy
 from hyena import GPTNeoX, make_student

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as torch_dist
 
 import data
-from cli import write_atomic
+from lib.cli import write_atomic
 from safetensors_io import read_safetensors
 
 # --resume refuses to change these (or the sequences per step), which would change what a step means. The lr, the
