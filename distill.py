@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import fast
 from lib.checkpoint import out_dir_lock, save_final
 from lib.cli import write_atomic
 from hyena import GPTNeoX, make_student, to_modal
@@ -53,9 +54,18 @@ def rel_mse(out, target):
 
 
 def kd_loss(hs, ht, targets, student, teacher, temperature=1.0, ce_weight=0.0, chunk=None):
-    """Mean over tokens of tau^2 KL(p_teacher || p_student) [+ ce_weight * CE], from final hidden states hs, ht
-    (B, L, D) before the final LayerNorm; fused with its gradient chunk by chunk (losses.FusedHeadLoss)."""
-    return head_loss(student, hs, targets, ce_weight, teacher, ht, temperature, chunk)
+    """Mean over tokens of tau^2 KL(p_teacher || p_student) [+ ce_weight * CE over the scored tokens], from final
+    hidden states hs, ht (B, L, D) before the final LayerNorm. On the fast path (fast.active: CUDA, and every
+    training run) fast.losses.head_loss computes it fused with its gradient, `chunk` rows at a time, never
+    holding the (B, L, V) logits; tests/test_losses.py holds the two equal."""
+    if fast.active(hs):
+        return head_loss(student, hs, targets, ce_weight, teacher, ht, temperature, chunk)
+    with torch.no_grad():
+        zt = teacher.head(ht).float() / temperature  # (B, L, V)
+    z = student.head(hs).float()  # (B, L, V)
+    kl = F.kl_div(F.log_softmax(z / temperature, -1), F.log_softmax(zt, -1), log_target=True, reduction="sum")
+    ce = F.cross_entropy(z.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="sum")
+    return (temperature ** 2 * kl + ce_weight * ce) / targets.numel()
 
 
 class Distill(nn.Module):

@@ -29,6 +29,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 import data
+import fast
 from lib.cli import integer, write_atomic
 from lib.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, trim_log
 
@@ -144,7 +145,7 @@ def keep_freed_memory():
     top of its heap once 128 kB+ is free there and serves blocks of 128 kB+ by mmap (the limit grows with what
     is freed): a CPU training step frees its activations and gradients, and the next step page-faults all of
     them in again, costing as much system time as the step's math. Fixed limits stop that: blocks under 32 MB
-    (glibc's largest heap block; losses.py keeps its chunks below it) come from the heap, and the heap is never
+    (glibc's largest heap block; fast/losses.py keeps its chunks below it) come from the heap, and the heap is never
     trimmed. A no-op where the C library is not glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -256,8 +257,14 @@ def ctrl_c(out, active=True):
 def train(objective, cfg, dist=None, stage="", on_step=None):
     """Train objective.model within cfg's budget; returns the run summary (rank 0 also writes it)."""
     dist = dist or setup_distributed(cfg.device)
-    with ctrl_c(Path(cfg.out_dir) / stage, dist.world == 1) as stop:
-        return _train(objective, cfg, dist, stage, on_step, stop)
+    # The fast paths (fast/) for the run on any device unless switched off: on the CPU the fused loss keeps
+    # each step's chunks under glibc's mmap threshold (see keep_freed_memory), where plain logits would not.
+    previous = fast.enable(fast.ON is not False)
+    try:
+        with ctrl_c(Path(cfg.out_dir) / stage, dist.world == 1) as stop:
+            return _train(objective, cfg, dist, stage, on_step, stop)
+    finally:
+        fast.enable(previous)
 
 
 def _train(objective, cfg, dist, stage, on_step, stop):

@@ -6,8 +6,7 @@ from dataclasses import replace
 import torch
 
 from fast.decode import decode_step
-from hyena import new_cache
-from hyena_operator import HyenaOperator
+from hyena import HyenaOperator, new_cache
 
 
 class Checks:
@@ -35,7 +34,8 @@ class Checks:
         return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
     def check_fftconv(self):
-        from hyena_operator import fftconv, fftconv_reference
+        from fast.fftconv import fftconv
+        from hyena import fftconv as fftconv_reference
         B, L, D = 2, self.s.ls[2], self.cfg.hidden_size
         args = [torch.randn(B, L, D), torch.randn(L, D) / L ** 0.5, torch.randn(D)]
         g, out = torch.randn(B, L, D, device=self.dev), []

@@ -4,14 +4,18 @@ The kernel computes a Hyena long convolution's output for the token being decode
 
     y[b, d] = sum_{s <= pos} z[b, d, s] * k[pos - s, d]
 
-HyenaOperator.step computes the same with PyTorch ops (its reference and fallback), but static shapes force it
-to touch the whole cache (T positions) plus a gathered copy of the filter window on every step. The kernel
-reads the position from device memory and loops only over s <= pos: O(pos D) bytes, no copy, and still
-capturable in a CUDA graph (its shapes never change). bench.py's check section holds it to the PyTorch formula
-on the GPU; test_hyena_operator.py runs it in Triton's CPU interpreter where Triton is installed.
+Its plain twin is the formula in hyena.HyenaOperator.step (plain PyTorch), whose static shapes force it to touch
+the whole cache (T positions) plus a gathered copy of the filter window on every step. The kernel reads the
+position from device memory and loops only over s <= pos: O(pos D) bytes, no copy, and still capturable in a
+CUDA graph (its shapes never change). tests/test_hyena_operator.py::test_decode_kernel_equals_the_definition_in_tritons_interpreter
+holds the two equal in Triton's CPU interpreter (where Triton is installed), bench/bench.py's check section on
+the GPU. HyenaOperator.step uses it where fast.active and `available` say so.
 
 `graphed_step` captures a whole cached step of a model (attention or Hyena, any mix) as a CUDA graph, which
-`GPTNeoX.generate` replays per token on a GPU: at these model sizes launches, not bytes, bound decoding.
+`GPTNeoX.generate` replays per token on a GPU when fast.active: at these model sizes launches, not bytes, bound
+decoding. Its plain twin is the eager step (`decode_step(graph=False)`); tests/test_hyena.py::
+test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_them holds the step capturable and
+bench/bench.py's check section holds graphed and eager logits equal on the GPU.
 """
 import os
 

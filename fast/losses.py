@@ -1,7 +1,8 @@
 """The training losses on a model's head, fused with their gradient so full-vocabulary logits never exist whole.
 
-`head_loss` is the cross-entropy GPTNeoX.forward trains with and, given a teacher, the end-to-end distillation
-loss of distill.py (KL(teacher || student) at a temperature, plus optional CE).
+`head_loss` computes what GPTNeoX.forward's plain F.cross_entropy computes (hyena.py) and, given a teacher, the
+end-to-end distillation loss of distill.kd_loss's plain branch (KL(teacher || student) at a temperature, plus
+optional CE); tests/test_losses.py holds both pairs equal, values and gradients.
 """
 import functools
 import warnings
@@ -56,8 +57,8 @@ def _compiled_chunk_fn():
 
 
 def chunk_fn(device):
-    """chunk_loss_and_grad, compiled on CUDA (the reference runs eagerly on the CPU; the benchmark's check
-    section holds the two to agreement on the GPU)."""
+    """chunk_loss_and_grad, compiled on CUDA (the same function run eagerly on the CPU; the benchmark's check
+    section holds the two to agreement on the GPU, tests/test_losses.py the fallback to eager)."""
     return _compiled_chunk_fn() if device.type == "cuda" else chunk_loss_and_grad
 
 
@@ -110,7 +111,8 @@ def head_loss(model, h, targets, ce_weight=1.0, teacher=None, h_teacher=None, te
     """ce_weight * CE [+ tau^2 KL(teacher || model)], from final hidden states h
     (B, L, D) (and the teacher's h_teacher) before the final LayerNorm; targets (B, L), -1 = not scored.
     Averaged over scored tokens for CE alone, over all tokens when distilling (the KL covers every position).
-    chunk: rows per chunk (default_chunk when None)."""
+    chunk: rows per chunk (default_chunk when None). The plain twins: GPTNeoX.forward's F.cross_entropy (hyena.py)
+    and distill.kd_loss's plain branch, held equal by tests/test_losses.py."""
     xs = model.gpt_neox.final_layer_norm(h).flatten(0, 1)  # (n, D)
     xt = wt = None
     if teacher is not None:

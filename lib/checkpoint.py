@@ -22,7 +22,7 @@ import torch.distributed as torch_dist
 
 import data
 from lib.cli import write_atomic
-from safetensors_io import read_safetensors
+from hub import read_safetensors
 
 # --resume refuses to change these (or the sequences per step), which would change what a step means. The lr, the
 # budgets and the split of a step into GPUs x micro-batches may change.

@@ -134,4 +134,4 @@ def test_one_meaning_per_name():
 
 def test_one_position_representation_in_the_forwards():
     """The decoding position is always hyena.Cache.pos, a device tensor: no forward asks which kind it is."""
-    assert all("is_tensor(" not in (ROOT / name).read_text() for name in ("hyena.py", "hyena_operator.py"))
+    assert "is_tensor(" not in (ROOT / "hyena.py").read_text()
