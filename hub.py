@@ -315,22 +315,6 @@ def resolve_file(name_or_path, filename, revision="main"):
         raise HubError(f"{e} (and {text!r} is not a local directory either)") from e
 
 
-def weight_files(name_or_path, revision="main"):
-    """model.safetensors, or the shards a model.safetensors.index.json names. Pickle files are refused."""
-    try:
-        return [resolve_file(name_or_path, "model.safetensors", revision)]
-    except (FileNotFoundError, HubError) as single_err:
-        try:
-            index = Path(resolve_file(name_or_path, "model.safetensors.index.json", revision))
-        except (FileNotFoundError, HubError):
-            raise FileNotFoundError(
-                f"{name_or_path}@{revision} has neither model.safetensors nor model.safetensors.index.json "
-                f"({single_err}). Only safetensors are loaded (pickle files are never unpickled); convert "
-                "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True)") from None
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [resolve_file(name_or_path, s, revision) for s in shards]
-
-
 # ----------------------------------------------------------------------------- safetensors by hand
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,

@@ -45,12 +45,6 @@ from fast.fftconv import fft_size
 from lib import modal
 from lib.cli import write_atomic
 
-# Buffers that HF checkpoints may carry but that we recompute: never persistent in this model.
-IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
-# Tensors of the Hyena filter that checkpoints from before it followed safari's convention lack.
-SAFARI_FILTER_TENSORS = ("filter_fn.pos_emb.z", "filter_fn.pos_emb.t", "filter_fn.modulation.deltas")
-
-
 # ----------------------------------------------------------------------------- the decoding cache
 
 @dataclass
@@ -595,32 +589,12 @@ class GPTNeoX(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, revision="main", dtype=torch.float32):
-        """Load a local directory or a hub repo (any revision) holding config.json + safetensors weights."""
-        from hub import read_safetensors, resolve_file, weight_files  # here, not at the top: the model needs no HTTP client
-        config_file = resolve_file(name_or_path, "config.json", revision)
-        cfg = Config.from_file(config_file)
-        model = cls(cfg)
-        expected = model.state_dict()
-        state = {}
-        for path in weight_files(name_or_path, revision):
-            for key, t in read_safetensors(path).items():
-                key = "embed_out.weight" if key == "lm_head.weight" else key
-                if key.endswith(IGNORED_SUFFIXES):
-                    continue
-                if key not in expected:
-                    raise ValueError(f"{path}: unexpected key {key!r} for a GPT-NeoX with mixers {cfg.mixers}")
-                if t.shape != expected[key].shape:
-                    raise ValueError(f"{path}: {key!r} has shape {list(t.shape)}, the config implies "
-                                     f"{list(expected[key].shape)}")
-                state[key] = t
-        missing = sorted(set(expected) - set(state))
-        if missing and all(k.endswith(SAFARI_FILTER_TENSORS) for k in missing):
-            raise ValueError(f"{name_or_path}@{revision}: checkpoint lacks the Hyena filter's {missing[:3]}...: it was "
-                             "written before the filter followed safari's convention (decay rates in the opposite "
-                             "channel order, fixed positional embedding), so it would compute another function. "
-                             "Retrain it with this version")
-        if missing:
-            raise ValueError(f"{name_or_path}@{revision}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        """Load a local directory or a hub repo (any revision) holding config.json + safetensors weights, by HF's
+        parameter names (lib/checkpoint.read_pretrained checks every tensor's name and shape)."""
+        from hub import resolve_file  # here, not at the top: the model needs no HTTP client
+        from lib.checkpoint import read_pretrained
+        model = cls(Config.from_file(resolve_file(name_or_path, "config.json", revision)))
+        state = read_pretrained(name_or_path, revision, model.state_dict(), model.config.mixers)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:  # e.g. the filter's shared Sin given different frequencies
