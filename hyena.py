@@ -5,7 +5,7 @@ names are HF's, so checkpoints load by name). The student is the same network wi
 blocks replaced by the Hyena operator (Poli et al. 2023, arXiv 2302.10866), as in "Scavenging Hyena"
 (arXiv 2401.17574). The operator mirrors safari's `standalone_hyena.py` (HazyResearch/safari). In order:
 the decoding cache, attention, the Hyena operator (the FFT convolution, the short convolution, the implicit
-filter, the modal filter), the network with its loss and `generate`, checkpoints, `make_student`, `to_modal`.
+filter, the modal filter), the network with its loss, `generate` and checkpoints, `make_student`, `to_modal`.
 Activations are time-major (B, L, D); the configuration is config.py's.
 
 The speed work lives in fast/ and computes the same functions: the FFT convolution with a hand-written
@@ -14,7 +14,8 @@ CUDA-graph step (fast/decode.py). It is switched in by ONE call, `fast.enable(on
 nowhere, None: the default), read by `fast.active(tensor)` at each place below that could take it; by default
 it is on for CUDA tensors, so GPU users keep the speed, and off on the CPU, where this file's plain code runs.
 train.py's training loop switches it on for its run on any device unless it was switched off (on the CPU the
-fused loss keeps each step's memory on the heap). A CPU test holds each fast path to its plain twin here.
+fused loss keeps each step's memory on the heap). A CPU test holds each fast path to its plain twin here
+(tests/test_hyena_operator.py, tests/test_losses.py).
 
 Glossary (code name -> paper symbol, Hyena paper section 3):
   x0, x1, ... x_{N-1}, v   projections of the input u (x^n and v in the paper; N = `order`)
@@ -24,8 +25,9 @@ Glossary (code name -> paper symbol, Hyena paper section 3):
   z                        the input of a long convolution (x^n ⊙ z^n), cached for decoding
   pos_emb.z                the filter's positional embedding table z(t) (safari's name; not the above)
   l_max                    the longest sequence the filter is defined for (t = 0 .. l_max-1)
-  ModalFilter              h as d decaying complex modes per channel (Laughing Hyena; convention in lib/modal.py):
-                           any length, and decoding by a (B, channels, d) recurrence state instead of z history
+  ModalFilter              h as d decaying complex modes per channel (Laughing Hyena; the convention is
+                           lib/modal.py's): any length, and decoding by a (B, channels, d) recurrence state
+                           instead of z history
 """
 import json
 import math
@@ -289,8 +291,8 @@ class HyenaFilter(nn.Module):
 
 
 class ModalFilter(nn.Module):
-    """h(0) = h0, h(t) = 2 Re sum_n R_n lambda_n^(t-1) for t >= 1 (lib/modal.py's convention), d = state_size modes per
-    channel, defined for every t: HyenaFilter's interface (forward(L) -> (L, channels), `bias` the skip D).
+    """h(0) = h0, h(t) = 2 Re sum_n R_n lambda_n^(t-1) for t >= 1 (lib/modal.py's convention), d = state_size modes
+    per channel, defined for every t: HyenaFilter's interface (forward(L) -> (L, channels), `bias` the skip D).
     lambda = exp(-exp(log_decay) + i angle) stays inside the unit circle whatever the parameters; residues are
     (Re R, Im R) pairs. `hyena.to_modal` fills them from a trained filter; the init here is for models built
     directly (random, stable, spread decay rates)."""
@@ -444,7 +446,7 @@ class HyenaOperator(nn.Module):
         """One token at position cache.pos (a device tensor; fixed shapes, so a CUDA graph can capture it):
         the short conv from the cached tail, each long conv the z history against the filter reversed from
         pos. Here the whole history against a gathered filter window (later, stale history meets its zeros); on
-        the fast path (CUDA) one Triton kernel (fast/decode.py) reads only positions <= pos and computes the same against a gathered filter window (later, stale history meets its zeros)."""
+        the fast path (CUDA) one Triton kernel (fast/decode.py) computes the same reading only positions <= pos."""
         B, L, D = u.shape
         if L != 1:
             raise ValueError(f"Hyena decoding takes one token at a time after the prefill, got {L}")
@@ -546,9 +548,9 @@ class GPTNeoX(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=None, stop=None):
-        """Sample max_new_tokens after idx (B, T); temperature 0 is greedy. Caches make each step O(T D); on a
-        GPU the step is a CUDA graph (cuda_graph=None: when idx is on CUDA and fast.active). stop(idx) -> True ends it early
-        (called after every new token with everything so far, e.g. to look for stop strings)."""
+        """Sample max_new_tokens after idx (B, T); temperature 0 is greedy. Caches make each step O(T D); on the
+        fast path the step is a CUDA graph (cuda_graph=None: when idx is on CUDA and fast.active(idx)). stop(idx)
+        -> True ends it early (called after every new token with everything so far, e.g. to look for stop strings)."""
         cache = new_cache(self, idx.shape[1] + max_new_tokens)
         logits, _ = self(idx, cache=cache)
         graphed = idx.is_cuda and fast.active(idx) if cuda_graph is None else cuda_graph

@@ -1,7 +1,8 @@
 """The Hyena long convolution, fast: hyena.fftconv with a hand-written backward and a layout for speed.
 
 `fftconv` here computes the same function as `hyena.fftconv` (the plain definition: FFTs of size >= 2L along
-time, differentiated by autograd); tests/test_hyena_operator.py::test_fast_fftconv_equals_the_reference_and_so_do_its_gradients
+time, differentiated by autograd); the test
+    tests/test_hyena_operator.py::test_fast_fftconv_equals_the_reference_and_so_do_its_gradients
 holds the two equal, output and gradients, and bench/bench.py's check section does on the GPU. The model uses
 this one where fast.active says so (on CUDA by default; fast.enable switches it).
 """
@@ -16,7 +17,9 @@ def fft_size(n):
 
 def fftconv(u, k, bias):
     """hyena.fftconv, the plain definition, computed faster (FFTConv): u (B, L, D), k (L, D), bias (D,).
-    Held equal to it by tests/test_hyena_operator.py::test_fast_fftconv_equals_the_reference_and_so_do_its_gradients."""
+    Plain twin: hyena.fftconv; held equal by
+    tests/test_hyena_operator.py::test_fast_fftconv_equals_the_reference_and_so_do_its_gradients
+    (and gradcheck-ed by tests/test_hyena_operator.py::test_fast_fftconv_passes_gradcheck_and_skips_gradients_nobody_needs)."""
     with torch.autocast(u.device.type, enabled=False):
         return FFTConv.apply(u, k, bias)
 
@@ -33,7 +36,9 @@ def channels_first(x, n, dtype):
 
 def cmul(a, b, conj_b=False):
     """a * b, or a * conj(b), for complex tensors. Under torch.compile as real arithmetic on view_as_real, which
-    inductor fuses into one pass (it leaves complex ops to generic, broadcast-slow kernels); eagerly one complex op."""
+    inductor fuses into one pass (it leaves complex ops to generic, broadcast-slow kernels); eagerly one complex op.
+    Plain twin: torch.mul (the complex a * b); held equal by
+    tests/test_hyena_operator.py::test_complex_product_in_real_arithmetic_equals_the_complex_op."""
     if not torch.compiler.is_compiling():
         return a * (b.conj() if conj_b else b)
     (ar, ai), (br, bi) = torch.view_as_real(a).unbind(-1), torch.view_as_real(b).unbind(-1)
@@ -62,7 +67,9 @@ class FFTConv(torch.autograd.Function):
     filter's gradient. With y = irfft(U K)[:L] + bias u, and G the spectrum of dLoss/dy:
       du = irfft(G conj(K))[:L] + bias g   (correlation with the filter)
       dk = irfft(sum_b G conj(U))[:L]      (correlation with the input, summed over the batch)
-    both exact for n >= 2L, where the circular correlation never wraps into real samples."""
+    both exact for n >= 2L, where the circular correlation never wraps into real samples.
+    Plain twin: hyena.fftconv (autograd's backward); held equal by
+    tests/test_hyena_operator.py::test_fast_fftconv_equals_the_reference_and_so_do_its_gradients."""
 
     @staticmethod
     def forward(ctx, u, k, bias):

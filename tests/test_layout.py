@@ -135,3 +135,44 @@ def test_one_meaning_per_name():
 def test_one_position_representation_in_the_forwards():
     """The decoding position is always hyena.Cache.pos, a device tensor: no forward asks which kind it is."""
     assert "is_tensor(" not in (ROOT / "hyena.py").read_text()
+
+
+def test_the_root_holds_at_most_a_dozen_modules():
+    """The card's files (hyena, distill, finetune, prepare, eval, test_hyena) and the few modules a reader needs
+    beside them; everything else lives in a folder (fast/, lib/, bench/, experiment/, harness/, tests/)."""
+    root = sorted(p.name for p in ROOT.glob("*.py"))
+    assert len(root) <= 12, root
+    assert {"hyena.py", "distill.py", "finetune.py", "prepare.py", "eval.py", "test_hyena.py"} <= set(root)
+    assert sorted(p.name for p in ROOT.glob("test_*.py")) == ["test_hyena.py"]  # every other test in tests/
+
+
+FAST_HELPERS = {  # fast/'s public names that are not a fast path themselves, but parts of one
+    "enable", "active", "fft_size", "channels_first", "rfft", "chunk_fn", "default_chunk", "available", "decode_step"}
+
+
+def test_every_fast_path_names_its_plain_twin_and_the_test_holding_them_equal():
+    """Each public function or class in fast/ (helpers aside) says "Plain twin(s): name" (resolved here) and names
+    the test(s) holding the two equal as path::test (found here)."""
+    import importlib
+    found = []
+    for path in sorted((ROOT / "fast").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_") \
+                    or node.name in FAST_HELPERS:
+                continue
+            doc, where = " ".join((ast.get_docstring(node) or "").split()), f"{path.name}:{node.name}"
+            twins = re.search(r"Plain twins?: ([\w.]+(?: \([^)]*\))?(?:, [\w.]+(?: \([^)]*\))?)*)", doc)
+            tests = re.findall(r"((?:tests/)?test_\w+\.py)::(test_\w+)", doc)
+            if not twins or not tests:
+                found.append(f"{where}: no 'Plain twin: ...' or no path::test")
+                continue
+            for name in re.findall(r"(?:^|, )([\w.]+)", re.sub(r" \([^)]*\)", "", twins.group(1))):
+                module, *attrs = name.split(".")
+                obj = importlib.import_module(module)
+                for a in attrs:
+                    obj = getattr(obj, a, None)
+                found += [f"{where}: twin {name} does not exist"] if obj is None else []
+            for file, test in tests:
+                if not re.search(rf"^def {test}\(", (ROOT / file).read_text(), re.M):
+                    found.append(f"{where}: {file}::{test} does not exist")
+    assert not found, found
