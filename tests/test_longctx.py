@@ -156,7 +156,7 @@ def sweep_entry(ppl, tps=None, mode="native", compiled=True):
 
 
 def test_report_longctx_section_from_synthetic_runs(tmp_path):
-    from experiment import report
+    from experiment import pages
     d = tmp_path / "runs" / "longctx"
     d.mkdir(parents=True)
     models = {"teacher": "T", "best": "B", "modal d4": "M", "long": "L"}
@@ -176,7 +176,7 @@ def test_report_longctx_section_from_synthetic_runs(tmp_path):
     (d / "infer.json").write_text(json.dumps({"tokens": 65536, "stride": 512, "device": "H200", "infer": {
         "T": {"32768": {"mode": "window", "tokens_per_s": 900.0, "peak_mem_gb": 2.0, "compiled": True}},
         "L": {"32768": {"mode": "native", "tokens_per_s": 1500.0, "peak_mem_gb": 3.0, "compiled": True}}}}))
-    m = report.write_longctx(tmp_path / "runs", tmp_path / "res")
+    m = pages.write_longctx(tmp_path / "runs", tmp_path / "res")
     md = (tmp_path / "res" / "longctx" / "LONGCTX.md").read_text()
     assert json.loads((tmp_path / "res" / "longctx" / "longctx.json").read_text())["targets"] == m["targets"]
     assert "| model (mode past its native maximum) | 2048 | 16384 | 32768 |" in md
@@ -186,7 +186,7 @@ def test_report_longctx_section_from_synthetic_runs(tmp_path):
     assert [t["reached"] for t in m["targets"]] == [True, True, True, False]
     assert "(+5.3%)" in md and "(0.95x)" in md and "1,500 vs 900 (1.67x" in md
     assert "| long | 32768 | native | 1,500 | 3.00 | True |" in md
-    assert report.write_longctx(tmp_path / "none", tmp_path / "res2") == {}  # no study: no section
+    assert pages.write_longctx(tmp_path / "none", tmp_path / "res2") == {}  # no study: no section
 
 
 def test_experiment_long_step_commands_and_resume(tmp_path, monkeypatch):
