@@ -44,7 +44,8 @@ from lib.checkpoint import out_dir_lock, save_final
 from lib.cli import write_atomic
 from hyena import GPTNeoX, make_student, to_modal
 from fast.losses import head_loss
-from train import TrainConfig, add_train_args, setup_distributed, train, train_config_from_args
+from lib.runtime import setup_distributed
+from train import TrainConfig, add_train_args, train, train_config_from_args
 
 
 def rel_mse(out, target):

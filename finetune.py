@@ -20,7 +20,8 @@ import data
 from lib.checkpoint import out_dir_lock, save_final
 from config import MIXERS, Config
 from hyena import GPTNeoX
-from train import CrossEntropy, add_train_args, setup_distributed, train, train_config_from_args
+from lib.runtime import setup_distributed
+from train import CrossEntropy, add_train_args, train, train_config_from_args
 
 SHAPES = {  # --config presets; vocab_size comes from the data
     "pythia-70m": {},
