@@ -163,7 +163,7 @@ def fftconv(u, k, bias):
     rejects bf16, and fp16/bf16 FFTs lose too much precision over long sequences.
     """
     L, dtype = u.shape[1], torch.promote_types(u.dtype, torch.float32)
-    n = fft_size(2 * L)  # zero-padding to >= 2L turns the circular convolution into a linear one
+    n = fft_size(2 * L)  # >= 2L, a length FFTs are fast on: the zero padding makes the circular convolution linear
     with torch.autocast(u.device.type, enabled=False):
         u32 = u.to(dtype)
         k_f = torch.fft.rfft(k.to(dtype), n=n, dim=0)  # (n/2+1, D), once for the whole batch
