@@ -553,8 +553,10 @@ class GPTNeoX(nn.Module):
         -> True ends it early (called after every new token with everything so far, e.g. to look for stop strings)."""
         cache = new_cache(self, idx.shape[1] + max_new_tokens)
         logits, _ = self(idx, cache=cache)
-        graphed = idx.is_cuda and fast.active(idx) if cuda_graph is None else cuda_graph
-        step = fast.decode.decode_step(self, cache, idx.shape[0], graphed and max_new_tokens > 1)
+        graphed = (idx.is_cuda and fast.active(idx) if cuda_graph is None else cuda_graph) and max_new_tokens > 1
+        step = lambda tokens: self(tokens, cache=cache)[0]  # noqa: E731 (one cached step: (B, 1) -> (B, 1, V))
+        if graphed:  # the same step replayed from a CUDA graph (fast/decode.py)
+            step = fast.decode.graphed_step(self, cache, idx.shape[0])
         for _ in range(max_new_tokens):
             logits = logits[:, -1].float()  # (B, V)
             if temperature == 0:
