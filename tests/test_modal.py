@@ -1,4 +1,4 @@
-"""Modal filters (Laughing Hyena): the fit (modal.py), ModalFilter's recurrence, to_modal and modal students."""
+"""Modal filters (Laughing Hyena): the fit (lib/modal.py), ModalFilter's recurrence, to_modal and modal students."""
 import json
 import math
 
