@@ -39,11 +39,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-from checkpoint import out_dir_lock, save_final
-from cli import write_atomic
+import fast
+from lib.checkpoint import out_dir_lock, save_final
+from lib.cli import write_atomic
 from hyena import GPTNeoX, make_student, to_modal
-from losses import head_loss
-from train import TrainConfig, add_train_args, setup_distributed, train, train_config_from_args
+from fast.losses import head_loss
+from lib.runtime import setup_distributed
+from train import TrainConfig, add_train_args, train, train_config_from_args
 
 
 def rel_mse(out, target):
@@ -53,9 +55,18 @@ def rel_mse(out, target):
 
 
 def kd_loss(hs, ht, targets, student, teacher, temperature=1.0, ce_weight=0.0, chunk=None):
-    """Mean over tokens of tau^2 KL(p_teacher || p_student) [+ ce_weight * CE], from final hidden states hs, ht
-    (B, L, D) before the final LayerNorm; fused with its gradient chunk by chunk (losses.FusedHeadLoss)."""
-    return head_loss(student, hs, targets, ce_weight, teacher, ht, temperature, chunk)
+    """Mean over tokens of tau^2 KL(p_teacher || p_student) [+ ce_weight * CE over the scored tokens], from final
+    hidden states hs, ht (B, L, D) before the final LayerNorm. On the fast path (fast.active: CUDA, and every
+    training run) fast.losses.head_loss computes it fused with its gradient, `chunk` rows at a time, never
+    holding the (B, L, V) logits; tests/test_losses.py holds the two equal."""
+    if fast.active(hs):
+        return head_loss(student, hs, targets, ce_weight, teacher, ht, temperature, chunk)
+    with torch.no_grad():
+        zt = teacher.head(ht).float() / temperature  # (B, L, V)
+    z = student.head(hs).float()  # (B, L, V)
+    kl = F.kl_div(F.log_softmax(z / temperature, -1), F.log_softmax(zt, -1), log_target=True, reduction="sum")
+    ce = F.cross_entropy(z.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="sum")
+    return (temperature ** 2 * kl + ce_weight * ce) / targets.numel()
 
 
 class Distill(nn.Module):
@@ -310,5 +321,5 @@ def distill(dcfg, cfg, dist):
 
 
 if __name__ == "__main__":
-    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 import data
-from checkpoint import out_dir_lock, save_final
+from lib.checkpoint import out_dir_lock, save_final
 from config import MIXERS, Config
 from hyena import GPTNeoX
-from train import CrossEntropy, add_train_args, setup_distributed, train, train_config_from_args
+from lib.runtime import setup_distributed
+from train import CrossEntropy, add_train_args, train, train_config_from_args
 
 SHAPES = {  # --config presets; vocab_size comes from the data
     "pythia-70m": {},
@@ -128,5 +129,5 @@ def run(args, cfg, meta, dist):
 
 
 if __name__ == "__main__":
-    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

@@ -1,14 +1,36 @@
-"""GPT-NeoX (Pythia) and its Hyena student.
+"""GPT-NeoX (Pythia) and its Hyena student, in plain PyTorch, read top to bottom.
 
 The teacher is EleutherAI's GPT-NeoX exactly as `transformers.GPTNeoXForCausalLM` computes it (parameter
 names are HF's, so checkpoints load by name). The student is the same network with some or all attention
 blocks replaced by the Hyena operator (Poli et al. 2023, arXiv 2302.10866), as in "Scavenging Hyena"
-(arXiv 2401.17574). The operator mirrors safari's `standalone_hyena.py` (HazyResearch/safari).
+(arXiv 2401.17574). The operator mirrors safari's `standalone_hyena.py` (HazyResearch/safari). In order:
+the decoding cache, attention, the Hyena operator (the FFT convolution, the short convolution, the implicit
+filter, the modal filter), the network with its loss, `generate` and checkpoints, `make_student`, `to_modal`.
+Activations are time-major (B, L, D); the configuration is config.py's.
 
-The Hyena operator itself lives in hyena_operator.py (glossary of its names there), the configuration in
-config.py; this file holds the network around them, checkpoints, and `make_student`.
+The speed work lives in fast/ and computes the same functions: the FFT convolution with a hand-written
+backward (fast/fftconv.py), the fused chunked head loss (fast/losses.py), the Triton decoding kernel and the
+CUDA-graph step (fast/decode.py). It is switched in by ONE call, `fast.enable(on)` (True: everywhere, False:
+nowhere, None: the default), read by `fast.active(tensor)` at each place below that could take it; by default
+it is on for CUDA tensors, so GPU users keep the speed, and off on the CPU, where this file's plain code runs.
+train.py's training loop switches it on for its run on any device unless it was switched off (on the CPU the
+fused loss keeps each step's memory on the heap). A CPU test holds each fast path to its plain twin here
+(tests/test_hyena_operator.py, tests/test_losses.py).
+
+Glossary (code name -> paper symbol, Hyena paper section 3):
+  x0, x1, ... x_{N-1}, v   projections of the input u (x^n and v in the paper; N = `order`)
+  short_filter             the depthwise causal convolution (kernel 3) applied to every projection
+  k / HyenaFilter          the implicit long filter h^n(t) = FFN(PositionalEmbedding(t)) * Window(t)
+  bias                     the per-channel skip term D in y = h * u + D u
+  z                        the input of a long convolution (x^n ⊙ z^n), cached for decoding
+  pos_emb.z                the filter's positional embedding table z(t) (safari's name; not the above)
+  l_max                    the longest sequence the filter is defined for (t = 0 .. l_max-1)
+  ModalFilter              h as d decaying complex modes per channel (Laughing Hyena; the convention is
+                           lib/modal.py's): any length, and decoding by a (B, channels, d) recurrence state
+                           instead of z history
 """
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,19 +38,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import modal
-from cli import write_atomic
+import fast
+import fast.decode
+import fast.fftconv
+import fast.losses
 from config import Config
-from decode import decode_step
-from hyena_operator import HyenaOperator
-from losses import head_loss
-from safetensors_io import read_safetensors, write_safetensors
-
-# Buffers that HF checkpoints may carry but that we recompute: never persistent in this model.
-IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
-# Tensors of the Hyena filter that checkpoints from before it followed safari's convention lack.
-SAFARI_FILTER_TENSORS = ("filter_fn.pos_emb.z", "filter_fn.pos_emb.t", "filter_fn.modulation.deltas")
-
+from fast.fftconv import fft_size
+from lib import modal
+from lib.cli import write_atomic
 
 # ----------------------------------------------------------------------------- the decoding cache
 
@@ -37,7 +54,7 @@ class Cache:
     """What cached decoding keeps (GPTNeoX.forward(idx, cache=...) fills and advances it; new_cache makes one):
     room for max_len positions; `pos`, the position the next token takes: ONE 0-dim int64 tensor on the model's
     device, shared by every layer and advanced in place, so a decoding step never reads the host and a CUDA
-    graph can replay it (decode.graphed_step); `layers[i]`, what layer i's mixer keeps: None until the prefill
+    graph can replay it (fast.decode.graphed_step); `layers[i]`, what layer i's mixer keeps: None until the prefill
     (from position 0) fills it, then an AttentionState, a HyenaState or a ModalState."""
     max_len: int
     pos: torch.Tensor
@@ -136,6 +153,323 @@ class Attention(nn.Module):
         return self.dense(y.transpose(1, 2).reshape(B, L, D))
 
 
+# ----------------------------------------------------------------------------- the Hyena operator
+
+def fftconv(u, k, bias):
+    """Causal long convolution y_t = sum_{s<=t} k_{t-s} u_s + bias * u_t, by FFT of size >= 2L along time,
+    differentiated by autograd (fast.fftconv.fftconv computes the same with a hand-written backward).
+
+    u (B, L, D), k (L, D), bias (D,). Runs in fp32 (fp64 if given fp64) even under bf16 autocast: torch.fft
+    rejects bf16, and fp16/bf16 FFTs lose too much precision over long sequences.
+    """
+    L, dtype = u.shape[1], torch.promote_types(u.dtype, torch.float32)
+    n = fft_size(2 * L)  # >= 2L, a length FFTs are fast on: the zero padding makes the circular convolution linear
+    with torch.autocast(u.device.type, enabled=False):
+        u32 = u.to(dtype)
+        k_f = torch.fft.rfft(k.to(dtype), n=n, dim=0)  # (n/2+1, D), once for the whole batch
+        y = torch.fft.irfft(torch.fft.rfft(u32, n=n, dim=1) * k_f, n=n, dim=1)[:, :L]  # (B, L, D)
+        return (y + u32 * bias.to(dtype)).to(u.dtype)
+
+
+def short_conv(p, weight, bias):
+    """Depthwise causal convolution along time of p (B, L, C) with weight (C, 1, K): the same numbers as
+    nn.Conv1d(padding=K-1)[..., :L] on p.transpose(1, 2), as K shifted multiply-adds (no transposes; one
+    fused kernel under torch.compile)."""
+    K, L = weight.shape[-1], p.shape[1]
+    w, b = weight[:, 0].to(p.dtype), bias.to(p.dtype)  # (C, K): stay in p's dtype (bf16 under autocast)
+    out = p * w[:, K - 1] + b  # (B, L, C): the last tap multiplies the current position
+    for j in range(1, K):  # tap K-1-j multiplies the input j steps back
+        out = out + F.pad(p, (0, 0, j, 0))[:, :L] * w[:, K - 1 - j]
+    return out
+
+
+class Sin(nn.Module):
+    """sin(w x) with a learnable frequency per channel: the implicit filter's activation."""
+    def __init__(self, dim, w=1.0):
+        super().__init__()
+        self.freq = nn.Parameter(w * torch.ones(1, dim))
+
+    def forward(self, x):
+        return torch.sin(self.freq * x)
+
+
+class PositionalEmbedding(nn.Module):
+    """safari's positional embedding of the filter's time axis, a table over t = 0 .. l_max-1:
+    z(t) = [t / (l_max-1), Re e^{-i f_b w_t}, Im e^{-i f_b w_t}] with w_t = 2 pi t / l_max and bands f_b =
+    linspace(1e-4, bands-1, bands). As in safari, z is a trainable parameter with its own learning rate
+    (`lr`, 1e-5; HyenaOperator.optim_settings hands it to the optimizer) and no weight decay; the normalised
+    time `t` is a buffer."""
+    def __init__(self, emb_dim, l_max, lr=1e-5):
+        super().__init__()
+        bands = (emb_dim - 1) // 2
+        # Computed in fp64 and rounded once (safari computes in fp32: its top bands are off by ~1e-5).
+        t = torch.linspace(0, 1, l_max, dtype=torch.float64)[None, :, None]  # (1, L, 1)
+        w = 2 * math.pi * torch.arange(l_max, dtype=torch.float64)[None, :, None] / l_max  # (1, L, 1)
+        angle = torch.linspace(1e-4, bands - 1, bands, dtype=torch.float64)[None, None] * w  # (1, L, bands)
+        self.z = nn.Parameter(torch.cat([t, angle.cos(), -angle.sin()], dim=-1).float())  # (1, L, emb_dim)
+        self.lr = lr
+        self.register_buffer("t", t.float())
+
+    def forward(self, L):
+        return self.z[:, :L], self.t[:, :L]  # (1, L, emb_dim), (1, L, 1)
+
+
+class ExponentialModulation(nn.Module):
+    """safari's window exp(-|delta_c| t): decay rates delta_c = linspace(log(target) / slow_decay,
+    log(target) / fast_decay, channels) (a buffer), so channel 0 decays slowest (|delta| 3.07 by default: it
+    would fall to `target` at t = slow_decay, past the sequence's end t = 1) and the last fastest (15.35:
+    `target` at t = fast_decay, a local filter)."""
+    def __init__(self, channels, fast_decay=0.3, slow_decay=1.5, target=1e-2):
+        super().__init__()
+        deltas = torch.linspace(math.log(target) / slow_decay, math.log(target) / fast_decay, channels,
+                                dtype=torch.float64)
+        self.register_buffer("deltas", deltas.float()[None, None])  # (1, 1, C)
+
+    def forward(self, t, h):
+        return h * torch.exp(-t * self.deltas.abs())  # (1, L, C)
+
+
+class HyenaFilter(nn.Module):
+    """h(t) = FFN(PositionalEmbedding(t)) * exp(-|delta| t): implicit filters for `channels` channels, defined up
+    to l_max. Parameters and their names are safari's HyenaFilter's (filter_fn.bias, filter_fn.pos_emb.z / .t,
+    filter_fn.implicit_filter.N.weight / .bias / .freq, filter_fn.modulation.deltas): FFN = Linear, Sin, Linear,
+    Sin, Linear, Sin, Linear without bias, where the three Sin are ONE module (one shared `freq`), so a safari
+    state dict loads by name and computes the same function.
+
+    Deviations from safari, on purpose:
+    - Under model.to(bf16 / fp16) the filter's tensors stay fp32 (`_apply`): bf16 would round the time grid
+      (256 steps per octave: only ~640 of 2048 normalised times would stay distinct), the embedding z and the
+      decay rates. Under .double() they follow (the filter is then fp64 end to end). safari casts them all.
+    - forward(L) returns the filter (L, channels) rather than convolving (safari's `filter(L)` is (1, L, C));
+      L > l_max is refused, where safari silently truncates the filter to l_max.
+    - The FFN weights get `Config.hyena_filter_lr` (0: the run's lr) where safari's default is 1e-3.
+    - z is computed in fp64 and rounded once to fp32 (safari computes it in fp32).
+    """
+    def __init__(self, channels, l_max, emb_dim=33, filter_order=64, fast_decay=0.3, slow_decay=1.5, target=1e-2,
+                 lr_pos_emb=1e-5):
+        super().__init__()
+        if emb_dim % 2 == 0 or emb_dim < 3:
+            raise ValueError(f"hyena_emb_dim must be odd and >= 3 (1 + 2 * bands), got {emb_dim}")
+        self.l_max, self.channels = l_max, channels
+        self.bias = nn.Parameter(torch.randn(channels))  # created first, as safari, so seeded inits agree
+        self.pos_emb = PositionalEmbedding(emb_dim, l_max, lr_pos_emb)
+        act = Sin(filter_order)  # one module: one frequency shared by all three activations, as safari
+        self.implicit_filter = nn.Sequential(
+            nn.Linear(emb_dim, filter_order), act,
+            nn.Linear(filter_order, filter_order), act,
+            nn.Linear(filter_order, filter_order), act,
+            nn.Linear(filter_order, channels, bias=False))
+        self.modulation = ExponentialModulation(channels, fast_decay, slow_decay, target)
+
+    def forward(self, L):
+        """The filter for lags 0..L-1 as (L, channels), fp32 (fp64 in an fp64 model): a prefix of the l_max filter."""
+        if L > self.l_max:
+            raise ValueError(f"sequence length {L} exceeds the Hyena filter's l_max {self.l_max}; "
+                             "build the model with a larger Config.hyena_l_max")
+        z, t = self.pos_emb(L)  # (1, L, emb_dim), (1, L, 1)
+        with torch.autocast(z.device.type, enabled=False):  # tiny, and feeds an fp32 FFT anyway
+            return self.modulation(t, self.implicit_filter(z))[0]  # (L, C)
+
+    def _apply(self, fn, *args, **kwargs):
+        """Casts to bf16 / fp16 leave the filter fp32 (see the class docstring); devices and fp64 follow."""
+        def keep_fp32(t):
+            out = fn(t)
+            if t.is_floating_point() and out.dtype in (torch.bfloat16, torch.float16):
+                return t.to(device=out.device, dtype=torch.float32)  # from t itself: nothing rounded
+            return out
+        return super()._apply(keep_fp32, *args, **kwargs)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        """The shared Sin appears under three names (implicit_filter.1/.3/.5.freq): refuse differing values
+        (e.g. from a checkpoint with three separate activations) rather than keep whichever loads last."""
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        names = [f"{prefix}implicit_filter.{i}.freq" for i in (1, 3, 5)]
+        given = [state_dict[n] for n in names if n in state_dict]
+        if any(not torch.equal(g, given[0]) for g in given[1:]):
+            args[-1].append(f"{', '.join(names)} differ, but the filter shares one Sin (one frequency) across its "
+                            "activations, as safari: the checkpoint was made with separate activations")
+
+
+class ModalFilter(nn.Module):
+    """h(0) = h0, h(t) = 2 Re sum_n R_n lambda_n^(t-1) for t >= 1 (lib/modal.py's convention), d = state_size modes
+    per channel, defined for every t: HyenaFilter's interface (forward(L) -> (L, channels), `bias` the skip D).
+    lambda = exp(-exp(log_decay) + i angle) stays inside the unit circle whatever the parameters; residues are
+    (Re R, Im R) pairs. `hyena.to_modal` fills them from a trained filter; the init here is for models built
+    directly (random, stable, spread decay rates)."""
+    def __init__(self, channels, state_size):
+        super().__init__()
+        if state_size < 1:
+            raise ValueError(f"ModalFilter needs state_size >= 1, got {state_size}")
+        self.channels, self.state_size = channels, state_size
+        rate = torch.exp(torch.empty(channels, state_size).uniform_(math.log(1e-3), math.log(0.5)))  # -log|lambda|
+        self.log_decay = nn.Parameter(rate.log())
+        self.angle = nn.Parameter(torch.rand(channels, state_size) * math.pi)
+        self.residues = nn.Parameter(torch.randn(channels, state_size, 2) * (rate[..., None] / state_size).sqrt())
+        self.h0 = nn.Parameter(torch.randn(channels) * 0.1)
+        self.bias = nn.Parameter(torch.randn(channels))
+
+    def forward(self, L):
+        """The filter for lags 0..L-1, (L, channels), fp32 (fp64 for fp64 parameters), for any L."""
+        return modal.modal_response(self.h0, self.log_decay, self.angle, self.residues, L)
+
+    def poles(self):
+        """lambda as a (channels, d) complex tensor, complex64 (complex128 for fp64 parameters)."""
+        dt = modal.work_dtype(self.log_decay)
+        w, th = self.log_decay.to(dt), self.angle.to(dt)
+        return torch.polar(torch.exp(-w.exp()), th)
+
+
+@dataclass
+class HyenaState:
+    """What a Hyena layer keeps for decoding (its cache.layers entry, filled by the prefill): O(max_len D)."""
+    tail: torch.Tensor   # (B, K-1, (N+1)D) the short conv's last inputs
+    z: list              # per long conv (B, D, max_len): its inputs so far, channels first (for bmm)
+    k_pad: torch.Tensor  # (N-1, D, 2 max_len - 1): k_pad[..., T-1-t+s] = k[t-s] for s <= t, 0 for s > t
+    lags: torch.Tensor   # (max_len,) 0 .. max_len-1
+    bias: torch.Tensor   # (N-1, D) the skip term D, in the model's dtype
+
+    def carried(self):
+        """The tensors a step updates in place at every position (the history is written at the step's own)."""
+        return [self.tail]
+
+
+@dataclass
+class ModalState:
+    """What a modal Hyena layer keeps for decoding: O(channels d), whatever the context or max_len."""
+    tail: torch.Tensor    # (B, K-1, (N+1)D) the short conv's last inputs
+    state: torch.Tensor   # (B, (N-1)D, d) complex: each long conv's recurrence state
+    lam: torch.Tensor     # (C, d) the poles
+    res: torch.Tensor     # (C, d) the residues
+    direct: torch.Tensor  # (C,) h0 + D, the current input's weight
+
+    def carried(self):
+        return [self.tail, self.state]
+
+
+class HyenaOperator(nn.Module):
+    def __init__(self, d_model, l_max, order=2, filter_order=64, emb_dim=33, short_filter_order=3, filter_lr=0.0,
+                 modal_state=0):
+        super().__init__()
+        if order < 2:
+            raise ValueError(f"Hyena order must be >= 2 (one gate and one long convolution), got {order}")
+        self.d_model, self.order, self.filter_lr = d_model, order, filter_lr
+        self.in_proj = nn.Linear(d_model, (order + 1) * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+        width = (order + 1) * d_model
+        # An nn.Conv1d only to hold the (C, 1, K) weight under safari's name; short_conv() applies it.
+        self.short_filter = nn.Conv1d(width, width, short_filter_order, groups=width, padding=short_filter_order - 1)
+        self.modal = modal_state > 0  # a ModalFilter: decoded by its recurrence, not by the z history
+        self.filter_fn = (ModalFilter(d_model * (order - 1), modal_state) if self.modal
+                          else HyenaFilter(d_model * (order - 1), l_max, emb_dim, filter_order))
+
+    def optim_settings(self):
+        """{parameter: AdamW settings} where they differ from the run's (GPTNeoX.optim_groups reads them): the long
+        filter's parameters take no weight decay, and their own lr when filter_lr is set; the positional
+        embedding z takes safari's lr (PositionalEmbedding.lr)."""
+        own = {p: {"weight_decay": 0.0, **({"lr": self.filter_lr} if self.filter_lr else {})}
+               for p in self.filter_fn.parameters()}
+        if isinstance(self.filter_fn, HyenaFilter):
+            own[self.filter_fn.pos_emb.z] = {"lr": self.filter_fn.pos_emb.lr, "weight_decay": 0.0}
+        return own
+
+    def filters(self, L):
+        k = self.filter_fn(L).view(L, self.order - 1, self.d_model)  # (L, N-1, D)
+        return k, self.filter_fn.bias.view(self.order - 1, self.d_model)  # (N-1, D)
+
+    def forward(self, u, cache=None, layer=0):
+        """u (B, L, D) -> (B, L, D). With a decoding `cache` (hyena.Cache): the prefill from position 0 while
+        cache.layers[layer] is None (it fills it), then one token at a time (`step`)."""
+        B, L, D = u.shape
+        if cache is not None and cache.layers[layer] is not None:
+            return self.step(u, cache, layer)
+        p = self.in_proj(u)  # (B, L, (N+1)D)
+        pc = short_conv(p, self.short_filter.weight, self.short_filter.bias)  # (B, L, (N+1)D) sees t-2..t
+        *x, v = pc.split(D, dim=-1)  # N gates x (B, L, D), value v (B, L, D)
+        conv = fast.fftconv.fftconv if fast.active(u) else fftconv  # one function; fast/ computes it faster
+        if self.modal and cache is not None:
+            return self.modal_prefill(p, x, v, cache, layer, conv)
+        k, bias = self.filters(cache.max_len if cache is not None else L)
+        zs = []  # prefill: every long-conv input, remembered for O(L D) decoding
+        for o, x_i in enumerate(reversed(x[1:])):
+            z = v * x_i  # (B, L, D)
+            if cache is not None:
+                zs.append(z.new_zeros(B, D, cache.max_len))  # channels-first for bmm
+                zs[o][..., :L] = z.transpose(1, 2)
+            v = conv(z, k[:L, o], bias[o])  # (B, L, D)
+        if cache is not None:
+            T, kw = cache.max_len, self.short_filter.kernel_size[0] - 1
+            tail = F.pad(p, (0, 0, max(0, kw - L), 0))[:, -kw:].clone()  # (B, kw, (N+1)D) last inputs
+            # The reversed filter then as many zeros: k_pad[..., T-1-t+s] = k[t-s] for s <= t, 0 for s > t.
+            k_rev = k.flip(0).permute(1, 2, 0).to(v.dtype)  # (N-1, D, T): k[T-1], ..., k[0]
+            k_pad = F.pad(k_rev, (0, T - 1)).contiguous()  # (N-1, D, 2T-1)
+            # The skip term in the model's dtype: in a bf16 model the filter itself stays fp32.
+            cache.layers[layer] = HyenaState(tail, zs, k_pad, torch.arange(T, device=u.device),
+                                             bias.to(self.in_proj.weight.dtype))
+        return self.out_proj(v * x[0])  # (B, L, D)
+
+    def modal_prefill(self, p, x, v, cache, layer, conv):
+        """The prompt through the FFT path, and each long conv's recurrence state after it, computed exactly
+        (lib/modal.py's prefill_state): the cache holds O(channels d) numbers whatever the context or max_len."""
+        B, L, D = v.shape
+        f, kw = self.filter_fn, self.short_filter.kernel_size[0] - 1
+        k, bias = self.filters(L)
+        lam = f.poles()  # (N-1) D channels, (C, d)
+        w, th = f.log_decay, f.angle
+        states = []
+        for o, x_i in enumerate(reversed(x[1:])):
+            z = v * x_i  # (B, L, D)
+            ch = slice(o * D, (o + 1) * D)
+            states.append(modal.prefill_state(z, w[ch], th[ch]))  # (B, D, d): sum_t lambda^(L-1-t) z_t
+            v = conv(z, k[:L, o], bias[o])  # (B, L, D)
+        R = f.residues.to(lam.real.dtype)
+        cache.layers[layer] = ModalState(
+            tail=F.pad(p, (0, 0, max(0, kw - L), 0))[:, -kw:].clone(),  # (B, kw, (N+1)D) last inputs
+            state=torch.cat(states, 1),  # (B, (N-1)D, d) complex
+            lam=lam.detach(), res=torch.complex(R[..., 0], R[..., 1]).detach(),  # (C, d) each
+            direct=(f.h0.to(lam.real.dtype) + f.bias.to(lam.real.dtype)).detach())  # (C,) h0 + D
+        return self.out_proj(v * x[0])  # (B, L, D)
+
+    def modal_step(self, x, v, state):
+        """One token through the recurrences: y = 2 Re(R . state) + (h0 + D) z, then state = lambda state + z.
+        No position and no history: the same work at any context."""
+        D = self.d_model
+        for o, x_i in enumerate(reversed(x[1:])):
+            ch = slice(o * D, (o + 1) * D)
+            s = state.state[:, ch]  # (B, D, d) view: updated in place (fixed shapes, a CUDA graph replays it)
+            z = (v * x_i).to(state.direct.dtype)  # (B, D) in fp32 (fp64)
+            y = 2 * (s * state.res[ch]).real.sum(-1) + state.direct[ch] * z  # (B, D)
+            s.mul_(state.lam[ch]).add_(z[..., None])
+            v = y.to(v.dtype)
+        return self.out_proj(v * x[0])[:, None]  # (B, 1, D)
+
+    def step(self, u, cache, layer):
+        """One token at position cache.pos (a device tensor; fixed shapes, so a CUDA graph can capture it):
+        the short conv from the cached tail, each long conv the z history against the filter reversed from
+        pos. Here the whole history against a gathered filter window (later, stale history meets its zeros); on
+        the fast path (CUDA) one Triton kernel (fast/decode.py) computes the same reading only positions <= pos."""
+        B, L, D = u.shape
+        if L != 1:
+            raise ValueError(f"Hyena decoding takes one token at a time after the prefill, got {L}")
+        T, pos, state = cache.max_len, cache.pos, cache.layers[layer]
+        window = torch.cat([state.tail, self.in_proj(u).to(state.tail.dtype)], dim=1)  # (B, K, (N+1)D)
+        state.tail.copy_(window[:, 1:])
+        pc = short_conv(window, self.short_filter.weight, self.short_filter.bias)[:, -1]  # (B, (N+1)D)
+        *x, v = pc.split(D, dim=-1)  # (B, D) each
+        if self.modal:
+            return self.modal_step(x, v, state)
+        for o, x_i in enumerate(reversed(x[1:])):
+            z = v * x_i  # (B, D)
+            hist = state.z[o]  # (B, D, T)
+            hist.index_copy_(2, pos.view(1), z[..., None].to(hist.dtype))
+            if fast.active(hist) and fast.decode.available(hist):  # one Triton kernel over s <= pos (fp32 sums)
+                y = fast.decode.long_conv_step(hist, state.k_pad[o], pos).to(hist.dtype)  # (B, D)
+            else:  # the plain formula: the whole history against the filter window (k_pad[T-1-pos+s] = k[pos-s])
+                kr = state.k_pad[o].index_select(1, state.lags + (T - 1 - pos))  # (D, T): k[pos..0], 0...
+                y = torch.bmm(hist.transpose(0, 1), kr[..., None])[..., 0].transpose(0, 1)  # (B, D) per-channel GEMV
+            v = y + z * state.bias[o]  # (B, D)
+        return self.out_proj(v * x[0])[:, None]  # (B, 1, D)
+
+
 # ----------------------------------------------------------------------------- the network
 
 class MLP(nn.Module):
@@ -195,28 +529,34 @@ class GPTNeoX(nn.Module):
         return hs
 
     def forward(self, idx, targets=None, cache=None):
-        """idx (B, L) -> (logits (B, L, V), None), or with targets (B, L) -> (None, mean CE over targets != -1):
-        training never holds the full logits (see FusedHeadLoss). With `cache` (a Cache, see new_cache and
-        generate) it decodes on from cache.pos, advances it, and returns the last position's logits."""
+        """idx (B, L) -> (logits (B, L, V), loss): with targets (B, L) the mean cross-entropy over targets != -1,
+        else None. On the fast path the loss is fast.losses.head_loss, fused with its gradient, which never holds
+        the (B, L, V) logits: it returns (None, loss). With `cache` (a Cache, see new_cache and generate) it
+        decodes on from cache.pos, advances it, and returns the last position's logits."""
         x = self.gpt_neox.embed_in(idx)  # (B, L, D)
         for i, block in enumerate(self.gpt_neox.layers):
             x = block(x, cache, i)
         if cache is not None:  # decoding needs only the last position's logits: (B, 1, V), not (B, L, V)
             cache.advance(idx.shape[1])
             x = x[:, -1:]
-        if targets is not None:  # training: the loss without materialising (B, L, V) logits
-            return None, head_loss(self, x, targets)
-        return self.head(x), None  # (B, L, V)
+        if targets is not None and fast.active(x):  # the same loss without materialising (B, L, V) logits
+            return None, fast.losses.head_loss(self, x, targets)
+        logits = self.head(x)  # (B, L, V)
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, cuda_graph=None, stop=None):
-        """Sample max_new_tokens after idx (B, T); temperature 0 is greedy. Caches make each step O(T D); on a
-        GPU the step is a CUDA graph (cuda_graph=None: when idx is on CUDA). stop(idx) -> True ends it early
-        (called after every new token with everything so far, e.g. to look for stop strings)."""
+        """Sample max_new_tokens after idx (B, T); temperature 0 is greedy. Caches make each step O(T D); on the
+        fast path the step is a CUDA graph (cuda_graph=None: when idx is on CUDA and fast.active(idx)). stop(idx)
+        -> True ends it early (called after every new token with everything so far, e.g. to look for stop strings)."""
         cache = new_cache(self, idx.shape[1] + max_new_tokens)
         logits, _ = self(idx, cache=cache)
-        graphed = idx.is_cuda if cuda_graph is None else cuda_graph
-        step = decode_step(self, cache, idx.shape[0], graphed and max_new_tokens > 1)
+        graphed = (idx.is_cuda and fast.active(idx) if cuda_graph is None else cuda_graph) and max_new_tokens > 1
+        step = lambda tokens: self(tokens, cache=cache)[0]  # noqa: E731 (one cached step: (B, 1) -> (B, 1, V))
+        if graphed:  # the same step replayed from a CUDA graph (fast/decode.py)
+            step = fast.decode.graphed_step(self, cache, idx.shape[0])
         for _ in range(max_new_tokens):
             logits = logits[:, -1].float()  # (B, V)
             if temperature == 0:
@@ -253,32 +593,12 @@ class GPTNeoX(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, revision="main", dtype=torch.float32):
-        """Load a local directory or a hub repo (any revision) holding config.json + safetensors weights."""
-        from hub import resolve_file  # here, not at the top: the model itself needs no HTTP client
-        config_file = resolve_file(name_or_path, "config.json", revision)
-        cfg = Config.from_file(config_file)
-        model = cls(cfg)
-        expected = model.state_dict()
-        state = {}
-        for path in _weight_files(name_or_path, revision):
-            for key, t in read_safetensors(path).items():
-                key = "embed_out.weight" if key == "lm_head.weight" else key
-                if key.endswith(IGNORED_SUFFIXES):
-                    continue
-                if key not in expected:
-                    raise ValueError(f"{path}: unexpected key {key!r} for a GPT-NeoX with mixers {cfg.mixers}")
-                if t.shape != expected[key].shape:
-                    raise ValueError(f"{path}: {key!r} has shape {list(t.shape)}, the config implies "
-                                     f"{list(expected[key].shape)}")
-                state[key] = t
-        missing = sorted(set(expected) - set(state))
-        if missing and all(k.endswith(SAFARI_FILTER_TENSORS) for k in missing):
-            raise ValueError(f"{name_or_path}@{revision}: checkpoint lacks the Hyena filter's {missing[:3]}...: it was "
-                             "written before the filter followed safari's convention (decay rates in the opposite "
-                             "channel order, fixed positional embedding), so it would compute another function. "
-                             "Retrain it with this version")
-        if missing:
-            raise ValueError(f"{name_or_path}@{revision}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+        """Load a local directory or a hub repo (any revision) holding config.json + safetensors weights, by HF's
+        parameter names (lib/checkpoint.read_pretrained checks every tensor's name and shape)."""
+        from hub import resolve_file  # here, not at the top: the model needs no HTTP client
+        from lib.checkpoint import read_pretrained
+        model = cls(Config.from_file(resolve_file(name_or_path, "config.json", revision)))
+        state = read_pretrained(name_or_path, revision, model.state_dict(), model.config.mixers)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:  # e.g. the filter's shared Sin given different frequencies
@@ -287,28 +607,12 @@ class GPTNeoX(nn.Module):
 
     def save_pretrained(self, out_dir, metadata=None):
         """config.json + model.safetensors, readable by from_pretrained and (pure attention) transformers."""
+        from hub import write_safetensors  # here, not at the top: the model needs no HTTP client
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         write_safetensors(out / "model.safetensors", tensors, {"format": "pt", **(metadata or {})})
         write_atomic(out / "config.json", json.dumps(self.config.to_hf(), indent=2))
-
-
-def _weight_files(name_or_path, revision):
-    """model.safetensors, or the shards a model.safetensors.index.json names. Pickle files are refused."""
-    from hub import HubError, resolve_file
-    try:
-        return [resolve_file(name_or_path, "model.safetensors", revision)]
-    except (FileNotFoundError, HubError) as single_err:
-        try:
-            index = Path(resolve_file(name_or_path, "model.safetensors.index.json", revision))
-        except (FileNotFoundError, HubError):
-            raise FileNotFoundError(
-                f"{name_or_path}@{revision} has neither model.safetensors nor model.safetensors.index.json "
-                f"({single_err}). Only safetensors are loaded (pickle files are never unpickled); convert "
-                "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True)") from None
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [resolve_file(name_or_path, s, revision) for s in shards]
 
 
 # ----------------------------------------------------------------------------- the student

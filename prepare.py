@@ -18,7 +18,7 @@ still sees the boundary token before the next one. Document order within a split
 WikiText rows are the lines of the raw files, blank lines stored as "": they are joined back (blank -> " \\n"),
 so each split is one document with the raw file's exact text and tokens (one <|endoftext|> at its end).
 OpenWebText has only a train split; like nanoGPT, 0.05% of its documents (seed 2357) are held out as val.
-Reading the documents (local text, hub parquet) is sources.py; this file tokenizes, writes and keeps meta.json.
+Reading the documents (local text, hub parquet) is lib/sources.py; this file tokenizes, writes and keeps meta.json.
 """
 import argparse
 import json
@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import Progress, write_atomic
+from lib.cli import Progress, write_atomic
 from data import SPLITS, tokenizer_sha256
-from sources import ARCHIVES, HUB_DATASETS, hub_files, hub_source, read_val_list, text_files, text_source
+from lib.sources import ARCHIVES, HUB_DATASETS, hub_files, hub_source, read_val_list, text_files, text_source
 from tokenizer import load_tokenizer
 
 TASK_CHARS = 1 << 20  # text per worker task: amortizes inter-process copies, keeps memory small
@@ -259,5 +259,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

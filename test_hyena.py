@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from config import Config
-from hyena import GPTNeoX, make_student, new_cache
-from hyena_operator import HyenaOperator
+from hyena import GPTNeoX, HyenaOperator, make_student, new_cache
 
 TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=160, num_hidden_layers=3, vocab_size=211,
             max_position_embeddings=64)
@@ -134,7 +133,7 @@ def test_loads_transformers_scaled_rope_checkpoints(rope_type, tmp_path):
 
 
 def test_attention_bias_false_round_trips_without_bias_tensors(tmp_path):
-    from safetensors_io import read_safetensors
+    from hub import read_safetensors
     m = randomized(Config(**{**TINY, "attention_bias": False}))
     m.save_pretrained(tmp_path)
     assert not any(k.endswith(("attention.query_key_value.bias", "attention.dense.bias"))
@@ -210,7 +209,7 @@ def test_loads_transformers_checkpoint_and_config_forms(tmp_path):
 
 
 def test_from_pretrained_rejects_bad_checkpoints(tmp_path):
-    from safetensors_io import read_safetensors, write_safetensors
+    from hub import read_safetensors, write_safetensors
     m = GPTNeoX(Config(**TINY))
     m.save_pretrained(tmp_path)
     state = read_safetensors(tmp_path / "model.safetensors")
@@ -236,7 +235,7 @@ def test_from_pretrained_rejects_bad_checkpoints(tmp_path):
 
 
 def test_sharded_checkpoint_and_lm_head_name(tmp_path):
-    from safetensors_io import write_safetensors
+    from hub import write_safetensors
     m = randomized(Config(**TINY))
     state = {("lm_head.weight" if k == "embed_out.weight" else k): v for k, v in m.state_dict().items()}
     keys = sorted(state)
@@ -251,25 +250,9 @@ def test_sharded_checkpoint_and_lm_head_name(tmp_path):
         assert torch.equal(GPTNeoX.from_pretrained(tmp_path)(idx)[0], m(idx)[0])
 
 
-def test_training_loss_equals_cross_entropy_of_the_logits_and_so_do_gradients():
-    """forward(idx, targets) never builds the logits (chunked, gradient fused) yet is plain CE, to rounding."""
-    import torch.nn.functional as F
-    model = randomized(Config(**TINY))
-    idx, y = torch.randint(0, 211, (2, 30)), torch.randint(0, 211, (2, 30))
-    y[1, :5] = -1  # not scored
-    logits, loss = model(idx, y)
-    assert logits is None
-    g_fused = torch.autograd.grad(loss, list(model.parameters()))
-    ref = F.cross_entropy(model(idx)[0].flatten(0, 1), y.flatten(), ignore_index=-1)
-    g_ref = torch.autograd.grad(ref, list(model.parameters()))
-    assert torch.allclose(loss, ref, rtol=1e-5)
-    for a, b in zip(g_fused, g_ref):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
 # ----------------------------------------------------------------------------- the Hyena operator in a model
 
-# (the operator's own behaviour: test_hyena_operator.py)
+# (the operator's own behaviour: tests/test_hyena_operator.py)
 
 def test_hyena_parameter_count_near_attention():
     cfg = Config()
@@ -344,7 +327,7 @@ def test_casting_to_bf16_keeps_the_filter_fp32_and_fp64_follows():
 
 
 def test_checkpoints_from_the_old_filter_convention_are_refused_with_the_reason(tmp_path):
-    from safetensors_io import read_safetensors, write_safetensors
+    from hub import read_safetensors, write_safetensors
     make_student(randomized(Config(**TINY))).save_pretrained(tmp_path)
     state = read_safetensors(tmp_path / "model.safetensors")
     old = {k: v for k, v in state.items() if not k.endswith(("pos_emb.z", "pos_emb.t", "modulation.deltas"))}
@@ -435,7 +418,7 @@ def test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_t
 
 
 def test_graphed_step_refuses_a_cache_without_room_for_its_warm_up():
-    from decode import graphed_step
+    from fast.decode import graphed_step
     model = make_student(randomized(Config(**TINY)), layers=[0])
     cache = new_cache(model, 12)
     cache.advance(11)

@@ -3,22 +3,18 @@
 An objective is an nn.Module with `forward(x, y) -> (loss, metrics)` and the model being trained as `.model`;
 train() does the rest: AdamW with warmup + cosine over a token/time budget, gradient accumulation and clipping,
 bf16 autocast, DDP under torchrun, validation, a JSONL log, atomic checkpoints and exact resume
-(checkpoint.py).
+(lib/checkpoint.py), in the process lib/runtime.py sets up.
 
     python finetune.py --init scratch --data gutenberg --max-tokens 50_000_000      # one GPU, or the CPU
     torchrun --nproc-per-node 8 finetune.py --init scratch --data gutenberg ...      # 8 GPUs, same script
 """
 import argparse
-import ctypes
 import json
 import math
-import os
-import signal
 import sys
-import threading
 import time
 from collections import deque
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -29,8 +25,10 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 import data
-from cli import integer, write_atomic
-from checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, trim_log
+import fast
+from lib.cli import integer, write_atomic
+from lib.runtime import ctrl_c, keep_freed_memory, setup_distributed
+from lib.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, trim_log
 
 CHOICES = {"dtype": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off")}  # the flags with fixed choices
 
@@ -101,58 +99,6 @@ def add_train_args(parser, **defaults):
 
 def train_config_from_args(args):
     return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: str = "cpu"
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    def close(self):
-        if torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
-
-
-def setup_distributed(device="auto"):
-    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK (a plain run is rank 0 of 1); joins the process group once."""
-    rank, world, local = (int(os.environ.get(k, "1" if k == "WORLD_SIZE" else "0"))
-                          for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    if device in ("auto", "cuda"):
-        device = f"cuda:{local}" if device == "cuda" or torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: this PyTorch {torch.__version__} sees no CUDA GPU (a CPU build, or no "
-                         "GPU visible); use --device cpu, or install a CUDA build of PyTorch")
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    if world > 1 and not torch_dist.is_initialized():
-        # NVLink SHARP (multicast) fails to initialise on hosts whose fabric manager does not enable it (e.g.
-        # virtualised nodes); plain NVLink rings serve gradient all-reduce as well. Harmless elsewhere.
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
-        cuda = device.startswith("cuda")
-        torch_dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
-    return Dist(rank, world, local, device)
-
-
-def keep_freed_memory():
-    """Have glibc keep freed memory for reuse instead of handing it back to the OS. By default it returns the
-    top of its heap once 128 kB+ is free there and serves blocks of 128 kB+ by mmap (the limit grows with what
-    is freed): a CPU training step frees its activations and gradients, and the next step page-faults all of
-    them in again, costing as much system time as the step's math. Fixed limits stop that: blocks under 32 MB
-    (glibc's largest heap block; losses.py keeps its chunks below it) come from the heap, and the heap is never
-    trimmed. A no-op where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 class CrossEntropy(nn.Module):
@@ -226,38 +172,17 @@ def validation_metrics(objective, tokens, cfg, dist, amp):
     return {k: v.item() / cfg.eval_batches for k, v in sums.items()}
 
 
-@contextmanager
-def ctrl_c(out, active=True):
-    """Ctrl-C while training: the first one lets the step finish, then train() saves a checkpoint and raises
-    KeyboardInterrupt (cli.run: exit 130); a second one stops at once. Yields a list that is non-empty once asked
-    to stop. Inactive under DDP (each rank would stop at another step and wait for the others forever) and off
-    the main thread (where Python delivers no signals)."""
-    stop = []
-    if not active or threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def again(signum, frame):
-        raise KeyboardInterrupt(f"stopped at once by a second Ctrl-C; the last checkpoint in {out}, if any, "
-                                "continues with the same command plus --resume")
-
-    def first(signum, frame):
-        stop.append(True)
-        signal.signal(signal.SIGINT, again)
-        print("\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C again stops at once)", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, first)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def train(objective, cfg, dist=None, stage="", on_step=None):
     """Train objective.model within cfg's budget; returns the run summary (rank 0 also writes it)."""
     dist = dist or setup_distributed(cfg.device)
-    with ctrl_c(Path(cfg.out_dir) / stage, dist.world == 1) as stop:
-        return _train(objective, cfg, dist, stage, on_step, stop)
+    # The fast paths (fast/) for the run on any device unless switched off: on the CPU the fused loss keeps
+    # each step's chunks under glibc's mmap threshold (see lib/runtime.keep_freed_memory), where plain logits would not.
+    previous = fast.enable(fast.ON is not False)
+    try:
+        with ctrl_c(Path(cfg.out_dir) / stage, dist.world == 1) as stop:
+            return _train(objective, cfg, dist, stage, on_step, stop)
+    finally:
+        fast.enable(previous)
 
 
 def _train(objective, cfg, dist, stage, on_step, stop):

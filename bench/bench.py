@@ -38,10 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench.py`: import from the repo root
 from bench.bench_check import Checks
 from bench.bench_report import MODES, SECTIONS, fmt, get, keep_previous, table, targets, write
-from decode import decode_step
+from fast.decode import decode_step
 from config import Config
-from hyena import Attention, GPTNeoX, make_student, new_cache
-from hyena_operator import HyenaOperator
+from hyena import Attention, GPTNeoX, HyenaOperator, make_student, new_cache
 
 
 @dataclass
@@ -328,5 +327,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

@@ -1,19 +1,20 @@
-"""bench.py's check section: each fast path against its reference on the benchmark's device (the CPU tests hold
+"""bench.py's check section: each fast path against its plain twin on the benchmark's device (the CPU tests hold
 them to fp64 there), recorded as relative errors with a tolerance. A mixin of bench.Bench: it uses the bench's
 device, sizes, model builders and `case` recorder."""
 from dataclasses import replace
 
 import torch
 
-from decode import decode_step
-from hyena import new_cache
-from hyena_operator import HyenaOperator
+from fast.decode import decode_step
+from hyena import HyenaOperator, new_cache
 
 
 class Checks:
     def check(self):
         """Each fast path against its reference on this device (CPU tests hold them to fp64): relative errors."""
         for name, tol, fn in (("fftconv fast vs reference, fp32: max over y, du, dk, dbias", 1e-5, self.check_fftconv),
+                              ("student CE step, fast.enable(True) vs (False), fp32: max over loss, grads", 1e-4,
+                               self.check_switch),
                               ("Hyena mixer compiled vs eager, bf16 autocast: max over y, dx", 2e-2, self.check_mixer),
                               ("training step compiled vs eager, bf16 autocast: max over loss, grads", 2e-2,
                                self.check_step),
@@ -35,7 +36,8 @@ class Checks:
         return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
     def check_fftconv(self):
-        from hyena_operator import fftconv, fftconv_reference
+        from fast.fftconv import fftconv
+        from hyena import fftconv as fftconv_reference
         B, L, D = 2, self.s.ls[2], self.cfg.hidden_size
         args = [torch.randn(B, L, D), torch.randn(L, D) / L ** 0.5, torch.randn(D)]
         g, out = torch.randn(B, L, D, device=self.dev), []
@@ -44,6 +46,25 @@ class Checks:
             y = conv(*a)
             out.append((y, *torch.autograd.grad(y, a, g)))
         return max(self.rel(x, r) for x, r in zip(*out))
+
+    def check_switch(self):
+        """A student's CE loss and every gradient with the fast paths switched in (fast.enable(True): FFTConv, the
+        fused chunked loss) against the plain model (False: hyena.fftconv, F.cross_entropy)."""
+        import fast
+        L = self.s.ls[0]
+        model = self.student(self.build(replace(self.cfg, max_position_embeddings=L)), l_max=L)
+        x = self.tokens(2, L + 1)
+        out = []
+        for on in (True, False):
+            previous = fast.enable(on)
+            try:
+                model.zero_grad(set_to_none=True)
+                loss = model(x[:, :-1], x[:, 1:])[1]
+                loss.backward()
+            finally:
+                fast.enable(previous)
+            out.append([loss] + [p.grad for p in model.parameters() if p.requires_grad])
+        return max(self.rel(a, b) for a, b in zip(out[0], out[1]))
 
     def check_mixer(self):
         B, L, D = 2, self.s.ls[2], self.cfg.hidden_size
@@ -74,7 +95,7 @@ class Checks:
         return max(self.rel(a, b) for a, b in zip(out[1], out[0]))
 
     def check_chunk(self):
-        from losses import chunk_fn, chunk_loss_and_grad
+        from fast.losses import chunk_fn, chunk_loss_and_grad
         c, V = 2048, self.cfg.vocab_size
         zs, zt = (3 * torch.randn(c, V, device=self.dev, dtype=torch.bfloat16) for _ in "st")
         tgt = torch.randint(V, (c,), device=self.dev)
@@ -82,7 +103,7 @@ class Checks:
         return max(self.rel(a, b) for a, b in zip(fast, ref))
 
     def check_kernel(self, B=4, T=5000):
-        import decode
+        from fast import decode
         D, bf16 = self.cfg.hidden_size, torch.bfloat16
         z, k = torch.randn(B, D, T, device=self.dev, dtype=bf16), torch.randn(T, D, device=self.dev, dtype=bf16)
         k_pad = torch.cat([k.flip(0).T, torch.zeros_like(k.T[:, 1:])], 1).contiguous()  # (D, 2T-1) cache layout

@@ -16,25 +16,19 @@ running it again; the console shows each running step's output (its progress lin
 Without a GPU only `--preset tiny` runs (or `--allow-cpu` to insist on the full sizes).
 """
 import argparse
-import importlib.util
-import json
 import os
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python experiment/experiment.py`: import from the repo root
-from cli import write_atomic
-from experiment import report
+from experiment import report, runner
+from experiment.runner import PY, ROOT, add_wall_time, todo
+from experiment.studies import (add_harness_args, add_long_args, harness_prepare, harness_steps, harness_tasks,
+                                long_context_steps)
 
-PY = sys.executable
-ROOT = Path(__file__).resolve().parents[1]  # the scripts it launches; data and run paths stay relative to the cwd
 EVAL_SETS = ["gutenberg", "wikitext2", "owt-sample"]  # eval.py scores each one's test split, else its val
 STUDENTS = ("paper", "best", "best-ce", "scratch")  # the student jobs below
-HARNESS_TASKS = ROOT / "harness" / "tasks"  # the offline lm-eval tasks (--harness); eval.py --tasks reads them
-HARNESS_DATA = Path("data") / "harness"  # where their YAMLs read the data: relative to the cwd, as they say
 
 
 def prepare_commands(shared, tok, root, data):
@@ -52,188 +46,6 @@ def prepare_commands(shared, tok, root, data):
             text + ["--val", f"{shared}/wikitext/wikitext-2-raw/wiki.valid.raw", "--test",
                     f"{shared}/wikitext/wikitext-2-raw/wiki.test.raw", "--name", "wikitext2", *opts],
             text + ["--val", f"{shared}/openwebtext/owt10k_val500.jsonl", "--name", "owt-sample", *opts]]
-
-
-def relay(pipe, log, prefix):
-    """Copy a step's output to its log and to the console, each console line prefixed with the step's name."""
-    with log:
-        for line in pipe:
-            log.write(line)
-            log.flush()
-            sys.stderr.write(prefix + line)
-            sys.stderr.flush()
-
-
-def run(cmd, log, env=None):
-    """Start one step, its output appended to log and shown on the console; finish(proc) waits for it."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[{time.strftime('%H:%M:%S')}] {' '.join(map(str, cmd))}", file=sys.stderr, flush=True)
-    f = open(log, "a")
-    f.write(f"$ {' '.join(map(str, cmd))}\n")
-    f.flush()
-    env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}  # progress reaches the console as it is printed
-    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            text=True, errors="replace")
-    proc.relay = threading.Thread(target=relay, args=(proc.stdout, f, f"[{log.stem}] "), daemon=True)
-    proc.relay.start()
-    return proc
-
-
-def finish(proc):
-    """Wait for a step and for the last of its output; returns its exit status."""
-    proc.wait()
-    proc.relay.join()
-    return proc.returncode
-
-
-def run_parallel(jobs, gpus, logs):
-    """jobs: {name: [cmd, ...]} run one job per GPU (commands of a job in order), waves when jobs > GPUs."""
-    pending, running = list(jobs.items()), {}
-    while pending or running:
-        free = [g for g in range(max(gpus, 1)) if g not in running]
-        while pending and free:
-            name, cmds = pending.pop(0)
-            g = free.pop(0)
-            env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(g)} if gpus else None
-            running[g] = [name, cmds, env, run(cmds[0], logs / f"{name}.log", env)]
-        time.sleep(1)
-        for g, job in list(running.items()):
-            name, cmds, env, proc = job
-            if proc.poll() is None:
-                continue
-            if finish(proc):
-                raise SystemExit(f"experiment.py: step {name!r} failed (exit {proc.returncode}); see {logs / name}.log")
-            cmds.pop(0)
-            if cmds:
-                job[3] = run(cmds[0], logs / f"{name}.log", env)
-            else:
-                del running[g]
-
-
-def add_wall_time(runs, phase, seconds):
-    """Add a phase's wall time to runs/wall_time.json: a rerun that skips or resumes steps adds only the time
-    it spends, so the experiment's recorded wall time stays the sum of the work actually done."""
-    path = Path(runs) / "wall_time.json"
-    times = json.loads(path.read_text()) if path.exists() else {}
-    times[phase] = times.get(phase, 0.0) + seconds
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(times, indent=1) + "\n")
-    return sum(times.values())
-
-
-def todo(cmd, out):
-    """cmd unless out already exists (a finished step); --resume when the step left checkpoints behind."""
-    if Path(out).exists():
-        return []
-    run_dir = Path(cmd[cmd.index("--out-dir") + 1]) if "--out-dir" in cmd else None
-    started = run_dir is not None and any(p.parent.name in ("ckpt", "ckpt.old")  # not a torn ckpt.tmp
-                                          for p in run_dir.glob("**/train_state.pt"))
-    return [cmd + ["--resume"] if started else cmd]
-
-
-def add_long_args(p):
-    g = p.add_argument_group("long context (issue 15)")
-    g.add_argument("--long-context", type=int, default=0, help="after the modal students, CE fine-tune runs/modal/dD "
-                   "at this many tokens per sequence (same tokens per step as the 2k runs) into runs/long, then sweep "
-                   "context, probe passkeys and time training steps (default 0: off; needs --modal)")
-    g.add_argument("--long-minutes", type=float, help="budget of that fine-tuning (default: --student-minutes)")
-    g.add_argument("--long-modal", type=int, help="which modal student D to fine-tune (default: the first of --modal)")
-
-
-def long_scale(contexts, long):
-    """Lengths given for a 16k run, scaled to --long-context (at least 128 tokens each)."""
-    return sorted({max(128, c * long // 16384) for c in contexts})
-
-
-def long_context_steps(args, modal, teacher, runs, root, data, tok, logs):
-    """The long-context study: fine-tune the modal student at --long-context, then context sweeps with eval.py
-    (teacher: sliding window and its own RoPE extrapolation; conv `best`, modal dD and the long student), the
-    passkey probe of the same models, and 2k vs long training-step speed. Every step skipped once its output
-    exists. runs/longctx/models.json tells report.py which label is which model."""
-    long, d = args.long_context, args.long_modal or modal[0]
-    if d not in modal:
-        raise ValueError(f"--long-modal {d}: not among --modal {args.modal}")
-    tokens = args.batch_size * args.block_size
-    if long <= args.block_size or tokens % long:
-        raise ValueError(f"--long-context {long}: must exceed --block-size {args.block_size} and divide the "
-                         f"{tokens} tokens per step (--batch-size x --block-size), so the step keeps its size")
-    tiny, out = args.preset == "tiny", runs / "longctx"
-    best = runs / "best" / "final"
-    start, final = runs / "modal" / f"d{d}" / "final", runs / "long" / "final"
-    models = {"teacher": str(teacher), "best": str(best), f"modal d{d}": str(start), "long": str(final)}
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "models.json", json.dumps({"models": models, "block": args.block_size, "long": long,
-                                                  "modal": d}, indent=1) + "\n")
-    minutes = args.long_minutes if args.long_minutes is not None else args.student_minutes
-    tune = todo([PY, ROOT / "finetune.py", "--init", start, "--data", data, "--data-root", root, "--block-size", long,
-                 "--batch-size", tokens // long, "--seed", args.seed, "--eval-interval", 50 if tiny else 100,
-                 "--eval-batches", 4 if tiny else 8, "--log-interval", 10, "--lr", "1e-4", "--compile", args.compile,
-                 "--max-minutes", minutes, "--out-dir", runs / "long"], final)
-    run_parallel({"long": tune} if tune else {}, args.gpus, logs)
-    contexts = long_scale([512, 1024, 2048, 4096, 8192, 16384, 32768], long)
-    lengths = long_scale([2048, 4096, 8192, 16384, 32768], long)
-    score = max(16, 512 * long // 16384)
-    compiled = ["--compile"] if args.gpus and args.compile != "off" else []  # a CPU compile costs more than the tiny sweep
-    sweep = [PY, ROOT / "eval.py", "--data", data, "--data-root", root, "--context", *contexts, "--score-tokens",
-             score, "--window-stride", score, *compiled]
-    probe = [PY, ROOT / "experiment" / "longctx.py", "passkey", "--lengths", *lengths, "--trials", 4 if tiny else 20,
-             "--tokenizer", tok, "--seed", args.seed]
-    every = [teacher, best, start, final]
-    jobs = {
-        "sweep-window": todo(sweep + ["--ckpt", *every, "--beyond", "window", "--json", out / "sweep-window.json"],
-                             out / "sweep-window.json"),
-        "sweep-extrapolate": todo(sweep + ["--ckpt", teacher, "--beyond", "extrapolate",
-                                           "--json", out / "sweep-extrapolate.json"], out / "sweep-extrapolate.json"),
-        "passkey-window": todo(probe + ["--ckpt", *every, "--beyond", "window", "--json", out / "passkey-window.json"],
-                               out / "passkey-window.json"),
-        "passkey-extrapolate": todo(probe + ["--ckpt", teacher, "--beyond", "extrapolate",
-                                             "--json", out / "passkey-extrapolate.json"], out / "passkey-extrapolate.json"),
-        "infer": todo([PY, ROOT / "experiment" / "longctx.py", "infer", "--ckpt", teacher, final, "--contexts",
-                       *long_scale([16384, 32768], long), "--tokens", 2 * long_scale([32768], long)[0], "--stride",
-                       score, *(["--compile"] if args.gpus else []), "--json", out / "infer.json"],
-                      out / "infer.json"),  # inference compiles on a GPU whatever --compile says (no training)
-        "speed": todo([PY, ROOT / "experiment" / "longctx.py", "speed", "--ckpt", start, "--contexts", args.block_size,
-                       long, "--tokens-per-step", tokens, "--steps", 4 if tiny else 10, *compiled,
-                       "--json", out / "speed.json"], out / "speed.json"),
-    }
-    run_parallel({k: v for k, v in jobs.items() if v}, args.gpus, logs)
-
-
-def add_harness_args(p):
-    g = p.add_argument_group("lm-evaluation-harness", "the offline harness tasks on the experiment's checkpoints")
-    g.add_argument("--harness", default="", metavar="TASK[,TASK]", help="offline lm-eval tasks from harness/tasks "
-                   "(e.g. wikitext2_offline,gutenberg_lambada,gutenberg_next_sentence): prepare.py harness builds "
-                   "their data, then eval.py --tasks scores teacher, paper-ft, best, scratch and each modal dD "
-                   "into <runs>/eval/harness-<model>.json; report.py writes <results>/harness/ (needs lm-eval)")
-
-
-def harness_tasks(spec):
-    """--harness's task names, checked (known offline task, lm-eval installed) before any step runs."""
-    names = [t for t in spec.split(",") if t]
-    known = sorted(p.stem for p in HARNESS_TASKS.glob("*.yaml"))
-    unknown = [t for t in names if t not in known]
-    if unknown:
-        raise ValueError(f"--harness {spec!r}: {', '.join(unknown)} is no offline task; choose from "
-                         f"{', '.join(known)} (harness/tasks). lm-eval's own tasks download their data: run "
-                         "eval.py --tasks on the checkpoints for those")
-    if names and importlib.util.find_spec("lm_eval") is None:
-        raise ValueError("--harness needs EleutherAI's lm-evaluation-harness, which is not installed: "
-                         "pip install lm-eval==0.4.13 (requirements-dev.txt), or drop --harness")
-    return names
-
-
-def harness_prepare(shared):
-    """prepare.py harness: deterministic and seconds long, so it runs every time, as the other data steps do."""
-    return [PY, ROOT / "prepare.py", "harness", "--shared", shared, "--out-dir", HARNESS_DATA]
-
-
-def harness_steps(tasks, models, runs, context, tok):
-    """One eval.py --tasks step per model ({label: checkpoint}), each skipped once its JSON exists."""
-    ev = Path(runs) / "eval"
-    return {f"harness-{name}": todo([PY, ROOT / "eval.py", "--ckpt", ckpt, "--tasks", ",".join(tasks), "--context",
-                                     context, "--tokenizer", tok, "--json", ev / f"harness-{name}.json"],
-                                    ev / f"harness-{name}.json")  # no --include-path: eval.py knows harness/tasks
-            for name, ckpt in models.items()}
 
 
 def main(argv=None):
@@ -328,10 +140,10 @@ def drive(argv):
         return total
 
     for cmd in prepare_commands(args.shared, tok, root, data):
-        if finish(run(cmd, logs / "prepare.log")):
+        if runner.finish(runner.run(cmd, logs / "prepare.log")):
             raise SystemExit(f"experiment.py: data preparation failed; see {logs / 'prepare.log'}")
     if harness:
-        if finish(run(harness_prepare(args.shared), logs / "prepare.log")):
+        if runner.finish(runner.run(harness_prepare(args.shared), logs / "prepare.log")):
             raise SystemExit(f"experiment.py: the harness tasks' data failed; see {logs / 'prepare.log'}")
 
     common = ["--data", data, "--data-root", root, "--block-size", args.block_size, "--batch-size",
@@ -345,7 +157,7 @@ def drive(argv):
         cfg = ["--config", "tiny", "--preset", "tiny"] if tiny else ["--config", "pythia-70m", "--lr", "1e-3"]
         for cmd in todo(launcher + [ROOT / "finetune.py", "--init", "scratch", "--mixer", "attention", *cfg, *common,
                                     "--max-tokens", int(args.teacher_tokens), "--out-dir", runs / "teacher"], teacher):
-            if finish(run(cmd, logs / "teacher.log")):
+            if runner.finish(runner.run(cmd, logs / "teacher.log")):
                 raise SystemExit(f"experiment.py: teacher pretraining failed; see {logs / 'teacher.log'}")
 
     phase_done("data and teacher")
@@ -368,7 +180,7 @@ def drive(argv):
         "scratch": todo([PY, ROOT / "finetune.py", "--init", "scratch", "--mixer", "hyena", *scratch_cfg, *common,
                          "--lr", "1e-3", "--max-minutes", M, "--out-dir", runs / "scratch"], runs / "scratch" / "final"),
     }
-    run_parallel({k: v for k, v in jobs.items() if v and k in students}, args.gpus, logs)
+    runner.run_parallel({k: v for k, v in jobs.items() if v and k in students}, args.gpus, logs)
     phase_done("students")
 
     best = runs / "best" / "final"
@@ -376,7 +188,7 @@ def drive(argv):
               args.modal_repair_minutes, "--e2e-lr", "1e-4", "--compile", "off"]  # too short to pay for compiling
     repairs = {f"modal-d{d}": todo(repair + ["--modal-state", d, "--out-dir", runs / "modal" / f"d{d}"],
                                    runs / "modal" / f"d{d}" / "final") for d in modal}
-    run_parallel({k: v for k, v in repairs.items() if v}, args.gpus, logs)  # a finished one has no command left
+    runner.run_parallel({k: v for k, v in repairs.items() if v}, args.gpus, logs)  # a finished one has no command left
     if modal:
         phase_done("modal students")
     if args.long_context:
@@ -402,13 +214,13 @@ def drive(argv):
                                         "--data-root", root, "--context", args.block_size, "--dtype", dtype,
                                         "--max-tokens", 20000 if tiny else 262144, "--tokenizer", tok,
                                         "--json", ev / f"dtype-{dtype}.json"], ev / f"dtype-{dtype}.json")
-    run_parallel({k: v for k, v in evals.items() if v}, args.gpus, logs)
+    runner.run_parallel({k: v for k, v in evals.items() if v}, args.gpus, logs)
     wall = phase_done("evaluation")
     if harness:  # the paper recipe's final, the best recipe, the baseline, and every modal student there is
         picked = {"teacher": teacher, **{n: models[n] for n in ("paper-ft", "best", "scratch") if n in trained},
                   **{f"modal-d{d}": runs / "modal" / f"d{d}" / "final" for d in modal
                      if (runs / "modal" / f"d{d}" / "final").exists()}}
-        run_parallel({k: v for k, v in harness_steps(harness, picked, runs, args.block_size, tok).items() if v},
+        runner.run_parallel({k: v for k, v in harness_steps(harness, picked, runs, args.block_size, tok).items() if v},
                      args.gpus, logs)
         wall = phase_done("harness tasks")
 
@@ -417,5 +229,5 @@ def drive(argv):
 
 
 if __name__ == "__main__":
-    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

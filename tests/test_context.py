@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cli
+from lib import cli
 import eval as ev
 from data import context_windows, document_windows, load_split
 from config import Config
 from hyena import GPTNeoX, make_student, to_modal
+from lib.sweep import evaluate_context
 from tokenizer import load_tokenizer
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # beside the repository
@@ -130,16 +131,16 @@ def reference_loss(model, spans, context, score, forwards=None):
 def test_native_and_window_losses_are_the_plain_loops(root, ckpts, max_batch_tokens):
     model = GPTNeoX.from_pretrained(ckpts["teacher"])
     spans = spans_of(root, 64)[0]
-    native = ev.evaluate_context(model, spans, 32, 8, batch_size=3, max_batch_tokens=max_batch_tokens)
+    native = evaluate_context(model, spans, 32, 8, batch_size=3, max_batch_tokens=max_batch_tokens)
     assert native["loss"] == pytest.approx(reference_loss(model, spans, 32, 8), rel=1e-6)
     assert native["read_tokens"] == 32 * len(spans) and native["windows"] == len(spans)
-    windowed = ev.evaluate_context(model, spans, 64, 24, window=32, stride=8, max_batch_tokens=max_batch_tokens)
+    windowed = evaluate_context(model, spans, 64, 24, window=32, stride=8, max_batch_tokens=max_batch_tokens)
     forwards = context_windows(64, 24, 32, 8)
     assert len(forwards) == 3 and windowed["scored_tokens"] == 24 * len(spans)
     assert windowed["loss"] == pytest.approx(reference_loss(model, spans, 64, 24, forwards), rel=1e-6)
     for window in (64, 100):  # a window as long as the context, or longer, is the native forward
-        same = ev.evaluate_context(model, spans, 64, 24, window=window, stride=8)
-        assert same["loss"] == ev.evaluate_context(model, spans, 64, 24)["loss"]
+        same = evaluate_context(model, spans, 64, 24, window=window, stride=8)
+        assert same["loss"] == evaluate_context(model, spans, 64, 24)["loss"]
 
 
 def test_extrapolated_rope_is_transformers(root, ckpts):

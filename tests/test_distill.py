@@ -1,15 +1,13 @@
-"""distill.py: every alignment mode lowers what it optimises; the chunked KD loss is the plain KD loss."""
+"""distill.py: every alignment mode lowers what it optimises (its KD loss: test_losses.py)."""
 import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import distill
 from config import Config
@@ -83,32 +81,6 @@ def test_end_to_end_stage_lowers_kl(setup):
     assert np.mean([r["kd"] for r in rows[-5:]]) < 0.7 * rows[0]["kd"]
 
 
-@pytest.mark.parametrize("temperature, ce_weight", [(1.0, 0.0), (2.0, 0.5)])
-def test_fused_chunked_kd_loss_equals_plain_kd_loss(temperature, ce_weight):
-    """Value and every gradient (hidden states, final LayerNorm, unembedding) match autograd on full logits."""
-    torch.manual_seed(0)
-    teacher = GPTNeoX(Config(**TINY))
-    student = make_student(teacher)
-    with torch.no_grad():
-        for p in student.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    hs = torch.randn(3, 7, 32, requires_grad=True)
-    ht, y = torch.randn(3, 7, 32), torch.randint(0, 64, (3, 7))
-    y[0, :3] = -1  # ignored positions
-    params = [hs, student.embed_out.weight, student.gpt_neox.final_layer_norm.weight]
-
-    fused = distill.kd_loss(hs, ht, y, student, teacher, temperature, ce_weight, chunk=5)
-    g_fused = torch.autograd.grad(fused, params)
-    zt, zs = teacher.head(ht) / temperature, student.head(hs) / temperature
-    kl = F.kl_div(F.log_softmax(zs, -1), F.log_softmax(zt, -1), log_target=True, reduction="none").sum(-1)
-    ce = F.cross_entropy((zs * temperature).flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
-    plain = (temperature ** 2 * kl.sum() + ce_weight * ce) / y.numel()
-    g_plain = torch.autograd.grad(plain, params)
-    assert torch.allclose(fused, plain, rtol=1e-5)
-    for a, b in zip(g_fused, g_plain):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
-
-
 def test_clear_errors(setup):
     tmp, common = setup
     with pytest.raises(ValueError, match="--hyena-layers 'x' must be"):
@@ -133,30 +105,6 @@ def test_progressive_and_end_to_end_under_two_process_ddp(setup):
     for stage in ("stage-00", "stage-01", "e2e"):
         assert json.loads((tmp / "ddp" / stage / "summary.json").read_text())["world"] == 2
     assert GPTNeoX.from_pretrained(tmp / "ddp" / "final").config.mixers == ["hyena", "hyena"]
-
-
-def test_loss_chunk_falls_back_to_eager_when_compiling_fails(monkeypatch):
-    """On CUDA the loss chunk runs compiled; where inductor cannot work, it warns once and runs eagerly."""
-    import losses
-
-    def broken_compile(fn):
-        def run(*args):
-            raise RuntimeError("no working C compiler")
-        return run
-    monkeypatch.setattr(losses.torch, "compile", broken_compile)
-    losses._compiled_chunk_fn.cache_clear()
-    try:
-        fn = losses._compiled_chunk_fn()
-        zs, zt, tgt = torch.randn(4, 11), torch.randn(4, 11), torch.randint(11, (4,))
-        with pytest.warns(UserWarning, match="running it eagerly"):
-            loss, grad = fn(zs, tgt, 1.0, zt, 2.0)
-        ref = losses.chunk_loss_and_grad(zs, tgt, 1.0, zt, 2.0)
-        assert torch.equal(loss, ref[0]) and torch.equal(grad, ref[1])
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # stays eager, without warning again
-            assert torch.equal(fn(zs, tgt, 1.0, zt, 2.0)[1], ref[1])
-    finally:
-        losses._compiled_chunk_fn.cache_clear()
 
 
 def test_modal_conversion_then_kl_repair(setup):
@@ -190,38 +138,6 @@ def test_modal_conversion_then_kl_repair(setup):
     with pytest.raises(ValueError, match="all attention"):
         distill.main([a if a != str(tmp / "conv") else str(tmp / "teacher") for a in common]
                      + ["--modal-state", "4", "--layers", "none", "--out-dir", str(tmp / "y")])
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="page-fault counts and mallopt are glibc/Linux specifics")
-def test_cpu_loss_steps_do_not_page_fault_their_memory_in_again():
-    """A CPU step of KD on a 50k vocabulary (512 tokens: 100 MB of logits) reuses memory freed by the last step:
-    the loss's chunks stay under glibc's largest heap block and train.keep_freed_memory stops heap trimming,
-    instead of every step mmap-ing, page-faulting and unmapping its logits again. In a fresh process, as a
-    training run is (the test process's heap holds whatever earlier tests left)."""
-    code = """if True:
-        import resource, torch, train
-        from losses import FusedHeadLoss, default_chunk
-        assert default_chunk(torch.device("cpu"), 50304) * 50304 * 4 < 32 << 20
-        assert train.keep_freed_memory()
-        g = torch.Generator().manual_seed(0)
-        xs = torch.randn(512, 16, generator=g, requires_grad=True)
-        ws = (0.1 * torch.randn(50304, 16, generator=g)).requires_grad_()
-        xt, wt = torch.randn(512, 16, generator=g), 0.1 * torch.randn(50304, 16, generator=g)
-        tgt, chunk = torch.zeros(512).long(), default_chunk(xs.device, ws.shape[0])
-        step = lambda: FusedHeadLoss.apply(xs, ws, tgt, 0.5, xt, wt, 2.0, chunk, True).backward()
-        for _ in range(3):  # the heap grows to what a step needs
-            step()
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(3):
-            step()
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * resource.getpagesize())
-    """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=Path(__file__).resolve().parent.parent)
-    assert out.returncode == 0, out.stderr
-    faulted = int(out.stdout.split()[-1])
-    # one step's logits are 100 MB; the churn this guards against faulted in about 3 GB a step
-    assert faulted < 512 * 50304 * 4, f"{faulted / 1e6:.0f} MB page-faulted in by 3 steps"
 
 
 def test_stages_are_planned_from_the_config():

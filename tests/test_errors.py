@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-import cli
+from lib import cli
 import data
 import distill
 import eval as ev
 import finetune
 import hub
-from checkpoint import out_dir_lock
+from lib.checkpoint import out_dir_lock
 from fakehub import FakeHub
 from config import Config
 from hyena import GPTNeoX

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import cli
+from lib import cli
 import eval as ev
 from data import load_split
 from config import Config

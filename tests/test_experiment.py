@@ -20,7 +20,7 @@ import distill
 import eval as ev
 import finetune
 import prepare
-from experiment import report
+from experiment import report, runner
 from hyena import GPTNeoX
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # beside the repository
@@ -230,7 +230,7 @@ def test_experiment_refuses_the_full_run_without_a_gpu(tmp_path, monkeypatch, ca
     from experiment import experiment
     started = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    monkeypatch.setattr(experiment, "run", lambda cmd, *a, **kw: started.append(cmd) or pytest.fail("ran a step"))
+    monkeypatch.setattr(runner, "run", lambda cmd, *a, **kw: started.append(cmd) or pytest.fail("ran a step"))
     with pytest.raises(ValueError, match=r"no GPU.*python experiment/experiment.py --preset tiny.*--allow-cpu") as e:
         experiment.main(["--runs", str(tmp_path / "runs")])
     assert not started and not (tmp_path / "runs").exists() and "Traceback" not in str(e.value)
@@ -238,17 +238,16 @@ def test_experiment_refuses_the_full_run_without_a_gpu(tmp_path, monkeypatch, ca
     class Started(Exception):
         pass
     for flags in (["--allow-cpu"], ["--preset", "tiny"]):  # insisting, or the CPU-sized run: it starts
-        monkeypatch.setattr(experiment, "run", lambda cmd, *a, **kw: (_ for _ in ()).throw(Started(cmd)))
+        monkeypatch.setattr(runner, "run", lambda cmd, *a, **kw: (_ for _ in ()).throw(Started(cmd)))
         with pytest.raises(Started):
             experiment.main(["--runs", str(tmp_path / "runs"), *flags])
 
 
 def test_experiment_shows_the_running_steps_output_on_the_console(tmp_path, capsys):
-    from experiment import experiment
     log = tmp_path / "logs" / "teacher.log"
     script = "import sys, time; print('step 10 | loss 9.7'); sys.stderr.write('step 20 | ETA 0h00m01s\\n')"
-    proc = experiment.run([experiment.PY, "-c", script], log)
-    assert experiment.finish(proc) == 0
+    proc = runner.run([runner.PY, "-c", script], log)
+    assert runner.finish(proc) == 0
     err = capsys.readouterr().err
     assert "[teacher] step 10 | loss 9.7\n" in err and "[teacher] step 20 | ETA 0h00m01s\n" in err
     assert log.read_text().splitlines()[1:] == ["step 10 | loss 9.7", "step 20 | ETA 0h00m01s"]  # log has it too
@@ -267,7 +266,7 @@ def test_experiment_rerun_keeps_the_recorded_wall_time(tmp_path, monkeypatch):
                                                      "evaluation": 60.0}))
     reported = []
     monkeypatch.setattr(experiment, "prepare_commands", lambda *a: [])
-    monkeypatch.setattr(experiment, "run", lambda cmd, *a, **kw: pytest.fail(f"reran a finished step: {cmd}"))
+    monkeypatch.setattr(runner, "run", lambda cmd, *a, **kw: pytest.fail(f"reran a finished step: {cmd}"))
     monkeypatch.setattr(report, "main", reported.append)
     experiment.main(["--preset", "tiny", "--gpus", "0", "--runs", str(runs), "--results", str(tmp_path / "res")])
     args = reported[0]
@@ -298,13 +297,13 @@ def test_experiment_harness_prepares_the_data_then_scores_each_checkpoint_in_its
     started = []
     monkeypatch.setattr(experiment, "prepare_commands", lambda *a: [])
     done = type("Done", (), {"poll": lambda self: 0, "returncode": 0})()  # a step that finished at once
-    monkeypatch.setattr(experiment, "run", lambda cmd, *a, **kw: started.append([str(c) for c in cmd]) or done)
-    monkeypatch.setattr(experiment, "finish", lambda proc: 0)
-    monkeypatch.setattr(experiment.time, "sleep", lambda s: None)
+    monkeypatch.setattr(runner, "run", lambda cmd, *a, **kw: started.append([str(c) for c in cmd]) or done)
+    monkeypatch.setattr(runner, "finish", lambda proc: 0)
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
     monkeypatch.setattr(report, "main", lambda argv: None)
     experiment.main(["--preset", "tiny", "--gpus", "0", "--runs", str(runs), "--results", str(tmp_path / "res"),
                      "--modal", "4,8", "--shared", "/shared", "--harness", "gutenberg_lambada,wikitext2_offline"])
-    assert started[0] == [experiment.PY, str(experiment.ROOT / "prepare.py"), "harness", "--shared", "/shared",
+    assert started[0] == [runner.PY, str(runner.ROOT / "prepare.py"), "harness", "--shared", "/shared",
                           "--out-dir", "data/harness"]  # where the task YAMLs read their data
     assert [c[c.index("--out-dir") + 1] for c in started if c[1].endswith("distill.py")] == [
         str(runs / "modal" / "d8")]  # d4's repair is done; d8's only pretends to run, so d8/final never appears
@@ -322,7 +321,7 @@ def test_experiment_harness_prepares_the_data_then_scores_each_checkpoint_in_its
 
 def test_experiment_harness_refuses_an_unknown_task_before_any_step(tmp_path, monkeypatch):
     from experiment import experiment
-    monkeypatch.setattr(experiment, "run", lambda cmd, *a, **kw: pytest.fail(f"ran a step: {cmd}"))
+    monkeypatch.setattr(runner, "run", lambda cmd, *a, **kw: pytest.fail(f"ran a step: {cmd}"))
     with pytest.raises(ValueError, match=r"--harness .*lambada_openai is no offline task; choose from "
                                          r".*gutenberg_lambada.*eval.py --tasks"):
         experiment.main(["--preset", "tiny", "--gpus", "0", "--runs", str(tmp_path), "--harness",

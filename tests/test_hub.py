@@ -1,5 +1,5 @@
 """hub.py: the hub client against fakehub.FakeHub on 127.0.0.1 (cache layout, zero requests when warm or offline,
-resume, sha256 check, retries, errors that name repo, file and revision). Safetensors: test_safetensors_io.py."""
+resume, sha256 check, retries, errors that name repo, file and revision). Safetensors: test_safetensors.py."""
 import os
 import socket
 import time

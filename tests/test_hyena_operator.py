@@ -1,11 +1,12 @@
-"""Behaviour of the Hyena operator (hyena_operator.py): the long convolution, its fast path, causality, filters."""
+"""Behaviour of the Hyena operator (hyena.py): the long convolution and its fast twin (fast/fftconv.py), causality,
+filters, the decoding kernel (fast/decode.py)."""
 import math
 
 import pytest
 import torch
 
-import hyena_operator
-from hyena_operator import HyenaOperator, cmul, fftconv, fftconv_reference
+from fast.fftconv import cmul, fftconv as fast_fftconv
+from hyena import HyenaOperator, fftconv
 
 
 def direct_causal_conv(u, k, bias):
@@ -21,8 +22,8 @@ def test_fft_convolution_equals_direct_convolution(L):
     torch.manual_seed(L)
     u, k, bias = (torch.randn(2, L, 8, dtype=torch.float64), torch.randn(L, 8, dtype=torch.float64),
                   torch.randn(8, dtype=torch.float64))
-    err = (fftconv(u, k, bias) - direct_causal_conv(u, k, bias)).abs().max().item()
-    print(f"fftconv vs direct, L={L}: {err:.1e}")
+    err = (fast_fftconv(u, k, bias) - direct_causal_conv(u, k, bias)).abs().max().item()
+    print(f"fast_fftconv vs direct, L={L}: {err:.1e}")
     assert err <= 1e-10
 
 
@@ -75,12 +76,12 @@ def test_shorter_filters_are_prefixes_and_limits_are_checked():
 @pytest.mark.parametrize("L", [1, 2, 7, 64, 100, 383])
 def test_fast_fftconv_equals_the_reference_and_so_do_its_gradients(L):
     """FFTConv (channels-first FFTs, 1/n folded into the filter, hand-written backward) computes the function
-    fftconv_reference defines and autograd differentiates: output and all three gradients, in fp64."""
+    fftconv defines and autograd differentiates: output and all three gradients, in fp64."""
     torch.manual_seed(L)
     u, k = torch.randn(3, L, 8, dtype=torch.float64), torch.randn(L, 8, dtype=torch.float64)
     bias, g = torch.randn(8, dtype=torch.float64), torch.randn(3, L, 8, dtype=torch.float64)
     out = {}
-    for name, conv in (("fast", fftconv), ("reference", fftconv_reference)):
+    for name, conv in (("fast", fast_fftconv), ("reference", fftconv)):
         args = [t.clone().requires_grad_() for t in (u, k, bias)]
         y = conv(*args)
         out[name] = (y, *torch.autograd.grad(y, args, g))
@@ -95,10 +96,10 @@ def test_fast_fftconv_passes_gradcheck_and_skips_gradients_nobody_needs():
     u, k, bias = (torch.randn(2, 9, 3, dtype=torch.float64, requires_grad=True),
                   torch.randn(9, 3, dtype=torch.float64, requires_grad=True),
                   torch.randn(3, dtype=torch.float64, requires_grad=True))
-    assert torch.autograd.gradcheck(fftconv, (u, k, bias))
+    assert torch.autograd.gradcheck(fast_fftconv, (u, k, bias))
     frozen = k.detach()  # a frozen filter: only du and dbias are formed
-    (du,) = torch.autograd.grad(fftconv(u, frozen, bias).sum(), u)
-    (du_ref,) = torch.autograd.grad(fftconv_reference(u, frozen, bias).sum(), u)
+    (du,) = torch.autograd.grad(fast_fftconv(u, frozen, bias).sum(), u)
+    (du_ref,) = torch.autograd.grad(fftconv(u, frozen, bias).sum(), u)
     assert torch.allclose(du, du_ref, rtol=0, atol=1e-12)
 
 
@@ -106,11 +107,11 @@ def test_fast_fftconv_keeps_dtypes_like_the_reference():
     """bf16 activations in, bf16 out (fp32 FFTs inside); the fp32 filter's gradient stays fp32."""
     u = torch.randn(2, 50, 16).bfloat16().requires_grad_()
     k, bias = torch.randn(50, 16, requires_grad=True), torch.randn(16, requires_grad=True)
-    y = fftconv(u, k, bias)
+    y = fast_fftconv(u, k, bias)
     y.float().square().sum().backward()
     assert (y.dtype, u.grad.dtype, k.grad.dtype, bias.grad.dtype) == (torch.bfloat16, torch.bfloat16,
                                                                       torch.float32, torch.float32)
-    ref = fftconv_reference(u.detach(), k.detach(), bias.detach())
+    ref = fftconv(u.detach(), k.detach(), bias.detach())
     assert ((y.float() - ref.float()).norm() / ref.float().norm()).item() <= 1e-2  # bf16 rounding of the output
 
 
@@ -121,14 +122,17 @@ def test_complex_product_in_real_arithmetic_equals_the_complex_op(conj_b, monkey
     a = torch.randn(2, 5, 33, dtype=torch.complex128)
     b = torch.randn(5, 33, dtype=torch.complex128)
     eager = cmul(a, b, conj_b)
-    monkeypatch.setattr(hyena_operator.torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     real = cmul(a, b, conj_b)
     assert torch.allclose(real, a * (b.conj() if conj_b else b), rtol=0, atol=1e-14)
     assert torch.allclose(real, eager, rtol=0, atol=1e-14)
 
 
 KERNEL_CHECK = """
-import torch, decode
+import torch
+import fast
+from fast import decode
+fast.enable(True)  # the kernel serves CPU tensors only with the fast paths switched on
 assert decode.available(torch.zeros(1))
 torch.manual_seed(0)
 B, D, T = 2, 6, 1100  # D not a multiple of the channel block, T over two position blocks

@@ -20,7 +20,7 @@ def test_no_root_script_imports_another_script():
 
 
 def test_write_atomic_replaces_whole_files_or_leaves_the_old_one(tmp_path):
-    from cli import write_atomic
+    from lib.cli import write_atomic
     path = tmp_path / "out.json"
     write_atomic(path, "first\n")
     write_atomic(path, b"second\n")
@@ -40,7 +40,7 @@ def test_files_are_replaced_only_through_write_atomic():
     """os.replace / rename / write_text outside cli.write_atomic only where a whole write cannot be one call:
     the hub's resumable downloads and cache links, prepare.py's streamed .bin files (moved together, after their
     checks), and the checkpoint folder's swap."""
-    allowed = {"cli.py", "hub.py", "prepare.py", "checkpoint.py"}
+    allowed = {"lib/cli.py", "hub.py", "prepare.py", "lib/checkpoint.py"}
     found = []
     for path in sorted(ROOT.glob("**/*.py")):
         rel = path.relative_to(ROOT)
@@ -54,7 +54,7 @@ def test_files_are_replaced_only_through_write_atomic():
 def test_one_progress_line_for_downloads_and_tokenizing(capsys):
     """cli.Progress serves hub.py and prepare.py: in a log (stderr not a terminal) a line every 30 s, and the
     final line always; quiet draws nothing."""
-    from cli import Progress
+    from lib.cli import Progress
     progress = Progress(total=100)
     progress.update(10, lambda rate, eta: f"10 of 100{eta}")  # 30 s have not passed: not drawn
     progress.update(100, lambda rate, eta: f"done at {rate:.0f}/s{eta}", final=True)
@@ -134,4 +134,45 @@ def test_one_meaning_per_name():
 
 def test_one_position_representation_in_the_forwards():
     """The decoding position is always hyena.Cache.pos, a device tensor: no forward asks which kind it is."""
-    assert all("is_tensor(" not in (ROOT / name).read_text() for name in ("hyena.py", "hyena_operator.py"))
+    assert "is_tensor(" not in (ROOT / "hyena.py").read_text()
+
+
+def test_the_root_holds_at_most_a_dozen_modules():
+    """The card's files (hyena, distill, finetune, prepare, eval, test_hyena) and the few modules a reader needs
+    beside them; everything else lives in a folder (fast/, lib/, bench/, experiment/, harness/, tests/)."""
+    root = sorted(p.name for p in ROOT.glob("*.py"))
+    assert len(root) <= 12, root
+    assert {"hyena.py", "distill.py", "finetune.py", "prepare.py", "eval.py", "test_hyena.py"} <= set(root)
+    assert sorted(p.name for p in ROOT.glob("test_*.py")) == ["test_hyena.py"]  # every other test in tests/
+
+
+FAST_HELPERS = {  # fast/'s public names that are not a fast path themselves, but parts of one
+    "enable", "active", "fft_size", "channels_first", "rfft", "chunk_fn", "default_chunk", "available", "decode_step"}
+
+
+def test_every_fast_path_names_its_plain_twin_and_the_test_holding_them_equal():
+    """Each public function or class in fast/ (helpers aside) says "Plain twin(s): name" (resolved here) and names
+    the test(s) holding the two equal as path::test (found here)."""
+    import importlib
+    found = []
+    for path in sorted((ROOT / "fast").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_") \
+                    or node.name in FAST_HELPERS:
+                continue
+            doc, where = " ".join((ast.get_docstring(node) or "").split()), f"{path.name}:{node.name}"
+            twins = re.search(r"Plain twins?: ([\w.]+(?: \([^)]*\))?(?:, [\w.]+(?: \([^)]*\))?)*)", doc)
+            tests = re.findall(r"((?:tests/)?test_\w+\.py)::(test_\w+)", doc)
+            if not twins or not tests:
+                found.append(f"{where}: no 'Plain twin: ...' or no path::test")
+                continue
+            for name in re.findall(r"(?:^|, )([\w.]+)", re.sub(r" \([^)]*\)", "", twins.group(1))):
+                module, *attrs = name.split(".")
+                obj = importlib.import_module(module)
+                for a in attrs:
+                    obj = getattr(obj, a, None)
+                found += [f"{where}: twin {name} does not exist"] if obj is None else []
+            for file, test in tests:
+                if not re.search(rf"^def {test}\(", (ROOT / file).read_text(), re.M):
+                    found.append(f"{where}: {file}::{test} does not exist")
+    assert not found, found

@@ -10,7 +10,7 @@ import torch
 
 import finetune
 from config import Config
-from experiment import longctx
+from experiment import longctx, runner, throughput
 from hyena import GPTNeoX, to_modal
 from tokenizer import load_tokenizer
 
@@ -156,7 +156,7 @@ def sweep_entry(ppl, tps=None, mode="native", compiled=True):
 
 
 def test_report_longctx_section_from_synthetic_runs(tmp_path):
-    from experiment import report
+    from experiment import pages
     d = tmp_path / "runs" / "longctx"
     d.mkdir(parents=True)
     models = {"teacher": "T", "best": "B", "modal d4": "M", "long": "L"}
@@ -176,7 +176,7 @@ def test_report_longctx_section_from_synthetic_runs(tmp_path):
     (d / "infer.json").write_text(json.dumps({"tokens": 65536, "stride": 512, "device": "H200", "infer": {
         "T": {"32768": {"mode": "window", "tokens_per_s": 900.0, "peak_mem_gb": 2.0, "compiled": True}},
         "L": {"32768": {"mode": "native", "tokens_per_s": 1500.0, "peak_mem_gb": 3.0, "compiled": True}}}}))
-    m = report.write_longctx(tmp_path / "runs", tmp_path / "res")
+    m = pages.write_longctx(tmp_path / "runs", tmp_path / "res")
     md = (tmp_path / "res" / "longctx" / "LONGCTX.md").read_text()
     assert json.loads((tmp_path / "res" / "longctx" / "longctx.json").read_text())["targets"] == m["targets"]
     assert "| model (mode past its native maximum) | 2048 | 16384 | 32768 |" in md
@@ -186,7 +186,7 @@ def test_report_longctx_section_from_synthetic_runs(tmp_path):
     assert [t["reached"] for t in m["targets"]] == [True, True, True, False]
     assert "(+5.3%)" in md and "(0.95x)" in md and "1,500 vs 900 (1.67x" in md
     assert "| long | 32768 | native | 1,500 | 3.00 | True |" in md
-    assert report.write_longctx(tmp_path / "none", tmp_path / "res2") == {}  # no study: no section
+    assert pages.write_longctx(tmp_path / "none", tmp_path / "res2") == {}  # no study: no section
 
 
 def test_experiment_long_step_commands_and_resume(tmp_path, monkeypatch):
@@ -214,9 +214,9 @@ def test_experiment_long_step_commands_and_resume(tmp_path, monkeypatch):
             Path(out[out.index("--json") + 1]).write_text("{}")
         return Done()
     monkeypatch.setattr(experiment, "prepare_commands", lambda *a: [])
-    monkeypatch.setattr(experiment, "run", fake_run)
-    monkeypatch.setattr(experiment, "finish", lambda proc: 0)
-    monkeypatch.setattr(experiment.time, "sleep", lambda s: None)
+    monkeypatch.setattr(runner, "run", fake_run)
+    monkeypatch.setattr(runner, "finish", lambda proc: 0)
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
     monkeypatch.setattr(report, "main", lambda argv: None)
     argv = ["--preset", "tiny", "--gpus", "0", "--runs", str(runs), "--results", str(tmp_path / "res"),
             "--modal", "4", "--long-context", "512", "--no-dtype-study"]
@@ -243,7 +243,7 @@ def test_experiment_long_step_commands_and_resume(tmp_path, monkeypatch):
 def test_sliding_windows_cover_every_position_once():
     for length, window, stride in ((100, 32, 8), (64, 32, 32), (33, 32, 5), (20, 32, 8)):
         covered = []
-        for start, n in longctx.window_starts(length, window, stride):
+        for start, n in throughput.window_starts(length, window, stride):
             end = min(start + window, length)
             covered += range(end - n, end)
         assert covered == list(range(length)), (length, window, stride)
@@ -254,17 +254,17 @@ def test_infer_scores_every_token_the_same_way_as_the_model(tmp_path):
     window holds the whole sequence, and equal a by-hand per-window computation otherwise."""
     teacher = tiny("attention", 32)
     x = torch.randint(VOCAB, (2, 65))
-    native = longctx.score_sequences(teacher, x)
+    native = throughput.score_sequences(teacher, x)
     assert torch.allclose(native, teacher(x[:, :-1], x[:, 1:])[1], rtol=1e-6)
-    assert torch.allclose(longctx.score_sequences(teacher, x, window=64, stride=8), native, rtol=1e-6)
+    assert torch.allclose(throughput.score_sequences(teacher, x, window=64, stride=8), native, rtol=1e-6)
     with torch.no_grad():
         nll = []
-        for start, n in longctx.window_starts(64, 16, 8):
+        for start, n in throughput.window_starts(64, 16, 8):
             logits = teacher(x[:, start:start + 16])[0][:, -n:]  # (B, n, V)
             nll.append(torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1), x[:, start + 16 - n + 1:start + 17].flatten(), reduction="sum"))
     by_hand = sum(nll) / x[:, 1:].numel()
-    assert torch.allclose(longctx.score_sequences(teacher, x, window=16, stride=8), by_hand, rtol=1e-5)
+    assert torch.allclose(throughput.score_sequences(teacher, x, window=16, stride=8), by_hand, rtol=1e-5)
 
 
 def test_infer_reads_the_teacher_in_windows_and_a_modal_student_whole(tmp_path):

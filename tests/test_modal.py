@@ -1,14 +1,13 @@
-"""Modal filters (Laughing Hyena): the fit (modal.py), ModalFilter's recurrence, to_modal and modal students."""
+"""Modal filters (Laughing Hyena): the fit (lib/modal.py), ModalFilter's recurrence, to_modal and modal students."""
 import json
 import math
 
 import pytest
 import torch
 
-import modal
+from lib import modal
 from config import Config
-from hyena import Cache, GPTNeoX, make_student, new_cache, to_modal
-from hyena_operator import HyenaFilter, HyenaOperator, fftconv
+from hyena import Cache, GPTNeoX, HyenaFilter, HyenaOperator, fftconv, make_student, new_cache, to_modal
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3, vocab_size=64,
             max_position_embeddings=32)
@@ -62,7 +61,7 @@ def test_recurrent_decoding_equals_the_fft_convolution_with_the_materialised_fil
     assert err <= 1e-10
     k, bias = op.filters(40)  # and the FFT path is the convolution with that filter
     p = op.in_proj(u)
-    from hyena_operator import short_conv
+    from hyena import short_conv
     *x, v = short_conv(p, op.short_filter.weight, op.short_filter.bias).split(8, dim=-1)
     for o, x_i in enumerate(reversed(x[1:])):
         v = fftconv(v * x_i, k[:, o], bias[o])

@@ -1,4 +1,4 @@
-"""prepare.py, sources.py and data.py: text and hub datasets in, uint16 tokens with <|endoftext|> after each
+"""prepare.py, lib/sources.py and data.py: text and hub datasets in, uint16 tokens with <|endoftext|> after each
 document out."""
 import io
 import json
@@ -14,7 +14,7 @@ import torch
 
 import data
 import prepare
-import sources
+from lib import sources
 from fakehub import FakeHub
 from tokenizer import load_tokenizer
 

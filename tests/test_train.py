@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
+import fast
 import finetune
-from checkpoint import find_checkpoint
+from lib.checkpoint import find_checkpoint
 from finetune import scratch_model
 from train import CrossEntropy
 from hyena import GPTNeoX, make_student
@@ -90,6 +91,23 @@ def test_log_has_one_line_per_step_and_summary(tmp_path, data_dir):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 7 and summary["tokens"] == 14 * STEP_TOKENS and summary["val"] == vals[-1]["val"]
     assert set(summary["train"]) == {"loss", "ce"} and summary["tokens_per_s"] > 0 and summary["minutes"] > 0
+
+
+def test_the_loop_runs_the_fast_paths_on_the_cpu_unless_switched_off(tmp_path, data_dir):
+    """fast.enable's default leaves the CPU plain; train() switches the fast paths in for its run (the fused loss
+    keeps a CPU step's memory on the heap), puts the setting back after it, and honours an explicit off."""
+    seen, cpu = [], torch.zeros(1)
+    assert fast.ON is None and not fast.active(cpu)
+    cfg = config(tmp_path / "on", data_dir, max_tokens=2 * STEP_TOKENS, eval_batches=0)
+    train(CrossEntropy(tiny_model()), cfg, on_step=lambda step: seen.append(fast.active(cpu)))
+    assert seen == [True, True] and fast.ON is None
+    previous = fast.enable(False)
+    try:
+        cfg = config(tmp_path / "off", data_dir, max_tokens=2 * STEP_TOKENS, eval_batches=0)
+        train(CrossEntropy(tiny_model()), cfg, on_step=lambda step: seen.append(fast.active(cpu)))
+    finally:
+        fast.enable(previous)
+    assert seen[2:] == [False, False]
 
 
 class Interrupt(Exception):

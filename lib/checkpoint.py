@@ -1,4 +1,6 @@
-"""Training checkpoints: written atomically (a complete one exists at every instant, even under kill -9) and
+"""Checkpoints: training checkpoints, and the pretrained weights GPTNeoX.from_pretrained reads.
+
+Training checkpoints are written atomically (a complete one exists at every instant, even under kill -9) and
 restored exactly (weights, optimizer moments, every rank's RNG and data-sampler state), so `--resume` continues
 a run as if it had never stopped (bitwise on CPU).
 
@@ -21,8 +23,8 @@ import torch
 import torch.distributed as torch_dist
 
 import data
-from cli import write_atomic
-from safetensors_io import read_safetensors
+from lib.cli import write_atomic
+from hub import HubError, read_safetensors, resolve_file
 
 # --resume refuses to change these (or the sequences per step), which would change what a step means. The lr, the
 # budgets and the split of a step into GPUs x micro-batches may change.
@@ -154,3 +156,54 @@ def trim_log(path, step):
             return False
     if path.exists():
         write_atomic(path, "".join(line + "\n" for line in path.read_text().splitlines() if keep(line)))
+
+
+# ----------------------------------------------------------------------------- pretrained weights
+
+# Buffers that HF checkpoints may carry but that we recompute: never persistent in this model.
+IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
+# Tensors of the Hyena filter that checkpoints from before it followed safari's convention lack.
+SAFARI_FILTER_TENSORS = ("filter_fn.pos_emb.z", "filter_fn.pos_emb.t", "filter_fn.modulation.deltas")
+
+
+def read_pretrained(name_or_path, revision, expected, mixers):
+    """The state dict a pretrained checkpoint holds, checked against `expected` (a fresh model's state_dict()):
+    every tensor named and shaped as there, none missing; HF's lm_head.weight read as embed_out.weight, buffers we
+    recompute skipped. Refusals name the file and the key; old-convention Hyena filters say why they are refused."""
+    state = {}
+    for path in weight_files(name_or_path, revision):
+        for key, t in read_safetensors(path).items():
+            key = "embed_out.weight" if key == "lm_head.weight" else key
+            if key.endswith(IGNORED_SUFFIXES):
+                continue
+            if key not in expected:
+                raise ValueError(f"{path}: unexpected key {key!r} for a GPT-NeoX with mixers {mixers}")
+            if t.shape != expected[key].shape:
+                raise ValueError(f"{path}: {key!r} has shape {list(t.shape)}, the config implies "
+                                 f"{list(expected[key].shape)}")
+            state[key] = t
+    missing = sorted(set(expected) - set(state))
+    if missing and all(k.endswith(SAFARI_FILTER_TENSORS) for k in missing):
+        raise ValueError(f"{name_or_path}@{revision}: checkpoint lacks the Hyena filter's {missing[:3]}...: it was "
+                         "written before the filter followed safari's convention (decay rates in the opposite "
+                         "channel order, fixed positional embedding), so it would compute another function. "
+                         "Retrain it with this version")
+    if missing:
+        raise ValueError(f"{name_or_path}@{revision}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    return state
+
+
+def weight_files(name_or_path, revision="main"):
+    """model.safetensors, or the shards a model.safetensors.index.json names. Pickle files are refused."""
+    try:
+        return [resolve_file(name_or_path, "model.safetensors", revision)]
+    except (FileNotFoundError, HubError) as single_err:
+        try:
+            index = Path(resolve_file(name_or_path, "model.safetensors.index.json", revision))
+        except (FileNotFoundError, HubError):
+            raise FileNotFoundError(
+                f"{name_or_path}@{revision} has neither model.safetensors nor model.safetensors.index.json "
+                f"({single_err}). Only safetensors are loaded (pickle files are never unpickled); convert "
+                "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True)") from None
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [resolve_file(name_or_path, s, revision) for s in shards]

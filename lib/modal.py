@@ -1,5 +1,5 @@
 """Long filters as sums of decaying complex modes: the numerics of Laughing Hyena Distillery (Massaroli et al.,
-NeurIPS 2023, arXiv 2310.18780), as pure functions on tensors (no model code; ModalFilter in hyena_operator.py and
+NeurIPS 2023, arXiv 2310.18780), as pure functions on tensors (no model code; ModalFilter in hyena.py and
 `hyena.to_modal` use them).
 
 The convention, one for the whole project (ModalFilter, its decoding step and the fit all follow it): a filter of

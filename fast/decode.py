@@ -4,14 +4,17 @@ The kernel computes a Hyena long convolution's output for the token being decode
 
     y[b, d] = sum_{s <= pos} z[b, d, s] * k[pos - s, d]
 
-HyenaOperator.step computes the same with PyTorch ops (its reference and fallback), but static shapes force it
-to touch the whole cache (T positions) plus a gathered copy of the filter window on every step. The kernel
-reads the position from device memory and loops only over s <= pos: O(pos D) bytes, no copy, and still
-capturable in a CUDA graph (its shapes never change). bench.py's check section holds it to the PyTorch formula
-on the GPU; test_hyena_operator.py runs it in Triton's CPU interpreter where Triton is installed.
+Its plain twin is the formula in hyena.HyenaOperator.step (plain PyTorch), whose static shapes force it to touch
+the whole cache (T positions) plus a gathered copy of the filter window on every step. The kernel reads the
+position from device memory and loops only over s <= pos: O(pos D) bytes, no copy, and still capturable in a
+CUDA graph (its shapes never change). The test
+    tests/test_hyena_operator.py::test_decode_kernel_equals_the_definition_in_tritons_interpreter
+holds the two equal in Triton's CPU interpreter (where Triton is installed), bench/bench.py's check section on
+the GPU. HyenaOperator.step uses it where fast.active and `available` say so.
 
 `graphed_step` captures a whole cached step of a model (attention or Hyena, any mix) as a CUDA graph, which
-`GPTNeoX.generate` replays per token on a GPU: at these model sizes launches, not bytes, bound decoding.
+`GPTNeoX.generate` replays per token on a GPU when fast.active: at these model sizes launches, not bytes, bound
+decoding. Its plain twin is the eager step (`decode_step(graph=False)`).
 """
 import os
 
@@ -58,7 +61,9 @@ if triton is not None:
 def long_conv_step(z, k_rev, pos):
     """z (B, D, T) history (positions > pos ignored), k_rev (D, >= T) with k_rev[d, T-1-j] = k[j, d] (the
     zero-padded HyenaState.k_pad of a decoding cache qualifies), pos a 0-dim integer tensor -> y (B, D) in fp32.
-    The positions are split into as many chunks as it takes to run ~PROGRAMS tiles (static: graph-safe)."""
+    The positions are split into as many chunks as it takes to run ~PROGRAMS tiles (static: graph-safe).
+    Plain twin: hyena.HyenaOperator.step (its PyTorch formula); held equal, in Triton's CPU interpreter, by
+    tests/test_hyena_operator.py::test_decode_kernel_equals_the_definition_in_tritons_interpreter."""
     B, D, T = z.shape
     if not (z.is_contiguous() and k_rev.stride(1) == 1):
         raise ValueError("long_conv_step needs a contiguous z history and a row-contiguous filter")
@@ -76,7 +81,11 @@ def graphed_step(model, cache, batch):
     """One cached decoding step of a hyena.Cache captured as a CUDA graph, after a prefill: step(tokens (B, 1)) ->
     logits (B, 1, V) (one static tensor, overwritten by the next call). Replaying the captured kernels skips
     the ~100 small launches per token that otherwise cost more than their work. Runs under the caller's
-    autocast (with its weight-cast cache off, as graphs need)."""
+    autocast (with its weight-cast cache off, as graphs need).
+    Plain twin: hyena.GPTNeoX.forward (one eager cached step); the CPU holds the step capturable, in
+    test_hyena.py::test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_them and
+    tests/test_modal.py::test_modal_decoding_steps_never_read_the_device_back; bench/bench.py's check section
+    holds replayed and eager logits equal on the GPU."""
     pos = cache.pos
     if int(pos) + 2 > cache.max_len:  # a host read, before any capture
         raise ValueError(f"graphed_step warms up on the next two positions, but the cache ends at "

@@ -1,7 +1,8 @@
 """The training losses on a model's head, fused with their gradient so full-vocabulary logits never exist whole.
 
-`head_loss` is the cross-entropy GPTNeoX.forward trains with and, given a teacher, the end-to-end distillation
-loss of distill.py (KL(teacher || student) at a temperature, plus optional CE).
+`head_loss` computes what GPTNeoX.forward's plain F.cross_entropy computes (hyena.py) and, given a teacher, the
+end-to-end distillation loss of distill.kd_loss's plain branch (KL(teacher || student) at a temperature, plus
+optional CE); tests/test_losses.py holds both pairs equal, values and gradients.
 """
 import functools
 import warnings
@@ -14,7 +15,9 @@ def chunk_loss_and_grad(zs, tgt, ce_weight, zt, temperature):
     """One chunk's summed loss and its gradient dLoss/dzs from the student's logits zs (c, V) (and the teacher's
     zt): ce_weight (softmax(zs) - onehot) [+ tau (p_s - p_t)], in zs's dtype. Only elementwise work and row
     reductions, so on CUDA it runs compiled (`chunk_fn`): a fused softmax in two passes over the bf16 logits
-    instead of about fifteen fp32 passes eagerly."""
+    instead of about fifteen fp32 passes eagerly.
+    Plain twin: distill.kd_loss (one chunk of it, its gradient by autograd); held equal by
+    tests/test_losses.py::test_fused_chunked_kd_loss_equals_plain_kd_loss."""
     up = torch.promote_types(zs.dtype, torch.float32)  # fp32 softmaxes for bf16 logits; fp64 stays fp64
     z = zs.to(up)
     total, grad = z.new_zeros(()), torch.zeros_like(z)
@@ -56,8 +59,8 @@ def _compiled_chunk_fn():
 
 
 def chunk_fn(device):
-    """chunk_loss_and_grad, compiled on CUDA (the reference runs eagerly on the CPU; the benchmark's check
-    section holds the two to agreement on the GPU)."""
+    """chunk_loss_and_grad, compiled on CUDA (the same function run eagerly on the CPU; the benchmark's check
+    section holds the two to agreement on the GPU, tests/test_losses.py the fallback to eager)."""
     return _compiled_chunk_fn() if device.type == "cuda" else chunk_loss_and_grad
 
 
@@ -68,6 +71,9 @@ class FusedHeadLoss(torch.autograd.Function):
     The unembedding, softmaxes and loss run `chunk` rows at a time, and each chunk's gradient is formed on the
     spot (chunk_loss_and_grad) and pushed through the matmul: no (rows, V) logits ever exist whole (13 GB in
     fp32 at 64k tokens), and nothing is recomputed backward.
+    Plain twins: hyena.GPTNeoX.forward (its F.cross_entropy), distill.kd_loss; held equal by
+    tests/test_losses.py::test_fused_training_loss_equals_the_plain_cross_entropy_and_so_do_gradients and
+    tests/test_losses.py::test_fused_chunked_kd_loss_equals_plain_kd_loss.
     """
 
     @staticmethod
@@ -101,7 +107,7 @@ CPU_CHUNK_BYTES = 24 << 20  # under 32 MB: glibc serves larger blocks by mmap, n
 def default_chunk(device, vocab_size, itemsize=4):
     """Rows per loss chunk: 8192 on a GPU. On the CPU each (rows, V) chunk tensor stays under CPU_CHUNK_BYTES:
     a whole step's logits (200 MB at V = 50k, 1024 tokens) would be mmap-ed, page-faulted in and unmapped again
-    on every step, and the kernel's time would then equal the math's (train.keep_freed_memory keeps the rest)."""
+    on every step, and the kernel's time would then equal the math's (lib/runtime.keep_freed_memory keeps the rest)."""
     return 8192 if device.type == "cuda" else max(1, CPU_CHUNK_BYTES // (max(itemsize, 4) * vocab_size))
 
 
@@ -110,7 +116,10 @@ def head_loss(model, h, targets, ce_weight=1.0, teacher=None, h_teacher=None, te
     """ce_weight * CE [+ tau^2 KL(teacher || model)], from final hidden states h
     (B, L, D) (and the teacher's h_teacher) before the final LayerNorm; targets (B, L), -1 = not scored.
     Averaged over scored tokens for CE alone, over all tokens when distilling (the KL covers every position).
-    chunk: rows per chunk (default_chunk when None)."""
+    chunk: rows per chunk (default_chunk when None).
+    Plain twins: hyena.GPTNeoX.forward (its F.cross_entropy), distill.kd_loss (its plain branch); held equal by
+    tests/test_losses.py::test_fused_training_loss_equals_the_plain_cross_entropy_and_so_do_gradients and
+    tests/test_losses.py::test_fused_chunked_kd_loss_equals_plain_kd_loss."""
     xs = model.gpt_neox.final_layer_norm(h).flatten(0, 1)  # (n, D)
     xt = wt = None
     if teacher is not None:

@@ -1,0 +1,93 @@
+"""The process a training run lives in: torchrun's ranks and process group (`setup_distributed`), glibc's
+allocator kept from returning freed memory (`keep_freed_memory`), and Ctrl-C turned into a checkpoint (`ctrl_c`).
+train.py's loop uses all three.
+"""
+import ctypes
+import os
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def close(self):
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def setup_distributed(device="auto"):
+    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK (a plain run is rank 0 of 1); joins the process group once."""
+    rank, world, local = (int(os.environ.get(k, "1" if k == "WORLD_SIZE" else "0"))
+                          for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if device in ("auto", "cuda"):
+        device = f"cuda:{local}" if device == "cuda" or torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this PyTorch {torch.__version__} sees no CUDA GPU (a CPU build, or no "
+                         "GPU visible); use --device cpu, or install a CUDA build of PyTorch")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    if world > 1 and not torch_dist.is_initialized():
+        # NVLink SHARP (multicast) fails to initialise on hosts whose fabric manager does not enable it (e.g.
+        # virtualised nodes); plain NVLink rings serve gradient all-reduce as well. Harmless elsewhere.
+        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        cuda = device.startswith("cuda")
+        torch_dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
+    return Dist(rank, world, local, device)
+
+
+def keep_freed_memory():
+    """Have glibc keep freed memory for reuse instead of handing it back to the OS. By default it returns the
+    top of its heap once 128 kB+ is free there and serves blocks of 128 kB+ by mmap (the limit grows with what
+    is freed): a CPU training step frees its activations and gradients, and the next step page-faults all of
+    them in again, costing as much system time as the step's math. Fixed limits stop that: blocks under 32 MB
+    (glibc's largest heap block; fast/losses.py keeps its chunks below it) come from the heap, and the heap is never
+    trimmed. A no-op where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
+@contextmanager
+def ctrl_c(out, active=True):
+    """Ctrl-C while training: the first one lets the step finish, then train() saves a checkpoint and raises
+    KeyboardInterrupt (cli.run: exit 130); a second one stops at once. Yields a list that is non-empty once asked
+    to stop. Inactive under DDP (each rank would stop at another step and wait for the others forever) and off
+    the main thread (where Python delivers no signals)."""
+    stop = []
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def again(signum, frame):
+        raise KeyboardInterrupt(f"stopped at once by a second Ctrl-C; the last checkpoint in {out}, if any, "
+                                "continues with the same command plus --resume")
+
+    def first(signum, frame):
+        stop.append(True)
+        signal.signal(signal.SIGINT, again)
+        print("\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C again stops at once)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, first)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)

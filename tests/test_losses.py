@@ -1,0 +1,149 @@
+"""fast/losses.py, the head's loss fused with its gradient, equals its plain twins: GPTNeoX.forward's
+F.cross_entropy and distill.kd_loss's plain branch; its compiled chunk falls back to eager; its CPU chunks keep
+a training step's memory on the heap."""
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import distill
+import fast
+from config import Config
+from hyena import GPTNeoX, make_student
+
+TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=160, num_hidden_layers=3, vocab_size=211,
+            max_position_embeddings=64)
+KD_TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=64,
+               max_position_embeddings=32)
+
+
+def randomized(cfg, seed=0):
+    """A model whose every tensor (LayerNorms and biases too) is random."""
+    torch.manual_seed(seed)
+    m = GPTNeoX(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+@pytest.fixture
+def fast_on():
+    """The fast paths switched in for one test (fast.enable), and the setting put back after it."""
+    previous = fast.enable(True)
+    yield
+    fast.enable(previous)
+
+
+def test_fused_training_loss_equals_the_plain_cross_entropy_and_so_do_gradients(fast_on):
+    """forward(idx, targets) on the fast path never builds the logits (chunked, gradient fused: fast.losses.head_loss)
+    yet is the plain path's F.cross_entropy (hyena.GPTNeoX.forward), to rounding."""
+    model = randomized(Config(**TINY))
+    idx, y = torch.randint(0, 211, (2, 30)), torch.randint(0, 211, (2, 30))
+    y[1, :5] = -1  # not scored
+    logits, loss = model(idx, y)
+    assert logits is None
+    g_fused = torch.autograd.grad(loss, list(model.parameters()))
+    fast.enable(False)
+    logits, ref = model(idx, y)
+    assert logits.shape == (2, 30, 211)
+    assert torch.equal(ref, F.cross_entropy(model(idx)[0].flatten(0, 1), y.flatten(), ignore_index=-1))
+    g_ref = torch.autograd.grad(ref, list(model.parameters()))
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    for a, b in zip(g_fused, g_ref):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature, ce_weight", [(1.0, 0.0), (2.0, 0.5)])
+def test_fused_chunked_kd_loss_equals_plain_kd_loss(temperature, ce_weight, fast_on):
+    """distill.kd_loss on the fast path (fast.losses.head_loss, chunked) and its plain branch (full logits) agree
+    with the definition written out here: value and every gradient (hidden states, final LayerNorm, unembedding)."""
+    torch.manual_seed(0)
+    teacher = GPTNeoX(Config(**KD_TINY))
+    student = make_student(teacher)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    hs = torch.randn(3, 7, 32, requires_grad=True)
+    ht, y = torch.randn(3, 7, 32), torch.randint(0, 64, (3, 7))
+    y[0, :3] = -1  # ignored positions
+    params = [hs, student.embed_out.weight, student.gpt_neox.final_layer_norm.weight]
+
+    fused = distill.kd_loss(hs, ht, y, student, teacher, temperature, ce_weight, chunk=5)
+    g_fused = torch.autograd.grad(fused, params)
+    zt, zs = teacher.head(ht) / temperature, student.head(hs) / temperature
+    kl = F.kl_div(F.log_softmax(zs, -1), F.log_softmax(zt, -1), log_target=True, reduction="none").sum(-1)
+    ce = F.cross_entropy((zs * temperature).flatten(0, 1), y.flatten(), ignore_index=-1, reduction="sum")
+    plain = (temperature ** 2 * kl.sum() + ce_weight * ce) / y.numel()
+    g_plain = torch.autograd.grad(plain, params)
+    assert torch.allclose(fused, plain, rtol=1e-5)
+    for a, b in zip(g_fused, g_plain):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    fast.enable(False)
+    unfused = distill.kd_loss(hs, ht, y, student, teacher, temperature, ce_weight)
+    assert torch.allclose(unfused, plain, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(unfused, params), g_plain):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+
+def test_loss_chunk_falls_back_to_eager_when_compiling_fails(monkeypatch):
+    """On CUDA the loss chunk runs compiled; where inductor cannot work, it warns once and runs eagerly."""
+    from fast import losses
+
+    def broken_compile(fn):
+        def run(*args):
+            raise RuntimeError("no working C compiler")
+        return run
+    monkeypatch.setattr(losses.torch, "compile", broken_compile)
+    losses._compiled_chunk_fn.cache_clear()
+    try:
+        fn = losses._compiled_chunk_fn()
+        zs, zt, tgt = torch.randn(4, 11), torch.randn(4, 11), torch.randint(11, (4,))
+        with pytest.warns(UserWarning, match="running it eagerly"):
+            loss, grad = fn(zs, tgt, 1.0, zt, 2.0)
+        ref = losses.chunk_loss_and_grad(zs, tgt, 1.0, zt, 2.0)
+        assert torch.equal(loss, ref[0]) and torch.equal(grad, ref[1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # stays eager, without warning again
+            assert torch.equal(fn(zs, tgt, 1.0, zt, 2.0)[1], ref[1])
+    finally:
+        losses._compiled_chunk_fn.cache_clear()
+
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="page-fault counts and mallopt are glibc/Linux specifics")
+def test_cpu_loss_steps_do_not_page_fault_their_memory_in_again():
+    """A CPU step of KD on a 50k vocabulary (512 tokens: 100 MB of logits) reuses memory freed by the last step:
+    the loss's chunks stay under glibc's largest heap block and lib/runtime.keep_freed_memory stops heap trimming,
+    instead of every step mmap-ing, page-faulting and unmapping its logits again. In a fresh process, as a
+    training run is (the test process's heap holds whatever earlier tests left)."""
+    code = """if True:
+        import resource, torch
+        from lib import runtime
+        from fast.losses import FusedHeadLoss, default_chunk
+        assert default_chunk(torch.device("cpu"), 50304) * 50304 * 4 < 32 << 20
+        assert runtime.keep_freed_memory()
+        g = torch.Generator().manual_seed(0)
+        xs = torch.randn(512, 16, generator=g, requires_grad=True)
+        ws = (0.1 * torch.randn(50304, 16, generator=g)).requires_grad_()
+        xt, wt = torch.randn(512, 16, generator=g), 0.1 * torch.randn(50304, 16, generator=g)
+        tgt, chunk = torch.zeros(512).long(), default_chunk(xs.device, ws.shape[0])
+        step = lambda: FusedHeadLoss.apply(xs, ws, tgt, 0.5, xt, wt, 2.0, chunk, True).backward()
+        for _ in range(3):  # the heap grows to what a step needs
+            step()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            step()
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * resource.getpagesize())
+    """
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr
+    faulted = int(out.stdout.split()[-1])
+    # one step's logits are 100 MB; the churn this guards against faulted in about 3 GB a step
+    assert faulted < 512 * 50304 * 4, f"{faulted / 1e6:.0f} MB page-faulted in by 3 steps"
