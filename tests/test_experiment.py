@@ -385,27 +385,45 @@ def test_experiment_tiny_with_harness_end_to_end(tmp_path):
     assert list(h["commands"]) == ["data", "teacher", "best"]
 
 
-@pytest.mark.skipif(not (TOKENIZER.is_file() and SHAKESPEARE.is_file()),
-                    reason="needs ../shared/data (tokenizer, tinyshakespeare)")
-def test_ctrl_c_stops_the_experiment_with_the_running_step_checkpointed(tmp_path):
-    """SIGINT to the whole process group (a terminal's Ctrl-C, `timeout -s INT`): the driver outlives its step, which
-    stops after its current step with a checkpoint (before the fix, the driver died first, closing the step's
-    output pipe, and the step died printing, without its checkpoint); then exit 130 without a traceback."""
+
+STEP = """import signal, sys, time
+def stop(signum, frame):
+    time.sleep(1)  # the step finishes its current step, then checkpoints
+    print("step: checkpoint saved", flush=True)
+    open(sys.argv[1], "w").write("ckpt")
+    sys.exit(130)
+signal.signal(signal.SIGINT, stop)
+print("step: training", flush=True)
+time.sleep(60)
+"""
+DRIVER = """import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from experiment import experiment, runner
+from lib import cli
+def drive(argv):
+    runner.finish(runner.run([sys.executable, "-c", sys.argv[2], sys.argv[3]], Path(sys.argv[4])))
+experiment.drive = drive
+cli.run(experiment.main, [])
+"""
+
+
+def test_ctrl_c_waits_for_the_running_step_to_checkpoint(tmp_path):
+    """SIGINT to the whole process group (a terminal's Ctrl-C, `timeout -s INT`): the driver outlives its step,
+    relaying its last words, while the step stops with a checkpoint; then exit 130 and no traceback. (A driver that
+    died at once closed the step's output pipe, and the step died printing, its checkpoint unwritten.)"""
     import signal
     import time
-    root = Path(__file__).resolve().parent.parent
-    log = tmp_path / "console.txt"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(root / "experiment" / "experiment.py"), "--preset", "tiny",
-                                 "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results"),
-                                 "--shared", str(SHARED), "--data-root", str(tmp_path / "data")],
-                                cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 120
-        while "[teacher] step 10 |" not in log.read_text() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
+    root, console, ckpt = Path(__file__).resolve().parent.parent, tmp_path / "console.txt", tmp_path / "ckpt"
+    with open(console, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(root), STEP, str(ckpt), str(tmp_path / "step.log")],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 60
+        while "[step] step: training" not in console.read_text() and time.time() < deadline:
+            time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=120) == 130
-    text = log.read_text()
-    assert "Ctrl-C: waiting for the running steps" in text and "Traceback" not in text, text
-    assert "the same command resumes every step" in text
-    assert (tmp_path / "runs" / "teacher" / "ckpt" / "train_state.pt").is_file()
+        assert proc.wait(timeout=60) == 130
+    text = console.read_text()
+    assert "Ctrl-C: waiting for the running steps" in text and "[step] step: checkpoint saved" in text, text
+    assert "the same command resumes every step" in text and "Traceback" not in text, text
+    assert ckpt.read_text() == "ckpt"
