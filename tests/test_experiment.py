@@ -386,7 +386,7 @@ def test_experiment_tiny_with_harness_end_to_end(tmp_path):
 
 
 
-STEP = """import signal, sys, time
+STUB_STEP = """import signal, sys, time
 def stop(signum, frame):
     time.sleep(1)  # the step finishes its current step, then checkpoints
     print("step: checkpoint saved", flush=True)
@@ -396,7 +396,7 @@ signal.signal(signal.SIGINT, stop)
 print("step: training", flush=True)
 time.sleep(60)
 """
-DRIVER = """import sys
+STUB_DRIVER = """import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from experiment import experiment, runner
@@ -416,7 +416,8 @@ def test_ctrl_c_waits_for_the_running_step_to_checkpoint(tmp_path):
     import time
     root, console, ckpt = Path(__file__).resolve().parent.parent, tmp_path / "console.txt", tmp_path / "ckpt"
     with open(console, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(root), STEP, str(ckpt), str(tmp_path / "step.log")],
+        proc = subprocess.Popen([sys.executable, "-c", STUB_DRIVER, str(root), STUB_STEP, str(ckpt),
+                                 str(tmp_path / "step.log")],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 60
         while "[step] step: training" not in console.read_text() and time.time() < deadline:
