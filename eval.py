@@ -43,15 +43,15 @@ import torch.nn.functional as F
 
 from data import (batched, check_compatible, eval_windows, harness_windows, load_meta, load_split, resolve_data_dir,
                   tokenizer_sha256)
-from hub import HubError, looks_like_path, resolve_file
+from hub import HubError, resolve_file
 from config import Config
+from lib.checkpoint import DTYPES, checkpoint_tokenizer, resolve_ckpt
+from tokenizer import DEFAULT_TOKENIZER
 from hyena import GPTNeoX
 from tokenizer import load_tokenizer
 from lib.cli import integer, writable_dir, write_atomic
 from lib.sweep import BEYOND, SWEEP, run_sweep, sweep_check
 
-DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DEFAULT_TOKENIZER = "EleutherAI/pythia-70m"
 PROTOCOLS = ("stream", "harness")  # see the module docstring
 
 
@@ -139,27 +139,6 @@ def harness_tasks(names, include_path):
 def max_context(cfg):
     """The longest window the model is native to (Config.native_context; None: any length)."""
     return cfg.native_context
-
-
-def resolve_ckpt(name):
-    """A folder written by save_pretrained (or a train.py out_dir: its ckpt/), else a hub repo id."""
-    path = Path(name).expanduser()
-    for folder in (path, path / "ckpt"):
-        if (folder / "config.json").is_file():
-            return str(folder)
-    if path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path} holds no config.json (nor ckpt/config.json); "
-                                "expected a folder written by save_pretrained or a train.py --out-dir")
-    if looks_like_path(name):
-        raise FileNotFoundError(f"checkpoint not found: {name} is no local folder, nor a hub repo id like "
-                                "'EleutherAI/pythia-160m'")
-    return name
-
-
-def checkpoint_tokenizer(ckpt):
-    """The tokenizer.json a local checkpoint folder carries, else None."""
-    path = Path(ckpt) / "tokenizer.json"
-    return str(path) if path.is_file() else None
 
 
 def sample(model, enc, prompt, max_new_tokens, temperature, top_k, seed):

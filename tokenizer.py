@@ -86,6 +86,8 @@ class HFEncoding(tiktoken.Encoding):
                 "source_sha256": self.source_sha256}
 
 
+DEFAULT_TOKENIZER = "EleutherAI/pythia-70m"  # GPT-NeoX-20B's BPE, as every Pythia has it
+
 def tokenizer_file_sha256(path) -> str:
     """sha256 hex digest of a tokenizer file; equals `load_tokenizer(path).source_sha256`."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
@@ -112,7 +114,7 @@ def tokenizer_path(name_or_path, revision="main") -> Path:
     return Path(resolve_file(name_or_path, "tokenizer.json", revision))
 
 
-def load_tokenizer(name_or_path="EleutherAI/pythia-70m", revision="main") -> HFEncoding:
+def load_tokenizer(name_or_path=DEFAULT_TOKENIZER, revision="main") -> HFEncoding:
     """tiktoken.Encoding with HF-identical ids, from a tokenizer.json path, a directory holding one, or a
     hub repo id (downloaded at `revision` via hub.resolve_file). Named "hf-<sha256[:12]>" of the file."""
     path = tokenizer_path(name_or_path, revision)

@@ -35,9 +35,9 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-import eval as ev  # the repo root's eval.py (harness/ is imported from the root, as `harness.adapter`)
 from hyena import GPTNeoX
-from tokenizer import load_tokenizer
+from lib.checkpoint import DTYPES, checkpoint_tokenizer, resolve_ckpt
+from tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 
@@ -57,24 +57,24 @@ class HyenaLM(TemplateLM):
                              "not do; give batch_size=N")
         if str(batch_size).startswith("auto") or int(batch_size) < 1:
             raise ValueError(f"batch_size={batch_size}: give a positive number (no automatic batch size here)")
-        if dtype is not None and dtype not in ev.DTYPES:
-            raise ValueError(f"dtype={dtype}: expected one of {', '.join(ev.DTYPES)}")
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype}: expected one of {', '.join(DTYPES)}")
         if isinstance(pretrained, GPTNeoX):
             model = pretrained
             if dtype is not None:
-                model = model.to(ev.DTYPES[dtype])
+                model = model.to(DTYPES[dtype])
         else:
-            ckpt = ev.resolve_ckpt(str(pretrained))
-            model = GPTNeoX.from_pretrained(ckpt, dtype=ev.DTYPES[dtype or "fp32"])
-            tokenizer = tokenizer or ev.checkpoint_tokenizer(ckpt)
+            ckpt = resolve_ckpt(str(pretrained))
+            model = GPTNeoX.from_pretrained(ckpt, dtype=DTYPES[dtype or "fp32"])
+            tokenizer = tokenizer or checkpoint_tokenizer(ckpt)
             device = device or "auto"
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = model.to(device).eval() if device is not None else model.eval()
         self._device = next(self.model.parameters()).device
-        self.tokenizer_path = str(tokenizer or ev.DEFAULT_TOKENIZER)
+        self.tokenizer_path = str(tokenizer or DEFAULT_TOKENIZER)
         self.enc = load_tokenizer(self.tokenizer_path)
-        limit = ev.max_context(self.model.config)  # None: any length (an all-modal student); default: its training's
+        limit = self.model.config.native_context  # None: any length (an all-modal student); default: its training's
         self._max_length = int(max_length or limit or self.model.config.max_position_embeddings)
         if not 1 <= self._max_length <= (limit or self._max_length):
             raise ValueError(f"max_length={max_length}: the model is defined for windows of 1 to {limit} tokens")

@@ -24,11 +24,12 @@ import torch.distributed as torch_dist
 
 import data
 from lib.cli import write_atomic
-from hub import HubError, read_safetensors, resolve_file
+from hub import HubError, looks_like_path, read_safetensors, resolve_file
 
 # --resume refuses to change these (or the sequences per step), which would change what a step means. The lr, the
 # budgets and the split of a step into GPUs x micro-batches may change.
 RESUME_FIELDS = ("data", "block_size", "seed")
+DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype
 
 
 @contextmanager
@@ -207,3 +208,24 @@ def weight_files(name_or_path, revision="main"):
                 "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True)") from None
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [resolve_file(name_or_path, s, revision) for s in shards]
+
+
+def resolve_ckpt(name):
+    """A folder written by save_pretrained (or a train.py out_dir: its ckpt/), else a hub repo id."""
+    path = Path(name).expanduser()
+    for folder in (path, path / "ckpt"):
+        if (folder / "config.json").is_file():
+            return str(folder)
+    if path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path} holds no config.json (nor ckpt/config.json); "
+                                "expected a folder written by save_pretrained or a train.py --out-dir")
+    if looks_like_path(name):
+        raise FileNotFoundError(f"checkpoint not found: {name} is no local folder, nor a hub repo id like "
+                                "'EleutherAI/pythia-160m'")
+    return name
+
+
+def checkpoint_tokenizer(ckpt):
+    """The tokenizer.json a local checkpoint folder carries, else None."""
+    path = Path(ckpt) / "tokenizer.json"
+    return str(path) if path.is_file() else None

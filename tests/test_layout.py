@@ -7,15 +7,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 
 
-def test_no_root_script_imports_another_script():
+def test_no_script_is_imported_by_another_script_or_by_a_module():
     scripts = {p.stem for p in ROOT.glob("*.py") if re.search(r'^if __name__ == "__main__":', p.read_text(), re.M)}
     assert {"prepare", "finetune", "distill", "eval"} <= scripts
+    files = [ROOT / f"{name}.py" for name in sorted(scripts)] + \
+        sorted(p for folder in ("lib", "fast", "harness", "experiment") for p in (ROOT / folder).glob("*.py"))
     found = []
-    for name in sorted(scripts):
-        for node in ast.walk(ast.parse((ROOT / f"{name}.py").read_text())):
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
             imported = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
-            found += [f"{name}.py imports {m}" for m in imported if m.split(".")[0] in scripts - {name}]
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            found += [f"{path.relative_to(ROOT)} imports {m}" for m in imported
+                      if m.split(".")[0] in scripts - {path.stem if path.parent == ROOT else ""}]
     assert not found, found
 
 
@@ -114,9 +117,9 @@ def test_the_model_does_not_import_the_http_client():
 
 
 def test_one_meaning_per_name():
-    """DTYPES is eval's --dtype table, evaluate is eval's perplexity pass, decode is the decoding module: no other
+    """DTYPES is the --dtype table (lib/checkpoint.py), evaluate is eval's perplexity pass, decode is the decoding module: no other
     module defines these names at its top level, and no function (methods aside) or parameter is named so."""
-    owner = {"DTYPES": "eval.py", "evaluate": "eval.py", "decode": None}
+    owner = {"DTYPES": "lib/checkpoint.py", "evaluate": "eval.py", "decode": None}
     found = []
     for path in sorted(ROOT.glob("**/*.py")):
         rel, tree = str(path.relative_to(ROOT)), ast.parse(path.read_text())
