@@ -52,6 +52,19 @@ def spent(runs, folders):
     return tokens, minutes
 
 
+def training_mode(runs):
+    """How the training steps ran, from every stage's summary.json ("compiled" in train.py's summary): "compiled",
+    "eager", or "mixed" naming the eager stages; None when no summary records it."""
+    modes = {str(f.parent.relative_to(runs)): json.loads(f.read_text()).get("compiled")
+             for f in sorted(runs.glob("**/summary.json")) if (f.parent / "log.jsonl").exists()}
+    modes = {k: v for k, v in modes.items() if v is not None}
+    if not modes:
+        return None
+    if len(set(modes.values())) == 1:
+        return "compiled (torch.compile)" if next(iter(modes.values())) else "eager"
+    return "mixed; eager: " + ", ".join(k for k, v in modes.items() if not v)
+
+
 def curve(runs, folders):
     """(tokens, minutes, val CE) along the training of these folders, stages laid end to end."""
     pts, tok0, min0 = [], 0, 0.0
@@ -223,7 +236,8 @@ def main(argv=None):
     res = build(runs)
     unit = minutes_label(args.gpus)
     meta = {k: v for k, v in {f"student budget ({unit}-minutes)": args.paper_minutes, "GPUs": args.gpus,
-                              "experiment wall time (minutes)": args.wall_minutes}.items() if v}
+                              "experiment wall time (minutes)": args.wall_minutes,
+                              "training steps": training_mode(runs)}.items() if v}
     res["meta"] = meta
     for name, text in [("experiment.json", json.dumps(res, indent=1)), ("RESULTS.md", markdown(res, meta, unit))]:
         write_atomic(out / name, text)

@@ -117,7 +117,7 @@ def test_quick_start_chain_teacher_student_finetune_eval_report(tmp_path, capsys
 
 # ---------------------------------------------------------------------------------------------- report.py alone
 
-def write_stage(folder, vals, tokens, minutes, world=1):
+def write_stage(folder, vals, tokens, minutes, world=1, compiled=None):
     """A training stage as train.py leaves it: log.jsonl (a step record, then a val record, per validation) and
     summary.json. vals: the val metrics of each validation, evenly spaced over `tokens` and `minutes`."""
     folder.mkdir(parents=True)
@@ -127,7 +127,8 @@ def write_stage(folder, vals, tokens, minutes, world=1):
         lines += [{"step": i, "tokens": t, "lr": 1e-3, "loss": val["ce"], "elapsed_s": s},
                   {"step": i, "tokens": t, "val": {"loss": val["ce"], **val}}]
     (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    (folder / "summary.json").write_text(json.dumps({"tokens": tokens, "minutes": minutes, "world": world}))
+    (folder / "summary.json").write_text(json.dumps({"tokens": tokens, "minutes": minutes, "world": world,
+                                                     **({} if compiled is None else {"compiled": compiled})}))
 
 
 def write_eval(path, *rows):
@@ -203,6 +204,18 @@ def test_report_labels_a_cpu_run_in_cpu_minutes(tmp_path):
     header = [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
     assert header[-1] == "CPU-min" and "GPU" not in md.replace("GPUs: 0", "")
     assert dict(zip(header, table_rows(md)[0]))["CPU-min"] == "3.00"
+
+
+def test_report_says_whether_the_training_steps_ran_compiled(tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "results"
+    write_stage(runs / "teacher", [{"ce": 4.0}], tokens=1000, minutes=1.0, compiled=True)
+    write_stage(runs / "scratch", [{"ce": 4.5}], tokens=1000, minutes=1.0, compiled=True)
+    write_eval(runs / "eval" / "teacher.json", ("runs/teacher/final", {"gutenberg": 20.0}))
+    report.main(["--runs", str(runs), "--results", str(out)])
+    assert "training steps: compiled (torch.compile)" in (out / "RESULTS.md").read_text()
+    write_stage(runs / "best" / "e2e", [{"ce": 4.2}], tokens=1000, minutes=1.0, compiled=False)
+    report.main(["--runs", str(runs), "--results", str(out)])
+    assert "training steps: mixed; eager: best/e2e" in (out / "RESULTS.md").read_text()
 
 
 def test_report_says_plainly_when_plots_are_skipped(tmp_path, capsys, monkeypatch):
