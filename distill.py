@@ -65,7 +65,7 @@ def kd_loss(hs, ht, targets, student, teacher, temperature=1.0, ce_weight=0.0, c
         zt = teacher.head(ht).float() / temperature  # (B, L, V)
     z = student.head(hs).float()  # (B, L, V)
     kl = F.kl_div(F.log_softmax(z / temperature, -1), F.log_softmax(zt, -1), log_target=True, reduction="sum")
-    ce = F.cross_entropy(z.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="sum")
+    ce = F.cross_entropy(z.flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="sum") if ce_weight else 0.0
     return (temperature ** 2 * kl + ce_weight * ce) / targets.numel()
 
 

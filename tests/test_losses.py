@@ -14,21 +14,10 @@ import distill
 import fast
 from config import Config
 from hyena import GPTNeoX, make_student
+from test_hyena import TINY, randomized  # the core tests' tiny config and all-random model
 
-TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=160, num_hidden_layers=3, vocab_size=211,
-            max_position_embeddings=64)
 KD_TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=64,
                max_position_embeddings=32)
-
-
-def randomized(cfg, seed=0):
-    """A model whose every tensor (LayerNorms and biases too) is random."""
-    torch.manual_seed(seed)
-    m = GPTNeoX(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return m
 
 
 @pytest.fixture
