@@ -25,6 +25,18 @@ REQUIRED_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attentio
                  "max_position_embeddings")
 ROPE_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor", "factor")
 
+# Model shapes by name (finetune.py --config, experiment.py --sweep): Pythia's exact sizes (the 70m is Config's
+# defaults); the vocabulary comes from the data.
+SHAPES = {
+    "pythia-14m": dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4, intermediate_size=512),
+    "pythia-31m": dict(hidden_size=256, num_hidden_layers=6, num_attention_heads=8, intermediate_size=1024),
+    "pythia-70m": {},
+    "pythia-160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "pythia-410m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                 max_position_embeddings=256),
+}
+
 
 @dataclass
 class Config:

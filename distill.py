@@ -202,7 +202,7 @@ class Stage:
 
 def plan_stages(dcfg, cfg, layers):
     """The stages in order: the alignment (one stage per layer when progressive, its budget split evenly over
-    them), then the end-to-end stage if it has a budget."""
+    them), then the end-to-end stage if it has a budget. Only the last stage branches (--branches)."""
     stages = []
     if dcfg.layers == "progressive":
         per = dataclasses.replace(cfg, max_tokens=int(cfg.max_tokens // len(layers)),
@@ -214,6 +214,8 @@ def plan_stages(dcfg, cfg, layers):
         e2e_cfg = dataclasses.replace(cfg, max_tokens=int(dcfg.e2e_tokens), max_minutes=dcfg.e2e_minutes,
                                       lr=dcfg.e2e_lr)
         stages.append(Stage("e2e", "e2e", dcfg.e2e_train, layers, e2e_cfg))
+    for st in stages[:-1]:  # --branches are budgets of the last stage: the earlier ones run once, shared
+        st.cfg = dataclasses.replace(st.cfg, branches="")
     return stages
 
 

@@ -18,18 +18,11 @@ import torch
 
 import data
 from lib.checkpoint import out_dir_lock, save_final
-from config import MIXERS, Config
+from config import MIXERS, SHAPES, Config
 from hyena import GPTNeoX
 from lib.runtime import setup_distributed
 from train import CrossEntropy, add_train_args, train, train_config_from_args
 
-SHAPES = {  # --config presets; vocab_size comes from the data
-    "pythia-70m": {},
-    "pythia-160m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "pythia-410m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                 max_position_embeddings=256),
-}
 PRESETS = {  # --preset: train-flag defaults (explicit flags still win)
     "tiny": dict(batch_size=8, block_size=128, max_tokens=200_000, eval_interval=50, eval_batches=10,
                  ckpt_interval=100, lr=2e-3, warmup_frac=0.05, out_dir="out/tiny"),

@@ -11,11 +11,12 @@ bf16 autocast, DDP under torchrun, validation, a JSONL log, atomic checkpoints a
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from lib.cli import integer, write_atomic
 from lib.runtime import ctrl_c, keep_freed_memory, setup_distributed
 from lib.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, trim_log
 
-CHOICES = {"dtype": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off")}  # the flags with fixed choices
+CHOICES = {"dtype": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off"), "schedule": ("cosine", "wsd")}  # the flags with fixed choices
 
 
 def arg(default, help):
@@ -47,8 +48,15 @@ class TrainConfig:
     block_size: int = arg(2048, "tokens per sequence")
     grad_accum: int = arg(1, "micro-batches per optimizer step")
     lr: float = arg(6e-4, "peak learning rate; groups with their own lr (Hyena filters) are scaled alike")
-    min_lr_frac: float = arg(0.1, "the cosine schedule ends at min_lr_frac * lr")
+    min_lr_frac: float = arg(0.1, "the schedule ends at min_lr_frac * lr")
     warmup_frac: float = arg(0.02, "fraction of the budget spent on linear warmup")
+    schedule: str = arg("cosine", "after the warmup: cosine decay over the whole budget, or wsd (warmup-stable-"
+                        "decay: constant lr, then a linear decay over the last --decay-frac of the budget)")
+    decay_frac: float = arg(0.2, "wsd: the fraction of the budget spent decaying")
+    branches: str = arg("", "wsd: shorter budgets B (comma-separated, in the budget's unit: minutes with "
+                        "--max-minutes, else tokens) at which the run also saves itself, where B's decay starts, "
+                        "into OUT_DIR@B; the same command with --out-dir OUT_DIR@B, the budget B and --resume then "
+                        "finishes B's run: one stable phase pays for every budget")
     weight_decay: float = arg(0.1, "AdamW decay of matrices and embeddings (never biases, norms, Hyena filters)")
     beta1: float = arg(0.9, "AdamW beta1")
     beta2: float = arg(0.95, "AdamW beta2")
@@ -78,6 +86,26 @@ class TrainConfig:
         for name in ("eval_batches", "max_tokens", "max_minutes", "lr", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name):g}")
+        if not 0 < self.decay_frac < 1:
+            raise ValueError(f"--decay-frac must be between 0 and 1, got {self.decay_frac:g}")
+        if self.branches:
+            if self.schedule != "wsd":
+                raise ValueError(f"--branches {self.branches}: branching needs --schedule wsd (a cosine run's "
+                                 "lr at any moment depends on its whole budget)")
+            if bool(self.max_tokens) == bool(self.max_minutes):
+                raise ValueError(f"--branches {self.branches}: give exactly one budget, --max-minutes or "
+                                 "--max-tokens, so the branch budgets have one unit")
+            self.branch_budgets()  # checks the numbers
+
+    def branch_budgets(self):
+        """--branches as numbers, each > 0 (that they are below the budget train() checks, per stage)."""
+        try:
+            budgets = sorted(float(b) for b in self.branches.split(",") if b.strip())
+        except ValueError:
+            raise ValueError(f"--branches {self.branches!r}: give comma-separated numbers, e.g. 1,2,5") from None
+        if any(b <= 0 for b in budgets):
+            raise ValueError(f"--branches {self.branches!r}: budgets must be > 0")
+        return budgets
 
 
 def add_train_args(parser, **defaults):
@@ -149,9 +177,12 @@ def progress(tokens, seconds, cfg):
 
 
 def lr_factor(p, cfg):
-    """Linear warmup over warmup_frac of the budget, then cosine down to min_lr_frac at p = 1."""
+    """Linear warmup over warmup_frac of the budget, then cosine down to min_lr_frac at p = 1; or (wsd) constant
+    until 1 - decay_frac, then linear down to min_lr_frac at p = 1."""
     if p < cfg.warmup_frac:
         return p / cfg.warmup_frac
+    if cfg.schedule == "wsd":
+        return 1 - (1 - cfg.min_lr_frac) * min(1.0, max(0.0, p - (1 - cfg.decay_frac)) / cfg.decay_frac)
     q = min(1.0, (p - cfg.warmup_frac) / (1 - cfg.warmup_frac)) if cfg.warmup_frac < 1 else 1.0
     return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * q))
 
@@ -170,6 +201,44 @@ def validation_metrics(objective, tokens, cfg, dist, amp):
             sums[k] = sums.get(k, 0.0) + v.float()
     objective.train()
     return {k: v.item() / cfg.eval_batches for k, v in sums.items()}
+
+
+def pending_branches(cfg, stage):
+    """The --branches budgets not yet saved, each with its folder OUT_DIR@B; refuses one not below the budget."""
+    if not cfg.branches:
+        return []
+    budget = cfg.max_tokens or cfg.max_minutes
+    todo = []
+    for b in cfg.branch_budgets():
+        if b >= budget:
+            raise ValueError(f"--branches {cfg.branches}: {b:g} is not below this run's budget {budget:g} "
+                             f"({'--max-tokens' if cfg.max_tokens else '--max-minutes'}); the full run is that "
+                             "budget's point")
+        folder = Path(f"{cfg.out_dir}@{b:g}")
+        if find_checkpoint(folder / stage) is None and not (folder / stage / "summary.json").exists():
+            todo.append((b, folder))
+    return todo
+
+
+def branch_config(cfg, folder, budget):
+    """The TrainConfig of a branch: this run's, with the branch's folder and budget (what its checkpoint records)."""
+    unit = "max_tokens" if cfg.max_tokens else "max_minutes"
+    return replace(cfg, out_dir=str(folder), branches="", resume=False,
+                   **{unit: int(budget) if unit == "max_tokens" else budget})
+
+
+def save_branch(out, stage, folder, model, state):
+    """A branch starts as a copy of the run's folder at this moment: the finished stages beside this one (distill's
+    alignment before its end-to-end stage), this stage's log, and its checkpoint taken now (last: a branch folder
+    with a checkpoint is complete)."""
+    dest = folder / stage
+    if stage:
+        for d in out.parent.iterdir():
+            if d.is_dir() and d.name != stage and (d / "summary.json").exists():
+                shutil.copytree(d, folder / d.name, dirs_exist_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "log.jsonl", dest / "log.jsonl")
+    save_checkpoint(dest, model, state)
 
 
 def train(objective, cfg, dist=None, stage="", on_step=None):
@@ -243,14 +312,16 @@ def _train(objective, cfg, dist, stage, on_step, stop):
             f"step {step} | val " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
-    def checkpoint():
-        state = {"config": asdict(cfg), "world": dist.world, "step": step, "tokens": tokens, "elapsed": elapsed(),
+    def checkpoint(folder=None, budget=None):  # this run's ckpt/, or (folder, budget) a --branches snapshot
+        config = asdict(cfg) if folder is None else asdict(branch_config(cfg, folder, budget))
+        state = {"config": config, "world": dist.world, "step": step, "tokens": tokens, "elapsed": elapsed(),
                  "optimizer": opt.state_dict(), "rng": rng_states(rng, dist)}
         if dist.master:
-            save_checkpoint(out, model, state)
+            save_checkpoint(out, model, state) if folder is None else save_branch(out, stage, folder, model, state)
         if dist.world > 1:
             torch_dist.barrier()
 
+    branches = pending_branches(cfg, stage)  # [(budget, folder)] still to save
     objective.train()
     while progress(tokens, now := elapsed(), cfg) < 1:
         factor = lr_factor(progress(tokens + step_tokens, now, cfg), cfg)  # progress at the end of this step
@@ -304,6 +375,14 @@ def _train(objective, cfg, dist, stage, on_step, stop):
         if step % cfg.ckpt_interval == 0:
             checkpoint()
             ckpt_step = step
+        if branches:  # a shorter budget's decay starts here: save the run as it is into that budget's folder
+            done = tokens if cfg.max_tokens else elapsed() / 60
+            for b, folder in [bf for bf in branches if done >= (1 - cfg.decay_frac) * bf[0]]:
+                checkpoint(folder, b)
+                branches.remove((b, folder))
+                if dist.master:
+                    print(f"{prefix}branch {b:g}: saved at step {step} into {folder}; finish it with the same "
+                          f"command, --out-dir {folder} and budget {b:g}, plus --resume", file=sys.stderr)
         if on_step is not None:
             on_step(step)
         if stop:

@@ -11,11 +11,13 @@ Students, each given the same GPU-minutes (--student-minutes) on one GPU, run in
            fine-tuning (evaluated before and after the CE stage: where does CE help, where does it hurt?)
   scratch  the paper's baseline: Hyena of the same shape trained from scratch with CE
 --harness TASKS also scores teacher, paper-ft, best, scratch and the modal students on offline lm-eval tasks
-(results/harness/HARNESS.md). Every step is skipped when its output exists, so an interrupted experiment resumes by
+(results/harness/HARNESS.md). --sweep SIZES runs the scale and crossover sweep instead of the four students
+(experiment/scaling.py; results/scaling/SCALING.md). Every step is skipped when its output exists, so an interrupted experiment resumes by
 running it again; the console shows each running step's output (its progress lines), and runs/logs/ keeps all of it.
 Without a GPU only `--preset tiny` runs (or `--allow-cpu` to insist on the full sizes).
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -24,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python experiment/experiment.py`: import from the repo root
 from experiment import report, runner
 from experiment.runner import PY, ROOT, add_wall_time, todo
+from experiment.scaling import add_sweep_args, sweep_steps, write_scaling
 from experiment.studies import (add_harness_args, add_long_args, harness_prepare, harness_steps, harness_tasks,
                                 long_context_steps)
 
@@ -96,6 +99,7 @@ def drive(argv):
     p.add_argument("--modal-repair-minutes", type=float, default=0.5, help="KL repair budget per modal student")
     add_long_args(p)
     add_harness_args(p)
+    add_sweep_args(p)
     args = p.parse_args(argv)
     harness = harness_tasks(args.harness)
     students = [s for s in args.students.split(",") if s]
@@ -149,11 +153,20 @@ def drive(argv):
     common = ["--data", data, "--data-root", root, "--block-size", args.block_size, "--batch-size",
               args.batch_size, "--seed", args.seed, "--eval-interval", 50 if tiny else 100, "--eval-batches",
               4 if tiny else 8, "--log-interval", 10, "--compile", args.compile]
+    launcher = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}"] \
+        if args.gpus > 1 else [PY]
+    if args.sweep:  # instead of the four students: teachers per size, then every recipe at every budget
+        if args.teacher != "train":
+            raise ValueError("--sweep pretrains a teacher per size: drop --teacher")
+        vocab = json.loads((Path(root) / data / "meta.json").read_text())["vocab_size"]
+        sweep_steps(args, runs, root, data, tok, logs, common, launcher, vocab)
+        phase_done("sweep")
+        write_scaling(runs, args.results)
+        print(f"experiment.py: the sweep's page is {Path(args.results) / 'scaling' / 'SCALING.md'}", file=sys.stderr)
+        return
     teacher = args.teacher
     if teacher == "train":
         teacher = runs / "teacher" / "final"
-        launcher = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}"] \
-            if args.gpus > 1 else [PY]
         cfg = ["--config", "tiny", "--preset", "tiny"] if tiny else ["--config", "pythia-70m", "--lr", "1e-3"]
         for cmd in todo(launcher + [ROOT / "finetune.py", "--init", "scratch", "--mixer", "attention", *cfg, *common,
                                     "--max-tokens", int(args.teacher_tokens), "--out-dir", runs / "teacher"], teacher):

@@ -1,5 +1,5 @@
 """Turn an experiment's runs (training logs, eval JSON) into results/: JSON, a markdown table, PNG plots (the
-harness and long-context pages: experiment/pages.py).
+harness and long-context pages: experiment/pages.py; the sweep's: experiment/scaling.py).
 
     python experiment/report.py --runs runs/experiment --results results      # experiment.py calls this at the end
 """
@@ -10,6 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python experiment/report.py`: import from the repo root
 from experiment.pages import write_harness, write_longctx  # noqa: E402
+from experiment.runner import spent, stages  # noqa: E402
+from experiment.scaling import write_scaling  # noqa: E402
 from lib.cli import write_atomic  # noqa: E402
 
 # Row label -> (run folders whose training stages it spent, in order; eval JSON name). Folders may be missing
@@ -30,26 +32,6 @@ PAPER = "Paper (Pythia-70M on OpenWebText, WikiText ppl): teacher 51.4, distille
 
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def stages(run):
-    """A run folder's training stages in order: the folder itself (finetune) or its stage sub-folders (distill)."""
-    run = Path(run)
-    if (run / "log.jsonl").exists():
-        return [run]
-    return sorted((d for d in run.glob("*") if (d / "log.jsonl").exists()),
-                  key=lambda d: (d.name == "e2e", d.name))  # alignment stages first, end-to-end last
-
-
-def spent(runs, folders):
-    """Tokens and GPU-minutes the training stages of these folders used (GPU-minutes: minutes x world size)."""
-    tokens = minutes = 0.0
-    for folder in folders:
-        for st in stages(runs / folder):
-            s = json.loads((st / "summary.json").read_text()) if (st / "summary.json").exists() else {}
-            tokens += s.get("tokens", 0)
-            minutes += s.get("minutes", 0) * s.get("world", 1)
-    return tokens, minutes
 
 
 def training_mode(runs):
@@ -249,6 +231,7 @@ def main(argv=None):
     write_harness(runs, out, {name: label for label, (_, name) in ROWS.items()})
     plots(res, out, unit)
     write_longctx(runs, out)
+    write_scaling(runs, out)
     print((out / "RESULTS.md").read_text())
 
 

@@ -1,5 +1,6 @@
 """experiment.py's steps: each a command whose output is appended to its log and shown on the console (`run`,
-`finish`), one job per GPU (`run_parallel`), skipped once its output exists (`todo`); the wall time they add up to.
+`finish`), one job per GPU (`run_parallel`), skipped once its output exists (`todo`); the wall time they add up to,
+and the tokens and GPU-minutes a run folder's training stages spent (`spent`).
 """
 import json
 import os
@@ -90,3 +91,23 @@ def todo(cmd, out):
     started = run_dir is not None and any(p.parent.name in ("ckpt", "ckpt.old")  # not a torn ckpt.tmp
                                           for p in run_dir.glob("**/train_state.pt"))
     return [cmd + ["--resume"] if started else cmd]
+
+
+def stages(run):
+    """A run folder's training stages in order: the folder itself (finetune) or its stage sub-folders (distill)."""
+    run = Path(run)
+    if (run / "log.jsonl").exists():
+        return [run]
+    return sorted((d for d in run.glob("*") if (d / "log.jsonl").exists()),
+                  key=lambda d: (d.name == "e2e", d.name))  # alignment stages first, end-to-end last
+
+
+def spent(runs, folders):
+    """Tokens and GPU-minutes the training stages of these folders used (GPU-minutes: minutes x world size)."""
+    tokens = minutes = 0.0
+    for folder in folders:
+        for st in stages(runs / folder):
+            s = json.loads((st / "summary.json").read_text()) if (st / "summary.json").exists() else {}
+            tokens += s.get("tokens", 0)
+            minutes += s.get("minutes", 0) * s.get("world", 1)
+    return tokens, minutes

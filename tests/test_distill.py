@@ -81,6 +81,23 @@ def test_end_to_end_stage_lowers_kl(setup):
     assert np.mean([r["kd"] for r in rows[-5:]]) < 0.7 * rows[0]["kd"]
 
 
+def test_a_branch_shares_the_alignment_and_finishes_only_the_end_to_end_stage(setup):
+    """--branches belong to the last stage: the branch folder starts with a copy of the finished alignment stage,
+    and --resume there finishes the end-to-end stage with the branch's budget."""
+    tmp, common = setup
+    step = 4 * 32
+    args = common + ["--init", "teacher", "--layers", "independent", "--max-tokens", str(2 * step),
+                     "--schedule", "wsd", "--warmup-frac", "0", "--lr", "3e-3"]
+    distill.main(args + ["--e2e-tokens", str(10 * step), "--branches", str(5 * step), "--out-dir", str(tmp / "b")])
+    branch = tmp / f"b@{5 * step}"
+    assert (branch / "independent" / "summary.json").exists() and (branch / "e2e" / "ckpt").exists()
+    distill.main(args + ["--e2e-tokens", str(5 * step), "--out-dir", str(branch), "--resume"])
+    assert [r["step"] for r in log(branch / "e2e" / "log.jsonl")] == [1, 2, 3, 4, 5]
+    assert len(log(branch / "independent" / "log.jsonl")) == 2  # not trained again
+    summary = json.loads((branch / "distill_summary.json").read_text())
+    assert summary["stages"]["e2e"]["tokens"] == 5 * step and (branch / "final").exists()
+
+
 def test_clear_errors(setup):
     tmp, common = setup
     with pytest.raises(ValueError, match="--hyena-layers 'x' must be"):

@@ -243,6 +243,41 @@ def test_schedule_warms_up_then_decays_to_min_lr():
     assert lr_factor(0.3, cfg) > lr_factor(0.6, cfg) > lr_factor(0.9, cfg)
 
 
+def test_wsd_holds_the_rate_then_decays_linearly_over_its_last_fraction():
+    cfg = TrainConfig(out_dir="x", max_tokens=1, schedule="wsd", warmup_frac=0.1, decay_frac=0.2, min_lr_frac=0.1)
+    assert lr_factor(0.05, cfg) == pytest.approx(0.5)
+    assert lr_factor(0.1, cfg) == lr_factor(0.5, cfg) == lr_factor(0.8, cfg) == 1.0
+    assert lr_factor(0.9, cfg) == pytest.approx(0.55) and lr_factor(1.0, cfg) == pytest.approx(0.1)
+
+
+def test_a_wsd_branch_finishes_bitwise_as_a_run_of_its_own_budget(tmp_path, data_dir):
+    """--branches: one 10-step run saves itself where a 5-step run's decay starts (step 4 of 5); resumed with budget
+    5, that branch is the 5-step run exactly: same steps, same lr, same weights."""
+    wsd = dict(schedule="wsd", warmup_frac=0.0, decay_frac=0.2)
+    b = 5 * STEP_TOKENS
+    train(CrossEntropy(tiny_model()), config(tmp_path / "main", data_dir, max_tokens=10 * STEP_TOKENS,
+                                             branches=str(b), **wsd))
+    branch = tmp_path / f"main@{b}"
+    assert json.loads((branch / "ckpt" / "config.json").read_text())["mixers"] == ["hyena", "hyena"]
+    assert [r["step"] for r in read_log(branch)[0]] == [1, 2, 3, 4]  # the main run's log up to the branch
+    train(CrossEntropy(tiny_model(seed=1)), config(branch, data_dir, max_tokens=b, resume=True, **wsd))
+    train(CrossEntropy(tiny_model()), config(tmp_path / "alone", data_dir, max_tokens=b, **wsd))
+    x = GPTNeoX.from_pretrained(branch / "ckpt").state_dict()
+    y = GPTNeoX.from_pretrained(tmp_path / "alone" / "ckpt").state_dict()
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    (steps_b, _), (steps_a, _), (steps_m, _) = (read_log(tmp_path / n) for n in (f"main@{b}", "alone", "main"))
+    assert [(r["loss"], r["lr"]) for r in steps_b] == [(r["loss"], r["lr"]) for r in steps_a]
+    assert [r["lr"] for r in steps_m[:8]] == [3e-3] * 8 and steps_m[-1]["lr"] == pytest.approx(3e-4)
+    with pytest.raises(ValueError, match="--branches 5000: 5000 is not below this run's budget 1280"):
+        train(CrossEntropy(tiny_model()), config(tmp_path / "big", data_dir, max_tokens=10 * STEP_TOKENS,
+                                                 branches="5000", **wsd))
+    for bad, match in ((dict(branches="2"), "needs --schedule wsd"),
+                       (dict(branches="x", schedule="wsd"), "comma-separated numbers"),
+                       (dict(branches="2", schedule="wsd", max_minutes=1.0), "exactly one budget")):
+        with pytest.raises(ValueError, match=match):
+            config(tmp_path / "bad", data_dir, **bad)
+
+
 def test_finetune_clear_errors(tmp_path, data_dir):
     small = tmp_path / "config.json"
     small.write_text(json.dumps({**scratch_model("tiny", None, VOCAB, 32).config.to_hf(), "vocab_size": 32}))

@@ -1,0 +1,318 @@
+"""experiment.py --sweep: the paper's open questions. (1) Does distillation hold up as the model grows? (2) After how
+many GPU-minutes does pre-training the Hyena model from scratch catch up with distilling it?
+
+Per size (Pythia's exact shapes, config.SHAPES) a teacher is pretrained on the training split with tokens scaled
+by its parameters: --sweep-teacher-tokens is the 70m's budget and a size of N parameters gets N / 70.4M of it
+(the 70m's is then experiment.py's own teacher, `<runs>/teacher`). Per recipe, one warmup-stable-decay run of the
+largest budget saves a branch where each smaller budget's decay starts (train.py --branches), and each branch is
+then finished with its own budget: one stable phase pays for every budget's point. A budget is the recipe's GPU-
+minutes in all (compiling is outside it, as in train.py):
+  best     teacher init, `independent` alignment for a fixed --sweep-align-minutes, then KL for the rest (branched)
+  paper    random init, progressive MSE for --sweep-align-minutes, then CE fine-tuning for the rest (branched)
+           (the paper splits its budget in halves; a fixed first stage is what lets the second one branch)
+  scratch  Hyena of the teacher's shape from random init, CE for the whole budget (branched)
+The first seed runs every point; the other --sweep-seeds repeat the --sweep-repeat points. Every step is skipped
+once its output exists and resumes from its checkpoint, so the sweep restarts where it stopped. The report
+(<results>/scaling/SCALING.md, scaling.json, ratio_vs_params.png, ppl_vs_minutes.png) reads <runs>/sweep/points.json.
+"""
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from config import SHAPES, Config
+from experiment import runner
+from experiment.runner import PY, ROOT, spent, todo
+from hyena import GPTNeoX
+from lib.cli import write_atomic
+
+RECIPES = ("best", "paper", "scratch")
+TEACHER_LR = {"pythia-14m": 1e-3, "pythia-31m": 1e-3, "pythia-70m": 1e-3, "pythia-160m": 6e-4, "pythia-410m": 3e-4,
+              "tiny": 2e-3}  # Pythia's own peak rates
+REFERENCE = "pythia-70m"  # --sweep-teacher-tokens is this size's budget
+
+
+def add_sweep_args(p):
+    g = p.add_argument_group("scale and crossover sweep (experiment/scaling.py)")
+    g.add_argument("--sweep", default="", metavar="SIZE[,SIZE]", help="run the sweep instead of the four students: "
+                   "sizes 14m, 31m, 70m, 160m, 410m (Pythia's shapes) or config.SHAPES names")
+    g.add_argument("--sweep-minutes", default="1,2,5,10,20", help="budgets, GPU-minutes per recipe")
+    g.add_argument("--sweep-recipes", default=",".join(RECIPES), help=f"from {','.join(RECIPES)}")
+    g.add_argument("--sweep-align-minutes", type=float, default=0.25, help="best's alignment and paper's MSE stage, "
+                   "the same for every budget (below the smallest)")
+    g.add_argument("--sweep-teacher-tokens", type=float, help="the 70m teacher's tokens (default --teacher-tokens); "
+                   "other sizes in proportion to their parameters")
+    g.add_argument("--sweep-seeds", default="", help="seeds (default: --seed); the first runs every point")
+    g.add_argument("--sweep-eval-tokens", type=int, default=1_000_000, help="validation tokens each point is "
+                   "scored on (the same tokens for every point and the teacher)")
+    g.add_argument("--sweep-repeat", default="70m:2,10", metavar="SIZE:B[,B][;SIZE:B]", help="the points the other "
+                   "seeds repeat")
+
+
+def shape_name(size):
+    name = size if size in SHAPES else f"pythia-{size}"
+    if name not in SHAPES:
+        raise ValueError(f"--sweep {size}: no such shape; choose from 14m, 31m, 70m, 160m, 410m or {', '.join(SHAPES)}")
+    return name
+
+
+def parameters(shape, vocab_size):
+    """The teacher's parameter count (embeddings included, Pythia's convention), counted on the meta device."""
+    with torch.device("meta"):
+        model = GPTNeoX(Config(**SHAPES[shape], vocab_size=-(-vocab_size // 128) * 128))
+    return sum(p.numel() for p in model.parameters())
+
+
+def budgets_of(spec, flag):
+    try:
+        out = sorted({float(b) for b in spec.split(",") if b.strip()})
+    except ValueError:
+        raise ValueError(f"{flag} {spec!r}: give comma-separated numbers") from None
+    if not out or out[0] <= 0:
+        raise ValueError(f"{flag} {spec!r}: give budgets > 0")
+    return out
+
+
+def parse_repeat(spec):
+    """--sweep-repeat '70m:2,10;31m:5' -> {'pythia-70m': [2.0, 10.0], 'pythia-31m': [5.0]}."""
+    out = {}
+    for part in (x for x in spec.split(";") if x.strip()):
+        size, _, budgets = part.partition(":")
+        out[shape_name(size.strip())] = budgets_of(budgets, "--sweep-repeat")
+    return out
+
+
+def g(x):
+    return f"{x:g}"
+
+
+def recipe_steps(recipe, d, teacher, shape, budgets, align, common):
+    """One recipe at one seed in folder d: [commands in order] and its points [(budget, final, [run folders])]. The
+    branched run's flag and its share of a budget b: all of b for scratch, b - align after a fixed first stage."""
+    top, rest = budgets[-1], budgets[:-1]
+    wsd, before, share = ["--schedule", "wsd"], [], align
+    if recipe == "scratch":
+        run = [PY, ROOT / "finetune.py", "--init", "scratch", "--mixer", "hyena", "--config", shape, *common,
+               "--lr", "1e-3", *wsd]
+        flag, share = "--max-minutes", 0.0
+    elif recipe == "best":
+        run = [PY, ROOT / "distill.py", "--teacher", teacher, *common, "--lr", "1e-3", "--max-minutes", g(align),
+               "--init", "teacher", "--layers", "independent", *wsd]
+        flag = "--e2e-minutes"
+    else:  # paper: the MSE stage once, then the CE fine-tuning branched
+        before = todo([PY, ROOT / "distill.py", "--teacher", teacher, *common, "--lr", "1e-3", "--max-minutes",
+                       g(align), "--init", "random", "--layers", "progressive", "--train", "block",
+                       "--out-dir", d / "paper"], d / "paper" / "final")
+        run = [PY, ROOT / "finetune.py", "--init", d / "paper" / "final", *common, "--lr", "3e-4", *wsd]
+        flag = "--max-minutes"
+    head = d / ("paper-ft" if recipe == "paper" else recipe)
+    extra = [d / "paper"] if recipe == "paper" else []
+    branches = ["--branches", ",".join(g(b - share) for b in rest)] if rest else []
+    steps = before + todo(run + [flag, g(top - share), *branches, "--out-dir", head], head / "final")
+    points = [(top, head / "final", [head, *extra])]
+    for b in rest:
+        folder = Path(f"{head}@{g(b - share)}")  # train.py's name for the branch
+        if not (folder / "final").exists():  # its checkpoint comes from the main run, so always --resume
+            steps.append(run + [flag, g(b - share), "--out-dir", folder, "--resume"])
+        points.append((b, folder / "final", [folder, *extra]))
+    return steps, sorted(points)
+
+
+def sweep_steps(args, runs, root, data, tok, logs, common, launcher, vocab_size):
+    """Teachers, then per size every recipe's runs (one job per GPU), then one eval.py per size over the teacher
+    and every point; writes <runs>/sweep/points.json for the report."""
+    sizes = [shape_name(s.strip()) for s in args.sweep.split(",") if s.strip()]
+    budgets, align = budgets_of(args.sweep_minutes, "--sweep-minutes"), args.sweep_align_minutes
+    recipes = [r for r in args.sweep_recipes.split(",") if r]
+    if not recipes or not set(recipes) <= set(RECIPES):
+        raise ValueError(f"--sweep-recipes {args.sweep_recipes!r}: choose from {', '.join(RECIPES)}")
+    if not 0 < align < budgets[0] and {"best", "paper"} & set(recipes):
+        raise ValueError(f"--sweep-align-minutes {align:g}: must be > 0 and below the smallest budget {budgets[0]:g}")
+    seeds = [int(s) for s in args.sweep_seeds.split(",") if s.strip()] or [args.seed]
+    repeat = parse_repeat(args.sweep_repeat) if len(seeds) > 1 else {}
+    unknown = set(repeat) - set(sizes) or {b for bs in repeat.values() for b in bs} - set(budgets)
+    if unknown:
+        raise ValueError(f"--sweep-repeat {args.sweep_repeat!r}: {', '.join(map(str, sorted(unknown)))} is not in "
+                         "--sweep / --sweep-minutes")
+    base = args.sweep_teacher_tokens or args.teacher_tokens
+    ref = parameters(REFERENCE, vocab_size)
+    points, sweep = [], runs / "sweep"
+    for shape in sizes:
+        n = parameters(shape, vocab_size)
+        tokens = int(base * n / ref)
+        teacher = runs / "teacher" if shape == REFERENCE and tokens == int(args.teacher_tokens) else \
+            sweep / shape / "teacher"
+        cmd = launcher + [ROOT / "finetune.py", "--init", "scratch", "--mixer", "attention", "--config", shape,
+                          "--lr", TEACHER_LR[shape], *common, "--max-tokens", tokens, "--out-dir", teacher]
+        for c in todo(cmd, teacher / "final"):
+            if runner.finish(runner.run(c, logs / f"teacher-{shape}.log")):
+                raise SystemExit(f"experiment.py: the {shape} teacher failed; see {logs / f'teacher-{shape}.log'}")
+        jobs, size_points = {}, []
+        for i, seed in enumerate(seeds):
+            mine = budgets if i == 0 else repeat.get(shape, [])
+            if not mine:
+                continue
+            seeded = [*common[:common.index("--seed") + 1], seed, *common[common.index("--seed") + 2:]]
+            for recipe in recipes:
+                steps, pts = recipe_steps(recipe, sweep / shape / f"seed{seed}", teacher / "final", shape, mine,
+                                          align, seeded)
+                jobs[f"{shape}-{recipe}-s{seed}"] = steps
+                size_points += [dict(size=shape, params=n, teacher_tokens=tokens, seed=seed, recipe=recipe,
+                                     budget=b, final=str(f), folders=[str(x) for x in fs]) for b, f, fs in pts]
+        runner.run_parallel({k: v for k, v in jobs.items() if v}, args.gpus, logs)
+        ev = sweep / shape / "eval.json"
+        size_points.append(dict(size=shape, params=n, teacher_tokens=tokens, recipe="teacher",
+                                final=str(teacher / "final"), folders=[str(teacher)]))
+        finals = [p["final"] for p in size_points]
+        scored = {r["path"] for r in json.loads(ev.read_text())["results"]} if ev.exists() else set()
+        evals = [] if set(finals) <= scored else [[PY, ROOT / "eval.py", "--ckpt", *finals, "--data", data, "--split",
+                                                   "val", "--data-root", root, "--context", args.block_size,
+                                                   "--max-tokens", args.sweep_eval_tokens, "--tokenizer", tok,
+                                                   "--json", ev]]  # again when a point is new
+        runner.run_parallel({f"eval-{shape}": evals} if evals else {}, args.gpus, logs)
+        points += [dict(p, eval=str(ev)) for p in size_points]
+    write_atomic(sweep / "points.json", json.dumps({"data": data, "context": args.block_size, "budgets": budgets,
+                                                    "align_minutes": align, "points": points}, indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def collect(runs):
+    """points.json joined with each point's perplexity and spend: {size: {recipe: {budget: [point, ...]}}}."""
+    plan = json.loads((runs / "sweep" / "points.json").read_text())
+    evals, table = {}, {}
+    for p in plan["points"]:
+        if p["eval"] not in evals:
+            rows = json.loads(Path(p["eval"]).read_text())["results"] if Path(p["eval"]).exists() else []
+            evals[p["eval"]] = {r["path"]: next(iter(r["datasets"].values()))["token_ppl"] for r in rows}
+        ppl = evals[p["eval"]].get(p["final"])
+        if ppl is None:
+            continue
+        tokens, minutes = spent(Path("."), [Path(f) for f in p["folders"]])
+        point = dict(seed=p.get("seed"), ppl=ppl, tokens=tokens, minutes=minutes, params=p["params"],
+                     teacher_tokens=p["teacher_tokens"])
+        table.setdefault(p["size"], {}).setdefault(p["recipe"], {}).setdefault(p.get("budget", 0), []).append(point)
+    return plan, table
+
+
+def mean_sd(values):
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def crossover(by_recipe, budgets):
+    """The smallest budget where scratch's mean ppl is at or below best's, else None (not within the largest)."""
+    best, scratch = by_recipe.get("best", {}), by_recipe.get("scratch", {})
+    for b in budgets:
+        if b in best and b in scratch and mean_sd([p["ppl"] for p in scratch[b]])[0] <= \
+                mean_sd([p["ppl"] for p in best[b]])[0]:
+            return b
+    return None
+
+
+def summarize(runs):
+    plan, table = collect(runs)
+    budgets, rows, answers = plan["budgets"], [], {}
+    params = {p["size"]: p["params"] for p in plan["points"]}
+    for size in sorted(table, key=params.get):
+        by = table[size]
+        teacher = by.get("teacher", {}).get(0, [None])[0]
+        for recipe in (r for r in RECIPES if r in by):
+            for b, pts in sorted(by[recipe].items()):
+                m, sd = mean_sd([p["ppl"] for p in pts])
+                ratio, ratio_sd = mean_sd([p["ppl"] / teacher["ppl"] for p in pts]) if teacher else (None, None)
+                rows.append(dict(size=size, params=params[size], recipe=recipe, budget=b, ppl=m, ppl_sd=sd,
+                                 seeds=[p["seed"] for p in pts], ratio=ratio, ratio_sd=ratio_sd,
+                                 tokens=statistics.fmean(p["tokens"] for p in pts),
+                                 minutes=statistics.fmean(p["minutes"] for p in pts)))
+        measured = sorted(set(by.get("best", {})) & set(by.get("scratch", {})))
+        answers[size] = dict(params=params[size], teacher_ppl=teacher and teacher["ppl"],
+                             teacher_tokens=teacher and teacher["tokens"], crossover=crossover(by, measured),
+                             bound=measured[-1] if measured else None)
+    return dict(data=plan["data"], context=plan["context"], budgets=budgets, align_minutes=plan["align_minutes"],
+                rows=rows, answers=answers)
+
+
+def markdown(s):
+    out = ["# Scale and crossover (experiment.py --sweep)\n",
+           f"{s['data']}-val token perplexity at context {s['context']}. Budgets are GPU-minutes per recipe; best's "
+           f"alignment and paper's MSE stage take a fixed {s['align_minutes']:g} min of each; every budget's point "
+           "is a warmup-stable-decay branch of one run (train.py --branches). ± is the standard deviation over "
+           "seeds; tokens and GPU-minutes are what the point's runs spent (seed mean), compiling excluded.\n",
+           "| size | params | teacher ppl | teacher tokens | recipe | budget | ppl | / teacher | seeds | tokens | "
+           "GPU-min |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in s["rows"]:
+        a = s["answers"][r["size"]]
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}" + \
+            (f" ± {r['ratio_sd']:.3f}" if r["ratio_sd"] is not None else "")
+        teacher = ("-", "-") if a["teacher_ppl"] is None else \
+            (f"{a['teacher_ppl']:.2f}", f"{a['teacher_tokens'] / 1e6:.1f}M")
+        out.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {teacher[0]} | {teacher[1]} | {r['recipe']} | "
+                   f"{r['budget']:g} | {r['ppl']:.2f} | {ratio} | {len(r['seeds'])} | {r['tokens'] / 1e6:.1f}M | "
+                   f"{r['minutes']:.2f} |")
+    out += ["", "## When does scratch catch up? (question 2)", ""]
+    for size, a in s["answers"].items():
+        if a["bound"] is None:
+            out.append(f"- {size}: not measured (needs both best and scratch)")
+        elif a["crossover"] is None:
+            out.append(f"- {size}: no crossover within {a['bound']:g} GPU-minutes: best stays ahead at every "
+                       "measured budget")
+        else:
+            out.append(f"- {size}: scratch catches up by {a['crossover']:g} GPU-minutes (the first measured "
+                       "budget where its perplexity is at or below best's)")
+    return "\n".join(out) + "\n"
+
+
+def plot(s, out):
+    """ratio_vs_params.png (question 1) and ppl_vs_minutes.png (question 2); False where matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"report.py: {out}/*.png skipped: matplotlib is not installed", file=sys.stderr)
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for recipe in RECIPES:
+        for b in s["budgets"]:
+            rs = [r for r in s["rows"] if r["recipe"] == recipe and r["budget"] == b and r["ratio"] is not None]
+            if rs:
+                ax.errorbar([r["params"] for r in rs], [r["ratio"] for r in rs], yerr=[r["ratio_sd"] or 0 for r in rs],
+                            marker="o", capsize=3, label=f"{recipe}, {b:g} GPU-min")
+    ax.set(xscale="log", xlabel="parameters", ylabel="ppl / teacher ppl", title="Does distillation hold up with size?")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "ratio_vs_params.png", dpi=120)
+    plt.close(fig)
+    sizes = list(s["answers"])
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.5), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        for recipe in RECIPES:
+            rs = sorted((r for r in s["rows"] if r["size"] == size and r["recipe"] == recipe), key=lambda r: r["budget"])
+            if rs:
+                ax.errorbar([r["minutes"] for r in rs], [r["ppl"] for r in rs], yerr=[r["ppl_sd"] or 0 for r in rs],
+                            marker="o", capsize=3, label=recipe)
+        if s["answers"][size]["teacher_ppl"]:
+            ax.axhline(s["answers"][size]["teacher_ppl"], color="gray", ls="--", label="teacher")
+        ax.set(xscale="log", xlabel="GPU-minutes", ylabel="ppl", title=size)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "ppl_vs_minutes.png", dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_scaling(runs, results):
+    """<results>/scaling/: SCALING.md, scaling.json and the two plots, when <runs>/sweep/points.json exists."""
+    if not (Path(runs) / "sweep" / "points.json").exists():
+        return None
+    s = summarize(Path(runs))
+    out = Path(results) / "scaling"
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "scaling.json", json.dumps(s, indent=1) + "\n")
+    write_atomic(out / "SCALING.md", markdown(s))
+    plot(s, out)
+    return s

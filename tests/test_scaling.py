@@ -1,0 +1,99 @@
+"""experiment.py --sweep (experiment/scaling.py): the plan of branched runs, and the page it reports. The branching
+itself (a branch equals a run of its own budget, bitwise) is held by tests/test_train.py and tests/test_distill.py."""
+import json
+from pathlib import Path
+
+import pytest
+
+from experiment import scaling
+
+ALIGN = 0.25
+COMMON = ["--data", "gutenberg", "--seed", "1"]
+
+
+def flag(cmd, name):
+    return str(cmd[cmd.index(name) + 1])
+
+
+@pytest.mark.parametrize("recipe, branched, share", [("best", "--e2e-minutes", ALIGN), ("paper", "--max-minutes", ALIGN),
+                                                      ("scratch", "--max-minutes", 0.0)])
+def test_one_run_per_recipe_branches_at_every_smaller_budget(tmp_path, recipe, branched, share):
+    """The largest budget runs once and names the smaller ones in --branches (their share after the fixed first
+    stage); each branch then resumes in train.py's folder OUT_DIR@B with its own budget; a finished branch drops out."""
+    d = tmp_path / "seed1"
+    steps, points = scaling.recipe_steps(recipe, d, "teacher/final", "pythia-70m", [1.0, 2.0, 5.0], ALIGN, COMMON)
+    head = d / ("paper-ft" if recipe == "paper" else recipe)
+    first = 1 if recipe == "paper" else 0  # paper's MSE stage runs first, once
+    if recipe == "paper":
+        assert flag(steps[0], "--layers") == "progressive" and flag(steps[0], "--max-minutes") == "0.25"
+    main, *branches = steps[first:]
+    assert flag(main, "--out-dir") == str(head) and float(flag(main, branched)) == 5.0 - share
+    assert flag(main, "--branches") == ",".join(f"{b - share:g}" for b in (1.0, 2.0))
+    assert flag(main, "--schedule") == "wsd" and "--resume" not in main
+    for b, cmd in zip((1.0, 2.0), branches):
+        assert flag(cmd, "--out-dir") == f"{head}@{b - share:g}" and float(flag(cmd, branched)) == b - share
+        assert cmd[-1] == "--resume" and "--branches" not in cmd
+    assert [(b, f) for b, f, _ in points] == [(1.0, Path(f"{head}@{1 - share:g}") / "final"),
+                                              (2.0, Path(f"{head}@{2 - share:g}") / "final"), (5.0, head / "final")]
+    if recipe == "paper":  # a paper point spent its MSE stage too
+        assert all(d / "paper" in folders for _, _, folders in points)
+    (Path(f"{head}@{1 - share:g}") / "final").mkdir(parents=True)
+    again, _ = scaling.recipe_steps(recipe, d, "teacher/final", "pythia-70m", [1.0, 2.0, 5.0], ALIGN, COMMON)
+    assert [flag(c, "--out-dir") for c in again[first + 1:]] == [f"{head}@{2 - share:g}"]
+
+
+def test_sizes_and_teacher_tokens_follow_pythia():
+    assert scaling.shape_name("14m") == "pythia-14m" and scaling.shape_name("tiny") == "tiny"
+    with pytest.raises(ValueError, match="--sweep 15m: no such shape"):
+        scaling.shape_name("15m")
+    counts = {s: scaling.parameters(f"pythia-{s}", 50277) for s in ("14m", "31m", "70m", "160m", "410m")}
+    assert [round(n / 1e6) for n in counts.values()] == [14, 30, 70, 162, 405]  # Pythia's names, embeddings included
+    assert scaling.parse_repeat("70m:2,10;31m:5") == {"pythia-70m": [2.0, 10.0], "pythia-31m": [5.0]}
+
+
+def write_point_runs(root, name, minutes, tokens):
+    """A finished run folder as train.py leaves it: summary.json beside log.jsonl."""
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "log.jsonl").write_text("")
+    (run / "summary.json").write_text(json.dumps({"minutes": minutes, "tokens": tokens, "world": 1}))
+    return run
+
+
+def fake_sweep(tmp_path, ppl):
+    """points.json and the eval JSON of a sweep of sizes {size: params}: ppl[(size, recipe, budget, seed)]."""
+    runs, points, evals = tmp_path / "runs", [], {}
+    for (size, recipe, budget, seed), value in ppl.items():
+        name = f"{size}-{recipe}-{budget:g}-{seed}"
+        run = write_point_runs(runs, name, budget, 1000 * budget)
+        ev = str(runs / f"{size}.json")
+        points.append(dict(size=size, params={"a": 14e6, "b": 70e6}[size], teacher_tokens=5, seed=seed, recipe=recipe,
+                           budget=budget, final=str(run / "final"), folders=[str(run)], eval=ev))
+        evals.setdefault(ev, []).append({"path": str(run / "final"), "datasets": {"gutenberg": {"token_ppl": value}}})
+    for ev, rows in evals.items():
+        Path(ev).write_text(json.dumps({"results": rows}))
+    (runs / "sweep").mkdir()
+    (runs / "sweep" / "points.json").write_text(json.dumps({"data": "gutenberg", "context": 2048,
+                                                            "budgets": [1.0, 2.0], "align_minutes": 0.25,
+                                                            "points": points}))
+    return runs
+
+
+def test_the_page_gives_ratios_with_seed_spread_and_the_crossover_or_its_bound(tmp_path):
+    ppl = {("a", "teacher", 0, None): 50.0, ("b", "teacher", 0, None): 40.0,
+           ("a", "best", 1.0, 1): 55.0, ("a", "scratch", 1.0, 1): 60.0,  # a: scratch catches up at 2
+           ("a", "best", 2.0, 1): 54.0, ("a", "scratch", 2.0, 1): 53.0,
+           ("b", "best", 1.0, 1): 44.0, ("b", "best", 1.0, 2): 46.0, ("b", "scratch", 1.0, 1): 60.0,  # b: never
+           ("b", "best", 2.0, 1): 42.0, ("b", "scratch", 2.0, 1): 50.0}
+    runs = fake_sweep(tmp_path, ppl)
+    s = scaling.write_scaling(runs, tmp_path / "results")
+    rows = {(r["size"], r["recipe"], r["budget"]): r for r in s["rows"]}
+    assert rows[("b", "best", 1.0)]["ratio"] == pytest.approx(45 / 40)
+    assert rows[("b", "best", 1.0)]["ratio_sd"] == pytest.approx(0.0353553, rel=1e-4)  # sd of 1.1 and 1.15
+    assert rows[("a", "best", 2.0)]["minutes"] == 2.0 and rows[("a", "best", 2.0)]["tokens"] == 2000
+    assert [r["size"] for r in s["rows"]][0] == "a"  # smallest first
+    page = (tmp_path / "results" / "scaling" / "SCALING.md").read_text()
+    assert "| b | 70.0M | 40.00 |" in page and "1.125 ± 0.035" in page
+    assert "- a: scratch catches up by 2 GPU-minutes" in page
+    assert "- b: no crossover within 2 GPU-minutes" in page
+    assert (tmp_path / "results" / "scaling" / "ratio_vs_params.png").exists()
