@@ -416,10 +416,12 @@ class HyenaOperator(nn.Module):
         lam = f.poles()  # (N-1) D channels, (C, d)
         w, th = f.log_decay, f.angle
         states = []
+        fastest = fast.active(v) and fast.decode.available(v)  # the fast twin: one Triton scan reading z in place
+        prefill = fast.decode.prefill_state if fastest else modal.prefill_state
         for o, x_i in enumerate(reversed(x[1:])):
             z = v * x_i  # (B, L, D)
             ch = slice(o * D, (o + 1) * D)
-            states.append(modal.prefill_state(z, w[ch], th[ch]))  # (B, D, d): sum_t lambda^(L-1-t) z_t
+            states.append(prefill(z, w[ch], th[ch]))  # (B, D, d): sum_t lambda^(L-1-t) z_t
             v = conv(z, k[:L, o], bias[o])  # (B, L, D)
         R = f.residues.to(lam.real.dtype)
         cache.layers[layer] = ModalState(

@@ -20,6 +20,7 @@ class Checks:
                                self.check_step),
                               ("KD+CE chunk compiled vs eager, bf16 logits: max over loss, grad", 1e-2, self.check_chunk),
                               ("Hyena decode: Triton kernel vs PyTorch formula, bf16 cache", 1e-3, self.check_kernel),
+                              ("modal prefill state: Triton scan vs lib.modal (fp64), bf16 z", 1e-4, self.check_scan),
                               ("student decode steps vs full forward, fp32: logits", 5e-3, lambda: self.check_decode(0)),
                               ("teacher decode steps vs full forward, fp32: logits", 5e-3, lambda: self.check_decode(1)),
                               ("student CUDA-graph steps vs eager steps, bf16: logits", 1e-2,
@@ -112,6 +113,17 @@ class Checks:
             ref = (z[..., :pos + 1].float() * k_pad[:, T - 1 - pos:T].float()).sum(-1)  # sum_s z[s] k[pos-s]
             errs.append(self.rel(decode.long_conv_step(z, k_pad, torch.tensor(pos, device=self.dev)), ref))
         return max(errs)
+
+    def check_scan(self, B=4, L=20000, d=16):
+        import math
+        from fast import decode
+        from lib import modal
+        C = self.cfg.hidden_size
+        z = torch.randn(B, L, C, device=self.dev, dtype=torch.bfloat16)
+        w = torch.empty(C, d, device=self.dev).uniform_(math.log(1e-4), math.log(0.5)).exp().log()
+        th = torch.rand(C, d, device=self.dev) * math.pi
+        fast, ref = decode.prefill_state(z, w, th), modal.prefill_state(z.double(), w.double(), th.double())
+        return self.rel(torch.view_as_real(fast), torch.view_as_real(ref))  # (B, C, d) complex, as real pairs
 
     @torch.no_grad()
     def check_decode(self, which, graph=False, ctx=256, steps=16, B=2):

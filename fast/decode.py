@@ -12,6 +12,9 @@ CUDA graph (its shapes never change). The test
 holds the two equal in Triton's CPU interpreter (where Triton is installed), bench/bench.py's check section on
 the GPU. HyenaOperator.step uses it where fast.active and `available` say so.
 
+`prefill_state` computes a modal student's recurrence states after the prompt (lib/modal.py's prefill_state, its plain
+twin) by a chunked scan that reads the prompt's activations once, in place.
+
 `graphed_step` captures a whole cached step of a model (attention or Hyena, any mix) as a CUDA graph, which
 `GPTNeoX.generate` replays per token on a GPU when fast.active: at these model sizes launches, not bytes, bound
 decoding. Its plain twin is the eager step (`decode_step(graph=False)`).
@@ -19,6 +22,8 @@ decoding. Its plain twin is the eager step (`decode_step(graph=False)`).
 import os
 
 import torch
+
+from lib.modal import powers, work_dtype
 
 try:
     import triton
@@ -57,6 +62,26 @@ if triton is not None:
             acc += z.to(tl.float32) * k.to(tl.float32)
         tl.store(out_ptr + (split * B + b) * D + d, tl.sum(acc, axis=1), mask=d < D)
 
+    @triton.jit
+    def _chunk_states(z_ptr, lr_ptr, li_ptr, out_ptr, L, C, chunk, n_chunks, DM: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The recurrence s = lambda s + z_t over positions [j*chunk, (j+1)*chunk) ∩ [0, L) from s = 0, for BLOCK_C
+        channels of one sequence: out[b, j, c] = (Re s, Im s) after the chunk's last position."""
+        b, j = tl.program_id(0), tl.program_id(1)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,) channels
+        n = tl.arange(0, DM)  # (DM,) modes (padded to a power of 2 with lambda = 0)
+        mc = c < C
+        lr = tl.load(lr_ptr + c[:, None] * DM + n[None, :], mask=mc[:, None], other=0.0)  # (BLOCK_C, DM)
+        li = tl.load(li_ptr + c[:, None] * DM + n[None, :], mask=mc[:, None], other=0.0)
+        sr = tl.zeros((BLOCK_C, DM), dtype=tl.float32)
+        si = tl.zeros((BLOCK_C, DM), dtype=tl.float32)
+        base = b.to(tl.int64) * L * C
+        for t in range(j * chunk, tl.minimum(j * chunk + chunk, L)):
+            zt = tl.load(z_ptr + base + t * C + c, mask=mc, other=0.0).to(tl.float32)  # z[b, t, c]: one row
+            sr, si = lr * sr - li * si + zt[:, None], lr * si + li * sr
+        off = ((b * n_chunks + j) * C + c).to(tl.int64)[:, None] * (2 * DM) + n[None, :]
+        tl.store(out_ptr + off, sr, mask=mc[:, None])
+        tl.store(out_ptr + off + DM, si, mask=mc[:, None])
+
 
 def long_conv_step(z, k_rev, pos):
     """z (B, D, T) history (positions > pos ignored), k_rev (D, >= T) with k_rev[d, T-1-j] = k[j, d] (the
@@ -74,6 +99,34 @@ def long_conv_step(z, k_rev, pos):
     _long_conv_step[(B, triton.cdiv(D, BLOCK_D), splits)](z, k_rev, pos.reshape(1), out, B, D, T, k_rev.stride(0),
                                                          chunk, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S)
     return out.sum(0) if splits > 1 else out[0]  # (B, D)
+
+SCAN_CHUNK, SCAN_C = 256, 32  # positions and channels per program of the prefill's scan
+
+
+def prefill_state(z, log_decay, angle):
+    """lib.modal.prefill_state computed by a chunked scan: z (B, L, C) read once in its own layout and dtype, each
+    program running the recurrence over SCAN_CHUNK positions of SCAN_C channels in fp32, then the chunks' states
+    carried to the end, state = sum_j lambda^(L - end_j) state_j (in PyTorch, small). The plain twin transposes z
+    into a channels-first fp32 copy for its two batched matmuls, the bulk of a modal prefill's extra time.
+    Plain twin: lib.modal.prefill_state; held equal, in Triton's CPU interpreter, by
+    tests/test_modal.py::test_prefill_scan_kernel_equals_the_plain_state_in_tritons_interpreter (and by bench/bench.py's
+    check section on the GPU)."""
+    B, L, C = z.shape
+    d, dt = log_decay.shape[1], work_dtype(log_decay)
+    with torch.autocast(z.device.type, enabled=False):
+        w, th = log_decay.to(dt), angle.to(dt)
+        lam = torch.polar(torch.exp(-w.exp()), th)  # (C, d)
+        DM = triton.next_power_of_2(d)
+        lr, li = (lam.new_zeros(C, DM, dtype=torch.float32) for _ in range(2))
+        lr[:, :d], li[:, :d] = lam.real, lam.imag
+        a = triton.cdiv(L, SCAN_CHUNK)
+        out = torch.empty(B, a, C, 2 * DM, device=z.device, dtype=torch.float32)
+        _chunk_states[(B, a, triton.cdiv(C, SCAN_C))](z.contiguous(), lr, li, out, L, C, SCAN_CHUNK, a, DM=DM,
+                                                       BLOCK_C=SCAN_C)
+        s = torch.complex(out[..., :d], out[..., DM:DM + d])  # (B, a, C, d): each chunk's state at its end
+        ends = torch.clamp(torch.arange(1, a + 1, device=z.device) * SCAN_CHUNK, max=L)
+        qr, qi = powers(w, th, L - ends)  # (C, a, d): lambda^(L - end_j)
+        return (s * torch.complex(qr, qi).transpose(0, 1)).sum(1)  # (B, C, d) complex64
 
 
 @torch.no_grad()

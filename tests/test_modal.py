@@ -42,6 +42,45 @@ def test_prefill_state_equals_the_recurrence_run_over_the_prompt(L):
     assert (modal.prefill_state(z, w, th) - x).abs().max().item() <= 1e-12
 
 
+SCAN_CHECK = """
+import math, torch
+import fast
+from fast import decode
+from lib import modal
+fast.enable(True)
+assert decode.available(torch.zeros(1))
+g = torch.Generator().manual_seed(0)
+C, d = 40, 5  # channels not a multiple of the program's block, modes not a power of 2
+w = torch.empty(C, d).uniform_(math.log(1e-4), math.log(0.5), generator=g).exp().log()
+th = torch.rand(C, d, generator=g) * math.pi
+worst = plain = 0.0
+for L in (1, 7, decode.SCAN_CHUNK, 2 * decode.SCAN_CHUNK + 3):  # one, part of one, exactly one, and 3 chunks
+    for dtype in (torch.float32, torch.bfloat16):
+        z = torch.randn(2, L, C, generator=g).to(dtype)
+        ref = modal.prefill_state(z.double(), w.double(), th.double())
+        out = decode.prefill_state(z, w, th)
+        assert out.shape == ref.shape and out.dtype == torch.complex64
+        worst = max(worst, ((out - ref).abs().max() / ref.abs().max()).item())
+        plain = max(plain, ((modal.prefill_state(z, w, th) - ref).abs().max() / ref.abs().max()).item())
+print(plain, worst)
+"""
+
+
+def test_prefill_scan_kernel_equals_the_plain_state_in_tritons_interpreter():
+    """fast.decode.prefill_state (a Triton scan), run on the CPU by Triton's interpreter, against the plain
+    lib.modal.prefill_state in fp64 (GPU agreement: bench.py's check section)."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton", reason="Triton is not installed (CUDA builds of torch bring it)")
+    run = subprocess.run([sys.executable, "-c", SCAN_CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert run.returncode == 0, run.stderr[-2000:]
+    plain, fast_err = map(float, run.stdout.split()[-2:])
+    assert fast_err <= max(2 * plain, 1e-6), (plain, fast_err)  # fp32 rounding, no worse than the plain twin's
+
+
 @pytest.mark.parametrize("order", [2, 3])
 def test_recurrent_decoding_equals_the_fft_convolution_with_the_materialised_filter(order):
     """Prefill (FFT + exact state) then one-token recurrence steps = the full forward, whose long convolutions
