@@ -46,6 +46,7 @@ from config import Config
 from fast.fftconv import fft_size
 from lib import modal
 from lib.cli import write_atomic
+from lib.safetensors_io import write_safetensors
 
 # ----------------------------------------------------------------------------- the decoding cache
 
@@ -609,7 +610,6 @@ class GPTNeoX(nn.Module):
 
     def save_pretrained(self, out_dir, metadata=None):
         """config.json + model.safetensors, readable by from_pretrained and (pure attention) transformers."""
-        from hub import write_safetensors  # here, not at the top: the model needs no HTTP client
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}

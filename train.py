@@ -11,12 +11,11 @@ bf16 autocast, DDP under torchrun, validation, a JSONL log, atomic checkpoints a
 import argparse
 import json
 import math
-import shutil
 import sys
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,8 @@ import data
 import fast
 from lib.cli import integer, write_atomic
 from lib.runtime import ctrl_c, keep_freed_memory, setup_distributed
-from lib.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, trim_log
+from lib.checkpoint import (branch_config, find_checkpoint, load_checkpoint, pending_branches, rng_states,
+                            save_branch, save_checkpoint, trim_log)
 
 CHOICES = {"dtype": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off"), "schedule": ("cosine", "wsd")}  # the flags with fixed choices
 
@@ -201,44 +201,6 @@ def validation_metrics(objective, tokens, cfg, dist, amp):
             sums[k] = sums.get(k, 0.0) + v.float()
     objective.train()
     return {k: v.item() / cfg.eval_batches for k, v in sums.items()}
-
-
-def pending_branches(cfg, stage):
-    """The --branches budgets not yet saved, each with its folder OUT_DIR@B; refuses one not below the budget."""
-    if not cfg.branches:
-        return []
-    budget = cfg.max_tokens or cfg.max_minutes
-    todo = []
-    for b in cfg.branch_budgets():
-        if b >= budget:
-            raise ValueError(f"--branches {cfg.branches}: {b:g} is not below this run's budget {budget:g} "
-                             f"({'--max-tokens' if cfg.max_tokens else '--max-minutes'}); the full run is that "
-                             "budget's point")
-        folder = Path(f"{cfg.out_dir}@{b:g}")
-        if find_checkpoint(folder / stage) is None and not (folder / stage / "summary.json").exists():
-            todo.append((b, folder))
-    return todo
-
-
-def branch_config(cfg, folder, budget):
-    """The TrainConfig of a branch: this run's, with the branch's folder and budget (what its checkpoint records)."""
-    unit = "max_tokens" if cfg.max_tokens else "max_minutes"
-    return replace(cfg, out_dir=str(folder), branches="", resume=False,
-                   **{unit: int(budget) if unit == "max_tokens" else budget})
-
-
-def save_branch(out, stage, folder, model, state):
-    """A branch starts as a copy of the run's folder at this moment: the finished stages beside this one (distill's
-    alignment before its end-to-end stage), this stage's log, and its checkpoint taken now (last: a branch folder
-    with a checkpoint is complete)."""
-    dest = folder / stage
-    if stage:
-        for d in out.parent.iterdir():
-            if d.is_dir() and d.name != stage and (d / "summary.json").exists():
-                shutil.copytree(d, folder / d.name, dirs_exist_ok=True)
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(out / "log.jsonl", dest / "log.jsonl")
-    save_checkpoint(dest, model, state)
 
 
 def train(objective, cfg, dist=None, stage="", on_step=None):

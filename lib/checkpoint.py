@@ -6,6 +6,8 @@ a run as if it had never stopped (bitwise on CPU).
 
 Layout of OUT/ckpt/: config.json + model.safetensors (GPTNeoX.save_pretrained, loadable on its own) and
 train_state.pt (a dict of tensors, numbers and strings, read with torch.load(weights_only=True)).
+
+A wsd run's --branches are checkpoints too: OUT_DIR@B/<stage>/ckpt, taken where budget B's decay starts.
 """
 import fcntl
 import json
@@ -15,7 +17,7 @@ import pickle
 import shutil
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,8 @@ import torch.distributed as torch_dist
 
 import data
 from lib.cli import write_atomic
-from hub import HubError, looks_like_path, read_safetensors, resolve_file
+from hub import HubError, looks_like_path, resolve_file
+from lib.safetensors_io import read_safetensors
 
 # --resume refuses to change these (or the sequences per step), which would change what a step means. The lr, the
 # budgets and the split of a step into GPUs x micro-batches may change.
@@ -229,3 +232,43 @@ def checkpoint_tokenizer(ckpt):
     """The tokenizer.json a local checkpoint folder carries, else None."""
     path = Path(ckpt) / "tokenizer.json"
     return str(path) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------- --branches (train.py's wsd)
+
+def pending_branches(cfg, stage):
+    """The --branches budgets not yet saved, each with its folder OUT_DIR@B; refuses one not below the budget."""
+    if not cfg.branches:
+        return []
+    budget = cfg.max_tokens or cfg.max_minutes
+    todo = []
+    for b in cfg.branch_budgets():
+        if b >= budget:
+            raise ValueError(f"--branches {cfg.branches}: {b:g} is not below this run's budget {budget:g} "
+                             f"({'--max-tokens' if cfg.max_tokens else '--max-minutes'}); the full run is that "
+                             "budget's point")
+        folder = Path(f"{cfg.out_dir}@{b:g}")
+        if find_checkpoint(folder / stage) is None and not (folder / stage / "summary.json").exists():
+            todo.append((b, folder))
+    return todo
+
+
+def branch_config(cfg, folder, budget):
+    """The TrainConfig of a branch: this run's, with the branch's folder and budget (what its checkpoint records)."""
+    unit = "max_tokens" if cfg.max_tokens else "max_minutes"
+    return replace(cfg, out_dir=str(folder), branches="", resume=False,
+                   **{unit: int(budget) if unit == "max_tokens" else budget})
+
+
+def save_branch(out, stage, folder, model, state):
+    """A branch starts as a copy of the run's folder at this moment: the finished stages beside this one (distill's
+    alignment before its end-to-end stage), this stage's log, and its checkpoint taken now (last: a branch folder
+    with a checkpoint is complete)."""
+    dest = folder / stage
+    if stage:
+        for d in out.parent.iterdir():
+            if d.is_dir() and d.name != stage and (d / "summary.json").exists():
+                shutil.copytree(d, folder / d.name, dirs_exist_ok=True)
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "log.jsonl", dest / "log.jsonl")
+    save_checkpoint(dest, model, state)

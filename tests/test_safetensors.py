@@ -1,4 +1,4 @@
-"""hub.py's safetensors by hand (round trips, the safetensors package as oracle, every corrupt header
+"""lib/safetensors_io.py: safetensors by hand (round trips, the safetensors package as oracle, every corrupt header
 refused naming the file and the defect, pickles never loaded)."""
 import json
 import struct
@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-import hub as sio
+from lib import safetensors_io as sio
 
 
 def sample_tensors():
