@@ -20,12 +20,9 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 from config import SHAPES, Config
 from experiment import runner
 from experiment.runner import PY, ROOT, spent, todo
-from hyena import GPTNeoX
 from lib.cli import write_atomic
 
 RECIPES = ("best", "paper", "scratch")
@@ -60,6 +57,8 @@ def shape_name(size):
 
 def parameters(shape, vocab_size):
     """The teacher's parameter count (embeddings included, Pythia's convention), counted on the meta device."""
+    import torch  # here: the driver and its report need no torch otherwise
+    from hyena import GPTNeoX
     with torch.device("meta"):
         model = GPTNeoX(Config(**SHAPES[shape], vocab_size=-(-vocab_size // 128) * 128))
     return sum(p.numel() for p in model.parameters())
