@@ -28,8 +28,8 @@ import data
 import fast
 from lib.cli import integer, write_atomic
 from lib.runtime import ctrl_c, keep_freed_memory, setup_distributed
-from lib.checkpoint import (branch_config, find_checkpoint, load_checkpoint, pending_branches, rng_states,
-                            save_branch, save_checkpoint, trim_log)
+from lib.checkpoint import (branch_config, budget_name, find_checkpoint, load_checkpoint, pending_branches,
+                            rng_states, save_branch, save_checkpoint, trim_log)
 
 CHOICES = {"dtype": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off"), "schedule": ("cosine", "wsd")}  # the flags with fixed choices
 
@@ -96,6 +96,14 @@ class TrainConfig:
                 raise ValueError(f"--branches {self.branches}: give exactly one budget, --max-minutes or "
                                  "--max-tokens, so the branch budgets have one unit")
             self.branch_budgets()  # checks the numbers
+
+    def warmup_fraction(self):
+        """The warmup as a fraction of the budget: warmup_frac, or with --branches warmup_frac of the smallest
+        budget of the family, which every branch then shares (lib/checkpoint.branch_config)."""
+        if not self.branches:
+            return self.warmup_frac
+        budget = self.max_tokens or self.max_minutes
+        return self.warmup_frac * min(self.branch_budgets()[0], budget) / budget
 
     def branch_budgets(self):
         """--branches as numbers, each > 0 (that they are below the budget train() checks, per stage)."""
@@ -179,11 +187,12 @@ def progress(tokens, seconds, cfg):
 def lr_factor(p, cfg):
     """Linear warmup over warmup_frac of the budget, then cosine down to min_lr_frac at p = 1; or (wsd) constant
     until 1 - decay_frac, then linear down to min_lr_frac at p = 1."""
-    if p < cfg.warmup_frac:
-        return p / cfg.warmup_frac
+    warmup = cfg.warmup_fraction()
+    if p < warmup:
+        return p / warmup
     if cfg.schedule == "wsd":
         return 1 - (1 - cfg.min_lr_frac) * min(1.0, max(0.0, p - (1 - cfg.decay_frac)) / cfg.decay_frac)
-    q = min(1.0, (p - cfg.warmup_frac) / (1 - cfg.warmup_frac)) if cfg.warmup_frac < 1 else 1.0
+    q = min(1.0, (p - warmup) / (1 - warmup)) if warmup < 1 else 1.0
     return cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * q))
 
 
@@ -284,6 +293,11 @@ def _train(objective, cfg, dist, stage, on_step, stop):
             torch_dist.barrier()
 
     branches = pending_branches(cfg, stage)  # [(budget, folder)] still to save
+    for b, folder in branches:
+        if progress(tokens, elapsed0, branch_config(cfg, folder, b)) > 1 - cfg.decay_frac:
+            raise ValueError(f"--branches {cfg.branches}: budget {budget_name(b)}'s decay began before step {step}, "
+                             "where this run resumed, so its branch can no longer be taken; drop it from --branches "
+                             "and run that budget on its own")
     objective.train()
     while progress(tokens, now := elapsed(), cfg) < 1:
         factor = lr_factor(progress(tokens + step_tokens, now, cfg), cfg)  # progress at the end of this step
@@ -332,19 +346,21 @@ def _train(objective, cfg, dist, stage, on_step, stop):
                     f"ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
             window_t = now_t
         log(record, line)
+        if branches:  # the next step would decay in a run of budget B: save this run as it is into OUT_DIR@B
+            now = elapsed()
+            for b, folder in [bf for bf in branches if progress(tokens + step_tokens, now, branch_config(
+                    cfg, bf[1], bf[0])) > 1 - cfg.decay_frac]:
+                checkpoint(folder, b)
+                branches.remove((b, folder))
+                if dist.master:
+                    print(f"{prefix}branch {budget_name(b)}: saved at step {step} into {folder}; finish it with the "
+                          f"same command without --branches, with --out-dir {folder}, budget {budget_name(b)} and "
+                          "--resume", file=sys.stderr)
         if val_tokens is not None and step % cfg.eval_interval == 0:
             val, eval_step = validate(), step
         if step % cfg.ckpt_interval == 0:
             checkpoint()
             ckpt_step = step
-        if branches:  # a shorter budget's decay starts here: save the run as it is into that budget's folder
-            done = tokens if cfg.max_tokens else elapsed() / 60
-            for b, folder in [bf for bf in branches if done >= (1 - cfg.decay_frac) * bf[0]]:
-                checkpoint(folder, b)
-                branches.remove((b, folder))
-                if dist.master:
-                    print(f"{prefix}branch {b:g}: saved at step {step} into {folder}; finish it with the same "
-                          f"command, --out-dir {folder} and budget {b:g}, plus --resume", file=sys.stderr)
         if on_step is not None:
             on_step(step)
         if stop:

@@ -23,12 +23,14 @@ from pathlib import Path
 from config import SHAPES, Config
 from experiment import runner
 from experiment.runner import PY, ROOT, spent, todo
+from lib.checkpoint import branch_folder, budget_name
 from lib.cli import write_atomic
 
 RECIPES = ("best", "paper", "scratch")
 TEACHER_LR = {"pythia-14m": 1e-3, "pythia-31m": 1e-3, "pythia-70m": 1e-3, "pythia-160m": 6e-4, "pythia-410m": 3e-4,
               "tiny": 2e-3}  # Pythia's own peak rates
 REFERENCE = "pythia-70m"  # --sweep-teacher-tokens is this size's budget
+DEFAULT_REPEAT = "70m:2,10"  # the points a second seed repeats: where a difference is small
 
 
 def add_sweep_args(p):
@@ -44,8 +46,8 @@ def add_sweep_args(p):
     g.add_argument("--sweep-seeds", default="", help="seeds (default: --seed); the first runs every point")
     g.add_argument("--sweep-eval-tokens", type=int, default=1_000_000, help="validation tokens each point is "
                    "scored on (the same tokens for every point and the teacher)")
-    g.add_argument("--sweep-repeat", default="70m:2,10", metavar="SIZE:B[,B][;SIZE:B]", help="the points the other "
-                   "seeds repeat")
+    g.add_argument("--sweep-repeat", metavar="SIZE:B[,B][;SIZE:B]", help="the points the other seeds repeat "
+                   f"(default {DEFAULT_REPEAT}, of those this sweep has)")
 
 
 def shape_name(size):
@@ -108,15 +110,29 @@ def recipe_steps(recipe, d, teacher, shape, budgets, align, common):
         flag = "--max-minutes"
     head = d / ("paper-ft" if recipe == "paper" else recipe)
     extra = [d / "paper"] if recipe == "paper" else []
-    branches = ["--branches", ",".join(g(b - share) for b in rest)] if rest else []
-    steps = before + todo(run + [flag, g(top - share), *branches, "--out-dir", head], head / "final")
+    own = {b: float(g(b - share)) for b in budgets}  # the branched run's budget, as its flag will spell it
+    check_plan(head, [own[b] for b in budgets])
+    branches = ["--branches", ",".join(budget_name(own[b]) for b in rest)] if rest else []
+    steps = before + todo(run + [flag, budget_name(own[top]), *branches, "--out-dir", head], head / "final")
     points = [(top, head / "final", [head, *extra])]
     for b in rest:
-        folder = Path(f"{head}@{g(b - share)}")  # train.py's name for the branch
+        folder = branch_folder(head, own[b])  # where train.py saved the branch
         if not (folder / "final").exists():  # its checkpoint comes from the main run, so always --resume
-            steps.append(run + [flag, g(b - share), "--out-dir", folder, "--resume"])
+            steps.append(run + [flag, budget_name(own[b]), "--out-dir", folder, "--resume"])
         points.append((b, folder / "final", [folder, *extra]))
     return steps, sorted(points)
+
+
+def check_plan(head, budgets):
+    """A recipe's run folder serves one list of budgets (its main run saved exactly those branches): refuse a
+    rerun that asks for others, before anything runs, rather than fail on a missing branch or mislabel a point."""
+    plan = head.parent / f"{head.name}.budgets.json"
+    if plan.exists() and json.loads(plan.read_text()) != budgets:
+        raise ValueError(f"{head} was run for budgets {json.loads(plan.read_text())} (the branched stage's "
+                         f"minutes), not {budgets}: keep --sweep-minutes and --sweep-align-minutes as they were, "
+                         "or use another --runs")
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(plan, json.dumps(budgets) + "\n")
 
 
 def sweep_steps(args, runs, root, data, tok, logs, common, launcher, vocab_size):
@@ -130,13 +146,18 @@ def sweep_steps(args, runs, root, data, tok, logs, common, launcher, vocab_size)
     if not 0 < align < budgets[0] and {"best", "paper"} & set(recipes):
         raise ValueError(f"--sweep-align-minutes {align:g}: must be > 0 and below the smallest budget {budgets[0]:g}")
     seeds = [int(s) for s in args.sweep_seeds.split(",") if s.strip()] or [args.seed]
-    repeat = parse_repeat(args.sweep_repeat) if len(seeds) > 1 else {}
+    repeat = parse_repeat(args.sweep_repeat or DEFAULT_REPEAT) if len(seeds) > 1 else {}
+    if args.sweep_repeat is None:  # the default asks only for what this sweep has
+        repeat = {k: [b for b in v if b in budgets] for k, v in repeat.items() if k in sizes}
     unknown = set(repeat) - set(sizes) or {b for bs in repeat.values() for b in bs} - set(budgets)
     if unknown:
         raise ValueError(f"--sweep-repeat {args.sweep_repeat!r}: {', '.join(map(str, sorted(unknown)))} is not in "
                          "--sweep / --sweep-minutes")
     base = args.sweep_teacher_tokens or args.teacher_tokens
     ref = parameters(REFERENCE, vocab_size)
+
+    def rel(path):  # points.json names folders from <runs>, so the report can read them from any folder
+        return str(Path(path).relative_to(runs))
     points, sweep = [], runs / "sweep"
     for shape in sizes:
         n = parameters(shape, vocab_size)
@@ -159,11 +180,11 @@ def sweep_steps(args, runs, root, data, tok, logs, common, launcher, vocab_size)
                                           align, seeded)
                 jobs[f"{shape}-{recipe}-s{seed}"] = steps
                 size_points += [dict(size=shape, params=n, teacher_tokens=tokens, seed=seed, recipe=recipe,
-                                     budget=b, final=str(f), folders=[str(x) for x in fs]) for b, f, fs in pts]
+                                     budget=b, final=str(f), folders=[rel(x) for x in fs]) for b, f, fs in pts]
         runner.run_parallel({k: v for k, v in jobs.items() if v}, args.gpus, logs)
         ev = sweep / shape / "eval.json"
         size_points.append(dict(size=shape, params=n, teacher_tokens=tokens, recipe="teacher",
-                                final=str(teacher / "final"), folders=[str(teacher)]))
+                                final=str(teacher / "final"), folders=[rel(teacher)]))
         finals = [p["final"] for p in size_points]
         scored = {r["path"] for r in json.loads(ev.read_text())["results"]} if ev.exists() else set()
         evals = [] if set(finals) <= scored else [[PY, ROOT / "eval.py", "--ckpt", *finals, "--data", data, "--split",
@@ -171,7 +192,7 @@ def sweep_steps(args, runs, root, data, tok, logs, common, launcher, vocab_size)
                                                    "--max-tokens", args.sweep_eval_tokens, "--tokenizer", tok,
                                                    "--json", ev]]  # again when a point is new
         runner.run_parallel({f"eval-{shape}": evals} if evals else {}, args.gpus, logs)
-        points += [dict(p, eval=str(ev)) for p in size_points]
+        points += [dict(p, eval=rel(ev)) for p in size_points]
     write_atomic(sweep / "points.json", json.dumps({"data": data, "context": args.block_size, "budgets": budgets,
                                                     "align_minutes": align, "points": points}, indent=1) + "\n")
 
@@ -180,17 +201,19 @@ def sweep_steps(args, runs, root, data, tok, logs, common, launcher, vocab_size)
 
 
 def collect(runs):
-    """points.json joined with each point's perplexity and spend: {size: {recipe: {budget: [point, ...]}}}."""
+    """points.json joined with each point's perplexity and spend: {size: {recipe: {budget: [point, ...]}}}. Folders
+    are read from <runs>; a point is matched to its eval row by the checkpoint argument eval.py was given."""
     plan = json.loads((runs / "sweep" / "points.json").read_text())
     evals, table = {}, {}
     for p in plan["points"]:
         if p["eval"] not in evals:
-            rows = json.loads(Path(p["eval"]).read_text())["results"] if Path(p["eval"]).exists() else []
+            path = runs / p["eval"]
+            rows = json.loads(path.read_text())["results"] if path.exists() else []
             evals[p["eval"]] = {r["path"]: next(iter(r["datasets"].values()))["token_ppl"] for r in rows}
         ppl = evals[p["eval"]].get(p["final"])
         if ppl is None:
             continue
-        tokens, minutes = spent(Path("."), [Path(f) for f in p["folders"]])
+        tokens, minutes = spent(runs, p["folders"])
         point = dict(seed=p.get("seed"), ppl=ppl, tokens=tokens, minutes=minutes, params=p["params"],
                      teacher_tokens=p["teacher_tokens"])
         table.setdefault(p["size"], {}).setdefault(p["recipe"], {}).setdefault(p.get("budget", 0), []).append(point)
@@ -272,6 +295,9 @@ def plot(s, out):
         import matplotlib.pyplot as plt
     except ImportError:
         print(f"report.py: {out}/*.png skipped: matplotlib is not installed", file=sys.stderr)
+        return False
+    if not s["rows"]:
+        print(f"report.py: {out}/*.png skipped: no sweep point has been evaluated yet", file=sys.stderr)
         return False
     fig, ax = plt.subplots(figsize=(6, 4))
     for recipe in RECIPES:

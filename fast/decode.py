@@ -23,6 +23,7 @@ import os
 
 import torch
 
+from lib import modal
 from lib.modal import powers, work_dtype
 
 try:
@@ -78,7 +79,7 @@ if triton is not None:
         for t in range(j * chunk, tl.minimum(j * chunk + chunk, L)):
             zt = tl.load(z_ptr + base + t * C + c, mask=mc, other=0.0).to(tl.float32)  # z[b, t, c]: one row
             sr, si = lr * sr - li * si + zt[:, None], lr * si + li * sr
-        off = ((b * n_chunks + j) * C + c).to(tl.int64)[:, None] * (2 * DM) + n[None, :]
+        off = ((b * n_chunks + j).to(tl.int64) * C + c)[:, None] * (2 * DM) + n[None, :]
         tl.store(out_ptr + off, sr, mask=mc[:, None])
         tl.store(out_ptr + off + DM, si, mask=mc[:, None])
 
@@ -112,6 +113,8 @@ def prefill_state(z, log_decay, angle):
     tests/test_modal.py::test_prefill_scan_kernel_equals_the_plain_state_in_tritons_interpreter (and by bench/bench.py's
     check section on the GPU)."""
     B, L, C = z.shape
+    if L * C >= 2 ** 31:  # the kernel's in-sequence offsets t * C are 32-bit: the plain twin serves such prompts
+        return modal.prefill_state(z, log_decay, angle)
     d, dt = log_decay.shape[1], work_dtype(log_decay)
     with torch.autocast(z.device.type, enabled=False):
         w, th = log_decay.to(dt), angle.to(dt)

@@ -236,6 +236,16 @@ def checkpoint_tokenizer(ckpt):
 
 # ----------------------------------------------------------------------------- --branches (train.py's wsd)
 
+def budget_name(b):
+    """A budget as a branch's folder and flag spell it: whole numbers in full (token budgets), else as :g does."""
+    return str(int(b)) if float(b).is_integer() else f"{b:g}"
+
+
+def branch_folder(out_dir, budget):
+    """Where a --branches budget's run lives: OUT_DIR@B (experiment/scaling.py names its points the same way)."""
+    return Path(f"{out_dir}@{budget_name(budget)}")
+
+
 def pending_branches(cfg, stage):
     """The --branches budgets not yet saved, each with its folder OUT_DIR@B; refuses one not below the budget."""
     if not cfg.branches:
@@ -244,19 +254,22 @@ def pending_branches(cfg, stage):
     todo = []
     for b in cfg.branch_budgets():
         if b >= budget:
-            raise ValueError(f"--branches {cfg.branches}: {b:g} is not below this run's budget {budget:g} "
-                             f"({'--max-tokens' if cfg.max_tokens else '--max-minutes'}); the full run is that "
-                             "budget's point")
-        folder = Path(f"{cfg.out_dir}@{b:g}")
+            raise ValueError(f"--branches {cfg.branches}: {budget_name(b)} is not below this run's budget "
+                             f"{budget_name(budget)} ({'--max-tokens' if cfg.max_tokens else '--max-minutes'}); "
+                             "the full run is that budget's point")
+        folder = branch_folder(cfg.out_dir, b)
         if find_checkpoint(folder / stage) is None and not (folder / stage / "summary.json").exists():
             todo.append((b, folder))
     return todo
 
 
 def branch_config(cfg, folder, budget):
-    """The TrainConfig of a branch: this run's, with the branch's folder and budget (what its checkpoint records)."""
+    """The TrainConfig of a branch: this run's, with the branch's folder and budget, and the warmup this run had
+    (the same length, as a fraction of the branch's budget): a run of this config from the start is the branch."""
     unit = "max_tokens" if cfg.max_tokens else "max_minutes"
+    main = cfg.max_tokens or cfg.max_minutes
     return replace(cfg, out_dir=str(folder), branches="", resume=False,
+                   warmup_frac=cfg.warmup_fraction() * main / budget,
                    **{unit: int(budget) if unit == "max_tokens" else budget})
 
 

@@ -40,6 +40,8 @@ def test_one_run_per_recipe_branches_at_every_smaller_budget(tmp_path, recipe, b
     (Path(f"{head}@{1 - share:g}") / "final").mkdir(parents=True)
     again, _ = scaling.recipe_steps(recipe, d, "teacher/final", "pythia-70m", [1.0, 2.0, 5.0], ALIGN, COMMON)
     assert [flag(c, "--out-dir") for c in again[first + 1:]] == [f"{head}@{2 - share:g}"]
+    with pytest.raises(ValueError, match="was run for budgets"):  # its main run saved other branches
+        scaling.recipe_steps(recipe, d, "teacher/final", "pythia-70m", [1.0, 5.0, 10.0], ALIGN, COMMON)
 
 
 def test_sizes_and_teacher_tokens_follow_pythia():
@@ -66,10 +68,11 @@ def fake_sweep(tmp_path, ppl):
     for (size, recipe, budget, seed), value in ppl.items():
         name = f"{size}-{recipe}-{budget:g}-{seed}"
         run = write_point_runs(runs, name, budget, 1000 * budget)
-        ev = str(runs / f"{size}.json")
+        ev = str(runs / f"{size}.json")  # points.json names it from <runs>
         points.append(dict(size=size, params={"a": 14e6, "b": 70e6}[size], teacher_tokens=5, seed=seed, recipe=recipe,
-                           budget=budget, final=str(run / "final"), folders=[str(run)], eval=ev))
-        evals.setdefault(ev, []).append({"path": str(run / "final"), "datasets": {"gutenberg": {"token_ppl": value}}})
+                           budget=budget, final=f"elsewhere/{name}/final", folders=[name], eval=f"{size}.json"))
+        evals.setdefault(ev, []).append({"path": f"elsewhere/{name}/final",  # eval.py's --ckpt as given
+                                         "datasets": {"gutenberg": {"token_ppl": value}}})
     for ev, rows in evals.items():
         Path(ev).write_text(json.dumps({"results": rows}))
     (runs / "sweep").mkdir()
@@ -97,3 +100,11 @@ def test_the_page_gives_ratios_with_seed_spread_and_the_crossover_or_its_bound(t
     assert "- a: scratch catches up by 2 GPU-minutes" in page
     assert "- b: no crossover within 2 GPU-minutes" in page
     assert (tmp_path / "results" / "scaling" / "ratio_vs_params.png").exists()
+
+
+def test_a_sweep_with_nothing_evaluated_yet_writes_its_page_without_plots(tmp_path):
+    runs = fake_sweep(tmp_path, {("a", "best", 1.0, 1): 55.0})
+    (runs / "a.json").unlink()  # the eval step has not run
+    s = scaling.write_scaling(runs, tmp_path / "results")
+    assert s["rows"] == [] and not (tmp_path / "results" / "scaling" / "ratio_vs_params.png").exists()
+    assert "## When does scratch catch up?" in (tmp_path / "results" / "scaling" / "SCALING.md").read_text()
