@@ -193,7 +193,8 @@ def sweep_steps(args, runs, root, data, tok, logs, common, launcher, vocab_size)
                                                    "--json", ev]]  # again when a point is new
         runner.run_parallel({f"eval-{shape}": evals} if evals else {}, args.gpus, logs)
         points += [dict(p, eval=rel(ev)) for p in size_points]
-    write_atomic(sweep / "points.json", json.dumps({"data": data, "context": args.block_size, "budgets": budgets,
+    write_atomic(sweep / "points.json", json.dumps({"data": data, "context": args.block_size, "gpus": args.gpus,
+                                                    "budgets": budgets,
                                                     "align_minutes": align, "points": points}, indent=1) + "\n")
 
 
@@ -253,18 +254,24 @@ def summarize(runs):
         answers[size] = dict(params=params[size], teacher_ppl=teacher and teacher["ppl"],
                              teacher_tokens=teacher and teacher["tokens"], crossover=crossover(by, measured),
                              bound=measured[-1] if measured else None)
-    return dict(data=plan["data"], context=plan["context"], budgets=budgets, align_minutes=plan["align_minutes"],
-                rows=rows, answers=answers)
+    return dict(data=plan["data"], context=plan["context"], gpus=plan.get("gpus"), budgets=budgets,
+                align_minutes=plan["align_minutes"], rows=rows, answers=answers)
+
+
+def unit(s):
+    """GPU, or CPU for a sweep run without a GPU (the tiny preset): what a budget's minutes are minutes of."""
+    return "CPU" if s.get("gpus") == 0 else "GPU"
 
 
 def markdown(s):
+    u = unit(s)
     out = ["# Scale and crossover (experiment.py --sweep)\n",
-           f"{s['data']}-val token perplexity at context {s['context']}. Budgets are GPU-minutes per recipe; best's "
+           f"{s['data']}-val token perplexity at context {s['context']}. Budgets are {u}-minutes per recipe; best's "
            f"alignment and paper's MSE stage take a fixed {s['align_minutes']:g} min of each; every budget's point "
            "is a warmup-stable-decay branch of one run (train.py --branches). ± is the standard deviation over "
-           "seeds; tokens and GPU-minutes are what the point's runs spent (seed mean), compiling excluded.\n",
+           f"seeds; tokens and {u}-minutes are what the point's runs spent (seed mean), compiling excluded.\n",
            "| size | params | teacher ppl | teacher tokens | recipe | budget | ppl | / teacher | seeds | tokens | "
-           "GPU-min |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+           f"{u}-min |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in s["rows"]:
         a = s["answers"][r["size"]]
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}" + \
@@ -279,16 +286,17 @@ def markdown(s):
         if a["bound"] is None:
             out.append(f"- {size}: not measured (needs both best and scratch)")
         elif a["crossover"] is None:
-            out.append(f"- {size}: no crossover within {a['bound']:g} GPU-minutes: best stays ahead at every "
+            out.append(f"- {size}: no crossover within {a['bound']:g} {u}-minutes: best stays ahead at every "
                        "measured budget")
         else:
-            out.append(f"- {size}: scratch catches up by {a['crossover']:g} GPU-minutes (the first measured "
+            out.append(f"- {size}: scratch catches up by {a['crossover']:g} {u}-minutes (the first measured "
                        "budget where its perplexity is at or below best's)")
     return "\n".join(out) + "\n"
 
 
 def plot(s, out):
     """ratio_vs_params.png (question 1) and ppl_vs_minutes.png (question 2); False where matplotlib is missing."""
+    u = unit(s)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -305,7 +313,7 @@ def plot(s, out):
             rs = [r for r in s["rows"] if r["recipe"] == recipe and r["budget"] == b and r["ratio"] is not None]
             if rs:
                 ax.errorbar([r["params"] for r in rs], [r["ratio"] for r in rs], yerr=[r["ratio_sd"] or 0 for r in rs],
-                            marker="o", capsize=3, label=f"{recipe}, {b:g} GPU-min")
+                            marker="o", capsize=3, label=f"{recipe}, {b:g} {u}-min")
     ax.set(xscale="log", xlabel="parameters", ylabel="ppl / teacher ppl", title="Does distillation hold up with size?")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.legend(fontsize=7)
@@ -322,7 +330,7 @@ def plot(s, out):
                             marker="o", capsize=3, label=recipe)
         if s["answers"][size]["teacher_ppl"]:
             ax.axhline(s["answers"][size]["teacher_ppl"], color="gray", ls="--", label="teacher")
-        ax.set(xscale="log", xlabel="GPU-minutes", ylabel="ppl", title=size)
+        ax.set(xscale="log", xlabel=f"{u}-minutes", ylabel="ppl", title=size)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "ppl_vs_minutes.png", dpi=120)

@@ -62,7 +62,7 @@ def write_point_runs(root, name, minutes, tokens):
     return run
 
 
-def fake_sweep(tmp_path, ppl):
+def fake_sweep(tmp_path, ppl, gpus=1):
     """points.json and the eval JSON of a sweep of sizes {size: params}: ppl[(size, recipe, budget, seed)]."""
     runs, points, evals = tmp_path / "runs", [], {}
     for (size, recipe, budget, seed), value in ppl.items():
@@ -76,7 +76,7 @@ def fake_sweep(tmp_path, ppl):
     for ev, rows in evals.items():
         Path(ev).write_text(json.dumps({"results": rows}))
     (runs / "sweep").mkdir()
-    (runs / "sweep" / "points.json").write_text(json.dumps({"data": "gutenberg", "context": 2048,
+    (runs / "sweep" / "points.json").write_text(json.dumps({"data": "gutenberg", "context": 2048, "gpus": gpus,
                                                             "budgets": [1.0, 2.0], "align_minutes": 0.25,
                                                             "points": points}))
     return runs
@@ -103,8 +103,9 @@ def test_the_page_gives_ratios_with_seed_spread_and_the_crossover_or_its_bound(t
 
 
 def test_a_sweep_with_nothing_evaluated_yet_writes_its_page_without_plots(tmp_path):
-    runs = fake_sweep(tmp_path, {("a", "best", 1.0, 1): 55.0})
+    runs = fake_sweep(tmp_path, {("a", "best", 1.0, 1): 55.0}, gpus=0)
     (runs / "a.json").unlink()  # the eval step has not run
     s = scaling.write_scaling(runs, tmp_path / "results")
     assert s["rows"] == [] and not (tmp_path / "results" / "scaling" / "ratio_vs_params.png").exists()
-    assert "## When does scratch catch up?" in (tmp_path / "results" / "scaling" / "SCALING.md").read_text()
+    page = (tmp_path / "results" / "scaling" / "SCALING.md").read_text()
+    assert "## When does scratch catch up?" in page and "Budgets are CPU-minutes" in page  # a sweep run on a CPU
