@@ -9,13 +9,13 @@ filter, the modal filter), the network with its loss, `generate` and checkpoints
 Activations are time-major (B, L, D); the configuration is config.py's.
 
 The speed work lives in fast/ and computes the same functions: the FFT convolution with a hand-written
-backward (fast/fftconv.py), the fused chunked head loss (fast/losses.py), the Triton decoding kernel and the
-CUDA-graph step (fast/decode.py). It is switched in by ONE call, `fast.enable(on)` (True: everywhere, False:
+backward (fast/fftconv.py), the fused chunked head loss (fast/losses.py), the Triton kernels of decoding (the
+long-conv step, the modal prefill's state scan) and the CUDA-graph step (fast/decode.py). It is switched in by ONE call, `fast.enable(on)` (True: everywhere, False:
 nowhere, None: the default), read by `fast.active(tensor)` at each place below that could take it; by default
 it is on for CUDA tensors, so GPU users keep the speed, and off on the CPU, where this file's plain code runs.
 train.py's training loop switches it on for its run on any device unless it was switched off (on the CPU the
 fused loss keeps each step's memory on the heap). A CPU test holds each fast path to its plain twin here
-(tests/test_hyena_operator.py, tests/test_losses.py).
+(tests/test_hyena_operator.py, tests/test_losses.py, tests/test_modal.py).
 
 Glossary (code name -> paper symbol, Hyena paper section 3):
   x0, x1, ... x_{N-1}, v   projections of the input u (x^n and v in the paper; N = `order`)
