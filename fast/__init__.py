@@ -4,8 +4,9 @@ hyena.py (or distill.py), faster, and its docstring names that twin and the CPU 
   fftconv.py  the FFT long convolution with a hand-written backward      twin: hyena.fftconv
   losses.py   the head's loss fused with its gradient, chunk by chunk     twins: GPTNeoX.forward's F.cross_entropy,
                                                                                  distill.kd_loss's plain branch
-  decode.py   a Triton kernel for Hyena's decoding step; CUDA graphs      twins: HyenaOperator.step's formula,
-                                                                                 generate's eager step
+  decode.py   a Triton kernel for Hyena's decoding step; CUDA graphs;     twins: HyenaOperator.step's formula,
+              a Triton scan for a modal prefill's state                          generate's eager step,
+                                                                                 lib.modal.prefill_state
 
 One switch chooses: `fast.enable(on)`. on=True runs the fast paths on every device, False nowhere, None (the
 default) on CUDA tensors only; `active(t)` is how the model asks. train.py's loop turns them on for its run unless
