@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 import data
 import fast
 from lib.cli import integer, write_atomic
-from lib.runtime import ctrl_c, keep_freed_memory, setup_distributed
+from lib.runtime import compile_or_eager, ctrl_c, keep_freed_memory, setup_distributed
 from lib.checkpoint import (branch_config, budget_name, find_checkpoint, load_checkpoint, pending_branches,
                             rng_states, save_branch, save_checkpoint, trim_log)
 
@@ -154,28 +154,6 @@ def build_optimizer(model, cfg, fused=False):
     for g in groups:
         g["base_lr"] = g["lr"]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
-
-
-def compile_or_eager(objective, cfg, cuda, tokens, device, amp):
-    """torch.compile(objective) when cfg.compile says so (auto: on CUDA), tried at once on one batch (forward
-    and backward, gradients then cleared, the training rng untouched): if compiling fails there (no working
-    Triton or inductor, an op it cannot trace), the run goes on eagerly with a warning: same numbers, slower."""
-    if cfg.compile == "off" or (cfg.compile == "auto" and not cuda):
-        return objective
-    compiled = torch.compile(objective)
-    x, y = data.random_batch(tokens, cfg.batch_size, cfg.block_size, np.random.default_rng(0), device)
-    try:
-        with amp:
-            loss, _ = compiled(x, y)
-        loss.backward()
-    except Exception as e:  # noqa: BLE001 (any compiler failure: eager computes the same function)
-        if isinstance(e, torch.OutOfMemoryError):
-            raise
-        print(f"warning: torch.compile failed ({type(e).__name__}: {str(e)[:300]}); training eagerly "
-              "(pass --compile off to skip the attempt)", file=sys.stderr)
-        compiled = objective
-    objective.zero_grad(set_to_none=True)
-    return compiled
 
 
 def progress(tokens, seconds, cfg):

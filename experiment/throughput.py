@@ -14,7 +14,8 @@ from config import Config
 from fast.losses import head_loss
 from hyena import GPTNeoX
 from lib.cli import writable_dir, write_atomic
-from train import CrossEntropy, TrainConfig, build_optimizer, compile_or_eager
+from lib.runtime import compile_or_eager
+from train import CrossEntropy, TrainConfig, build_optimizer
 
 
 def device_of(flag):

@@ -1,6 +1,6 @@
 """The process a training run lives in: torchrun's ranks and process group (`setup_distributed`), glibc's
-allocator kept from returning freed memory (`keep_freed_memory`), and Ctrl-C turned into a checkpoint (`ctrl_c`).
-train.py's loop uses all three.
+allocator kept from returning freed memory (`keep_freed_memory`), Ctrl-C turned into a checkpoint (`ctrl_c`), and
+the objective compiled where it can be, else run eagerly (`compile_or_eager`). train.py's loop uses all four.
 """
 import ctypes
 import os
@@ -10,8 +10,11 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as torch_dist
+
+import data
 
 
 @dataclass
@@ -91,3 +94,25 @@ def ctrl_c(out, active=True):
         yield stop
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def compile_or_eager(objective, cfg, cuda, tokens, device, amp):
+    """torch.compile(objective) when cfg.compile says so (auto: on CUDA), tried at once on one batch (forward
+    and backward, gradients then cleared, the training rng untouched): if compiling fails there (no working
+    Triton or inductor, an op it cannot trace), the run goes on eagerly with a warning: same numbers, slower."""
+    if cfg.compile == "off" or (cfg.compile == "auto" and not cuda):
+        return objective
+    compiled = torch.compile(objective)
+    x, y = data.random_batch(tokens, cfg.batch_size, cfg.block_size, np.random.default_rng(0), device)
+    try:
+        with amp:
+            loss, _ = compiled(x, y)
+        loss.backward()
+    except Exception as e:  # noqa: BLE001 (any compiler failure: eager computes the same function)
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        print(f"warning: torch.compile failed ({type(e).__name__}: {str(e)[:300]}); training eagerly "
+              "(pass --compile off to skip the attempt)", file=sys.stderr)
+        compiled = objective
+    objective.zero_grad(set_to_none=True)
+    return compiled
