@@ -1,7 +1,7 @@
 """The one training loop, shared by finetune.py (cross-entropy) and distill.py (teacher -> student).
 
 An objective is an nn.Module with `forward(x, y) -> (loss, metrics)` and the model being trained as `.model`;
-train() does the rest: AdamW with warmup + cosine over a token/time budget, gradient accumulation and clipping,
+train() does the rest: AdamW with warmup + cosine (or warmup-stable-decay, --branches) over a token/time budget, gradient accumulation and clipping,
 bf16 autocast, DDP under torchrun, validation, a JSONL log, atomic checkpoints and exact resume
 (lib/checkpoint.py), in the process lib/runtime.py sets up.
 
@@ -28,10 +28,11 @@ import data
 import fast
 from lib.cli import integer, write_atomic
 from lib.runtime import compile_or_eager, ctrl_c, keep_freed_memory, setup_distributed
-from lib.checkpoint import (branch_config, budget_name, find_checkpoint, load_checkpoint, pending_branches,
-                            rng_states, save_branch, save_checkpoint, trim_log)
+from lib.checkpoint import (budget_name, find_checkpoint, load_checkpoint, pending_branches, rng_states,
+                            save_branch, save_checkpoint, trim_log)
 
-CHOICES = {"dtype": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off"), "schedule": ("cosine", "wsd")}  # the flags with fixed choices
+CHOICES = {"dtype": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off"),  # the flags with fixed choices
+           "schedule": ("cosine", "wsd")}
 
 
 def arg(default, help):
@@ -156,6 +157,11 @@ def build_optimizer(model, cfg, fused=False):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 
+def budget(cfg):
+    """The run's budget as its flag spells it (--max-tokens, else --max-minutes)."""
+    return budget_name(cfg.max_tokens or cfg.max_minutes)
+
+
 def progress(tokens, seconds, cfg):
     """Fraction of the budget used: the larger of the token and the time fraction."""
     return max(tokens / cfg.max_tokens if cfg.max_tokens else 0.0,
@@ -261,19 +267,18 @@ def _train(objective, cfg, dist, stage, on_step, stop):
             f"step {step} | val " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
-    def checkpoint(folder=None, budget=None):  # this run's ckpt/, or (folder, budget) a --branches snapshot
-        config = asdict(cfg) if folder is None else asdict(branch_config(cfg, folder, budget))
-        state = {"config": config, "world": dist.world, "step": step, "tokens": tokens, "elapsed": elapsed(),
-                 "optimizer": opt.state_dict(), "rng": rng_states(rng, dist)}
+    def checkpoint(branch=None):  # this run's ckpt/, or a --branches snapshot (the branch's TrainConfig)
+        state = {"config": asdict(branch or cfg), "world": dist.world, "step": step, "tokens": tokens,
+                 "elapsed": elapsed(), "optimizer": opt.state_dict(), "rng": rng_states(rng, dist)}
         if dist.master:
-            save_checkpoint(out, model, state) if folder is None else save_branch(out, stage, folder, model, state)
+            save_checkpoint(out, model, state) if branch is None else save_branch(out, stage, model, state)
         if dist.world > 1:
             torch_dist.barrier()
 
-    branches = pending_branches(cfg, stage)  # [(budget, folder)] still to save
-    for b, folder in branches:
-        if progress(tokens, elapsed0, branch_config(cfg, folder, b)) > 1 - cfg.decay_frac:
-            raise ValueError(f"--branches {cfg.branches}: budget {budget_name(b)}'s decay began before step {step}, "
+    branches = pending_branches(cfg, stage)  # the TrainConfig of each branch still to save
+    for branch in branches:
+        if progress(tokens, elapsed0, branch) > 1 - cfg.decay_frac:
+            raise ValueError(f"--branches {cfg.branches}: budget {budget(branch)}'s decay began before step {step}, "
                              "where this run resumed, so its branch can no longer be taken; drop it from --branches "
                              "and run that budget on its own")
     objective.train()
@@ -326,14 +331,13 @@ def _train(objective, cfg, dist, stage, on_step, stop):
         log(record, line)
         if branches:  # the next step would decay in a run of budget B: save this run as it is into OUT_DIR@B
             now = elapsed()
-            for b, folder in [bf for bf in branches if progress(tokens + step_tokens, now, branch_config(
-                    cfg, bf[1], bf[0])) > 1 - cfg.decay_frac]:
-                checkpoint(folder, b)
-                branches.remove((b, folder))
+            for branch in [b for b in branches if progress(tokens + step_tokens, now, b) > 1 - cfg.decay_frac]:
+                checkpoint(branch)
+                branches.remove(branch)
                 if dist.master:
-                    print(f"{prefix}branch {budget_name(b)}: saved at step {step} into {folder}; finish it with the "
-                          f"same command without --branches, with --out-dir {folder}, budget {budget_name(b)} and "
-                          "--resume", file=sys.stderr)
+                    print(f"{prefix}branch {budget(branch)}: saved at step {step} into {branch.out_dir}; finish it "
+                          f"with the same command without --branches, with --out-dir {branch.out_dir}, budget "
+                          f"{budget(branch)} and --resume", file=sys.stderr)
         if val_tokens is not None and step % cfg.eval_interval == 0:
             val, eval_step = validate(), step
         if step % cfg.ckpt_interval == 0:

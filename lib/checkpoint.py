@@ -247,7 +247,7 @@ def branch_folder(out_dir, budget):
 
 
 def pending_branches(cfg, stage):
-    """The --branches budgets not yet saved, each with its folder OUT_DIR@B; refuses one not below the budget."""
+    """The TrainConfig (branch_config) of each --branches budget not yet saved; refuses one not below the budget."""
     if not cfg.branches:
         return []
     budget = cfg.max_tokens or cfg.max_minutes
@@ -259,7 +259,7 @@ def pending_branches(cfg, stage):
                              "the full run is that budget's point")
         folder = branch_folder(cfg.out_dir, b)
         if find_checkpoint(folder / stage) is None and not (folder / stage / "summary.json").exists():
-            todo.append((b, folder))
+            todo.append(branch_config(cfg, folder, b))
     return todo
 
 
@@ -273,10 +273,11 @@ def branch_config(cfg, folder, budget):
                    **{unit: int(budget) if unit == "max_tokens" else budget})
 
 
-def save_branch(out, stage, folder, model, state):
+def save_branch(out, stage, model, state):
     """A branch starts as a copy of the run's folder at this moment: the finished stages beside this one (distill's
     alignment before its end-to-end stage), this stage's log, and its checkpoint taken now (last: a branch folder
-    with a checkpoint is complete)."""
+    with a checkpoint is complete). The branch's folder is its config's out_dir (state["config"])."""
+    folder = Path(state["config"]["out_dir"])
     dest = folder / stage
     if stage:
         for d in out.parent.iterdir():
