@@ -1,9 +1,9 @@
 """The one training loop, shared by finetune.py (cross-entropy) and distill.py (teacher -> student).
 
 An objective is an nn.Module with `forward(x, y) -> (loss, metrics)` and the model being trained as `.model`;
-train() does the rest: AdamW with warmup + cosine (or warmup-stable-decay, --branches) over a token/time budget, gradient accumulation and clipping,
-bf16 autocast, DDP under torchrun, validation, a JSONL log, atomic checkpoints and exact resume
-(lib/checkpoint.py), in the process lib/runtime.py sets up.
+train() does the rest: AdamW with warmup + cosine (or warmup-stable-decay, with --branches) over a token/time
+budget, gradient accumulation and clipping, bf16 autocast, DDP under torchrun, validation, a JSONL log, atomic
+checkpoints and exact resume (lib/checkpoint.py), in the process lib/runtime.py sets up.
 
     python finetune.py --init scratch --data gutenberg --max-tokens 50_000_000      # one GPU, or the CPU
     torchrun --nproc-per-node 8 finetune.py --init scratch --data gutenberg ...      # 8 GPUs, same script
