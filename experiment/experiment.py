@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python experiment/experiment.py`: import from the repo root
 from experiment import report, runner
 from experiment.runner import PY, ROOT, add_wall_time, todo
-from experiment.scaling import add_sweep_args, sweep_steps, write_scaling
+from experiment.scaling import add_sweep_args, sweep_steps
+from experiment.scaling_report import write_scaling
 from experiment.studies import (add_harness_args, add_long_args, harness_prepare, harness_steps, harness_tasks,
                                 long_context_steps)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python experiment/report.py`: import from the repo root
 from experiment.pages import write_harness, write_longctx  # noqa: E402
 from experiment.runner import spent, stages  # noqa: E402
-from experiment.scaling import write_scaling  # noqa: E402
+from experiment.scaling_report import write_scaling  # noqa: E402
 from lib.cli import write_atomic  # noqa: E402
 
 # Row label -> (run folders whose training stages it spent, in order; eval JSON name). Folders may be missing

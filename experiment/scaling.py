@@ -12,17 +12,15 @@ minutes in all (compiling is outside it, as in train.py):
            (the paper splits its budget in halves; a fixed first stage is what lets the second one branch)
   scratch  Hyena of the teacher's shape from random init, CE for the whole budget (branched)
 The first seed runs every point; the other --sweep-seeds repeat the --sweep-repeat points. Every step is skipped
-once its output exists and resumes from its checkpoint, so the sweep restarts where it stopped. The report
-(<results>/scaling/SCALING.md, scaling.json, ratio_vs_params.png, ppl_vs_minutes.png) reads <runs>/sweep/points.json.
+once its output exists and resumes from its checkpoint, so the sweep restarts where it stopped. Its page
+(experiment/scaling_report.py: <results>/scaling/SCALING.md and two plots) reads <runs>/sweep/points.json.
 """
 import json
-import statistics
-import sys
 from pathlib import Path
 
 from config import SHAPES, Config
 from experiment import runner
-from experiment.runner import PY, ROOT, spent, todo
+from experiment.runner import PY, ROOT, todo
 from lib.checkpoint import branch_folder, budget_name
 from lib.cli import write_atomic
 
@@ -85,10 +83,6 @@ def parse_repeat(spec):
     return out
 
 
-def g(x):
-    return f"{x:g}"
-
-
 def recipe_steps(recipe, d, teacher, shape, budgets, align, common):
     """One recipe at one seed in folder d: [commands in order] and its points [(budget, final, [run folders])]. The
     branched run's flag and its share of a budget b: all of b for scratch, b - align after a fixed first stage."""
@@ -99,18 +93,18 @@ def recipe_steps(recipe, d, teacher, shape, budgets, align, common):
                "--lr", "1e-3", *wsd]
         flag, share = "--max-minutes", 0.0
     elif recipe == "best":
-        run = [PY, ROOT / "distill.py", "--teacher", teacher, *common, "--lr", "1e-3", "--max-minutes", g(align),
+        run = [PY, ROOT / "distill.py", "--teacher", teacher, *common, "--lr", "1e-3", "--max-minutes", budget_name(align),
                "--init", "teacher", "--layers", "independent", *wsd]
         flag = "--e2e-minutes"
     else:  # paper: the MSE stage once, then the CE fine-tuning branched
         before = todo([PY, ROOT / "distill.py", "--teacher", teacher, *common, "--lr", "1e-3", "--max-minutes",
-                       g(align), "--init", "random", "--layers", "progressive", "--train", "block",
+                       budget_name(align), "--init", "random", "--layers", "progressive", "--train", "block",
                        "--out-dir", d / "paper"], d / "paper" / "final")
         run = [PY, ROOT / "finetune.py", "--init", d / "paper" / "final", *common, "--lr", "3e-4", *wsd]
         flag = "--max-minutes"
     head = d / ("paper-ft" if recipe == "paper" else recipe)
     extra = [d / "paper"] if recipe == "paper" else []
-    own = {b: float(g(b - share)) for b in budgets}  # the branched run's budget, as its flag will spell it
+    own = {b: float(budget_name(b - share)) for b in budgets}  # the branched run's budget, as its flag will spell it
     check_plan(head, [own[b] for b in budgets])
     branches = ["--branches", ",".join(budget_name(own[b]) for b in rest)] if rest else []
     steps = before + todo(run + [flag, budget_name(own[top]), *branches, "--out-dir", head], head / "final")
@@ -196,156 +190,3 @@ def sweep_steps(args, runs, root, data, tok, logs, common, launcher, vocab_size)
     write_atomic(sweep / "points.json", json.dumps({"data": data, "context": args.block_size, "gpus": args.gpus,
                                                     "budgets": budgets,
                                                     "align_minutes": align, "points": points}, indent=1) + "\n")
-
-
-# ----------------------------------------------------------------------------- the report
-
-
-def collect(runs):
-    """points.json joined with each point's perplexity and spend: {size: {recipe: {budget: [point, ...]}}}. Folders
-    are read from <runs>; a point is matched to its eval row by the checkpoint argument eval.py was given."""
-    plan = json.loads((runs / "sweep" / "points.json").read_text())
-    evals, table = {}, {}
-    for p in plan["points"]:
-        if p["eval"] not in evals:
-            path = runs / p["eval"]
-            rows = json.loads(path.read_text())["results"] if path.exists() else []
-            evals[p["eval"]] = {r["path"]: next(iter(r["datasets"].values()))["token_ppl"] for r in rows}
-        ppl = evals[p["eval"]].get(p["final"])
-        if ppl is None:
-            continue
-        tokens, minutes = spent(runs, p["folders"])
-        point = dict(seed=p.get("seed"), ppl=ppl, tokens=tokens, minutes=minutes, params=p["params"],
-                     teacher_tokens=p["teacher_tokens"])
-        table.setdefault(p["size"], {}).setdefault(p["recipe"], {}).setdefault(p.get("budget", 0), []).append(point)
-    return plan, table
-
-
-def mean_sd(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def crossover(by_recipe, budgets):
-    """The smallest budget where scratch's mean ppl is at or below best's, else None (not within the largest)."""
-    best, scratch = by_recipe.get("best", {}), by_recipe.get("scratch", {})
-    for b in budgets:
-        if b in best and b in scratch and mean_sd([p["ppl"] for p in scratch[b]])[0] <= \
-                mean_sd([p["ppl"] for p in best[b]])[0]:
-            return b
-    return None
-
-
-def summarize(runs):
-    plan, table = collect(runs)
-    budgets, rows, answers = plan["budgets"], [], {}
-    params = {p["size"]: p["params"] for p in plan["points"]}
-    for size in sorted(table, key=params.get):
-        by = table[size]
-        teacher = by.get("teacher", {}).get(0, [None])[0]
-        for recipe in (r for r in RECIPES if r in by):
-            for b, pts in sorted(by[recipe].items()):
-                m, sd = mean_sd([p["ppl"] for p in pts])
-                ratio, ratio_sd = mean_sd([p["ppl"] / teacher["ppl"] for p in pts]) if teacher else (None, None)
-                rows.append(dict(size=size, params=params[size], recipe=recipe, budget=b, ppl=m, ppl_sd=sd,
-                                 seeds=[p["seed"] for p in pts], ratio=ratio, ratio_sd=ratio_sd,
-                                 tokens=statistics.fmean(p["tokens"] for p in pts),
-                                 minutes=statistics.fmean(p["minutes"] for p in pts)))
-        measured = sorted(set(by.get("best", {})) & set(by.get("scratch", {})))
-        answers[size] = dict(params=params[size], teacher_ppl=teacher and teacher["ppl"],
-                             teacher_tokens=teacher and teacher["tokens"], crossover=crossover(by, measured),
-                             bound=measured[-1] if measured else None)
-    return dict(data=plan["data"], context=plan["context"], gpus=plan.get("gpus"), budgets=budgets,
-                align_minutes=plan["align_minutes"], rows=rows, answers=answers)
-
-
-def unit(s):
-    """GPU, or CPU for a sweep run without a GPU (the tiny preset): what a budget's minutes are minutes of."""
-    return "CPU" if s.get("gpus") == 0 else "GPU"
-
-
-def markdown(s):
-    u = unit(s)
-    out = ["# Scale and crossover (experiment.py --sweep)\n",
-           f"{s['data']}-val token perplexity at context {s['context']}. Budgets are {u}-minutes per recipe; best's "
-           f"alignment and paper's MSE stage take a fixed {s['align_minutes']:g} min of each; every budget's point "
-           "is a warmup-stable-decay branch of one run (train.py --branches). ± is the standard deviation over "
-           f"seeds; tokens and {u}-minutes are what the point's runs spent (seed mean), compiling excluded.\n",
-           "| size | params | teacher ppl | teacher tokens | recipe | budget | ppl | / teacher | seeds | tokens | "
-           f"{u}-min |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
-    for r in s["rows"]:
-        a = s["answers"][r["size"]]
-        ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}" + \
-            (f" ± {r['ratio_sd']:.3f}" if r["ratio_sd"] is not None else "")
-        teacher = ("-", "-") if a["teacher_ppl"] is None else \
-            (f"{a['teacher_ppl']:.2f}", f"{a['teacher_tokens'] / 1e6:.1f}M")
-        out.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {teacher[0]} | {teacher[1]} | {r['recipe']} | "
-                   f"{r['budget']:g} | {r['ppl']:.2f} | {ratio} | {len(r['seeds'])} | {r['tokens'] / 1e6:.1f}M | "
-                   f"{r['minutes']:.2f} |")
-    out += ["", "## When does scratch catch up? (question 2)", ""]
-    for size, a in s["answers"].items():
-        if a["bound"] is None:
-            out.append(f"- {size}: not measured (needs both best and scratch)")
-        elif a["crossover"] is None:
-            out.append(f"- {size}: no crossover within {a['bound']:g} {u}-minutes: best stays ahead at every "
-                       "measured budget")
-        else:
-            out.append(f"- {size}: scratch catches up by {a['crossover']:g} {u}-minutes (the first measured "
-                       "budget where its perplexity is at or below best's)")
-    return "\n".join(out) + "\n"
-
-
-def plot(s, out):
-    """ratio_vs_params.png (question 1) and ppl_vs_minutes.png (question 2); False where matplotlib is missing."""
-    u = unit(s)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"report.py: {out}/*.png skipped: matplotlib is not installed", file=sys.stderr)
-        return False
-    if not s["rows"]:
-        print(f"report.py: {out}/*.png skipped: no sweep point has been evaluated yet", file=sys.stderr)
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for recipe in RECIPES:
-        for b in s["budgets"]:
-            rs = [r for r in s["rows"] if r["recipe"] == recipe and r["budget"] == b and r["ratio"] is not None]
-            if rs:
-                ax.errorbar([r["params"] for r in rs], [r["ratio"] for r in rs], yerr=[r["ratio_sd"] or 0 for r in rs],
-                            marker="o", capsize=3, label=f"{recipe}, {b:g} {u}-min")
-    ax.set(xscale="log", xlabel="parameters", ylabel="ppl / teacher ppl", title="Does distillation hold up with size?")
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "ratio_vs_params.png", dpi=120)
-    plt.close(fig)
-    sizes = list(s["answers"])
-    fig, axes = plt.subplots(1, len(sizes), figsize=(4 * len(sizes), 3.5), squeeze=False)
-    for ax, size in zip(axes[0], sizes):
-        for recipe in RECIPES:
-            rs = sorted((r for r in s["rows"] if r["size"] == size and r["recipe"] == recipe), key=lambda r: r["budget"])
-            if rs:
-                ax.errorbar([r["minutes"] for r in rs], [r["ppl"] for r in rs], yerr=[r["ppl_sd"] or 0 for r in rs],
-                            marker="o", capsize=3, label=recipe)
-        if s["answers"][size]["teacher_ppl"]:
-            ax.axhline(s["answers"][size]["teacher_ppl"], color="gray", ls="--", label="teacher")
-        ax.set(xscale="log", xlabel=f"{u}-minutes", ylabel="ppl", title=size)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "ppl_vs_minutes.png", dpi=120)
-    plt.close(fig)
-    return True
-
-
-def write_scaling(runs, results):
-    """<results>/scaling/: SCALING.md, scaling.json and the two plots, when <runs>/sweep/points.json exists."""
-    if not (Path(runs) / "sweep" / "points.json").exists():
-        return None
-    s = summarize(Path(runs))
-    out = Path(results) / "scaling"
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "scaling.json", json.dumps(s, indent=1) + "\n")
-    write_atomic(out / "SCALING.md", markdown(s))
-    plot(s, out)
-    return s

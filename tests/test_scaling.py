@@ -1,11 +1,12 @@
-"""experiment.py --sweep (experiment/scaling.py): the plan of branched runs, and the page it reports. The branching
-itself (a branch equals a run of its own budget, bitwise) is held by tests/test_train.py and tests/test_distill.py."""
+"""experiment.py --sweep: the plan of branched runs (experiment/scaling.py) and its page (scaling_report.py). The
+branching itself (a branch equals a run of its own budget, bitwise) is held by tests/test_train.py and
+tests/test_distill.py."""
 import json
 from pathlib import Path
 
 import pytest
 
-from experiment import scaling
+from experiment import scaling, scaling_report
 
 ALIGN = 0.25
 COMMON = ["--data", "gutenberg", "--seed", "1"]
@@ -67,7 +68,7 @@ def fake_sweep(tmp_path, ppl, gpus=1):
     runs, points, evals = tmp_path / "runs", [], {}
     for (size, recipe, budget, seed), value in ppl.items():
         name = f"{size}-{recipe}-{budget:g}-{seed}"
-        run = write_point_runs(runs, name, budget, 1000 * budget)
+        write_point_runs(runs, name, budget, 1000 * budget)
         ev = str(runs / f"{size}.json")  # points.json names it from <runs>
         points.append(dict(size=size, params={"a": 14e6, "b": 70e6}[size], teacher_tokens=5, seed=seed, recipe=recipe,
                            budget=budget, final=f"elsewhere/{name}/final", folders=[name], eval=f"{size}.json"))
@@ -89,7 +90,7 @@ def test_the_page_gives_ratios_with_seed_spread_and_the_crossover_or_its_bound(t
            ("b", "best", 1.0, 1): 44.0, ("b", "best", 1.0, 2): 46.0, ("b", "scratch", 1.0, 1): 60.0,  # b: never
            ("b", "best", 2.0, 1): 42.0, ("b", "scratch", 2.0, 1): 50.0}
     runs = fake_sweep(tmp_path, ppl)
-    s = scaling.write_scaling(runs, tmp_path / "results")
+    s = scaling_report.write_scaling(runs, tmp_path / "results")
     rows = {(r["size"], r["recipe"], r["budget"]): r for r in s["rows"]}
     assert rows[("b", "best", 1.0)]["ratio"] == pytest.approx(45 / 40)
     assert rows[("b", "best", 1.0)]["ratio_sd"] == pytest.approx(0.0353553, rel=1e-4)  # sd of 1.1 and 1.15
@@ -105,7 +106,7 @@ def test_the_page_gives_ratios_with_seed_spread_and_the_crossover_or_its_bound(t
 def test_a_sweep_with_nothing_evaluated_yet_writes_its_page_without_plots(tmp_path):
     runs = fake_sweep(tmp_path, {("a", "best", 1.0, 1): 55.0}, gpus=0)
     (runs / "a.json").unlink()  # the eval step has not run
-    s = scaling.write_scaling(runs, tmp_path / "results")
+    s = scaling_report.write_scaling(runs, tmp_path / "results")
     assert s["rows"] == [] and not (tmp_path / "results" / "scaling" / "ratio_vs_params.png").exists()
     page = (tmp_path / "results" / "scaling" / "SCALING.md").read_text()
     assert "## When does scratch catch up?" in page and "Budgets are CPU-minutes" in page  # a sweep run on a CPU
