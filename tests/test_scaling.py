@@ -1,5 +1,5 @@
 """experiment.py --sweep: the plan of branched runs (experiment/scaling.py) and its page (scaling_report.py). The
-branching itself (a branch equals a run of its own budget, bitwise) is held by tests/test_train.py and
+branching itself (a branch equals a run of its own budget, bitwise) is held by tests/test_schedule.py and
 tests/test_distill.py."""
 import json
 from pathlib import Path

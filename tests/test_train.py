@@ -19,7 +19,7 @@ from lib.checkpoint import find_checkpoint
 from finetune import scratch_model
 from train import CrossEntropy
 from hyena import GPTNeoX, make_student
-from train import TrainConfig, add_train_args, build_optimizer, lr_factor, train, train_config_from_args
+from train import TrainConfig, add_train_args, build_optimizer, train, train_config_from_args
 
 VOCAB = 64
 STEP_TOKENS = 4 * 32  # batch 4, block 32
@@ -234,64 +234,6 @@ def test_optimizer_groups_spare_hyena_filters_from_decay(tmp_path):
     for p in (hyena.in_proj.weight, student.gpt_neox.embed_in.weight, mlp.dense_h_to_4h.weight):
         assert group_of[id(p)]["weight_decay"] == 0.1 and group_of[id(p)]["base_lr"] == 3e-3
     assert group_of[id(hyena.in_proj.bias)]["weight_decay"] == 0.0
-
-
-def test_schedule_warms_up_then_decays_to_min_lr():
-    cfg = TrainConfig(out_dir="x", max_tokens=1, warmup_frac=0.1, min_lr_frac=0.1)
-    assert lr_factor(0.05, cfg) == pytest.approx(0.5) and lr_factor(0.1, cfg) == pytest.approx(1.0)
-    assert lr_factor(0.55, cfg) == pytest.approx(0.55) and lr_factor(1.0, cfg) == pytest.approx(0.1)
-    assert lr_factor(0.3, cfg) > lr_factor(0.6, cfg) > lr_factor(0.9, cfg)
-
-
-def test_wsd_holds_the_rate_then_decays_linearly_over_its_last_fraction():
-    cfg = TrainConfig(out_dir="x", max_tokens=1, schedule="wsd", warmup_frac=0.1, decay_frac=0.2, min_lr_frac=0.1)
-    assert lr_factor(0.05, cfg) == pytest.approx(0.5)
-    assert lr_factor(0.1, cfg) == lr_factor(0.5, cfg) == lr_factor(0.8, cfg) == 1.0
-    assert lr_factor(0.9, cfg) == pytest.approx(0.55) and lr_factor(1.0, cfg) == pytest.approx(0.1)
-
-
-@pytest.mark.parametrize("b, warmup", [(5 * STEP_TOKENS, 0.4), (576, 0.0)])  # 576: decay from mid-step 4
-def test_a_wsd_branch_finishes_bitwise_as_a_run_of_its_own_budget(tmp_path, data_dir, b, warmup):
-    """--branches: one 10-step run saves itself before the first step that would decay in a run of budget B, with
-    the warmup it had (the smallest budget's); resumed with budget B, that branch is B's run exactly: same steps,
-    same lr, same weights as a run of the branch's recorded config from the start."""
-    wsd = dict(schedule="wsd", warmup_frac=warmup, decay_frac=0.2)
-    train(CrossEntropy(tiny_model()), config(tmp_path / "main", data_dir, max_tokens=10 * STEP_TOKENS,
-                                             branches=str(b), **wsd))
-    branch = tmp_path / f"main@{b}"
-    state = torch.load(branch / "ckpt" / "train_state.pt", weights_only=True)
-    assert state["config"]["max_tokens"] == b and state["config"]["branches"] == ""
-    assert [r["step"] for r in read_log(branch)[0]] == ([1, 2, 3, 4] if b == 5 * STEP_TOKENS else [1, 2, 3])
-    train(CrossEntropy(tiny_model(seed=1)), config(branch, data_dir, max_tokens=b, resume=True, **wsd))
-    alone = {**wsd, "warmup_frac": state["config"]["warmup_frac"]}  # the main run's warmup, as B's fraction
-    train(CrossEntropy(tiny_model()), config(tmp_path / "alone", data_dir, max_tokens=b, **alone))
-    x = GPTNeoX.from_pretrained(branch / "ckpt").state_dict()
-    y = GPTNeoX.from_pretrained(tmp_path / "alone" / "ckpt").state_dict()
-    assert all(torch.equal(x[k], y[k]) for k in x)
-    (steps_b, _), (steps_a, _), (steps_m, _) = (read_log(tmp_path / n) for n in (f"main@{b}", "alone", "main"))
-    assert [(r["loss"], r["lr"]) for r in steps_b] == [(r["loss"], r["lr"]) for r in steps_a]
-    assert steps_b[-1]["lr"] == pytest.approx(3e-4)  # decayed to min_lr_frac at B
-    if warmup:  # one warm-up step, the same in the main run and in the run of budget B
-        assert [r["lr"] for r in steps_m[:8]] == [1.5e-3] + [3e-3] * 7 and steps_a[0]["lr"] == 1.5e-3
-
-
-def test_branches_are_checked_and_a_passed_branch_point_is_refused(tmp_path, data_dir):
-    wsd = dict(schedule="wsd", decay_frac=0.2)
-    with pytest.raises(ValueError, match="--branches 5000: 5000 is not below this run's budget 1280"):
-        train(CrossEntropy(tiny_model()), config(tmp_path / "big", data_dir, max_tokens=10 * STEP_TOKENS,
-                                                 branches="5000", **wsd))
-    for bad, match in ((dict(branches="2"), "needs --schedule wsd"),
-                       (dict(branches="x", schedule="wsd"), "comma-separated numbers"),
-                       (dict(branches="2", schedule="wsd", max_minutes=1.0), "exactly one budget")):
-        with pytest.raises(ValueError, match=match):
-            config(tmp_path / "bad", data_dir, **bad)
-    run = tmp_path / "late"  # checkpoint at step 6, then resumed asking for a branch whose decay began at step 4
-    with pytest.raises(Interrupt):
-        train(CrossEntropy(tiny_model()), config(run, data_dir, max_tokens=10 * STEP_TOKENS, **wsd),
-              on_step=interrupt_at(7))
-    with pytest.raises(ValueError, match="budget 640's decay began before step 6"):
-        train(CrossEntropy(tiny_model()), config(run, data_dir, max_tokens=10 * STEP_TOKENS, resume=True,
-                                                 branches="640", **wsd))
 
 
 def test_finetune_clear_errors(tmp_path, data_dir):
