@@ -24,7 +24,6 @@ import os
 import torch
 
 from lib import modal
-from lib.modal import powers, work_dtype
 
 try:
     import triton
@@ -115,7 +114,7 @@ def prefill_state(z, log_decay, angle):
     B, L, C = z.shape
     if L * C >= 2 ** 31:  # the kernel's in-sequence offsets t * C are 32-bit: the plain twin serves such prompts
         return modal.prefill_state(z, log_decay, angle)
-    d, dt = log_decay.shape[1], work_dtype(log_decay)
+    d, dt = log_decay.shape[1], modal.work_dtype(log_decay)
     with torch.autocast(z.device.type, enabled=False):
         w, th = log_decay.to(dt), angle.to(dt)
         lam = torch.polar(torch.exp(-w.exp()), th)  # (C, d)
@@ -128,7 +127,7 @@ def prefill_state(z, log_decay, angle):
                                                        BLOCK_C=SCAN_C)
         s = torch.complex(out[..., :d], out[..., DM:DM + d])  # (B, a, C, d): each chunk's state at its end
         ends = torch.clamp(torch.arange(1, a + 1, device=z.device) * SCAN_CHUNK, max=L)
-        qr, qi = powers(w, th, L - ends)  # (C, a, d): lambda^(L - end_j)
+        qr, qi = modal.powers(w, th, L - ends)  # (C, a, d): lambda^(L - end_j)
         return (s * torch.complex(qr, qi).transpose(0, 1)).sum(1)  # (B, C, d) complex64
 
 
