@@ -187,6 +187,6 @@ def sweep_steps(args, runs, root, data, tok, logs, common, launcher, vocab_size)
                                                    "--json", ev]]  # again when a point is new
         runner.run_parallel({f"eval-{shape}": evals} if evals else {}, args.gpus, logs)
         points += [dict(p, eval=rel(ev)) for p in size_points]
-    write_atomic(sweep / "points.json", json.dumps({"data": data, "context": args.block_size, "gpus": args.gpus,
-                                                    "budgets": budgets,
-                                                    "align_minutes": align, "points": points}, indent=1) + "\n")
+        write_atomic(sweep / "points.json", json.dumps({"data": data, "context": args.block_size, "gpus": args.gpus,
+                                                        "budgets": budgets, "align_minutes": align, "points": points},
+                                                       indent=1) + "\n")  # after each size: a cut sweep reports
