@@ -63,7 +63,8 @@ class TrainConfig:
     beta2: float = arg(0.95, "AdamW beta2")
     grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = never; the norm is logged anyway)")
     max_tokens: int = arg(0, "token budget, counted over all GPUs (0 = none)")
-    max_minutes: float = arg(0.0, "wall-clock budget in minutes (0 = none); the first budget to end stops the run")
+    max_minutes: float = arg(0.0, "wall-clock budget of the training steps in minutes (compiling, "
+                              "validation and checkpoints outside it; 0 = none); the first budget to end stops the run")
     eval_interval: int = arg(200, "validate every this many optimizer steps (and at the end)")
     eval_batches: int = arg(20, "validation batches, the same windows every time (0 = no validation)")
     log_interval: int = arg(10, "print a progress line every this many steps (log.jsonl has every step)")
@@ -247,8 +248,10 @@ def _train(objective, cfg, dist, stage, on_step, stop):
     t_start = window_t = time.perf_counter()
     prefix = f"{stage} " if stage else ""
 
-    def elapsed():  # wall time of the whole run; under DDP the slowest rank's, so all ranks agree on lr and stop
-        t = elapsed0 + time.perf_counter() - t_start
+    aside = [0.0]  # seconds spent validating and checkpointing: outside the budget, like compiling
+
+    def elapsed():  # the run's training wall time; under DDP the slowest rank's, so all ranks agree on lr and stop
+        t = elapsed0 + time.perf_counter() - t_start - aside[0]
         if dist.world > 1 and cfg.max_minutes:
             t = torch.tensor(t, dtype=torch.float64, device=dist.device)
             torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
@@ -261,19 +264,23 @@ def _train(objective, cfg, dist, stage, on_step, stop):
             if line:
                 print(prefix + line, file=sys.stderr)
 
-    def validate():
-        result = validation_metrics(compiled, val_tokens, cfg, dist, amp)
+    def validate():  # eagerly: compiling the no-grad graph would cost more than the few batches it scores
+        t0 = time.perf_counter()
+        result = validation_metrics(objective, val_tokens, cfg, dist, amp)
+        aside[0] += time.perf_counter() - t0
         log({"step": step, "tokens": tokens, "val": result},
             f"step {step} | val " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
     def checkpoint(branch=None):  # this run's ckpt/, or a --branches snapshot (the branch's TrainConfig)
+        t0 = time.perf_counter()
         state = {"config": asdict(branch or cfg), "world": dist.world, "step": step, "tokens": tokens,
                  "elapsed": elapsed(), "optimizer": opt.state_dict(), "rng": rng_states(rng, dist)}
         if dist.master:
             save_checkpoint(out, model, state) if branch is None else save_branch(out, stage, model, state)
         if dist.world > 1:
             torch_dist.barrier()
+        aside[0] += time.perf_counter() - t0
 
     branches = pending_branches(cfg, stage)  # the TrainConfig of each branch still to save
     for branch in branches:
@@ -356,7 +363,7 @@ def _train(objective, cfg, dist, stage, on_step, stop):
         checkpoint()
     seconds = elapsed()
     summary = {"stage": stage, "out_dir": str(out), "world": dist.world, "compiled": compiled is not objective,
-               "compile_s": compile_s, "tokens": tokens, "steps": step,
+               "compile_s": compile_s, "aside_s": aside[0], "tokens": tokens, "steps": step,
                "minutes": seconds / 60, "tokens_per_s": tokens / seconds, "val": val,
                "train": {k: sum(m[k] for m in recent) / len(recent) for k in recent[0]} if recent else {}}
     if dist.master:

@@ -292,3 +292,23 @@ def test_compile_is_auto_by_default_and_a_failed_compile_trains_eagerly(tmp_path
     fallback = train(CrossEntropy(tiny_model()), config(tmp_path / "fallback", data_dir, compile="on"))
     assert "torch.compile failed (RuntimeError: inductor: no working C compiler)" in capsys.readouterr().err
     assert fallback["compiled"] is False and fallback["val"] == eager["val"]
+
+
+def test_validation_runs_eagerly_and_outside_the_minutes_budget(tmp_path, data_dir, monkeypatch):
+    """A --max-minutes budget counts the training steps only: validating (eagerly, on the objective itself, not
+    its compiled twin) and checkpointing are set aside like compiling, so how often a run validates does not
+    change how much it trains."""
+    import train as train_module
+    objective, seen, real = CrossEntropy(tiny_model()), [], train_module.validation_metrics
+
+    def slow_validation(obj, *args):
+        seen.append(obj)
+        time.sleep(0.05)
+        return real(obj, *args)
+    monkeypatch.setattr(train_module, "validation_metrics", slow_validation)
+    monkeypatch.setattr(train_module, "compile_or_eager", lambda obj, *a: lambda x, y: obj(x, y))  # a stand-in twin
+    cfg = config(tmp_path / "run", data_dir, max_tokens=0, max_minutes=0.005, eval_interval=1, compile="on")
+    summary = train(objective, cfg)
+    assert seen and all(obj is objective for obj in seen)
+    assert summary["aside_s"] >= 0.05 * summary["steps"]  # every step validated, and none of it in the budget
+    assert 0.3 <= summary["minutes"] * 60 < 0.3 + 0.2
