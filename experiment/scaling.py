@@ -153,6 +153,11 @@ def sweep_steps(args, runs, root, data, tok, logs, common, launcher, vocab_size)
     def rel(path):  # points.json names folders from <runs>, so the report can read them from any folder
         return str(Path(path).relative_to(runs))
     points, sweep = [], runs / "sweep"
+
+    def save(size_points):  # after planning each size and after scoring it: a sweep cut short still reports
+        write_atomic(sweep / "points.json", json.dumps({"data": data, "context": args.block_size, "gpus": args.gpus,
+                                                        "budgets": budgets, "align_minutes": align,
+                                                        "points": points + size_points}, indent=1) + "\n")
     for shape in sizes:
         n = parameters(shape, vocab_size)
         tokens = int(base * n / ref)
@@ -163,7 +168,9 @@ def sweep_steps(args, runs, root, data, tok, logs, common, launcher, vocab_size)
         for c in todo(cmd, teacher / "final"):
             if runner.finish(runner.run(c, logs / f"teacher-{shape}.log")):
                 raise SystemExit(f"experiment.py: the {shape} teacher failed; see {logs / f'teacher-{shape}.log'}")
-        jobs, size_points = {}, []
+        ev = sweep / shape / "eval.json"
+        jobs, size_points = {}, [dict(size=shape, params=n, teacher_tokens=tokens, recipe="teacher",
+                                      final=str(teacher / "final"), folders=[rel(teacher)], eval=rel(ev))]
         for i, seed in enumerate(seeds):
             mine = budgets if i == 0 else repeat.get(shape, [])
             if not mine:
@@ -174,11 +181,10 @@ def sweep_steps(args, runs, root, data, tok, logs, common, launcher, vocab_size)
                                           align, seeded)
                 jobs[f"{shape}-{recipe}-s{seed}"] = steps
                 size_points += [dict(size=shape, params=n, teacher_tokens=tokens, seed=seed, recipe=recipe,
-                                     budget=b, final=str(f), folders=[rel(x) for x in fs]) for b, f, fs in pts]
+                                     budget=b, final=str(f), folders=[rel(x) for x in fs], eval=rel(ev))
+                                for b, f, fs in pts]
+        save(size_points)
         runner.run_parallel({k: v for k, v in jobs.items() if v}, args.gpus, logs)
-        ev = sweep / shape / "eval.json"
-        size_points.append(dict(size=shape, params=n, teacher_tokens=tokens, recipe="teacher",
-                                final=str(teacher / "final"), folders=[rel(teacher)]))
         finals = [p["final"] for p in size_points]
         scored = {r["path"] for r in json.loads(ev.read_text())["results"]} if ev.exists() else set()
         evals = [] if set(finals) <= scored else [[PY, ROOT / "eval.py", "--ckpt", *finals, "--data", data, "--split",
@@ -186,7 +192,5 @@ def sweep_steps(args, runs, root, data, tok, logs, common, launcher, vocab_size)
                                                    "--max-tokens", args.sweep_eval_tokens, "--tokenizer", tok,
                                                    "--json", ev]]  # again when a point is new
         runner.run_parallel({f"eval-{shape}": evals} if evals else {}, args.gpus, logs)
-        points += [dict(p, eval=rel(ev)) for p in size_points]
-        write_atomic(sweep / "points.json", json.dumps({"data": data, "context": args.block_size, "gpus": args.gpus,
-                                                        "budgets": budgets, "align_minutes": align, "points": points},
-                                                       indent=1) + "\n")  # after each size: a cut sweep reports
+        points += size_points
+    save([])

@@ -4,18 +4,22 @@ scaling.json, ratio_vs_params.png (question 1: does distillation hold up with si
 (question 2: when does scratch catch up?). report.py writes it whenever points.json exists.
 """
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
 
-from experiment.runner import spent
+from experiment.runner import spent, stages
 from experiment.scaling import RECIPES
 from lib.cli import write_atomic
 
 
 def collect(runs):
     """points.json joined with each point's perplexity and spend: {size: {recipe: {budget: [point, ...]}}}. Folders
-    are read from <runs>; a point is matched to its eval row by the checkpoint argument eval.py was given."""
+    are read from <runs>; a point is matched to its eval row by the checkpoint argument eval.py was given. A finished
+    point the eval step never scored (a sweep cut short) falls back to its run's own final validation (train.py's
+    --eval-batches windows of the val split, the same for every run of a seed), marked source "train-val"; the
+    teacher carries both, so that a ratio always divides like by like."""
     plan = json.loads((runs / "sweep" / "points.json").read_text())
     evals, table = {}, {}
     for p in plan["points"]:
@@ -23,14 +27,23 @@ def collect(runs):
             path = runs / p["eval"]
             rows = json.loads(path.read_text())["results"] if path.exists() else []
             evals[p["eval"]] = {r["path"]: next(iter(r["datasets"].values()))["token_ppl"] for r in rows}
-        ppl = evals[p["eval"]].get(p["final"])
-        if ppl is None:
+        scored = dict(eval=evals[p["eval"]].get(p["final"]), **{"train-val": run_validation(runs, p["folders"][0])})
+        source = next((k for k, v in scored.items() if v is not None), None)
+        if source is None:
             continue
         tokens, minutes = spent(runs, p["folders"])
-        point = dict(seed=p.get("seed"), ppl=ppl, tokens=tokens, minutes=minutes, params=p["params"],
-                     teacher_tokens=p["teacher_tokens"])
+        point = dict(seed=p.get("seed"), ppl=scored[source], source=source, scored=scored, tokens=tokens,
+                     minutes=minutes, params=p["params"], teacher_tokens=p["teacher_tokens"])
         table.setdefault(p["size"], {}).setdefault(p["recipe"], {}).setdefault(p.get("budget", 0), []).append(point)
     return plan, table
+
+
+def run_validation(runs, folder):
+    """The token perplexity of a finished run's last validation (its last stage's summary.json), else None."""
+    last = stages(runs / folder)[-1:]
+    summary = last[0] / "summary.json" if last else None
+    ce = (json.loads(summary.read_text()).get("val") or {}).get("ce") if summary and summary.exists() else None
+    return math.exp(ce) if ce is not None else None
 
 
 def mean_sd(values):
@@ -57,13 +70,17 @@ def summarize(runs):
         for recipe in (r for r in RECIPES if r in by):
             for b, pts in sorted(by[recipe].items()):
                 m, sd = mean_sd([p["ppl"] for p in pts])
-                ratio, ratio_sd = mean_sd([p["ppl"] / teacher["ppl"] for p in pts]) if teacher else (None, None)
+                like = [p["ppl"] / teacher["scored"][p["source"]] for p in pts
+                        if teacher and teacher["scored"][p["source"]] is not None]  # like by like
+                ratio, ratio_sd = mean_sd(like) if len(like) == len(pts) else (None, None)
                 rows.append(dict(size=size, params=params[size], recipe=recipe, budget=b, ppl=m, ppl_sd=sd,
                                  seeds=[p["seed"] for p in pts], ratio=ratio, ratio_sd=ratio_sd,
+                                 source="+".join(sorted({p["source"] for p in pts})),
                                  tokens=statistics.fmean(p["tokens"] for p in pts),
                                  minutes=statistics.fmean(p["minutes"] for p in pts)))
         measured = sorted(set(by.get("best", {})) & set(by.get("scratch", {})))
         answers[size] = dict(params=params[size], teacher_ppl=teacher and teacher["ppl"],
+                             teacher_source=teacher and teacher["source"],
                              teacher_tokens=teacher and teacher["tokens"], crossover=crossover(by, measured),
                              bound=measured[-1] if measured else None)
     return dict(data=plan["data"], context=plan["context"], gpus=plan.get("gpus"), budgets=budgets,
@@ -75,13 +92,19 @@ def unit(s):
     return "CPU" if s.get("gpus") == 0 else "GPU"
 
 
+def mark(source):
+    return "" if source == "eval" else " †"
+
+
 def markdown(s):
     u = unit(s)
     out = ["# Scale and crossover (experiment.py --sweep)\n",
            f"{s['data']}-val token perplexity at context {s['context']}. Budgets are {u}-minutes per recipe; best's "
            f"alignment and paper's MSE stage take a fixed {s['align_minutes']:g} min of each; every budget's point "
            "is a warmup-stable-decay branch of one run (train.py --branches). ± is the standard deviation over "
-           f"seeds; tokens and {u}-minutes are what the point's runs spent (seed mean), compiling excluded.\n",
+           f"seeds; tokens and {u}-minutes are what the point's runs spent (seed mean), compiling excluded. † marks a "
+           "perplexity from the run's own final validation (train.py's --eval-batches windows of the val split), "
+           "where the sweep's eval step did not run; its ratio divides by the teacher's on the same windows.\n",
            "| size | params | teacher ppl | teacher tokens | recipe | budget | ppl | / teacher | seeds | tokens | "
            f"{u}-min |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in s["rows"]:
@@ -89,9 +112,9 @@ def markdown(s):
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}" + \
             (f" ± {r['ratio_sd']:.3f}" if r["ratio_sd"] is not None else "")
         teacher = ("-", "-") if a["teacher_ppl"] is None else \
-            (f"{a['teacher_ppl']:.2f}", f"{a['teacher_tokens'] / 1e6:.1f}M")
+            (f"{a['teacher_ppl']:.2f}" + mark(a["teacher_source"]), f"{a['teacher_tokens'] / 1e6:.1f}M")
         out.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {teacher[0]} | {teacher[1]} | {r['recipe']} | "
-                   f"{r['budget']:g} | {r['ppl']:.2f} | {ratio} | {len(r['seeds'])} | {r['tokens'] / 1e6:.1f}M | "
+                   f"{r['budget']:g} | {r['ppl']:.2f}{mark(r['source'])} | {ratio} | {len(r['seeds'])} | {r['tokens'] / 1e6:.1f}M | "
                    f"{r['minutes']:.2f} |")
     out += ["", "## When does scratch catch up? (question 2)", ""]
     for size, a in s["answers"].items():

@@ -2,6 +2,7 @@
 branching itself (a branch equals a run of its own budget, bitwise) is held by tests/test_schedule.py and
 tests/test_distill.py."""
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -110,3 +111,54 @@ def test_a_sweep_with_nothing_evaluated_yet_writes_its_page_without_plots(tmp_pa
     assert s["rows"] == [] and not (tmp_path / "results" / "scaling" / "ratio_vs_params.png").exists()
     page = (tmp_path / "results" / "scaling" / "SCALING.md").read_text()
     assert "## When does scratch catch up?" in page and "Budgets are CPU-minutes" in page  # a sweep run on a CPU
+
+
+def test_a_cut_sweep_reports_finished_points_by_their_own_validation_and_skips_unfinished_ones(tmp_path):
+    """The eval step never ran for size a (the sweep was cut): best's finished run and the teacher are read from
+    their summary.json validation, the ratio divides like by like, and scratch's unfinished run is left out."""
+    runs = fake_sweep(tmp_path, {("a", "teacher", 0, None): 50.0, ("a", "best", 1.0, 1): 55.0,
+                                 ("a", "scratch", 1.0, 1): 60.0})
+    (runs / "a.json").unlink()
+    for name, ce in (("a-teacher-0-None", 4.0), ("a-best-1-1", 4.1)):
+        summary = json.loads((runs / name / "summary.json").read_text())
+        (runs / name / "summary.json").write_text(json.dumps(dict(summary, val={"loss": 0.2, "ce": ce})))
+    (runs / "a-scratch-1-1" / "summary.json").unlink()  # still training when the sweep was cut
+    s = scaling_report.write_scaling(runs, tmp_path / "results")
+    assert [(r["recipe"], r["source"]) for r in s["rows"]] == [("best", "train-val")]
+    assert s["rows"][0]["ppl"] == pytest.approx(math.exp(4.1)) and s["rows"][0]["ratio"] == pytest.approx(math.exp(0.1))
+    page = (tmp_path / "results" / "scaling" / "SCALING.md").read_text()
+    assert f"| {math.exp(4.0):.2f} † |" in page and f"| {math.exp(4.1):.2f} † | {math.exp(0.1):.3f} |" in page
+    assert "- a: not measured (needs both best and scratch)" in page
+
+
+def test_a_finished_point_scored_by_the_eval_step_is_read_from_it_not_from_its_validation(tmp_path):
+    runs = fake_sweep(tmp_path, {("a", "teacher", 0, None): 50.0, ("a", "best", 1.0, 1): 55.0})
+    for name in ("a-teacher-0-None", "a-best-1-1"):
+        (runs / name / "summary.json").write_text(json.dumps({"minutes": 1, "tokens": 1, "val": {"ce": 9.0}}))
+    s = scaling_report.write_scaling(runs, tmp_path / "results")
+    assert s["rows"][0]["source"] == "eval" and s["rows"][0]["ratio"] == pytest.approx(55 / 50)
+
+
+def test_the_driver_writes_each_sizes_planned_points_before_its_runs_start(tmp_path, monkeypatch):
+    """A sweep cut inside a size's runs (a machine taken back) must still know that size's points, so its page can
+    report what finished: points.json lists them before the first run starts."""
+    from argparse import Namespace
+    from experiment import runner
+    seen = []
+
+    def cut(jobs, gpus, logs):  # the machine is taken back as the size's runs start
+        seen.append(json.loads((tmp_path / "runs" / "sweep" / "points.json").read_text()))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(runner, "run", lambda cmd, log: None)
+    monkeypatch.setattr(runner, "finish", lambda proc: 0)
+    monkeypatch.setattr(runner, "run_parallel", cut)
+    args = Namespace(sweep="tiny", sweep_minutes="0.5,1", sweep_recipes="best,scratch", sweep_align_minutes=0.25,
+                     sweep_seeds="", seed=1, sweep_repeat=None, sweep_teacher_tokens=None, teacher_tokens=1e6,
+                     block_size=128, gpus=1, sweep_eval_tokens=1000)
+    with pytest.raises(KeyboardInterrupt):
+        scaling.sweep_steps(args, tmp_path / "runs", "data", "gutenberg", "tok.json", tmp_path / "logs",
+                            [*COMMON, "--block-size", "128"], ["python"], 50304)
+    points = seen[0]["points"]
+    assert [(p["recipe"], p.get("budget")) for p in points] == \
+        [("teacher", None), ("best", 0.5), ("best", 1.0), ("scratch", 0.5), ("scratch", 1.0)]
+    assert {p["eval"] for p in points} == {"sweep/tiny/eval.json"} and seen[0]["budgets"] == [0.5, 1.0]
