@@ -166,6 +166,8 @@ def plot(s, out):
         if s["answers"][size]["teacher_ppl"]:
             ax.axhline(s["answers"][size]["teacher_ppl"], color="gray", ls="--", label="teacher")
         ax.set(xscale="log", xlabel=f"{u}-minutes", ylabel="ppl", title=size)
+        ax.set_xticks(s["budgets"], [f"{b:g}" for b in s["budgets"]], minor=False)
+        ax.minorticks_off()  # the budgets, not log-scale minor labels
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "ppl_vs_minutes.png", dpi=120)
