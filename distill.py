@@ -16,10 +16,10 @@ The MSE of a layer is divided by the mean square of the teacher's output there (
 residual stream grows with depth, and without this the deepest layers would dominate the joint sum.
 
 Modal conversion (`--modal-state D` or `--modal-tol TOL`): the teacher is a distilled (convolutional) student;
-every Hyena filter becomes D decaying complex modes (hyena.to_modal, Laughing Hyena Distillery), the per-layer
-filter errors go to OUT_DIR/modal_fit.json, and the conv student is the teacher of the optional stages (e.g. a
-short `--layers none --e2e-tokens N` KL repair, in which poles and residues train). With no stage it only
-converts and saves OUT_DIR/final.
+every Hyena filter becomes D decaying complex modes (to_modal in lib/modal_student.py, Laughing Hyena
+Distillery), the per-layer filter errors go to OUT_DIR/modal_fit.json, and the conv student is the teacher of the
+optional stages (e.g. a short `--layers none --e2e-tokens N` KL repair, in which poles and residues train). With
+no stage it only converts and saves OUT_DIR/final.
 
     python distill.py --teacher out/student/final --modal-state 16 --layers none --e2e-tokens 2e6 --out-dir out/modal
 
@@ -42,7 +42,8 @@ import data
 import fast
 from lib.checkpoint import out_dir_lock, save_final
 from lib.cli import write_atomic
-from hyena import GPTNeoX, make_student, to_modal
+from hyena import GPTNeoX, make_student
+from lib.modal_student import to_modal
 from fast.losses import head_loss
 from lib.runtime import setup_distributed
 from train import TrainConfig, add_train_args, train, train_config_from_args
@@ -220,7 +221,8 @@ def plan_stages(dcfg, cfg, layers):
 
 
 def modal_student(teacher, dcfg, out, master):
-    """hyena.to_modal of the teacher (a Hyena student); the per-layer filter errors logged and in modal_fit.json."""
+    """to_modal (lib/modal_student.py) of the teacher (a Hyena student); the per-layer filter errors logged and
+    in modal_fit.json."""
     try:
         student = to_modal(teacher, state_size=dcfg.modal_state or None, tol=dcfg.modal_tol or None,
                            max_state=dcfg.modal_max_state, refine_steps=dcfg.modal_refine_steps)

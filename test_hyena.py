@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from config import Config
-from hyena import GPTNeoX, HyenaOperator, make_student, new_cache
+from hyena import GPTNeoX, HyenaOperator, make_student
+from lib.decoding import new_cache
 
 TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=160, num_hidden_layers=3, vocab_size=211,
             max_position_embeddings=64)

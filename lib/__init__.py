@@ -4,5 +4,5 @@
   runtime     the process a training run lives in: torchrun's ranks, glibc's allocator, Ctrl-C
   sources     the corpus readers behind prepare.py (local text and archives, hub parquet)
   sweep       eval.py's context sweep (the same tokens scored at several contexts)
-  modal       the Laughing Hyena modal fit behind hyena.to_modal (and the modal filter's response)
+  modal       the Laughing Hyena modal fit behind modal_student.to_modal (and the modal filter's response)
 """

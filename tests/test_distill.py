@@ -11,7 +11,8 @@ import torch
 
 import distill
 from config import Config
-from hyena import GPTNeoX, make_student, to_modal
+from hyena import GPTNeoX, make_student
+from lib.modal_student import to_modal
 from train import TrainConfig
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=64,

@@ -136,8 +136,10 @@ def test_one_meaning_per_name():
 
 
 def test_one_position_representation_in_the_forwards():
-    """The decoding position is always hyena.Cache.pos, a device tensor: no forward asks which kind it is."""
-    assert "is_tensor(" not in (ROOT / "hyena.py").read_text()
+    """The decoding position is always lib.decoding.Cache.pos, a device tensor: no forward or decoding state asks
+    which kind it is."""
+    for name in ("hyena.py", "lib/decoding.py", "lib/modal_student.py"):
+        assert "is_tensor(" not in (ROOT / name).read_text(), name
 
 
 def test_the_root_holds_at_most_a_dozen_modules():
@@ -157,6 +159,13 @@ def test_every_fast_path_names_its_plain_twin_and_the_test_holding_them_equal():
     """Each public function or class in fast/ (helpers aside) says "Plain twin(s): name" (resolved here) and names
     the test(s) holding the two equal as path::test (found here)."""
     import importlib
+    import importlib.util
+
+    def is_module(name):
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # a parent is a module, not a package
+            return False
     found = []
     for path in sorted((ROOT / "fast").glob("*.py")):
         for node in ast.parse(path.read_text()).body:
@@ -170,7 +179,10 @@ def test_every_fast_path_names_its_plain_twin_and_the_test_holding_them_equal():
                 found.append(f"{where}: no 'Plain twin: ...' or no path::test")
                 continue
             for name in re.findall(r"(?:^|, )([\w.]+)", re.sub(r" \([^)]*\)", "", twins.group(1))):
-                module, *attrs = name.split(".")
+                module, attrs = name, []
+                while "." in module and not is_module(module):  # the longest prefix that is one (lib.decoding)
+                    module, attr = module.rsplit(".", 1)
+                    attrs.insert(0, attr)
                 obj = importlib.import_module(module)
                 for a in attrs:
                     obj = getattr(obj, a, None)
