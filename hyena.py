@@ -4,10 +4,12 @@ The teacher is EleutherAI's GPT-NeoX exactly as `transformers.GPTNeoXForCausalLM
 names are HF's, so checkpoints load by name). The student is the same network with some or all attention
 blocks replaced by the Hyena operator (Poli et al. 2023, arXiv 2302.10866), as in "Scavenging Hyena"
 (arXiv 2401.17574). The operator mirrors safari's `standalone_hyena.py` (HazyResearch/safari). In order:
-attention, the Hyena operator (the FFT convolution, the short convolution, the implicit filter, the operator and
-its decoding step), the network with its loss, `generate` and checkpoints, `make_student`. Activations are
-time-major (B, L, D); the configuration is config.py's. What cached decoding keeps per layer lives in
-lib/decoding.py, the modal student (its filter, its decoding state, and `to_modal`) in lib/modal_student.py.
+the Hyena operator (the FFT convolution, the short convolution, the operator and its decoding step), the
+network with its loss, `generate` and checkpoints, `make_student`. Activations are time-major (B, L, D); the
+configuration is config.py's. The parts this file uses but does not spell out live in lib/: the teacher's
+attention with its rotary embeddings (lib/attention.py), the operator's implicit filter (lib/implicit_filter.py),
+what cached decoding keeps per layer (lib/decoding.py), and the modal student (lib/modal_student.py: its
+filter, its decoding state, and `to_modal`, which makes one from a trained student).
 
 The speed work lives in fast/ and computes the same functions: the FFT convolution with a hand-written
 backward (fast/fftconv.py), the fused chunked head loss (fast/losses.py), the Triton kernels of decoding (the
@@ -22,6 +24,7 @@ Glossary (code name -> paper symbol, Hyena paper section 3):
   x0, x1, ... x_{N-1}, v   projections of the input u (x^n and v in the paper; N = `order`)
   short_filter             the depthwise causal convolution (kernel 3) applied to every projection
   k / HyenaFilter          the implicit long filter h^n(t) = FFN(PositionalEmbedding(t)) * Window(t)
+                           (lib/implicit_filter.py)
   bias                     the per-channel skip term D in y = h * u + D u
   z                        the input of a long convolution (x^n ⊙ z^n), cached for decoding
   pos_emb.z                the filter's positional embedding table z(t) (safari's name; not the above)
@@ -31,7 +34,6 @@ Glossary (code name -> paper symbol, Hyena paper section 3):
                            state (ModalState) instead of z history (HyenaState, lib/decoding.py)
 """
 import json
-import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -45,72 +47,12 @@ import fast.fftconv
 import fast.losses
 from config import Config
 from fast.fftconv import fft_size
+from lib.attention import Attention
 from lib.cli import write_atomic
-from lib.decoding import AttentionState, HyenaState, new_cache
+from lib.decoding import HyenaState, new_cache
+from lib.implicit_filter import HyenaFilter
 from lib.modal_student import ModalFilter, ModalState
 from lib.safetensors_io import write_safetensors
-
-# ----------------------------------------------------------------------------- attention (the teacher)
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-class Attention(nn.Module):
-    """GPT-NeoX attention with rotary embeddings on the first rotary_ndims = int(head_dim * rotary_pct) dims.
-    As in transformers, the frequencies are base^(-i / rotary_ndims) for even i < rotary_ndims, each rotating a
-    pair of dims: an odd rotary_ndims rotates 2 * ceil(rotary_ndims / 2) dims (one more). RoPE scaling: "linear"
-    divides the frequencies by the factor; "dynamic" (NTK) raises the base with the current sequence length S
-    (the last position + 1): base * (factor * S / max_pos - (factor - 1)) ** (r / (r - 2)) once S > max_pos.
-    In cached decoding S grows with each token and the cached keys keep the rotation they were made with, as in
-    transformers. (transformers' module also remembers the longest S it has seen until a short input resets it;
-    here the frequencies depend on the current call alone, which is what a fresh transformers model computes.)"""
-    def __init__(self, cfg):
-        super().__init__()
-        self.n_head, self.head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-        self.rot = int(self.head_dim * cfg.rotary_pct)  # transformers' rotary_ndims
-        self.base, self.rope_type, self.factor = cfg.rotary_emb_base, cfg.rope_type, cfg.rope_factor
-        self.max_pos = cfg.max_position_embeddings
-        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
-        inv_freq = 1.0 / self.base ** (torch.arange(0, self.rot, 2, dtype=torch.float32) / self.rot)
-        if self.rope_type == "linear":
-            inv_freq = inv_freq / self.factor
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (ceil(rot/2),)
-
-    def frequencies(self, seq_len):
-        """The rotary frequencies for a call whose last position is seq_len - 1 (an int or a device tensor)."""
-        if self.rope_type != "dynamic":
-            return self.inv_freq
-        exps = torch.arange(0, self.rot, 2, dtype=torch.float32, device=self.inv_freq.device) / self.rot
-        s = torch.as_tensor(seq_len, device=self.inv_freq.device).clamp(min=self.max_pos)  # no host sync
-        base = self.base * (self.factor * s / self.max_pos - (self.factor - 1)) ** (self.rot / (self.rot - 2))
-        return 1.0 / base ** exps  # (ceil(rot/2),) in fp32 as transformers computes it
-
-    def forward(self, x, cache=None, layer=0):
-        """x (B, L, D) -> (B, L, D). With a decoding `cache` (lib/decoding.Cache): the prefill from position 0 while
-        cache.layers[layer] is None (it fills it), then steps of any length from cache.pos."""
-        B, L, D = x.shape
-        pos = cache.pos if cache is not None else 0
-        qkv = self.query_key_value(x).view(B, L, self.n_head, 3 * self.head_dim)  # per-head [q|k|v]
-        q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # (B, H, L, hd) each
-        t = (pos + torch.arange(L, device=x.device)).float()  # (L,) positions
-        freqs = torch.outer(t, self.frequencies(pos + L))  # (L, r/2), r = 2 * ceil(rot/2) dims rotated
-        emb = torch.cat((freqs, freqs), dim=-1)  # (L, r)
-        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
-        r = emb.shape[-1]
-        q = torch.cat((q[..., :r] * cos + rotate_half(q[..., :r]) * sin, q[..., r:]), -1)
-        k = torch.cat((k[..., :r] * cos + rotate_half(k[..., :r]) * sin, k[..., r:]), -1)
-        state = cache.layers[layer] if cache is not None else None
-        if state is None:  # no cache, or the prefill: plain causal attention over the prompt (flash kernel, no mask)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or L > 1)  # (B, H, L, hd)
-            if cache is not None:  # keep its keys and values in a preallocated KV cache
-                cache.layers[layer] = AttentionState.prefill(k, v, cache.max_len)
-        else:  # decoding: fixed shapes, no host sync, so a CUDA graph can capture it
-            y = state.attend(q, k, v, pos)  # (B, H, L, hd)
-        return self.dense(y.transpose(1, 2).reshape(B, L, D))
-
 
 # ----------------------------------------------------------------------------- the Hyena operator
 
@@ -140,113 +82,6 @@ def short_conv(p, weight, bias):
     for j in range(1, K):  # tap K-1-j multiplies the input j steps back
         out = out + F.pad(p, (0, 0, j, 0))[:, :L] * w[:, K - 1 - j]
     return out
-
-
-class Sin(nn.Module):
-    """sin(w x) with a learnable frequency per channel: the implicit filter's activation."""
-    def __init__(self, dim, w=1.0):
-        super().__init__()
-        self.freq = nn.Parameter(w * torch.ones(1, dim))
-
-    def forward(self, x):
-        return torch.sin(self.freq * x)
-
-
-class PositionalEmbedding(nn.Module):
-    """safari's positional embedding of the filter's time axis, a table over t = 0 .. l_max-1:
-    z(t) = [t / (l_max-1), Re e^{-i f_b w_t}, Im e^{-i f_b w_t}] with w_t = 2 pi t / l_max and bands f_b =
-    linspace(1e-4, bands-1, bands). As in safari, z is a trainable parameter with its own learning rate
-    (`lr`, 1e-5; HyenaOperator.optim_settings hands it to the optimizer) and no weight decay; the normalised
-    time `t` is a buffer."""
-    def __init__(self, emb_dim, l_max, lr=1e-5):
-        super().__init__()
-        bands = (emb_dim - 1) // 2
-        # Computed in fp64 and rounded once (safari computes in fp32: its top bands are off by ~1e-5).
-        t = torch.linspace(0, 1, l_max, dtype=torch.float64)[None, :, None]  # (1, L, 1)
-        w = 2 * math.pi * torch.arange(l_max, dtype=torch.float64)[None, :, None] / l_max  # (1, L, 1)
-        angle = torch.linspace(1e-4, bands - 1, bands, dtype=torch.float64)[None, None] * w  # (1, L, bands)
-        self.z = nn.Parameter(torch.cat([t, angle.cos(), -angle.sin()], dim=-1).float())  # (1, L, emb_dim)
-        self.lr = lr
-        self.register_buffer("t", t.float())
-
-    def forward(self, L):
-        return self.z[:, :L], self.t[:, :L]  # (1, L, emb_dim), (1, L, 1)
-
-
-class ExponentialModulation(nn.Module):
-    """safari's window exp(-|delta_c| t): decay rates delta_c = linspace(log(target) / slow_decay,
-    log(target) / fast_decay, channels) (a buffer), so channel 0 decays slowest (|delta| 3.07 by default: it
-    would fall to `target` at t = slow_decay, past the sequence's end t = 1) and the last fastest (15.35:
-    `target` at t = fast_decay, a local filter)."""
-    def __init__(self, channels, fast_decay=0.3, slow_decay=1.5, target=1e-2):
-        super().__init__()
-        deltas = torch.linspace(math.log(target) / slow_decay, math.log(target) / fast_decay, channels,
-                                dtype=torch.float64)
-        self.register_buffer("deltas", deltas.float()[None, None])  # (1, 1, C)
-
-    def forward(self, t, h):
-        return h * torch.exp(-t * self.deltas.abs())  # (1, L, C)
-
-
-class HyenaFilter(nn.Module):
-    """h(t) = FFN(PositionalEmbedding(t)) * exp(-|delta| t): implicit filters for `channels` channels, defined up
-    to l_max. Parameters and their names are safari's HyenaFilter's (filter_fn.bias, filter_fn.pos_emb.z / .t,
-    filter_fn.implicit_filter.N.weight / .bias / .freq, filter_fn.modulation.deltas): FFN = Linear, Sin, Linear,
-    Sin, Linear, Sin, Linear without bias, where the three Sin are ONE module (one shared `freq`), so a safari
-    state dict loads by name and computes the same function.
-
-    Deviations from safari, on purpose:
-    - Under model.to(bf16 / fp16) the filter's tensors stay fp32 (`_apply`): bf16 would round the time grid
-      (256 steps per octave: only ~640 of 2048 normalised times would stay distinct), the embedding z and the
-      decay rates. Under .double() they follow (the filter is then fp64 end to end). safari casts them all.
-    - forward(L) returns the filter (L, channels) rather than convolving (safari's `filter(L)` is (1, L, C));
-      L > l_max is refused, where safari silently truncates the filter to l_max.
-    - The FFN weights get `Config.hyena_filter_lr` (0: the run's lr) where safari's default is 1e-3.
-    - z is computed in fp64 and rounded once to fp32 (safari computes it in fp32).
-    """
-    def __init__(self, channels, l_max, emb_dim=33, filter_order=64, fast_decay=0.3, slow_decay=1.5, target=1e-2,
-                 lr_pos_emb=1e-5):
-        super().__init__()
-        if emb_dim % 2 == 0 or emb_dim < 3:
-            raise ValueError(f"hyena_emb_dim must be odd and >= 3 (1 + 2 * bands), got {emb_dim}")
-        self.l_max, self.channels = l_max, channels
-        self.bias = nn.Parameter(torch.randn(channels))  # created first, as safari, so seeded inits agree
-        self.pos_emb = PositionalEmbedding(emb_dim, l_max, lr_pos_emb)
-        act = Sin(filter_order)  # one module: one frequency shared by all three activations, as safari
-        self.implicit_filter = nn.Sequential(
-            nn.Linear(emb_dim, filter_order), act,
-            nn.Linear(filter_order, filter_order), act,
-            nn.Linear(filter_order, filter_order), act,
-            nn.Linear(filter_order, channels, bias=False))
-        self.modulation = ExponentialModulation(channels, fast_decay, slow_decay, target)
-
-    def forward(self, L):
-        """The filter for lags 0..L-1 as (L, channels), fp32 (fp64 in an fp64 model): a prefix of the l_max filter."""
-        if L > self.l_max:
-            raise ValueError(f"sequence length {L} exceeds the Hyena filter's l_max {self.l_max}; "
-                             "build the model with a larger Config.hyena_l_max")
-        z, t = self.pos_emb(L)  # (1, L, emb_dim), (1, L, 1)
-        with torch.autocast(z.device.type, enabled=False):  # tiny, and feeds an fp32 FFT anyway
-            return self.modulation(t, self.implicit_filter(z))[0]  # (L, C)
-
-    def _apply(self, fn, *args, **kwargs):
-        """Casts to bf16 / fp16 leave the filter fp32 (see the class docstring); devices and fp64 follow."""
-        def keep_fp32(t):
-            out = fn(t)
-            if t.is_floating_point() and out.dtype in (torch.bfloat16, torch.float16):
-                return t.to(device=out.device, dtype=torch.float32)  # from t itself: nothing rounded
-            return out
-        return super()._apply(keep_fp32, *args, **kwargs)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args):
-        """The shared Sin appears under three names (implicit_filter.1/.3/.5.freq): refuse differing values
-        (e.g. from a checkpoint with three separate activations) rather than keep whichever loads last."""
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        names = [f"{prefix}implicit_filter.{i}.freq" for i in (1, 3, 5)]
-        given = [state_dict[n] for n in names if n in state_dict]
-        if any(not torch.equal(g, given[0]) for g in given[1:]):
-            args[-1].append(f"{', '.join(names)} differ, but the filter shares one Sin (one frequency) across its "
-                            "activations, as safari: the checkpoint was made with separate activations")
 
 
 class HyenaOperator(nn.Module):

@@ -1,4 +1,5 @@
-"""Behaviour of the model file: GPT-NeoX parity with transformers, the Hyena operator, students, generation."""
+"""Behaviour of the model file (and the parts lib/ holds for it: attention, the decoding cache): GPT-NeoX parity
+with transformers, the Hyena operator, students, generation."""
 import json
 
 import pytest

@@ -40,7 +40,8 @@ from bench.bench_check import Checks
 from bench.bench_report import MODES, SECTIONS, fmt, get, keep_previous, table, targets, write
 from fast.decode import decode_step
 from config import Config
-from hyena import Attention, GPTNeoX, HyenaOperator, make_student
+from hyena import GPTNeoX, HyenaOperator, make_student
+from lib.attention import Attention
 from lib.decoding import new_cache
 
 

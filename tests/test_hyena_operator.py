@@ -1,5 +1,5 @@
 """Behaviour of the Hyena operator (hyena.py): the long convolution and its fast twin (fast/fftconv.py), causality,
-filters, the decoding kernel (fast/decode.py)."""
+filters (lib/implicit_filter.py), the decoding kernel (fast/decode.py)."""
 import math
 
 import pytest
