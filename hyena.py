@@ -90,7 +90,8 @@ class HyenaOperator(nn.Module):
         super().__init__()
         if order < 2:
             raise ValueError(f"Hyena order must be >= 2 (one gate and one long convolution), got {order}")
-        self.d_model, self.order, self.filter_lr = d_model, order, filter_lr
+        self.d_model, self.order = d_model, order
+        self.filter_lr = filter_lr  # the long filter's own lr (0: the run's), which train.optim_groups reads
         self.in_proj = nn.Linear(d_model, (order + 1) * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
         width = (order + 1) * d_model
@@ -99,16 +100,6 @@ class HyenaOperator(nn.Module):
         self.modal = modal_state > 0  # a ModalFilter: decoded by its recurrence, not by the z history
         self.filter_fn = (ModalFilter(d_model * (order - 1), modal_state) if self.modal
                           else HyenaFilter(d_model * (order - 1), l_max, emb_dim, filter_order))
-
-    def optim_settings(self):
-        """{parameter: AdamW settings} where they differ from the run's (GPTNeoX.optim_groups reads them): the long
-        filter's parameters take no weight decay, and their own lr when filter_lr is set; the positional
-        embedding z takes safari's lr (PositionalEmbedding.lr)."""
-        own = {p: {"weight_decay": 0.0, **({"lr": self.filter_lr} if self.filter_lr else {})}
-               for p in self.filter_fn.parameters()}
-        if isinstance(self.filter_fn, HyenaFilter):
-            own[self.filter_fn.pos_emb.z] = {"lr": self.filter_fn.pos_emb.lr, "weight_decay": 0.0}
-        return own
 
     def filters(self, L):
         k = self.filter_fn(L).view(L, self.order - 1, self.d_model)  # (L, N-1, D)
@@ -257,21 +248,6 @@ class GPTNeoX(nn.Module):
             if idx.shape[1] < cache.max_len:
                 logits = step(nxt)
         return idx
-
-    def optim_groups(self, weight_decay, lr):
-        """AdamW groups, one per (weight decay, lr): decay on matrices and embeddings only; the Hyena filters'
-        parameters take the settings their operator gives (HyenaOperator.optim_settings)."""
-        own = {}
-        for m in self.modules():
-            if isinstance(m, HyenaOperator):
-                own.update(m.optim_settings())
-        groups = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            hint = {"weight_decay": weight_decay if p.dim() >= 2 else 0.0, "lr": lr, **own.get(p, {})}
-            groups.setdefault((hint["weight_decay"], hint["lr"]), []).append(p)
-        return [{"params": ps, "weight_decay": wd, "lr": glr} for (wd, glr), ps in groups.items()]
 
     # ------------------------------------------------------------------------- checkpoints
 

@@ -267,18 +267,6 @@ def test_hyena_parameter_count_near_attention():
     assert abs(hy / attn - 1) <= 0.10
 
 
-def test_filter_parameters_get_their_own_optimizer_group():
-    cfg = Config(**{**TINY, "hyena_filter_lr": 3e-4})
-    groups = make_student(GPTNeoX(cfg), layers=[1]).optim_groups(weight_decay=0.1, lr=1e-3)
-    filter_params = {id(p) for p in make_student(GPTNeoX(cfg), layers=[1]).gpt_neox.layers[1].hyena.filter_fn.parameters()}
-    assert len(filter_params) > 1
-    by = {(g["weight_decay"], g["lr"]): len(g["params"]) for g in groups}
-    assert by[(0.0, 3e-4)] == len(filter_params) - 1 and (0.1, 1e-3) in by and (0.0, 1e-3) in by
-    assert by[(0.0, 1e-5)] == 1  # the positional embedding z, at safari's lr_pos_emb
-    student = make_student(GPTNeoX(cfg), layers=[1])  # the settings come from the operator, not from attributes
-    assert not any(vars(p) for p in student.parameters())  # monkey-patched onto the parameters
-
-
 # ----------------------------------------------------------------------------- students
 
 def test_make_student_copies_everything_but_the_mixer():

@@ -26,7 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 import fast
+from hyena import HyenaOperator
 from lib.cli import integer, write_atomic
+from lib.implicit_filter import HyenaFilter
 from lib.runtime import compile_or_eager, ctrl_c, keep_freed_memory, setup_distributed
 from lib.checkpoint import (budget_name, find_checkpoint, load_checkpoint, pending_branches, rng_states,
                             save_branch, save_checkpoint, trim_log)
@@ -150,9 +152,30 @@ class CrossEntropy(nn.Module):
         return loss, {"ce": loss.detach()}
 
 
+def optim_groups(model, weight_decay, lr):
+    """AdamW groups, one per (weight decay, lr): decay on matrices and embeddings only. Each Hyena operator's long
+    filter takes no weight decay, and its own lr where the operator's filter_lr (Config.hyena_filter_lr) is set;
+    an implicit filter's positional embedding z takes safari's lr (PositionalEmbedding.lr)."""
+    own = {}  # {parameter: its settings where they differ from the run's}
+    for m in model.modules():
+        if isinstance(m, HyenaOperator):
+            f = m.filter_fn
+            own.update({p: {"weight_decay": 0.0, **({"lr": m.filter_lr} if m.filter_lr else {})}
+                        for p in f.parameters()})
+            if isinstance(f, HyenaFilter):
+                own[f.pos_emb.z] = {"lr": f.pos_emb.lr, "weight_decay": 0.0}
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        hint = {"weight_decay": weight_decay if p.dim() >= 2 else 0.0, "lr": lr, **own.get(p, {})}
+        groups.setdefault((hint["weight_decay"], hint["lr"]), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr": glr} for (wd, glr), ps in groups.items()]
+
+
 def build_optimizer(model, cfg, fused=False):
-    """AdamW over model.optim_groups; each group keeps its base lr so the schedule scales all of them alike."""
-    groups = model.optim_groups(cfg.weight_decay, cfg.lr)
+    """AdamW over optim_groups(model); each group keeps its base lr so the schedule scales all of them alike."""
+    groups = optim_groups(model, cfg.weight_decay, cfg.lr)
     for g in groups:
         g["base_lr"] = g["lr"]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)

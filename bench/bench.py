@@ -196,6 +196,7 @@ class Bench(Checks):
 
     def train_case(self, name, cfg, compiled, x, y):
         """One optimizer step of `name` as train.py takes it (the objective compiled when asked)."""
+        from train import optim_groups  # lazily (distill too): train.py's imports serve only these cases
         if name == "transformers":
             try:
                 import transformers
@@ -208,13 +209,13 @@ class Bench(Checks):
             loss_of = (lambda f: f(input_ids=x, labels=y).loss)  # HF shifts labels: one position fewer, same work
         elif name in ("gpt-neox (ours)", "finetune"):
             module = self.build(cfg) if name == "gpt-neox (ours)" else self.student(self.build(cfg))
-            groups, loss_of = module.optim_groups(0.1, 3e-4), (lambda f: f(x, y)[1])
+            groups, loss_of = optim_groups(module, 0.1, 3e-4), (lambda f: f(x, y)[1])
         else:
-            import distill  # lazily: it pulls in train.py, which only these cases need
+            import distill
             mode, teacher = name.split()[1], self.build(cfg).requires_grad_(False)
             student = self.student(teacher)
             distill.set_trainable(student, "all" if mode == "e2e" else "mixer", range(cfg.num_hidden_layers))
-            module, groups = distill.Distill(teacher, student, mode), student.optim_groups(0.1, 3e-4)
+            module, groups = distill.Distill(teacher, student, mode), optim_groups(student, 0.1, 3e-4)
             loss_of = (lambda f: f(x, y)[0])
         f = torch.compile(module) if compiled else module
         opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=self.cuda)

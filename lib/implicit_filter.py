@@ -32,7 +32,7 @@ class PositionalEmbedding(nn.Module):
     """safari's positional embedding of the filter's time axis, a table over t = 0 .. l_max-1:
     z(t) = [t / (l_max-1), Re e^{-i f_b w_t}, Im e^{-i f_b w_t}] with w_t = 2 pi t / l_max and bands f_b =
     linspace(1e-4, bands-1, bands). As in safari, z is a trainable parameter with its own learning rate
-    (`lr`, 1e-5; HyenaOperator.optim_settings hands it to the optimizer) and no weight decay; the normalised
+    (`lr`, 1e-5; train.optim_groups hands it to the optimizer) and no weight decay; the normalised
     time `t` is a buffer."""
     def __init__(self, emb_dim, l_max, lr=1e-5):
         super().__init__()
