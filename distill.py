@@ -46,7 +46,8 @@ from hyena import GPTNeoX, make_student
 from lib.modal_student import to_modal
 from fast.losses import head_loss
 from lib.runtime import setup_distributed
-from train import TrainConfig, add_train_args, train, train_config_from_args
+from lib.train_config import TrainConfig, add_train_args, train_config_from_args
+from train import train
 
 
 def rel_mse(out, target):

@@ -13,7 +13,7 @@ import distill
 from config import Config
 from hyena import GPTNeoX, make_student
 from lib.modal_student import to_modal
-from train import TrainConfig
+from lib.train_config import TrainConfig
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=64,
             max_position_embeddings=32)

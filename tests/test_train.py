@@ -18,8 +18,8 @@ import finetune
 from lib.checkpoint import find_checkpoint
 from finetune import scratch_model
 from hyena import GPTNeoX, make_student
-from train import (CrossEntropy, TrainConfig, add_train_args, build_optimizer, optim_groups, train,
-                   train_config_from_args)
+from lib.train_config import TrainConfig, add_train_args, train_config_from_args
+from train import CrossEntropy, build_optimizer, optim_groups, train
 
 VOCAB = 64
 STEP_TOKENS = 4 * 32  # batch 4, block 32
