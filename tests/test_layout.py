@@ -151,6 +151,19 @@ def test_the_root_holds_at_most_a_dozen_modules():
     assert sorted(p.name for p in ROOT.glob("test_*.py")) == ["test_hyena.py"]  # every other test in tests/
 
 
+def test_no_module_is_longer_than_a_sitting():
+    """Every non-test file reads in one sitting: at most about 300 lines (330 at the most). A file that grows past
+    that splits, moving a cohesive part into a folder (lib/, fast/, bench/, experiment/), never by packing lines."""
+    limit, found = 330, []
+    for path in sorted(ROOT.glob("**/*.py")):
+        rel = path.relative_to(ROOT)
+        if {"tests", "data", "runs"} & set(rel.parts) or rel.name.startswith("test_"):
+            continue
+        lines = len(path.read_text().splitlines())
+        found += [f"{rel}: {lines} lines"] if lines > limit else []
+    assert not found, found
+
+
 FAST_HELPERS = {  # fast/'s public names that are not a fast path themselves, but parts of one
     "enable", "active", "fft_size", "channels_first", "rfft", "chunk_fn", "default_chunk", "available", "decode_step"}
 
