@@ -16,10 +16,10 @@ The MSE of a layer is divided by the mean square of the teacher's output there (
 residual stream grows with depth, and without this the deepest layers would dominate the joint sum.
 
 Modal conversion (`--modal-state D` or `--modal-tol TOL`): the teacher is a distilled (convolutional) student;
-every Hyena filter becomes D decaying complex modes (hyena.to_modal, Laughing Hyena Distillery), the per-layer
-filter errors go to OUT_DIR/modal_fit.json, and the conv student is the teacher of the optional stages (e.g. a
-short `--layers none --e2e-tokens N` KL repair, in which poles and residues train). With no stage it only
-converts and saves OUT_DIR/final.
+every Hyena filter becomes D decaying complex modes (to_modal in lib/modal_student.py, Laughing Hyena
+Distillery), the per-layer filter errors go to OUT_DIR/modal_fit.json, and the conv student is the teacher of the
+optional stages (e.g. a short `--layers none --e2e-tokens N` KL repair, in which poles and residues train). With
+no stage it only converts and saves OUT_DIR/final.
 
     python distill.py --teacher out/student/final --modal-state 16 --layers none --e2e-tokens 2e6 --out-dir out/modal
 
@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,10 +41,13 @@ import data
 import fast
 from lib.checkpoint import out_dir_lock, save_final
 from lib.cli import write_atomic
-from hyena import GPTNeoX, make_student, to_modal
+from lib.distill_plan import DistillConfig, plan_stages
+from hyena import GPTNeoX, make_student
+from lib.modal_student import to_modal
 from fast.losses import head_loss
 from lib.runtime import setup_distributed
-from train import TrainConfig, add_train_args, train, train_config_from_args
+from lib.train_config import add_train_args, train_config_from_args
+from train import train
 
 
 def rel_mse(out, target):
@@ -139,88 +141,9 @@ def parse_layers(spec, n):
         raise ValueError(f"--hyena-layers {spec!r} must be 'all' or a list like 0,2,4") from None
 
 
-@dataclass
-class DistillConfig:
-    """What distill.py does beyond the training loop's TrainConfig: one field per flag of the same name (see
-    main's --help for each); checked on construction, naming the flag at fault."""
-    teacher: str
-    revision: str = "main"
-    layers: str = "progressive"      # the alignment: progressive | joint | independent | none
-    hyena_layers: str = "all"        # which layers become Hyena: "all" or e.g. "0,2,4"
-    init: str = "teacher"            # Hyena projections' init: teacher | random
-    hyena_order: int = 2
-    hyena_filter_lr: float = 0.0     # own lr for filter parameters (0: the run's)
-    train: str = "mixer"             # alignment trains this: mixer | block
-    e2e_train: str = "all"           # the end-to-end stage trains this: mixer | block | all
-    e2e_tokens: float = 0
-    e2e_minutes: float = 0.0
-    e2e_lr: float = 3e-4
-    kd_temperature: float = 1.0
-    ce_weight: float = 0.0
-    modal_state: int = 0             # convert the teacher to this many modes per channel (0: no conversion)
-    modal_tol: float = 0.0           # or choose the modes per layer by this relative filter error
-    modal_max_state: int = 64
-    modal_refine_steps: int = 0
-
-    def __post_init__(self):
-        for name, low in (("hyena_order", 1), ("e2e_tokens", 0), ("e2e_minutes", 0), ("hyena_filter_lr", 0),
-                          ("modal_state", 0), ("modal_tol", 0), ("modal_max_state", 1), ("modal_refine_steps", 0)):
-            if getattr(self, name) < low:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name):g}")
-        if self.kd_temperature <= 0:
-            raise ValueError(f"--kd-temperature must be > 0, got {self.kd_temperature:g}")
-        if self.modal_state and self.modal_tol:
-            raise ValueError("give --modal-state (d for every layer) or --modal-tol (d per layer), not both")
-        if self.convert and self.hyena_layers != "all":
-            raise ValueError("--hyena-layers does not apply with --modal-state/--modal-tol: every Hyena layer of the "
-                             "teacher is converted")
-        if self.layers == "none" and not (self.e2e or self.convert):
-            raise ValueError("nothing to do: --layers none and no --e2e-tokens/--e2e-minutes")
-
-    @property
-    def convert(self):
-        """Whether the teacher's filters become modal (--modal-state or --modal-tol)."""
-        return bool(self.modal_state or self.modal_tol)
-
-    @property
-    def e2e(self):
-        """Whether an end-to-end KL stage runs (a token or time budget for it)."""
-        return bool(self.e2e_tokens or self.e2e_minutes)
-
-
-@dataclass
-class Stage:
-    """One training run of the student, in OUT_DIR/name: the Distill objective's mode (and, progressive, its
-    layer), what trains (set_trainable's `what` of `layers`), and its budget and lr (cfg)."""
-    name: str
-    mode: str
-    trains: str
-    layers: list
-    cfg: TrainConfig
-    layer: int | None = None
-
-
-def plan_stages(dcfg, cfg, layers):
-    """The stages in order: the alignment (one stage per layer when progressive, its budget split evenly over
-    them), then the end-to-end stage if it has a budget. Only the last stage branches (--branches)."""
-    stages = []
-    if dcfg.layers == "progressive":
-        per = dataclasses.replace(cfg, max_tokens=int(cfg.max_tokens // len(layers)),
-                                  max_minutes=cfg.max_minutes / len(layers))
-        stages += [Stage(f"stage-{l:02d}", "progressive", dcfg.train, [l], per, layer=l) for l in layers]
-    elif dcfg.layers != "none":
-        stages.append(Stage(dcfg.layers, dcfg.layers, dcfg.train, layers, cfg))
-    if dcfg.e2e:
-        e2e_cfg = dataclasses.replace(cfg, max_tokens=int(dcfg.e2e_tokens), max_minutes=dcfg.e2e_minutes,
-                                      lr=dcfg.e2e_lr)
-        stages.append(Stage("e2e", "e2e", dcfg.e2e_train, layers, e2e_cfg))
-    for st in stages[:-1]:  # --branches are budgets of the last stage: the earlier ones run once, shared
-        st.cfg = dataclasses.replace(st.cfg, branches="")
-    return stages
-
-
 def modal_student(teacher, dcfg, out, master):
-    """hyena.to_modal of the teacher (a Hyena student); the per-layer filter errors logged and in modal_fit.json."""
+    """to_modal (lib/modal_student.py) of the teacher (a Hyena student); the per-layer filter errors logged and
+    in modal_fit.json."""
     try:
         student = to_modal(teacher, state_size=dcfg.modal_state or None, tol=dcfg.modal_tol or None,
                            max_state=dcfg.modal_max_state, refine_steps=dcfg.modal_refine_steps)

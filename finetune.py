@@ -21,7 +21,8 @@ from lib.checkpoint import out_dir_lock, save_final
 from config import MIXERS, SHAPES, Config
 from hyena import GPTNeoX
 from lib.runtime import setup_distributed
-from train import CrossEntropy, add_train_args, train, train_config_from_args
+from lib.train_config import add_train_args, train_config_from_args
+from train import CrossEntropy, train
 
 PRESETS = {  # --preset: train-flag defaults (explicit flags still win)
     "tiny": dict(batch_size=8, block_size=128, max_tokens=200_000, eval_interval=50, eval_batches=10,

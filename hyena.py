@@ -4,34 +4,37 @@ The teacher is EleutherAI's GPT-NeoX exactly as `transformers.GPTNeoXForCausalLM
 names are HF's, so checkpoints load by name). The student is the same network with some or all attention
 blocks replaced by the Hyena operator (Poli et al. 2023, arXiv 2302.10866), as in "Scavenging Hyena"
 (arXiv 2401.17574). The operator mirrors safari's `standalone_hyena.py` (HazyResearch/safari). In order:
-the decoding cache, attention, the Hyena operator (the FFT convolution, the short convolution, the implicit
-filter, the modal filter), the network with its loss, `generate` and checkpoints, `make_student`, `to_modal`.
-Activations are time-major (B, L, D); the configuration is config.py's.
+the Hyena operator (the FFT convolution, the short convolution, the operator and its decoding step), the
+network with its loss, `generate` and checkpoints, `make_student`. Activations are time-major (B, L, D); the
+configuration is config.py's. The parts this file uses but does not spell out live in lib/: the teacher's
+attention with its rotary embeddings (lib/attention.py), the operator's implicit filter (lib/implicit_filter.py),
+what cached decoding keeps per layer (lib/decoding.py), and the modal student (lib/modal_student.py: its
+filter, its decoding state, and `to_modal`, which makes one from a trained student).
 
 The speed work lives in fast/ and computes the same functions: the FFT convolution with a hand-written
 backward (fast/fftconv.py), the fused chunked head loss (fast/losses.py), the Triton kernels of decoding (the
-long-conv step, the modal prefill's state scan) and the CUDA-graph step (fast/decode.py). It is switched in by ONE call, `fast.enable(on)` (True: everywhere, False:
-nowhere, None: the default), read by `fast.active(tensor)` at each place below that could take it; by default
-it is on for CUDA tensors, so GPU users keep the speed, and off on the CPU, where this file's plain code runs.
-train.py's training loop switches it on for its run on any device unless it was switched off (on the CPU the
-fused loss keeps each step's memory on the heap). A CPU test holds each fast path to its plain twin here
-(tests/test_hyena_operator.py, tests/test_losses.py, tests/test_modal.py).
+long-conv step, the modal prefill's state scan) and the CUDA-graph step (fast/decode.py). It is switched in by
+ONE call, `fast.enable(on)` (True: everywhere, False: nowhere, None: the default), read by `fast.active(tensor)`
+at each place that could take it; by default it is on for CUDA tensors, so GPU users keep the speed, and off on
+the CPU, where the plain code runs. train.py's training loop switches it on for its run on any device unless it
+was switched off (on the CPU the fused loss keeps each step's memory on the heap). A CPU test holds each fast
+path to its plain twin (tests/test_hyena_operator.py, tests/test_losses.py, tests/test_modal.py).
 
 Glossary (code name -> paper symbol, Hyena paper section 3):
   x0, x1, ... x_{N-1}, v   projections of the input u (x^n and v in the paper; N = `order`)
   short_filter             the depthwise causal convolution (kernel 3) applied to every projection
   k / HyenaFilter          the implicit long filter h^n(t) = FFN(PositionalEmbedding(t)) * Window(t)
+                           (lib/implicit_filter.py)
   bias                     the per-channel skip term D in y = h * u + D u
   z                        the input of a long convolution (x^n ⊙ z^n), cached for decoding
   pos_emb.z                the filter's positional embedding table z(t) (safari's name; not the above)
   l_max                    the longest sequence the filter is defined for (t = 0 .. l_max-1)
-  ModalFilter              h as d decaying complex modes per channel (Laughing Hyena; the convention is
-                           lib/modal.py's): any length, and decoding by a (B, channels, d) recurrence state
-                           instead of z history
+  ModalFilter              h as d decaying complex modes per channel (Laughing Hyena; lib/modal_student.py, the
+                           convention lib/modal.py's): any length, and decoding by a (B, channels, d) recurrence
+                           state (ModalState) instead of z history (HyenaState, lib/decoding.py)
 """
 import json
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -44,115 +47,12 @@ import fast.fftconv
 import fast.losses
 from config import Config
 from fast.fftconv import fft_size
-from lib import modal
+from lib.attention import Attention
 from lib.cli import write_atomic
+from lib.decoding import HyenaState, new_cache
+from lib.implicit_filter import HyenaFilter
+from lib.modal_student import ModalFilter, ModalState
 from lib.safetensors_io import write_safetensors
-
-# ----------------------------------------------------------------------------- the decoding cache
-
-@dataclass
-class Cache:
-    """What cached decoding keeps (GPTNeoX.forward(idx, cache=...) fills and advances it; new_cache makes one):
-    room for max_len positions; `pos`, the position the next token takes: ONE 0-dim int64 tensor on the model's
-    device, shared by every layer and advanced in place, so a decoding step never reads the host and a CUDA
-    graph can replay it (fast.decode.graphed_step); `layers[i]`, what layer i's mixer keeps: None until the prefill
-    (from position 0) fills it, then an AttentionState, a HyenaState or a ModalState."""
-    max_len: int
-    pos: torch.Tensor
-    layers: list
-
-    def advance(self, n):
-        self.pos += n  # in place: the tensor a captured graph reads
-
-    def nbytes(self):
-        """Bytes the layers' states hold (KV, z history, modal states, the filters' copies), pos aside."""
-        return sum(t.nbytes for s in self.layers if s is not None for v in vars(s).values()
-                   for t in (v if isinstance(v, list) else [v]))
-
-
-def new_cache(model, max_len):
-    """An empty Cache for `model` with room for max_len positions, its position 0 on the model's device."""
-    pos = torch.zeros((), dtype=torch.long, device=next(model.parameters()).device)
-    return Cache(max_len, pos, [None] * len(model.gpt_neox.layers))
-
-
-@dataclass
-class AttentionState:
-    """What an attention layer keeps for decoding: keys and values (B, H, max_len, hd), rotated as made."""
-    k: torch.Tensor
-    v: torch.Tensor
-
-    def carried(self):
-        return []  # nothing moves but the positions a step writes
-
-
-# ----------------------------------------------------------------------------- attention (the teacher)
-
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-class Attention(nn.Module):
-    """GPT-NeoX attention with rotary embeddings on the first rotary_ndims = int(head_dim * rotary_pct) dims.
-    As in transformers, the frequencies are base^(-i / rotary_ndims) for even i < rotary_ndims, each rotating a
-    pair of dims: an odd rotary_ndims rotates 2 * ceil(rotary_ndims / 2) dims (one more). RoPE scaling: "linear"
-    divides the frequencies by the factor; "dynamic" (NTK) raises the base with the current sequence length S
-    (the last position + 1): base * (factor * S / max_pos - (factor - 1)) ** (r / (r - 2)) once S > max_pos.
-    In cached decoding S grows with each token and the cached keys keep the rotation they were made with, as in
-    transformers. (transformers' module also remembers the longest S it has seen until a short input resets it;
-    here the frequencies depend on the current call alone, which is what a fresh transformers model computes.)"""
-    def __init__(self, cfg):
-        super().__init__()
-        self.n_head, self.head_dim = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
-        self.rot = int(self.head_dim * cfg.rotary_pct)  # transformers' rotary_ndims
-        self.base, self.rope_type, self.factor = cfg.rotary_emb_base, cfg.rope_type, cfg.rope_factor
-        self.max_pos = cfg.max_position_embeddings
-        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
-        inv_freq = 1.0 / self.base ** (torch.arange(0, self.rot, 2, dtype=torch.float32) / self.rot)
-        if self.rope_type == "linear":
-            inv_freq = inv_freq / self.factor
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (ceil(rot/2),)
-
-    def frequencies(self, seq_len):
-        """The rotary frequencies for a call whose last position is seq_len - 1 (an int or a device tensor)."""
-        if self.rope_type != "dynamic":
-            return self.inv_freq
-        exps = torch.arange(0, self.rot, 2, dtype=torch.float32, device=self.inv_freq.device) / self.rot
-        s = torch.as_tensor(seq_len, device=self.inv_freq.device).clamp(min=self.max_pos)  # no host sync
-        base = self.base * (self.factor * s / self.max_pos - (self.factor - 1)) ** (self.rot / (self.rot - 2))
-        return 1.0 / base ** exps  # (ceil(rot/2),) in fp32 as transformers computes it
-
-    def forward(self, x, cache=None, layer=0):
-        """x (B, L, D) -> (B, L, D). With a decoding `cache` (Cache): the prefill from position 0 while
-        cache.layers[layer] is None (it fills it), then steps of any length from cache.pos."""
-        B, L, D = x.shape
-        pos = cache.pos if cache is not None else 0
-        qkv = self.query_key_value(x).view(B, L, self.n_head, 3 * self.head_dim)  # per-head [q|k|v]
-        q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # (B, H, L, hd) each
-        t = (pos + torch.arange(L, device=x.device)).float()  # (L,) positions
-        freqs = torch.outer(t, self.frequencies(pos + L))  # (L, r/2), r = 2 * ceil(rot/2) dims rotated
-        emb = torch.cat((freqs, freqs), dim=-1)  # (L, r)
-        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
-        r = emb.shape[-1]
-        q = torch.cat((q[..., :r] * cos + rotate_half(q[..., :r]) * sin, q[..., r:]), -1)
-        k = torch.cat((k[..., :r] * cos + rotate_half(k[..., :r]) * sin, k[..., r:]), -1)
-        state = cache.layers[layer] if cache is not None else None
-        if state is None:  # no cache, or the prefill: plain causal attention over the prompt (flash kernel, no mask)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or L > 1)  # (B, H, L, hd)
-            if cache is not None:  # keep its keys and values in a preallocated KV cache
-                shape = (B, self.n_head, cache.max_len, self.head_dim)
-                state = cache.layers[layer] = AttentionState(k.new_zeros(shape), v.new_zeros(shape))
-                state.k[:, :, :L], state.v[:, :, :L] = k, v
-        else:  # decoding: fixed shapes, no host sync, so a CUDA graph can capture it
-            at = pos + torch.arange(L, device=x.device)  # (L,) positions written
-            state.k.index_copy_(2, at, k.to(state.k.dtype))
-            state.v.index_copy_(2, at, v.to(state.v.dtype))
-            mask = torch.arange(cache.max_len, device=x.device) <= at[:, None]  # (L, max_len): the past only
-            y = F.scaled_dot_product_attention(q, state.k.to(q.dtype), state.v.to(q.dtype), attn_mask=mask)
-        return self.dense(y.transpose(1, 2).reshape(B, L, D))
-
 
 # ----------------------------------------------------------------------------- the Hyena operator
 
@@ -184,176 +84,14 @@ def short_conv(p, weight, bias):
     return out
 
 
-class Sin(nn.Module):
-    """sin(w x) with a learnable frequency per channel: the implicit filter's activation."""
-    def __init__(self, dim, w=1.0):
-        super().__init__()
-        self.freq = nn.Parameter(w * torch.ones(1, dim))
-
-    def forward(self, x):
-        return torch.sin(self.freq * x)
-
-
-class PositionalEmbedding(nn.Module):
-    """safari's positional embedding of the filter's time axis, a table over t = 0 .. l_max-1:
-    z(t) = [t / (l_max-1), Re e^{-i f_b w_t}, Im e^{-i f_b w_t}] with w_t = 2 pi t / l_max and bands f_b =
-    linspace(1e-4, bands-1, bands). As in safari, z is a trainable parameter with its own learning rate
-    (`lr`, 1e-5; HyenaOperator.optim_settings hands it to the optimizer) and no weight decay; the normalised
-    time `t` is a buffer."""
-    def __init__(self, emb_dim, l_max, lr=1e-5):
-        super().__init__()
-        bands = (emb_dim - 1) // 2
-        # Computed in fp64 and rounded once (safari computes in fp32: its top bands are off by ~1e-5).
-        t = torch.linspace(0, 1, l_max, dtype=torch.float64)[None, :, None]  # (1, L, 1)
-        w = 2 * math.pi * torch.arange(l_max, dtype=torch.float64)[None, :, None] / l_max  # (1, L, 1)
-        angle = torch.linspace(1e-4, bands - 1, bands, dtype=torch.float64)[None, None] * w  # (1, L, bands)
-        self.z = nn.Parameter(torch.cat([t, angle.cos(), -angle.sin()], dim=-1).float())  # (1, L, emb_dim)
-        self.lr = lr
-        self.register_buffer("t", t.float())
-
-    def forward(self, L):
-        return self.z[:, :L], self.t[:, :L]  # (1, L, emb_dim), (1, L, 1)
-
-
-class ExponentialModulation(nn.Module):
-    """safari's window exp(-|delta_c| t): decay rates delta_c = linspace(log(target) / slow_decay,
-    log(target) / fast_decay, channels) (a buffer), so channel 0 decays slowest (|delta| 3.07 by default: it
-    would fall to `target` at t = slow_decay, past the sequence's end t = 1) and the last fastest (15.35:
-    `target` at t = fast_decay, a local filter)."""
-    def __init__(self, channels, fast_decay=0.3, slow_decay=1.5, target=1e-2):
-        super().__init__()
-        deltas = torch.linspace(math.log(target) / slow_decay, math.log(target) / fast_decay, channels,
-                                dtype=torch.float64)
-        self.register_buffer("deltas", deltas.float()[None, None])  # (1, 1, C)
-
-    def forward(self, t, h):
-        return h * torch.exp(-t * self.deltas.abs())  # (1, L, C)
-
-
-class HyenaFilter(nn.Module):
-    """h(t) = FFN(PositionalEmbedding(t)) * exp(-|delta| t): implicit filters for `channels` channels, defined up
-    to l_max. Parameters and their names are safari's HyenaFilter's (filter_fn.bias, filter_fn.pos_emb.z / .t,
-    filter_fn.implicit_filter.N.weight / .bias / .freq, filter_fn.modulation.deltas): FFN = Linear, Sin, Linear,
-    Sin, Linear, Sin, Linear without bias, where the three Sin are ONE module (one shared `freq`), so a safari
-    state dict loads by name and computes the same function.
-
-    Deviations from safari, on purpose:
-    - Under model.to(bf16 / fp16) the filter's tensors stay fp32 (`_apply`): bf16 would round the time grid
-      (256 steps per octave: only ~640 of 2048 normalised times would stay distinct), the embedding z and the
-      decay rates. Under .double() they follow (the filter is then fp64 end to end). safari casts them all.
-    - forward(L) returns the filter (L, channels) rather than convolving (safari's `filter(L)` is (1, L, C));
-      L > l_max is refused, where safari silently truncates the filter to l_max.
-    - The FFN weights get `Config.hyena_filter_lr` (0: the run's lr) where safari's default is 1e-3.
-    - z is computed in fp64 and rounded once to fp32 (safari computes it in fp32).
-    """
-    def __init__(self, channels, l_max, emb_dim=33, filter_order=64, fast_decay=0.3, slow_decay=1.5, target=1e-2,
-                 lr_pos_emb=1e-5):
-        super().__init__()
-        if emb_dim % 2 == 0 or emb_dim < 3:
-            raise ValueError(f"hyena_emb_dim must be odd and >= 3 (1 + 2 * bands), got {emb_dim}")
-        self.l_max, self.channels = l_max, channels
-        self.bias = nn.Parameter(torch.randn(channels))  # created first, as safari, so seeded inits agree
-        self.pos_emb = PositionalEmbedding(emb_dim, l_max, lr_pos_emb)
-        act = Sin(filter_order)  # one module: one frequency shared by all three activations, as safari
-        self.implicit_filter = nn.Sequential(
-            nn.Linear(emb_dim, filter_order), act,
-            nn.Linear(filter_order, filter_order), act,
-            nn.Linear(filter_order, filter_order), act,
-            nn.Linear(filter_order, channels, bias=False))
-        self.modulation = ExponentialModulation(channels, fast_decay, slow_decay, target)
-
-    def forward(self, L):
-        """The filter for lags 0..L-1 as (L, channels), fp32 (fp64 in an fp64 model): a prefix of the l_max filter."""
-        if L > self.l_max:
-            raise ValueError(f"sequence length {L} exceeds the Hyena filter's l_max {self.l_max}; "
-                             "build the model with a larger Config.hyena_l_max")
-        z, t = self.pos_emb(L)  # (1, L, emb_dim), (1, L, 1)
-        with torch.autocast(z.device.type, enabled=False):  # tiny, and feeds an fp32 FFT anyway
-            return self.modulation(t, self.implicit_filter(z))[0]  # (L, C)
-
-    def _apply(self, fn, *args, **kwargs):
-        """Casts to bf16 / fp16 leave the filter fp32 (see the class docstring); devices and fp64 follow."""
-        def keep_fp32(t):
-            out = fn(t)
-            if t.is_floating_point() and out.dtype in (torch.bfloat16, torch.float16):
-                return t.to(device=out.device, dtype=torch.float32)  # from t itself: nothing rounded
-            return out
-        return super()._apply(keep_fp32, *args, **kwargs)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args):
-        """The shared Sin appears under three names (implicit_filter.1/.3/.5.freq): refuse differing values
-        (e.g. from a checkpoint with three separate activations) rather than keep whichever loads last."""
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        names = [f"{prefix}implicit_filter.{i}.freq" for i in (1, 3, 5)]
-        given = [state_dict[n] for n in names if n in state_dict]
-        if any(not torch.equal(g, given[0]) for g in given[1:]):
-            args[-1].append(f"{', '.join(names)} differ, but the filter shares one Sin (one frequency) across its "
-                            "activations, as safari: the checkpoint was made with separate activations")
-
-
-class ModalFilter(nn.Module):
-    """h(0) = h0, h(t) = 2 Re sum_n R_n lambda_n^(t-1) for t >= 1 (lib/modal.py's convention), d = state_size modes
-    per channel, defined for every t: HyenaFilter's interface (forward(L) -> (L, channels), `bias` the skip D).
-    lambda = exp(-exp(log_decay) + i angle) stays inside the unit circle whatever the parameters; residues are
-    (Re R, Im R) pairs. `hyena.to_modal` fills them from a trained filter; the init here is for models built
-    directly (random, stable, spread decay rates)."""
-    def __init__(self, channels, state_size):
-        super().__init__()
-        if state_size < 1:
-            raise ValueError(f"ModalFilter needs state_size >= 1, got {state_size}")
-        self.channels, self.state_size = channels, state_size
-        rate = torch.exp(torch.empty(channels, state_size).uniform_(math.log(1e-3), math.log(0.5)))  # -log|lambda|
-        self.log_decay = nn.Parameter(rate.log())
-        self.angle = nn.Parameter(torch.rand(channels, state_size) * math.pi)
-        self.residues = nn.Parameter(torch.randn(channels, state_size, 2) * (rate[..., None] / state_size).sqrt())
-        self.h0 = nn.Parameter(torch.randn(channels) * 0.1)
-        self.bias = nn.Parameter(torch.randn(channels))
-
-    def forward(self, L):
-        """The filter for lags 0..L-1, (L, channels), fp32 (fp64 for fp64 parameters), for any L."""
-        return modal.modal_response(self.h0, self.log_decay, self.angle, self.residues, L)
-
-    def poles(self):
-        """lambda as a (channels, d) complex tensor, complex64 (complex128 for fp64 parameters)."""
-        dt = modal.work_dtype(self.log_decay)
-        w, th = self.log_decay.to(dt), self.angle.to(dt)
-        return torch.polar(torch.exp(-w.exp()), th)
-
-
-@dataclass
-class HyenaState:
-    """What a Hyena layer keeps for decoding (its cache.layers entry, filled by the prefill): O(max_len D)."""
-    tail: torch.Tensor   # (B, K-1, (N+1)D) the short conv's last inputs
-    z: list              # per long conv (B, D, max_len): its inputs so far, channels first (for bmm)
-    k_pad: torch.Tensor  # (N-1, D, 2 max_len - 1): k_pad[..., T-1-t+s] = k[t-s] for s <= t, 0 for s > t
-    lags: torch.Tensor   # (max_len,) 0 .. max_len-1
-    bias: torch.Tensor   # (N-1, D) the skip term D, in the model's dtype
-
-    def carried(self):
-        """The tensors a step updates in place at every position (the history is written at the step's own)."""
-        return [self.tail]
-
-
-@dataclass
-class ModalState:
-    """What a modal Hyena layer keeps for decoding: O(channels d), whatever the context or max_len."""
-    tail: torch.Tensor    # (B, K-1, (N+1)D) the short conv's last inputs
-    state: torch.Tensor   # (B, (N-1)D, d) complex: each long conv's recurrence state
-    lam: torch.Tensor     # (C, d) the poles
-    res: torch.Tensor     # (C, d) the residues
-    direct: torch.Tensor  # (C,) h0 + D, the current input's weight
-
-    def carried(self):
-        return [self.tail, self.state]
-
-
 class HyenaOperator(nn.Module):
     def __init__(self, d_model, l_max, order=2, filter_order=64, emb_dim=33, short_filter_order=3, filter_lr=0.0,
                  modal_state=0):
         super().__init__()
         if order < 2:
             raise ValueError(f"Hyena order must be >= 2 (one gate and one long convolution), got {order}")
-        self.d_model, self.order, self.filter_lr = d_model, order, filter_lr
+        self.d_model, self.order = d_model, order
+        self.filter_lr = filter_lr  # the long filter's own lr (0: the run's), which train.optim_groups reads
         self.in_proj = nn.Linear(d_model, (order + 1) * d_model)
         self.out_proj = nn.Linear(d_model, d_model)
         width = (order + 1) * d_model
@@ -363,23 +101,15 @@ class HyenaOperator(nn.Module):
         self.filter_fn = (ModalFilter(d_model * (order - 1), modal_state) if self.modal
                           else HyenaFilter(d_model * (order - 1), l_max, emb_dim, filter_order))
 
-    def optim_settings(self):
-        """{parameter: AdamW settings} where they differ from the run's (GPTNeoX.optim_groups reads them): the long
-        filter's parameters take no weight decay, and their own lr when filter_lr is set; the positional
-        embedding z takes safari's lr (PositionalEmbedding.lr)."""
-        own = {p: {"weight_decay": 0.0, **({"lr": self.filter_lr} if self.filter_lr else {})}
-               for p in self.filter_fn.parameters()}
-        if isinstance(self.filter_fn, HyenaFilter):
-            own[self.filter_fn.pos_emb.z] = {"lr": self.filter_fn.pos_emb.lr, "weight_decay": 0.0}
-        return own
-
     def filters(self, L):
         k = self.filter_fn(L).view(L, self.order - 1, self.d_model)  # (L, N-1, D)
         return k, self.filter_fn.bias.view(self.order - 1, self.d_model)  # (N-1, D)
 
     def forward(self, u, cache=None, layer=0):
-        """u (B, L, D) -> (B, L, D). With a decoding `cache` (hyena.Cache): the prefill from position 0 while
-        cache.layers[layer] is None (it fills it), then one token at a time (`step`)."""
+        """u (B, L, D) -> (B, L, D): for n = N-1 down to 1, v <- h * (x_n ⊙ v) + D (x_n ⊙ v) (a long convolution
+        and its skip term), then y = out_proj(x0 ⊙ v).
+        With a decoding `cache` (lib/decoding.Cache): the prefill from position 0 while cache.layers[layer] is
+        None (it fills it), then one token at a time (`step`)."""
         B, L, D = u.shape
         if cache is not None and cache.layers[layer] is not None:
             return self.step(u, cache, layer)
@@ -387,89 +117,31 @@ class HyenaOperator(nn.Module):
         pc = short_conv(p, self.short_filter.weight, self.short_filter.bias)  # (B, L, (N+1)D) sees t-2..t
         *x, v = pc.split(D, dim=-1)  # N gates x (B, L, D), value v (B, L, D)
         conv = fast.fftconv.fftconv if fast.active(u) else fftconv  # one function; fast/ computes it faster
-        if self.modal and cache is not None:
-            return self.modal_prefill(p, x, v, cache, layer, conv)
-        k, bias = self.filters(cache.max_len if cache is not None else L)
-        zs = []  # prefill: every long-conv input, remembered for O(L D) decoding
+        # A prefill keeps the filter up to max_len (decoding reads it there); a modal one needs only the prompt's.
+        k, bias = self.filters(cache.max_len if cache is not None and not self.modal else L)
+        zs = []  # every long convolution's input, which a prefill remembers for decoding
         for o, x_i in enumerate(reversed(x[1:])):
-            z = v * x_i  # (B, L, D)
-            if cache is not None:
-                zs.append(z.new_zeros(B, D, cache.max_len))  # channels-first for bmm
-                zs[o][..., :L] = z.transpose(1, 2)
-            v = conv(z, k[:L, o], bias[o])  # (B, L, D)
-        if cache is not None:
-            T, kw = cache.max_len, self.short_filter.kernel_size[0] - 1
-            tail = F.pad(p, (0, 0, max(0, kw - L), 0))[:, -kw:].clone()  # (B, kw, (N+1)D) last inputs
-            # The reversed filter then as many zeros: k_pad[..., T-1-t+s] = k[t-s] for s <= t, 0 for s > t.
-            k_rev = k.flip(0).permute(1, 2, 0).to(v.dtype)  # (N-1, D, T): k[T-1], ..., k[0]
-            k_pad = F.pad(k_rev, (0, T - 1)).contiguous()  # (N-1, D, 2T-1)
-            # The skip term in the model's dtype: in a bf16 model the filter itself stays fp32.
-            cache.layers[layer] = HyenaState(tail, zs, k_pad, torch.arange(T, device=u.device),
-                                             bias.to(self.in_proj.weight.dtype))
+            zs.append(v * x_i)  # (B, L, D)
+            v = conv(zs[o], k[:L, o], bias[o])  # (B, L, D)
+        if cache is not None:  # the prefill: the layer's decoding state (lib/decoding.py, lib/modal_student.py)
+            state = ModalState if self.modal else HyenaState
+            cache.layers[layer] = state.prefill(self, p, zs, k, bias, cache.max_len)
         return self.out_proj(v * x[0])  # (B, L, D)
-
-    def modal_prefill(self, p, x, v, cache, layer, conv):
-        """The prompt through the FFT path, and each long conv's recurrence state after it, computed exactly
-        (lib/modal.py's prefill_state): the cache holds O(channels d) numbers whatever the context or max_len."""
-        B, L, D = v.shape
-        f, kw = self.filter_fn, self.short_filter.kernel_size[0] - 1
-        k, bias = self.filters(L)
-        lam = f.poles()  # (N-1) D channels, (C, d)
-        w, th = f.log_decay, f.angle
-        states = []
-        fastest = fast.active(v) and fast.decode.available(v)  # the fast twin: one Triton scan reading z in place
-        prefill = fast.decode.prefill_state if fastest else modal.prefill_state
-        for o, x_i in enumerate(reversed(x[1:])):
-            z = v * x_i  # (B, L, D)
-            ch = slice(o * D, (o + 1) * D)
-            states.append(prefill(z, w[ch], th[ch]))  # (B, D, d): sum_t lambda^(L-1-t) z_t
-            v = conv(z, k[:L, o], bias[o])  # (B, L, D)
-        R = f.residues.to(lam.real.dtype)
-        cache.layers[layer] = ModalState(
-            tail=F.pad(p, (0, 0, max(0, kw - L), 0))[:, -kw:].clone(),  # (B, kw, (N+1)D) last inputs
-            state=torch.cat(states, 1),  # (B, (N-1)D, d) complex
-            lam=lam.detach(), res=torch.complex(R[..., 0], R[..., 1]).detach(),  # (C, d) each
-            direct=(f.h0.to(lam.real.dtype) + f.bias.to(lam.real.dtype)).detach())  # (C,) h0 + D
-        return self.out_proj(v * x[0])  # (B, L, D)
-
-    def modal_step(self, x, v, state):
-        """One token through the recurrences: y = 2 Re(R . state) + (h0 + D) z, then state = lambda state + z.
-        No position and no history: the same work at any context."""
-        D = self.d_model
-        for o, x_i in enumerate(reversed(x[1:])):
-            ch = slice(o * D, (o + 1) * D)
-            s = state.state[:, ch]  # (B, D, d) view: updated in place (fixed shapes, a CUDA graph replays it)
-            z = (v * x_i).to(state.direct.dtype)  # (B, D) in fp32 (fp64)
-            y = 2 * (s * state.res[ch]).real.sum(-1) + state.direct[ch] * z  # (B, D)
-            s.mul_(state.lam[ch]).add_(z[..., None])
-            v = y.to(v.dtype)
-        return self.out_proj(v * x[0])[:, None]  # (B, 1, D)
 
     def step(self, u, cache, layer):
-        """One token at position cache.pos (a device tensor; fixed shapes, so a CUDA graph can capture it):
-        the short conv from the cached tail, each long conv the z history against the filter reversed from
-        pos. Here the whole history against a gathered filter window (later, stale history meets its zeros); on
-        the fast path (CUDA) one Triton kernel (fast/decode.py) computes the same reading only positions <= pos."""
+        """One token at position cache.pos (a device tensor; fixed shapes, so a CUDA graph can capture it): the
+        short conv from the cached tail, then each long conv from the layer's state: HyenaState's z history
+        against the filter reversed from pos, or ModalState's recurrences."""
         B, L, D = u.shape
         if L != 1:
             raise ValueError(f"Hyena decoding takes one token at a time after the prefill, got {L}")
-        T, pos, state = cache.max_len, cache.pos, cache.layers[layer]
+        state = cache.layers[layer]
         window = torch.cat([state.tail, self.in_proj(u).to(state.tail.dtype)], dim=1)  # (B, K, (N+1)D)
         state.tail.copy_(window[:, 1:])
         pc = short_conv(window, self.short_filter.weight, self.short_filter.bias)[:, -1]  # (B, (N+1)D)
         *x, v = pc.split(D, dim=-1)  # (B, D) each
-        if self.modal:
-            return self.modal_step(x, v, state)
         for o, x_i in enumerate(reversed(x[1:])):
-            z = v * x_i  # (B, D)
-            hist = state.z[o]  # (B, D, T)
-            hist.index_copy_(2, pos.view(1), z[..., None].to(hist.dtype))
-            if fast.active(hist) and fast.decode.available(hist):  # one Triton kernel over s <= pos (fp32 sums)
-                y = fast.decode.long_conv_step(hist, state.k_pad[o], pos).to(hist.dtype)  # (B, D)
-            else:  # the plain formula: the whole history against the filter window (k_pad[T-1-pos+s] = k[pos-s])
-                kr = state.k_pad[o].index_select(1, state.lags + (T - 1 - pos))  # (D, T): k[pos..0], 0...
-                y = torch.bmm(hist.transpose(0, 1), kr[..., None])[..., 0].transpose(0, 1)  # (B, D) per-channel GEMV
-            v = y + z * state.bias[o]  # (B, D)
+            v = state.long_conv(o, v * x_i, cache.pos)  # (B, D)
         return self.out_proj(v * x[0])[:, None]  # (B, 1, D)
 
 
@@ -534,7 +206,7 @@ class GPTNeoX(nn.Module):
     def forward(self, idx, targets=None, cache=None):
         """idx (B, L) -> (logits (B, L, V), loss): with targets (B, L) the mean cross-entropy over targets != -1,
         else None. On the fast path the loss is fast.losses.head_loss, fused with its gradient, which never holds
-        the (B, L, V) logits: it returns (None, loss). With `cache` (a Cache, see new_cache and generate) it
+        the (B, L, V) logits: it returns (None, loss). With `cache` (a lib/decoding.Cache, see generate) it
         decodes on from cache.pos, advances it, and returns the last position's logits."""
         x = self.gpt_neox.embed_in(idx)  # (B, L, D)
         for i, block in enumerate(self.gpt_neox.layers):
@@ -576,21 +248,6 @@ class GPTNeoX(nn.Module):
             if idx.shape[1] < cache.max_len:
                 logits = step(nxt)
         return idx
-
-    def optim_groups(self, weight_decay, lr):
-        """AdamW groups, one per (weight decay, lr): decay on matrices and embeddings only; the Hyena filters'
-        parameters take the settings their operator gives (HyenaOperator.optim_settings)."""
-        own = {}
-        for m in self.modules():
-            if isinstance(m, HyenaOperator):
-                own.update(m.optim_settings())
-        groups = {}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            hint = {"weight_decay": weight_decay if p.dim() >= 2 else 0.0, "lr": lr, **own.get(p, {})}
-            groups.setdefault((hint["weight_decay"], hint["lr"]), []).append(p)
-        return [{"params": ps, "weight_decay": wd, "lr": glr} for (wd, glr), ps in groups.items()]
 
     # ------------------------------------------------------------------------- checkpoints
 
@@ -667,49 +324,3 @@ def _init_from_attention(hy, att):
     hy.short_filter.weight.zero_()
     hy.short_filter.weight[..., -1] = 1.0  # identity: the last tap multiplies the current position
     hy.short_filter.bias.zero_()
-
-
-# ----------------------------------------------------------------------------- the modal student
-
-@torch.no_grad()
-def to_modal(model, state_size=16, tol=None, max_state=64, refine_steps=0):
-    """A new GPTNeoX whose Hyena layers' long filters are d decaying complex modes each (Laughing Hyena
-    Distillery, Massaroli et al. 2023, arXiv 2310.18780): constant-size recurrent decoding, any length.
-
-    Every Hyena layer's filter is materialised at the model's l_max and fitted by modal.fit (ERA poles,
-    least-squares residues, `refine_steps` Adam steps on the filter error); h(0) and the skip D are kept exactly,
-    all other weights are copied. state_size=d fixes d for every layer; state_size=None with tol picks per layer
-    the smallest d in 1, 2, 4, ... max_state whose relative filter error is <= tol. The result's `modal_fit`
-    attribute lists per Hyena layer {"layer", "state_size", "rel_error" (||h - h_modal|| / ||h|| over the layer),
-    "max_channel_error"}; its config's hyena_modal_state says d per layer (0 for attention layers).
-    """
-    cfg = model.config
-    hyena = [i for i, m in enumerate(cfg.mixers) if m == "hyena"]
-    if not hyena:
-        raise ValueError("to_modal needs a model with Hyena layers (a distilled student); this one is all attention")
-    if (state_size is None) == (tol is None):
-        raise ValueError(f"to_modal takes either state_size (d for every layer) or tol (d per layer from the "
-                         f"fit error), not both or neither: got state_size={state_size}, tol={tol}")
-    if state_size is not None and state_size < 1:
-        raise ValueError(f"to_modal: state_size must be >= 1, got {state_size}")
-    fits = {}
-    for i in hyena:
-        h = model.gpt_neox.layers[i].hyena.filter_fn(cfg.l_max)  # (l_max, channels)
-        fits[i] = (modal.fit(h, state_size, refine_steps) if tol is None
-                   else modal.fit_tol(h, tol, max_state, refine_steps))
-    states = [fits[i].state_size if i in fits else 0 for i in range(cfg.num_hidden_layers)]
-    param = next(model.parameters())
-    with param.device:
-        out = GPTNeoX(Config(**{**asdict(cfg), "hyena_modal_state": states})).to(param.dtype)
-    theirs, mine = model.state_dict(), out.state_dict()
-    shared = {k: v for k, v in theirs.items()  # all but the implicit filters; their skip D (`bias`) stays
-              if k in mine and (".filter_fn." not in k or k.endswith(".filter_fn.bias"))}
-    missing, _ = out.load_state_dict(shared, strict=False)
-    assert all(".filter_fn." in k for k in missing), missing
-    for i, f in fits.items():
-        filt = out.gpt_neox.layers[i].hyena.filter_fn
-        for name in ("h0", "log_decay", "angle", "residues"):
-            getattr(filt, name).copy_(getattr(f, name))
-    out.modal_fit = [{"layer": i, "state_size": f.state_size, "rel_error": f.rel_error,
-                      "max_channel_error": f.channel_error.max().item()} for i, f in fits.items()]
-    return out.train(model.training)

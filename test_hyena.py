@@ -1,11 +1,13 @@
-"""Behaviour of the model file: GPT-NeoX parity with transformers, the Hyena operator, students, generation."""
+"""Behaviour of the model file (and the parts lib/ holds for it: attention, the decoding cache): GPT-NeoX parity
+with transformers, the Hyena operator, students, generation."""
 import json
 
 import pytest
 import torch
 
 from config import Config
-from hyena import GPTNeoX, HyenaOperator, make_student, new_cache
+from hyena import GPTNeoX, HyenaOperator, make_student
+from lib.decoding import new_cache
 
 TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=160, num_hidden_layers=3, vocab_size=211,
             max_position_embeddings=64)
@@ -263,18 +265,6 @@ def test_hyena_parameter_count_near_attention():
     hy = sum(p.numel() for p in op.parameters()) - table
     print(f"d=512: attention {attn:,} parameters, Hyena order 2 {hy:,} ({hy / attn - 1:+.1%}) + table {table:,}")
     assert abs(hy / attn - 1) <= 0.10
-
-
-def test_filter_parameters_get_their_own_optimizer_group():
-    cfg = Config(**{**TINY, "hyena_filter_lr": 3e-4})
-    groups = make_student(GPTNeoX(cfg), layers=[1]).optim_groups(weight_decay=0.1, lr=1e-3)
-    filter_params = {id(p) for p in make_student(GPTNeoX(cfg), layers=[1]).gpt_neox.layers[1].hyena.filter_fn.parameters()}
-    assert len(filter_params) > 1
-    by = {(g["weight_decay"], g["lr"]): len(g["params"]) for g in groups}
-    assert by[(0.0, 3e-4)] == len(filter_params) - 1 and (0.1, 1e-3) in by and (0.0, 1e-3) in by
-    assert by[(0.0, 1e-5)] == 1  # the positional embedding z, at safari's lr_pos_emb
-    student = make_student(GPTNeoX(cfg), layers=[1])  # the settings come from the operator, not from attributes
-    assert not any(vars(p) for p in student.parameters())  # monkey-patched onto the parameters
 
 
 # ----------------------------------------------------------------------------- students

@@ -3,19 +3,19 @@
 An objective is an nn.Module with `forward(x, y) -> (loss, metrics)` and the model being trained as `.model`;
 train() does the rest: AdamW with warmup + cosine (or warmup-stable-decay, with --branches) over a token/time
 budget, gradient accumulation and clipping, bf16 autocast, DDP under torchrun, validation, a JSONL log, atomic
-checkpoints and exact resume (lib/checkpoint.py), in the process lib/runtime.py sets up.
+checkpoints and exact resume (lib/checkpoint.py), in the process lib/runtime.py sets up. Its settings, one per
+--flag, are lib/train_config.py's TrainConfig.
 
     python finetune.py --init scratch --data gutenberg --max-tokens 50_000_000      # one GPU, or the CPU
     torchrun --nproc-per-node 8 finetune.py --init scratch --data gutenberg ...      # 8 GPUs, same script
 """
-import argparse
 import json
 import math
 import sys
 import time
 from collections import deque
 from contextlib import nullcontext
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -26,117 +26,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 import fast
-from lib.cli import integer, write_atomic
+from hyena import HyenaOperator
+from lib.cli import write_atomic
+from lib.implicit_filter import HyenaFilter
 from lib.runtime import compile_or_eager, ctrl_c, keep_freed_memory, setup_distributed
 from lib.checkpoint import (budget_name, find_checkpoint, load_checkpoint, pending_branches, rng_states,
                             save_branch, save_checkpoint, trim_log)
-
-CHOICES = {"dtype": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off"),  # the flags with fixed choices
-           "schedule": ("cosine", "wsd")}
-
-
-def arg(default, help):
-    """A TrainConfig field with the help text of its --flag."""
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class TrainConfig:
-    out_dir: str = arg(MISSING, "folder for log.jsonl, ckpt/ and summary.json")
-    data: str = arg("gutenberg", "prepared data: a name under --data-root, or a folder (see prepare.py)")
-    data_root: str = arg("data", "where prepare.py put the named datasets")
-    batch_size: int = arg(8, "sequences per micro-batch per GPU")
-    block_size: int = arg(2048, "tokens per sequence")
-    grad_accum: int = arg(1, "micro-batches per optimizer step")
-    lr: float = arg(6e-4, "peak learning rate; groups with their own lr (Hyena filters) are scaled alike")
-    min_lr_frac: float = arg(0.1, "the schedule ends at min_lr_frac * lr")
-    warmup_frac: float = arg(0.02, "fraction of the budget spent on linear warmup")
-    schedule: str = arg("cosine", "after the warmup: cosine decay over the whole budget, or wsd (warmup-stable-"
-                        "decay: constant lr, then a linear decay over the last --decay-frac of the budget)")
-    decay_frac: float = arg(0.2, "wsd: the fraction of the budget spent decaying")
-    branches: str = arg("", "wsd: shorter budgets B (comma-separated, in the budget's unit: minutes with "
-                        "--max-minutes, else tokens) at which the run also saves itself, where B's decay starts, "
-                        "into OUT_DIR@B; the same command with --out-dir OUT_DIR@B, the budget B and --resume then "
-                        "finishes B's run: one stable phase pays for every budget")
-    weight_decay: float = arg(0.1, "AdamW decay of matrices and embeddings (never biases, norms, Hyena filters)")
-    beta1: float = arg(0.9, "AdamW beta1")
-    beta2: float = arg(0.95, "AdamW beta2")
-    grad_clip: float = arg(1.0, "clip the global gradient norm to this (0 = never; the norm is logged anyway)")
-    max_tokens: int = arg(0, "token budget, counted over all GPUs (0 = none)")
-    max_minutes: float = arg(0.0, "wall-clock budget of the training steps in minutes (compiling, "
-                              "validation and checkpoints outside it; 0 = none); the first budget to end stops the run")
-    eval_interval: int = arg(200, "validate every this many optimizer steps (and at the end)")
-    eval_batches: int = arg(20, "validation batches, the same windows every time (0 = no validation)")
-    log_interval: int = arg(10, "print a progress line every this many steps (log.jsonl has every step)")
-    ckpt_interval: int = arg(500, "checkpoint every this many steps (and at the end)")
-    compile: str = arg("auto", "torch.compile the objective: auto (on CUDA), on, off; a compile that fails "
-                       "falls back to eager with a warning")
-    dtype: str = arg("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
-    seed: int = arg(1337, "seeds the data sampler (per rank) and the validation windows")
-    resume: bool = arg(False, "continue from OUT_DIR/ckpt exactly where it stopped")
-    device: str = arg("auto", "auto, cpu, cuda or cuda:N (under torchrun each rank takes its LOCAL_RANK GPU)")
-
-    def __post_init__(self):
-        if self.max_tokens <= 0 and self.max_minutes <= 0:
-            raise ValueError("no budget: set --max-tokens and/or --max-minutes (the run stops at whichever ends first)")
-        for name, allowed in CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
-        for name in ("batch_size", "block_size", "grad_accum", "eval_interval", "log_interval", "ckpt_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_batches", "max_tokens", "max_minutes", "lr", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name):g}")
-        if not 0 < self.decay_frac < 1:
-            raise ValueError(f"--decay-frac must be between 0 and 1, got {self.decay_frac:g}")
-        if self.branches:
-            if self.schedule != "wsd":
-                raise ValueError(f"--branches {self.branches}: branching needs --schedule wsd (a cosine run's "
-                                 "lr at any moment depends on its whole budget)")
-            if bool(self.max_tokens) == bool(self.max_minutes):
-                raise ValueError(f"--branches {self.branches}: give exactly one budget, --max-minutes or "
-                                 "--max-tokens, so the branch budgets have one unit")
-            self.branch_budgets()  # checks the numbers
-
-    def warmup_fraction(self):
-        """The warmup as a fraction of the budget: warmup_frac, or with --branches warmup_frac of the smallest
-        budget of the family, which every branch then shares (lib/checkpoint.branch_config)."""
-        if not self.branches:
-            return self.warmup_frac
-        budget = self.max_tokens or self.max_minutes
-        return self.warmup_frac * min(self.branch_budgets()[0], budget) / budget
-
-    def branch_budgets(self):
-        """--branches as numbers, each > 0 (that they are below the budget train() checks, per stage)."""
-        try:
-            budgets = sorted(float(b) for b in self.branches.split(",") if b.strip())
-        except ValueError:
-            raise ValueError(f"--branches {self.branches!r}: give comma-separated numbers, e.g. 1,2,5") from None
-        if any(b <= 0 for b in budgets):
-            raise ValueError(f"--branches {self.branches!r}: budgets must be > 0")
-        return budgets
-
-
-def add_train_args(parser, **defaults):
-    """Every TrainConfig field as --flag-name; `defaults` overrides TrainConfig's defaults for one script."""
-    unknown = set(defaults) - {f.name for f in fields(TrainConfig)}
-    if unknown:
-        raise ValueError(f"add_train_args: {sorted(unknown)} are not TrainConfig fields")
-    for f in fields(TrainConfig):
-        flag, default = "--" + f.name.replace("_", "-"), defaults.get(f.name, f.default)
-        if f.type is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
-        elif default is MISSING:
-            parser.add_argument(flag, type=f.type, required=True, help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=integer if f.type is int else f.type, default=default,
-                                choices=CHOICES.get(f.name),
-                                help=f.metadata["help"] + " (default: %(default)s)")
-
-
-def train_config_from_args(args):
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
 
 
 class CrossEntropy(nn.Module):
@@ -150,9 +45,30 @@ class CrossEntropy(nn.Module):
         return loss, {"ce": loss.detach()}
 
 
+def optim_groups(model, weight_decay, lr):
+    """AdamW groups, one per (weight decay, lr): decay on matrices and embeddings only. Each Hyena operator's long
+    filter takes no weight decay, and its own lr where the operator's filter_lr (Config.hyena_filter_lr) is set;
+    an implicit filter's positional embedding z takes safari's lr (PositionalEmbedding.lr)."""
+    own = {}  # {parameter: its settings where they differ from the run's}
+    for m in model.modules():
+        if isinstance(m, HyenaOperator):
+            f = m.filter_fn
+            own.update({p: {"weight_decay": 0.0, **({"lr": m.filter_lr} if m.filter_lr else {})}
+                        for p in f.parameters()})
+            if isinstance(f, HyenaFilter):
+                own[f.pos_emb.z] = {"lr": f.pos_emb.lr, "weight_decay": 0.0}
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        hint = {"weight_decay": weight_decay if p.dim() >= 2 else 0.0, "lr": lr, **own.get(p, {})}
+        groups.setdefault((hint["weight_decay"], hint["lr"]), []).append(p)
+    return [{"params": ps, "weight_decay": wd, "lr": glr} for (wd, glr), ps in groups.items()]
+
+
 def build_optimizer(model, cfg, fused=False):
-    """AdamW over model.optim_groups; each group keeps its base lr so the schedule scales all of them alike."""
-    groups = model.optim_groups(cfg.weight_decay, cfg.lr)
+    """AdamW over optim_groups(model); each group keeps its base lr so the schedule scales all of them alike."""
+    groups = optim_groups(model, cfg.weight_decay, cfg.lr)
     for g in groups:
         g["base_lr"] = g["lr"]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)

@@ -22,7 +22,7 @@ in between; `ms` is the median, `spread` (max-min)/median. `peak_gb`: max_memory
 models included. Each case records its own OOM/error and the run goes on; bench.json and bench.md are rewritten
 after every case, bench.png after every section; with --only, the other sections' rows of the last run at the
 same sizes in --out are kept (env.kept says from when). The targets table (each goal against its measurement) is
-printed last; bench_report.py holds the targets, tables and plot.
+printed last; bench_report.py holds the targets, tables and plot, bench_train.py the train and kd sections.
 """
 import argparse
 import gc
@@ -37,10 +37,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench.py`: import from the repo root
 from bench.bench_check import Checks
-from bench.bench_report import MODES, SECTIONS, fmt, get, keep_previous, table, targets, write
+from bench.bench_report import MODES, SECTIONS, fmt, keep_previous, table, targets, write
+from bench.bench_train import TrainCases
 from fast.decode import decode_step
 from config import Config
-from hyena import Attention, GPTNeoX, HyenaOperator, make_student, new_cache
+from hyena import GPTNeoX, HyenaOperator, make_student
+from lib.attention import Attention
+from lib.decoding import new_cache
 
 
 @dataclass
@@ -68,7 +71,7 @@ SMOKE = Sizes(dict(hidden_size=32, num_attention_heads=4, intermediate_size=128,
 MODAL_STATE = 16  # modes per channel of the decode section's modal student
 
 
-class Bench(Checks):
+class Bench(Checks, TrainCases):
     def __init__(self, sizes, dev, modes, out, env):
         self.s, self.dev, self.modes, self.out, self.cuda = sizes, dev, modes, out, dev.type == "cuda"
         self.cfg = Config(**sizes.model)
@@ -180,53 +183,6 @@ class Bench(Checks):
         with torch.no_grad(), self.autocast():
             m(idx)  # logits (B, L, V)
 
-    def train(self):
-        s = self.s
-        x, y = self.tokens(s.train_batch, s.train_len), self.tokens(s.train_batch, s.train_len)
-        for compiled in self.modes:
-            for name in ("gpt-neox (ours)", "transformers", "distill e2e", "distill joint", "finetune"):
-                self.case("train", dict(case=name, compiled=compiled, B=s.train_batch, L=s.train_len),
-                          lambda: self.train_case(name, self.cfg, compiled, x, y))
-        cfg = replace(self.cfg, max_position_embeddings=s.long_len)
-        x, y = self.tokens(1, s.long_len), self.tokens(1, s.long_len)
-        self.case("train", dict(case="finetune long", compiled=False, B=1, L=s.long_len),
-                  lambda: self.train_case("finetune", cfg, False, x, y))
-
-    def train_case(self, name, cfg, compiled, x, y):
-        """One optimizer step of `name` as train.py takes it (the objective compiled when asked)."""
-        if name == "transformers":
-            try:
-                import transformers
-            except ImportError:
-                return {"error": "transformers not installed"}
-            self.res["env"]["transformers"] = transformers.__version__
-            hf_cfg = transformers.GPTNeoXConfig.from_dict(cfg.to_hf(), attn_implementation="sdpa")
-            module = transformers.GPTNeoXForCausalLM(hf_cfg).to(self.dev)
-            groups = [{"params": list(module.parameters()), "weight_decay": 0.1}]
-            loss_of = (lambda f: f(input_ids=x, labels=y).loss)  # HF shifts labels: one position fewer, same work
-        elif name in ("gpt-neox (ours)", "finetune"):
-            module = self.build(cfg) if name == "gpt-neox (ours)" else self.student(self.build(cfg))
-            groups, loss_of = module.optim_groups(0.1, 3e-4), (lambda f: f(x, y)[1])
-        else:
-            import distill  # lazily: it pulls in train.py, which only these cases need
-            mode, teacher = name.split()[1], self.build(cfg).requires_grad_(False)
-            student = self.student(teacher)
-            distill.set_trainable(student, "all" if mode == "e2e" else "mixer", range(cfg.num_hidden_layers))
-            module, groups = distill.Distill(teacher, student, mode), student.optim_groups(0.1, 3e-4)
-            loss_of = (lambda f: f(x, y)[0])
-        f = torch.compile(module) if compiled else module
-        opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=self.cuda)
-        params = [p for g in groups for p in g["params"]]
-
-        def step():
-            with self.autocast():
-                loss = loss_of(f)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return self.timed(step, x.numel())
-
     def decode(self):
         s, n = self.s, self.cfg.num_hidden_layers
         modal = self.build(replace(self.cfg, mixers=["hyena"] * n, hyena_modal_state=[MODAL_STATE] * n))
@@ -263,26 +219,6 @@ class Bench(Checks):
                 for i in range(steps):
                     one(nxt[:, i:i + 1])  # (B, 1) -> logits (B, 1, V)
         return {"prefill_s": prefill_s, "cache_bytes_per_seq": per_seq, **self.timed(step, B * steps)}
-
-    def kd(self):
-        import distill
-        B, L, D = self.s.train_batch, self.s.train_len, self.cfg.hidden_size
-        teacher = self.build(self.cfg).requires_grad_(False)
-        heads = (self.student(teacher), teacher)  # the student (trained, its head), the teacher (frozen)
-        hs, ht = (torch.randn(B, L, D, device=self.dev, requires_grad=True) for _ in "st")  # (B, L, D) final states
-        y = self.tokens(B, L)
-        for compiled in self.modes:
-            fn = torch.compile(distill.kd_loss) if compiled else distill.kd_loss
-
-            def step():
-                with self.autocast():
-                    loss = fn(hs, ht, y, *heads)
-                loss.backward()
-
-            def measure():
-                r, e2e = self.timed(step, B * L), get(self.res, "train", "ms", dict(case="distill e2e", compiled=compiled))
-                return {**r, "share": r["ms"] / e2e if e2e else None}  # needs the train section in this run
-            self.case("kd", dict(case="kd_loss fwd+bwd", compiled=compiled, B=B, L=L), measure)
 
 
 def main(argv=None):

@@ -7,7 +7,8 @@ from dataclasses import replace
 import torch
 
 from fast.decode import decode_step
-from hyena import HyenaOperator, new_cache
+from hyena import HyenaOperator
+from lib.decoding import new_cache
 
 
 @contextmanager

@@ -15,7 +15,8 @@ from fast.losses import head_loss
 from hyena import GPTNeoX
 from lib.cli import writable_dir, write_atomic
 from lib.runtime import compile_or_eager
-from train import CrossEntropy, TrainConfig, build_optimizer
+from lib.train_config import TrainConfig
+from train import CrossEntropy, build_optimizer
 
 
 def device_of(flag):

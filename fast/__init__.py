@@ -1,10 +1,10 @@
 """The speed work, apart from the readable model: each function here computes the same numbers as a plain one in
-hyena.py (or distill.py), faster, and its docstring names that twin and the CPU test that holds the two equal.
+hyena.py (or lib/, distill.py), faster, and its docstring names that twin and the CPU test that holds the two equal.
 
   fftconv.py  the FFT long convolution with a hand-written backward      twin: hyena.fftconv
   losses.py   the head's loss fused with its gradient, chunk by chunk     twins: GPTNeoX.forward's F.cross_entropy,
                                                                                  distill.kd_loss's plain branch
-  decode.py   a Triton kernel for Hyena's decoding step; CUDA graphs;     twins: HyenaOperator.step's formula,
+  decode.py   a Triton kernel for Hyena's decoding step; CUDA graphs;     twins: HyenaState.long_conv's formula,
               a Triton scan for a modal prefill's state                          generate's eager step,
                                                                                  lib.modal.prefill_state
 

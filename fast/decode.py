@@ -4,13 +4,13 @@ The kernel computes a Hyena long convolution's output for the token being decode
 
     y[b, d] = sum_{s <= pos} z[b, d, s] * k[pos - s, d]
 
-Its plain twin is the formula in hyena.HyenaOperator.step (plain PyTorch), whose static shapes force it to touch
-the whole cache (T positions) plus a gathered copy of the filter window on every step. The kernel reads the
+Its plain twin is the formula in lib.decoding.HyenaState.long_conv (plain PyTorch), whose static shapes force it
+to touch the whole cache (T positions) plus a gathered copy of the filter window on every step. The kernel reads the
 position from device memory and loops only over s <= pos: O(pos D) bytes, no copy, and still capturable in a
 CUDA graph (its shapes never change). The test
     tests/test_hyena_operator.py::test_decode_kernel_equals_the_definition_in_tritons_interpreter
 holds the two equal in Triton's CPU interpreter (where Triton is installed), bench/bench.py's check section on
-the GPU. HyenaOperator.step uses it where fast.active and `available` say so.
+the GPU. HyenaState.long_conv uses it where fast.active and `available` say so.
 
 `prefill_state` computes a modal student's recurrence states after the prompt (lib/modal.py's prefill_state, its plain
 twin) by a chunked scan that reads the prompt's activations once, in place.
@@ -87,8 +87,8 @@ def long_conv_step(z, k_rev, pos):
     """z (B, D, T) history (positions > pos ignored), k_rev (D, >= T) with k_rev[d, T-1-j] = k[j, d] (the
     zero-padded HyenaState.k_pad of a decoding cache qualifies), pos a 0-dim integer tensor -> y (B, D) in fp32.
     The positions are split into as many chunks as it takes to run ~PROGRAMS tiles (static: graph-safe).
-    Plain twin: hyena.HyenaOperator.step (its PyTorch formula); held equal, in Triton's CPU interpreter, by
-    tests/test_hyena_operator.py::test_decode_kernel_equals_the_definition_in_tritons_interpreter."""
+    Plain twin: lib.decoding.HyenaState.long_conv (its PyTorch formula); held equal, in Triton's CPU interpreter,
+    by tests/test_hyena_operator.py::test_decode_kernel_equals_the_definition_in_tritons_interpreter."""
     B, D, T = z.shape
     if not (z.is_contiguous() and k_rev.stride(1) == 1):
         raise ValueError("long_conv_step needs a contiguous z history and a row-contiguous filter")
@@ -133,8 +133,8 @@ def prefill_state(z, log_decay, angle):
 
 @torch.no_grad()
 def graphed_step(model, cache, batch):
-    """One cached decoding step of a hyena.Cache captured as a CUDA graph, after a prefill: step(tokens (B, 1)) ->
-    logits (B, 1, V) (one static tensor, overwritten by the next call). Replaying the captured kernels skips
+    """One cached decoding step of a lib.decoding.Cache captured as a CUDA graph, after a prefill:
+    step(tokens (B, 1)) -> logits (B, 1, V) (one static tensor, overwritten by the next call). Replaying the captured kernels skips
     the ~100 small launches per token that otherwise cost more than their work. Runs under the caller's
     autocast (with its weight-cast cache off, as graphs need).
     Plain twin: hyena.GPTNeoX.forward (one eager cached step); the CPU holds the step capturable, in

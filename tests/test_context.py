@@ -15,7 +15,8 @@ from lib import cli
 import eval as ev
 from data import context_windows, document_windows, load_split
 from config import Config
-from hyena import GPTNeoX, make_student, to_modal
+from hyena import GPTNeoX, make_student
+from lib.modal_student import to_modal
 from lib.sweep import evaluate_context
 from tokenizer import load_tokenizer
 

@@ -11,8 +11,10 @@ import torch
 
 import distill
 from config import Config
-from hyena import GPTNeoX, make_student, to_modal
-from train import TrainConfig
+from hyena import GPTNeoX, make_student
+from lib.modal_student import to_modal
+from lib.distill_plan import DistillConfig, plan_stages
+from lib.train_config import TrainConfig
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=64,
             max_position_embeddings=32)
@@ -161,15 +163,15 @@ def test_stages_are_planned_from_the_config():
     """progressive: one stage per Hyena layer, the budget split evenly; then the end-to-end stage with its own
     budget and lr. DistillConfig refuses contradictions by flag."""
     cfg = TrainConfig(out_dir="x", max_tokens=300, max_minutes=6.0, lr=1e-3)
-    dcfg = distill.DistillConfig(teacher="t", e2e_tokens=50, e2e_lr=2e-4, train="block")
-    stages = distill.plan_stages(dcfg, cfg, [0, 2, 3])
+    dcfg = DistillConfig(teacher="t", e2e_tokens=50, e2e_lr=2e-4, train="block")
+    stages = plan_stages(dcfg, cfg, [0, 2, 3])
     assert [(s.name, s.mode, s.layer, s.trains, s.layers) for s in stages] == [
         ("stage-00", "progressive", 0, "block", [0]), ("stage-02", "progressive", 2, "block", [2]),
         ("stage-03", "progressive", 3, "block", [3]), ("e2e", "e2e", None, "all", [0, 2, 3])]
     assert [(s.cfg.max_tokens, s.cfg.max_minutes, s.cfg.lr) for s in stages] == [(100, 2.0, 1e-3)] * 3 + [(50, 0.0, 2e-4)]
-    joint = distill.plan_stages(distill.DistillConfig(teacher="t", layers="joint"), cfg, [1])
+    joint = plan_stages(DistillConfig(teacher="t", layers="joint"), cfg, [1])
     assert [(s.name, s.mode, s.layers, s.cfg) for s in joint] == [("joint", "joint", [1], cfg)]
     with pytest.raises(ValueError, match="--kd-temperature must be > 0"):
-        distill.DistillConfig(teacher="t", kd_temperature=0)
+        DistillConfig(teacher="t", kd_temperature=0)
     with pytest.raises(ValueError, match="nothing to do: --layers none"):
-        distill.DistillConfig(teacher="t", layers="none")
+        DistillConfig(teacher="t", layers="none")

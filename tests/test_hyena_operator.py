@@ -1,5 +1,5 @@
 """Behaviour of the Hyena operator (hyena.py): the long convolution and its fast twin (fast/fftconv.py), causality,
-filters, the decoding kernel (fast/decode.py)."""
+filters (lib/implicit_filter.py), the decoding kernel (fast/decode.py)."""
 import math
 
 import pytest
@@ -145,7 +145,8 @@ for pos in (0, 1, 511, 512, 700, T - 1):
     worst = max(worst, ((out - ref).abs().max() / ref.abs().max()).item())
 # a bf16 student decoding through the kernel matches the PyTorch step (and keeps its dtype)
 from config import Config
-from hyena import GPTNeoX, make_student, new_cache
+from hyena import GPTNeoX, make_student
+from lib.decoding import new_cache
 cfg = Config(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=97,
              max_position_embeddings=48)
 student = make_student(GPTNeoX(cfg)).to(torch.bfloat16).eval()

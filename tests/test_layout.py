@@ -136,8 +136,10 @@ def test_one_meaning_per_name():
 
 
 def test_one_position_representation_in_the_forwards():
-    """The decoding position is always hyena.Cache.pos, a device tensor: no forward asks which kind it is."""
-    assert "is_tensor(" not in (ROOT / "hyena.py").read_text()
+    """The decoding position is always lib.decoding.Cache.pos, a device tensor: no forward or decoding state asks
+    which kind it is."""
+    for name in ("hyena.py", "lib/attention.py", "lib/decoding.py", "lib/modal_student.py"):
+        assert "is_tensor(" not in (ROOT / name).read_text(), name
 
 
 def test_the_root_holds_at_most_a_dozen_modules():
@@ -149,6 +151,19 @@ def test_the_root_holds_at_most_a_dozen_modules():
     assert sorted(p.name for p in ROOT.glob("test_*.py")) == ["test_hyena.py"]  # every other test in tests/
 
 
+def test_no_module_is_longer_than_a_sitting():
+    """Every non-test file reads in one sitting: at most about 300 lines (330 at the most). A file that grows past
+    that splits, moving a cohesive part into a folder (lib/, fast/, bench/, experiment/), never by packing lines."""
+    limit, found = 330, []
+    for path in sorted(ROOT.glob("**/*.py")):
+        rel = path.relative_to(ROOT)
+        if {"tests", "data", "runs"} & set(rel.parts) or rel.name.startswith("test_"):
+            continue
+        lines = len(path.read_text().splitlines())
+        found += [f"{rel}: {lines} lines"] if lines > limit else []
+    assert not found, found
+
+
 FAST_HELPERS = {  # fast/'s public names that are not a fast path themselves, but parts of one
     "enable", "active", "fft_size", "channels_first", "rfft", "chunk_fn", "default_chunk", "available", "decode_step"}
 
@@ -157,6 +172,13 @@ def test_every_fast_path_names_its_plain_twin_and_the_test_holding_them_equal():
     """Each public function or class in fast/ (helpers aside) says "Plain twin(s): name" (resolved here) and names
     the test(s) holding the two equal as path::test (found here)."""
     import importlib
+    import importlib.util
+
+    def is_module(name):
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # a parent is a module, not a package
+            return False
     found = []
     for path in sorted((ROOT / "fast").glob("*.py")):
         for node in ast.parse(path.read_text()).body:
@@ -170,7 +192,10 @@ def test_every_fast_path_names_its_plain_twin_and_the_test_holding_them_equal():
                 found.append(f"{where}: no 'Plain twin: ...' or no path::test")
                 continue
             for name in re.findall(r"(?:^|, )([\w.]+)", re.sub(r" \([^)]*\)", "", twins.group(1))):
-                module, *attrs = name.split(".")
+                module, attrs = name, []
+                while "." in module and not is_module(module):  # the longest prefix that is one (lib.decoding)
+                    module, attr = module.rsplit(".", 1)
+                    attrs.insert(0, attr)
                 obj = importlib.import_module(module)
                 for a in attrs:
                     obj = getattr(obj, a, None)

@@ -11,7 +11,8 @@ import torch
 import finetune
 from config import Config
 from experiment import longctx, runner, throughput
-from hyena import GPTNeoX, to_modal
+from hyena import GPTNeoX
+from lib.modal_student import to_modal
 from tokenizer import load_tokenizer
 
 VOCAB = 64

@@ -7,7 +7,10 @@ import torch
 
 from lib import modal
 from config import Config
-from hyena import Cache, GPTNeoX, HyenaFilter, HyenaOperator, fftconv, make_student, new_cache, to_modal
+from hyena import GPTNeoX, HyenaOperator, fftconv, make_student
+from lib.decoding import Cache, new_cache
+from lib.implicit_filter import HyenaFilter
+from lib.modal_student import to_modal
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3, vocab_size=64,
             max_position_embeddings=32)

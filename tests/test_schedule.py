@@ -7,7 +7,8 @@ import torch
 from hyena import GPTNeoX
 from test_train import data_dir  # noqa: F401 (the fixture: the tests below take it by name)
 from test_train import STEP_TOKENS, Interrupt, config, interrupt_at, read_log, tiny_model
-from train import CrossEntropy, TrainConfig, lr_factor, train
+from lib.train_config import TrainConfig
+from train import CrossEntropy, lr_factor, train
 
 
 def test_schedule_warms_up_then_decays_to_min_lr():

@@ -17,9 +17,9 @@ import fast
 import finetune
 from lib.checkpoint import find_checkpoint
 from finetune import scratch_model
-from train import CrossEntropy
 from hyena import GPTNeoX, make_student
-from train import TrainConfig, add_train_args, build_optimizer, train, train_config_from_args
+from lib.train_config import TrainConfig, add_train_args, train_config_from_args
+from train import CrossEntropy, build_optimizer, optim_groups, train
 
 VOCAB = 64
 STEP_TOKENS = 4 * 32  # batch 4, block 32
@@ -234,6 +234,20 @@ def test_optimizer_groups_spare_hyena_filters_from_decay(tmp_path):
     for p in (hyena.in_proj.weight, student.gpt_neox.embed_in.weight, mlp.dense_h_to_4h.weight):
         assert group_of[id(p)]["weight_decay"] == 0.1 and group_of[id(p)]["base_lr"] == 3e-3
     assert group_of[id(hyena.in_proj.bias)]["weight_decay"] == 0.0
+
+
+def test_filter_parameters_get_their_own_optimizer_group():
+    teacher = scratch_model("tiny", "attention", VOCAB, 32)
+    student = make_student(teacher, layers=[1], filter_lr=3e-4)
+    groups = optim_groups(student, weight_decay=0.1, lr=1e-3)
+    filter_params = {id(p) for p in student.gpt_neox.layers[1].hyena.filter_fn.parameters()}
+    assert len(filter_params) > 1
+    by = {(g["weight_decay"], g["lr"]): len(g["params"]) for g in groups}
+    assert by[(0.0, 3e-4)] == len(filter_params) - 1 and (0.1, 1e-3) in by and (0.0, 1e-3) in by
+    assert by[(0.0, 1e-5)] == 1  # the positional embedding z, at safari's lr_pos_emb
+    # the settings come from the operator's filter_lr and its filter, not from attributes monkey-patched onto
+    # the parameters
+    assert not any(vars(p) for p in student.parameters())
 
 
 def test_finetune_clear_errors(tmp_path, data_dir):
