@@ -27,7 +27,7 @@ def collect(runs):
             path = runs / p["eval"]
             rows = json.loads(path.read_text())["results"] if path.exists() else []
             evals[p["eval"]] = {r["path"]: next(iter(r["datasets"].values()))["token_ppl"] for r in rows}
-        scored = dict(eval=evals[p["eval"]].get(p["final"]), **{"train-val": run_validation(runs, p["folders"][0])})
+        scored = {"eval": evals[p["eval"]].get(p["final"]), "train-val": run_validation(runs, p["folders"][0])}
         source = next((k for k, v in scored.items() if v is not None), None)
         if source is None:
             continue
