@@ -120,6 +120,22 @@ def random_batch(tokens, batch_size, block_size, rng, device="cpu"):
     return x.to(device), y.to(device)
 
 
+def windows_seen(n_tokens, sampler):
+    """Which of a split's n_tokens tokens a training run read (a bool mask), replayed from its summary's
+    "sampler": every rank's seed, batch shape and steps per stream, drawing the starts as random_batch does."""
+    seen = np.zeros(n_tokens + 1, dtype=np.int32)  # +1 at a window's start, -1 past its end
+    streams, rngs = sampler["streams"], {}  # a stream resumed with the same seed continues its generator
+    for i, s in enumerate(streams):
+        last = streams[i + 1]["first_step"] if i + 1 < len(streams) else sampler["steps"]
+        draws, width = (last - s["first_step"]) * s["grad_accum"] * s["batch_size"], s["block_size"] + 1
+        for seed in s["seeds"]:
+            rng = rngs.setdefault(tuple(seed), np.random.default_rng(seed))
+            starts = rng.integers(n_tokens - s["block_size"], size=draws)
+            np.add.at(seen, starts, 1)
+            np.add.at(seen, starts + width, -1)
+    return np.cumsum(seen[:-1], dtype=np.int32) > 0
+
+
 def eval_windows(tokens, block_size, stride=None, max_tokens=None):
     """Windows (x (1, L), y (1, L)), L <= block_size, that together score every token but the first exactly once
     (y = -1 where a position is context only). stride=None: back-to-back windows, each scoring all its tokens.

@@ -33,6 +33,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -79,6 +80,13 @@ class Distill(nn.Module):
         self.model, self.teacher = student, teacher
         self.mode, self.layer, self.temperature, self.ce_weight = mode, layer, temperature, ce_weight
         self.hyena_layers = [i for i, m in enumerate(student.config.mixers) if m == "hyena"]
+
+    def train(self, mode=True):
+        """train.py switches the objective between training and validation: only the student follows, the teacher
+        stays in eval mode (it is frozen too: distill() turns its gradients off)."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
 
     def forward(self, x, y):
         if self.mode == "e2e":
@@ -170,6 +178,8 @@ def main(argv=None):
     p.add_argument("--hyena-filter-lr", type=float, default=0.0, help="own lr for filter params (0: --lr)")
     p.add_argument("--train", default="mixer", choices=["mixer", "block"], help="alignment trains this (the "
                    "alignment losses never reach the embeddings or the head, so 'all' is for --e2e-train only)")
+    p.add_argument("--align-compile", default="", choices=["", "auto", "on", "off"], help="--compile for the "
+                   "alignment stages only (default: --compile's); off saves each progressive stage's compile")
     p.add_argument("--e2e-train", default="all", choices=["mixer", "block", "all"], help="end-to-end trains this")
     p.add_argument("--e2e-tokens", type=float, default=0, help="token budget of the end-to-end KL stage")
     p.add_argument("--e2e-minutes", type=float, default=0.0, help="time budget of the end-to-end KL stage")
@@ -235,14 +245,28 @@ def distill(dcfg, cfg, dist):
         started = any((out / stage.name / d).exists() for d in ("ckpt", "ckpt.old"))
         stage_cfg = dataclasses.replace(stage.cfg, resume=cfg.resume and started)
         objective = Distill(teacher, student, stage.mode, stage.layer, dcfg.kd_temperature, dcfg.ce_weight)
-        summaries[stage.name] = train(objective, stage_cfg, dist, stage=stage.name)
-    if dist.master:  # like finetune.py: the data's tokenizer.json goes along, for eval.py and sampling
-        save_final(student, out / "final", meta)
-        settings = {**dataclasses.asdict(dcfg), **dataclasses.asdict(cfg)}  # every flag's value
-        write_atomic(out / "distill_summary.json", json.dumps({"args": settings, "stages": summaries}, indent=2))
+        summaries[stage.name] = train(objective, stage_cfg, dist, stage=stage.name, on_branch=lambda branch, last:
+                                      finish(student, dcfg, branch, {**summaries, stage.name: last}, meta))
+    if dist.master:
+        finish(student, dcfg, cfg, summaries, meta)
         print(f"distill: student saved to {out / 'final'}; evaluate with: "
               f"python eval.py --ckpt {out / 'final'} --data {cfg.data}", file=sys.stderr)
     return summaries
+
+
+def finish(student, dcfg, cfg, summaries, meta):
+    """OUT_DIR/final (with the data's tokenizer.json, like finetune.py, for eval.py and sampling) and
+    distill_summary.json: every flag's value, each stage's summary, and the unique training tokens all stages read."""
+    out = Path(cfg.out_dir)
+    save_final(student, out / "final", meta)
+    n = meta["splits"]["train"]["tokens"]
+    seen = np.zeros(n, dtype=bool)
+    known = all("sampler" in s for s in summaries.values())  # a stage finished by older code did not record it
+    for s in summaries.values() if known else []:
+        seen |= data.windows_seen(n, s["sampler"])
+    settings = {**dataclasses.asdict(dcfg), **dataclasses.asdict(cfg)}
+    write_atomic(out / "distill_summary.json", json.dumps({"args": settings, "stages": summaries,
+                                                           "unique_tokens": int(seen.sum()) if known else None}, indent=2))
 
 
 if __name__ == "__main__":

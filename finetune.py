@@ -113,7 +113,8 @@ def run(args, cfg, meta, dist):
         data.check_tokenizer(meta, args.init, args.revision)
     data.check_compatible(meta, vocab_size=model.config.vocab_size)
     model.config = long_context(model.config, cfg.block_size, args.init)
-    summary = train(CrossEntropy(model), cfg, dist)
+    summary = train(CrossEntropy(model), cfg, dist,  # a --branches budget's model lands in its own final/
+                    on_branch=lambda branch, _: save_final(model, Path(branch.out_dir) / "final", meta))
     if dist.master:
         final = Path(cfg.out_dir) / "final"
         save_final(model, final, meta)

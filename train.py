@@ -9,10 +9,12 @@ checkpoints and exact resume (lib/checkpoint.py), in the process lib/runtime.py 
     python finetune.py --init scratch --data gutenberg --max-tokens 50_000_000      # one GPU, or the CPU
     torchrun --nproc-per-node 8 finetune.py --init scratch --data gutenberg ...      # 8 GPUs, same script
 """
+import copy
 import json
 import math
 import sys
 import time
+import zlib
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -30,8 +32,8 @@ from hyena import HyenaOperator
 from lib.cli import write_atomic
 from lib.implicit_filter import HyenaFilter
 from lib.runtime import compile_or_eager, ctrl_c, keep_freed_memory, setup_distributed
-from lib.checkpoint import (budget_name, find_checkpoint, load_checkpoint, pending_branches, rng_states,
-                            save_branch, save_checkpoint, trim_log)
+from lib.checkpoint import (budget_name, copy_finished_stages, find_checkpoint, load_checkpoint, pending_branches,
+                            rng_states, save_checkpoint, trim_log)
 
 
 class CrossEntropy(nn.Module):
@@ -113,20 +115,30 @@ def validation_metrics(objective, tokens, cfg, dist, amp):
     return {k: v.item() / cfg.eval_batches for k, v in sums.items()}
 
 
-def train(objective, cfg, dist=None, stage="", on_step=None):
-    """Train objective.model within cfg's budget; returns the run summary (rank 0 also writes it)."""
+def stream_seed(cfg, stage, rank, restart=None):
+    """The data sampler's seed on one rank: the run's --seed folded with its --data-stream and stage, so each
+    stage of a run, and each run given its own stream, draws its own windows (restart: the step where a resume
+    onto another GPU count started fresh streams)."""
+    key = zlib.crc32(f"{cfg.data_stream}/{stage}".encode())
+    return [cfg.seed, rank, key] + ([] if restart is None else [restart])
+
+
+def train(objective, cfg, dist=None, stage="", on_step=None, on_branch=None):
+    """Train objective.model within cfg's budget; returns the run summary (rank 0 also writes it). With --branches,
+    each branch is finished in this process where its decay starts (the main run's state set aside and restored),
+    and on_branch(branch_cfg, summary) is called on rank 0 while the model holds the branch's final weights."""
     dist = dist or setup_distributed(cfg.device)
     # The fast paths (fast/) for the run on any device unless switched off: on the CPU the fused loss keeps
     # each step's chunks under glibc's mmap threshold (see lib/runtime.keep_freed_memory), where plain logits would not.
     previous = fast.enable(fast.ON is not False)
     try:
         with ctrl_c(Path(cfg.out_dir) / stage, dist.world == 1) as stop:
-            return _train(objective, cfg, dist, stage, on_step, stop)
+            return _train(objective, cfg, dist, stage, on_step, on_branch, stop)
     finally:
         fast.enable(previous)
 
 
-def _train(objective, cfg, dist, stage, on_step, stop):
+def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
     out, model, cuda = Path(cfg.out_dir) / stage, objective.model, dist.device.startswith("cuda")
     data_dir = data.resolve_data_dir(cfg.data, cfg.data_root)
     data.check_compatible(data.load_meta(data_dir), vocab_size=model.config.vocab_size)
@@ -138,13 +150,20 @@ def _train(objective, cfg, dist, stage, on_step, stop):
         keep_freed_memory()
     objective.to(dist.device)
     opt = build_optimizer(model, cfg, fused=cuda)
-    rng = np.random.default_rng([cfg.seed, dist.rank])  # each rank its own stream of batches
-    step, tokens, elapsed0 = 0, 0, 0.0
+    rng = np.random.default_rng(stream_seed(cfg, stage, dist.rank))  # each rank its own stream of batches
+    step, tokens, elapsed0, streams = 0, 0, 0.0, []
     if cfg.resume:
-        step, tokens, elapsed0 = load_checkpoint(out, model, opt, rng, cfg, dist)
+        step, tokens, elapsed0, streams = load_checkpoint(out, model, opt, rng, cfg, dist,
+                                                          lambda rank, at: stream_seed(cfg, stage, rank, at))
     elif find_checkpoint(out):
         raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue that run, or choose "
                               "another --out-dir (or delete that folder) to start afresh")
+    if not streams or (streams[-1]["world"], streams[-1]["batch_size"], streams[-1]["grad_accum"]) != \
+            (dist.world, cfg.batch_size, cfg.grad_accum):  # what data.windows_seen replays: one entry per change
+        restart = None if not streams or streams[-1]["world"] == dist.world else step
+        streams.append({"first_step": step, "world": dist.world, "batch_size": cfg.batch_size,
+                        "block_size": cfg.block_size, "grad_accum": cfg.grad_accum,
+                        "seeds": [stream_seed(cfg, stage, r, restart) for r in range(dist.world)]})
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda)
     amp = torch.autocast(torch.device(dist.device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
     t_compile = time.perf_counter()  # the compile's trial step: reported, outside the budget
@@ -161,52 +180,49 @@ def _train(objective, cfg, dist, stage, on_step, stop):
             trim_log(out / "log.jsonl", step)
         else:
             write_atomic(out / "log.jsonl", "")
-    t_start = window_t = time.perf_counter()
     prefix = f"{stage} " if stage else ""
-
-    aside = [0.0]  # seconds spent validating and checkpointing: outside the budget, like compiling
+    clock = {"start": time.perf_counter(), "aside": 0.0, "elapsed0": elapsed0}  # a branch swaps in its own
 
     def elapsed():  # the run's training wall time; under DDP the slowest rank's, so all ranks agree on lr and stop
-        t = elapsed0 + time.perf_counter() - t_start - aside[0]
+        t = clock["elapsed0"] + time.perf_counter() - clock["start"] - clock["aside"]
         if dist.world > 1 and cfg.max_minutes:
             t = torch.tensor(t, dtype=torch.float64, device=dist.device)
             torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
         return float(t)
 
-    def log(record, line=None):
+    def aside(t0):  # validation and checkpoints stay outside the budget, like compiling
+        clock["aside"] += time.perf_counter() - t0
+
+    def log(folder, record, line=None):
         if dist.master:
-            with open(out / "log.jsonl", "a") as f:
+            with open(folder / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
             if line:
                 print(prefix + line, file=sys.stderr)
 
-    def validate():  # eagerly: compiling the no-grad graph would cost more than the few batches it scores
+    def validate(folder, tag=""):  # eagerly: compiling the no-grad graph would cost more than the few batches
         t0 = time.perf_counter()
         result = validation_metrics(objective, val_tokens, cfg, dist, amp)
-        aside[0] += time.perf_counter() - t0
-        log({"step": step, "tokens": tokens, "val": result},
-            f"step {step} | val " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        aside(t0)
+        log(folder, {"step": step, "tokens": tokens, "val": result},
+            f"{tag}step {step} | val " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
-    def checkpoint(branch=None):  # this run's ckpt/, or a --branches snapshot (the branch's TrainConfig)
+    def checkpoint(folder, run_cfg):
         t0 = time.perf_counter()
-        state = {"config": asdict(branch or cfg), "world": dist.world, "step": step, "tokens": tokens,
-                 "elapsed": elapsed(), "optimizer": opt.state_dict(), "rng": rng_states(rng, dist)}
+        state = {"config": asdict(run_cfg), "world": dist.world, "step": step, "tokens": tokens,
+                 "elapsed": elapsed(), "optimizer": opt.state_dict(), "rng": rng_states(rng, dist),
+                 "streams": streams}
         if dist.master:
-            save_checkpoint(out, model, state) if branch is None else save_branch(out, stage, model, state)
+            save_checkpoint(folder, model, state)
         if dist.world > 1:
             torch_dist.barrier()
-        aside[0] += time.perf_counter() - t0
+        aside(t0)
 
-    branches = pending_branches(cfg, stage)  # the TrainConfig of each branch still to save
-    for branch in branches:
-        if progress(tokens, elapsed0, branch) > 1 - cfg.decay_frac:
-            raise ValueError(f"--branches {cfg.branches}: budget {budget(branch)}'s decay began before step {step}, "
-                             "where this run resumed, so its branch can no longer be taken; drop it from --branches "
-                             "and run that budget on its own")
-    objective.train()
-    while progress(tokens, now := elapsed(), cfg) < 1:
-        factor = lr_factor(progress(tokens + step_tokens, now, cfg), cfg)  # progress at the end of this step
+    def train_step(run_cfg, folder, now, tag=""):
+        """One optimizer step at run_cfg's lr schedule (now: elapsed() before it); logs it into folder/log.jsonl."""
+        nonlocal step, tokens, window_t
+        factor = lr_factor(progress(tokens + step_tokens, now, run_cfg), run_cfg)  # progress at the step's end
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
         t0, sums = time.perf_counter(), {}
@@ -238,50 +254,108 @@ def _train(objective, cfg, dist, stage, on_step, stop):
         step, tokens = step + 1, tokens + step_tokens
         now_t = time.perf_counter()
         record = {"step": step, "tokens": tokens, "lr": cfg.lr * factor, **metrics, "grad_norm": grad_norm,
-                  "tokens_per_s": step_tokens / (now_t - t0), "elapsed_s": elapsed0 + now_t - t_start}
+                  "tokens_per_s": step_tokens / (now_t - t0),
+                  "elapsed_s": clock["elapsed0"] + now_t - clock["start"] - clock["aside"]}
         if cuda:
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         recent.append(metrics)
         line = None
         if step % cfg.log_interval == 0:
             rate = len(recent) * step_tokens / (now_t - window_t)  # over this log window, evals included
-            left = ([(cfg.max_tokens - tokens) / rate] if cfg.max_tokens else []) + \
-                ([60 * cfg.max_minutes - record["elapsed_s"]] if cfg.max_minutes else [])
+            left = ([(run_cfg.max_tokens - tokens) / rate] if run_cfg.max_tokens else []) + \
+                ([60 * run_cfg.max_minutes - record["elapsed_s"]] if run_cfg.max_minutes else [])
             eta = max(0.0, min(left))
-            line = (f"step {step} | {tokens / 1e6:.2f}M tok | loss {metrics['loss']:.4f} | {rate / 1e3:.1f}k tok/s | "
-                    f"ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
+            line = (f"{tag}step {step} | {tokens / 1e6:.2f}M tok | loss {metrics['loss']:.4f} | "
+                    f"{rate / 1e3:.1f}k tok/s | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
             window_t = now_t
-        log(record, line)
-        if branches:  # the next step would decay in a run of budget B: save this run as it is into OUT_DIR@B
-            now = elapsed()
-            for branch in [b for b in branches if progress(tokens + step_tokens, now, b) > 1 - cfg.decay_frac]:
-                checkpoint(branch)
-                branches.remove(branch)
-                if dist.master:
-                    print(f"{prefix}branch {budget(branch)}: saved at step {step} into {branch.out_dir}; finish it "
-                          f"with the same command without --branches, with --out-dir {branch.out_dir}, budget "
-                          f"{budget(branch)} and --resume", file=sys.stderr)
-        if val_tokens is not None and step % cfg.eval_interval == 0:
-            val, eval_step = validate(), step
-        if step % cfg.ckpt_interval == 0:
-            checkpoint()
-            ckpt_step = step
+        log(folder, record, line)
         if on_step is not None:
             on_step(step)
+
+    def summarize(folder, run_cfg, val, extra=None):
+        seconds = elapsed()
+        summary = {"stage": stage, "out_dir": str(folder), "world": dist.world, "compiled": compiled is not objective,
+                   "compile_s": compile_s, "aside_s": clock["aside"], "tokens": tokens, "steps": step,
+                   "minutes": seconds / 60, "tokens_per_s": tokens / seconds if seconds else 0.0, "val": val,
+                   "train": {k: sum(m[k] for m in recent) / len(recent) for k in recent[0]} if recent else {},
+                   "data_stream": run_cfg.data_stream, "sampler": {"steps": step, "streams": streams},
+                   **(extra or {})}
+        if dist.master:
+            summary["unique_tokens"] = int(data.windows_seen(len(train_tokens), summary["sampler"]).sum())
+            write_atomic(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    def finish_branch(branch):
+        """Run a branch's decay from here to its budget, save it like a run of its own, then put the main run's
+        state back: one process pays for the stable phase once and compiles once."""
+        nonlocal step, tokens, recent
+        checkpoint(out, cfg)  # a crash inside the branch resumes right here
+        t_fork = time.perf_counter()
+        saved = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "opt": copy.deepcopy(opt.state_dict()),
+                 "rng": copy.deepcopy(rng.bit_generator.state), "torch": torch.get_rng_state(),
+                 "cuda": torch.cuda.get_rng_state() if cuda else None, "step": step, "tokens": tokens,
+                 "recent": recent, "clock": dict(clock)}
+        folder = Path(branch.out_dir) / stage
+        if dist.master:
+            copy_finished_stages(out, Path(branch.out_dir), stage)
+            folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(folder / "log.jsonl", (out / "log.jsonl").read_text())
+        clock.update(start=time.perf_counter(), aside=0.0, elapsed0=elapsed())
+        recent, tag = deque(recent, maxlen=cfg.log_interval), f"[{budget(branch)}] "
+        while progress(tokens, now := elapsed(), branch) < 1:
+            train_step(branch, folder, now, tag)
+            if stop:
+                break
+        if not stop:
+            b_val = validate(folder, tag) if val_tokens is not None else {}
+            checkpoint(folder, branch)
+            summary = summarize(folder, branch, b_val, {"branch_of": str(out), "forked_at_step": saved["step"]})
+            if dist.master and on_branch is not None:
+                on_branch(branch, summary)
+            if dist.master:
+                print(f"{prefix}branch {budget(branch)}: finished at step {step} in {branch.out_dir}", file=sys.stderr)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["opt"])
+        rng.bit_generator.state = saved["rng"]
+        torch.set_rng_state(saved["torch"])
+        if cuda:
+            torch.cuda.set_rng_state(saved["cuda"])
+        step, tokens, recent = saved["step"], saved["tokens"], saved["recent"]
+        clock.update(saved["clock"])
+        clock["aside"] += time.perf_counter() - t_fork  # the branch's time is not the main run's
+
+    branches = pending_branches(cfg, stage)  # the TrainConfig of each branch still to finish
+    for branch in branches:
+        if progress(tokens, elapsed0, branch) > 1 - cfg.decay_frac:
+            raise ValueError(f"--branches {cfg.branches}: budget {budget(branch)}'s decay began before step {step}, "
+                             "where this run resumed, so its branch can no longer be taken; drop it from --branches "
+                             "and run that budget on its own")
+    objective.train()
+    window_t = time.perf_counter()
+    while progress(tokens, now := elapsed(), cfg) < 1:
+        for branch in [b for b in branches if progress(tokens + step_tokens, now, b) > 1 - cfg.decay_frac]:
+            finish_branch(branch)  # the next step would decay in a run of budget B: B's run goes its own way here
+            branches.remove(branch)
+            ckpt_step = step
+            window_t = time.perf_counter()
+            if stop:
+                break
+        if stop:
+            raise KeyboardInterrupt(f"stopped by Ctrl-C after step {step}, saved in {out / 'ckpt'}; continue the run "
+                                    "with the same command plus --resume")
+        train_step(cfg, out, now)
+        if val_tokens is not None and step % cfg.eval_interval == 0:
+            val, eval_step = validate(out), step
+        if step % cfg.ckpt_interval == 0:
+            checkpoint(out, cfg)
+            ckpt_step = step
         if stop:
             if ckpt_step != step:
-                checkpoint()
+                checkpoint(out, cfg)
             raise KeyboardInterrupt(f"stopped by Ctrl-C after step {step}, saved in {out / 'ckpt'}; continue the run "
                                     "with the same command plus --resume")
     if val_tokens is not None and eval_step != step:
-        val = validate()
+        val = validate(out)
     if ckpt_step != step:
-        checkpoint()
-    seconds = elapsed()
-    summary = {"stage": stage, "out_dir": str(out), "world": dist.world, "compiled": compiled is not objective,
-               "compile_s": compile_s, "aside_s": aside[0], "tokens": tokens, "steps": step,
-               "minutes": seconds / 60, "tokens_per_s": tokens / seconds, "val": val,
-               "train": {k: sum(m[k] for m in recent) / len(recent) for k in recent[0]} if recent else {}}
-    if dist.master:
-        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    return summary
+        checkpoint(out, cfg)
+    return summarize(out, cfg, val)

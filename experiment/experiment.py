@@ -89,6 +89,8 @@ def drive(argv):
     p.add_argument("--results", help="table, JSON and plots (default results; tiny: runs/tiny/results, so a CPU "
                    "try-out never overwrites the committed GPU results)")
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--eval-interval", type=int, help="every training step's validation interval (default 100; "
+                   "tiny 50): each validation is eager and outside the budgets, but costs device time")
     p.add_argument("--students", default=",".join(STUDENTS), help="which students to train (comma-separated, "
                    f"from {','.join(STUDENTS)})")
     p.add_argument("--compile", choices=("off", "auto", "on"), default="auto", help="torch.compile in the "
@@ -152,7 +154,7 @@ def drive(argv):
             raise SystemExit(f"experiment.py: the harness tasks' data failed; see {logs / 'prepare.log'}")
 
     common = ["--data", data, "--data-root", root, "--block-size", args.block_size, "--batch-size",
-              args.batch_size, "--seed", args.seed, "--eval-interval", 50 if tiny else 100, "--eval-batches",
+              args.batch_size, "--seed", args.seed, "--eval-interval", args.eval_interval or (50 if tiny else 100), "--eval-batches",
               4 if tiny else 8, "--log-interval", 10, "--compile", args.compile]
     launcher = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}"] \
         if args.gpus > 1 else [PY]
@@ -170,29 +172,33 @@ def drive(argv):
         teacher = runs / "teacher" / "final"
         cfg = ["--config", "tiny", "--preset", "tiny"] if tiny else ["--config", "pythia-70m", "--lr", "1e-3"]
         for cmd in todo(launcher + [ROOT / "finetune.py", "--init", "scratch", "--mixer", "attention", *cfg, *common,
-                                    "--max-tokens", int(args.teacher_tokens), "--out-dir", runs / "teacher"], teacher):
+                                    "--data-stream", "teacher", "--max-tokens", int(args.teacher_tokens),
+                                    "--out-dir", runs / "teacher"], teacher):
             if runner.finish(runner.run(cmd, logs / "teacher.log")):
                 raise SystemExit(f"experiment.py: teacher pretraining failed; see {logs / 'teacher.log'}")
 
     phase_done("data and teacher")
 
     M = args.student_minutes
-    distill = [PY, ROOT / "distill.py", "--teacher", teacher, *common, "--lr", "1e-3"]
-    finetune = [PY, ROOT / "finetune.py", *common, "--lr", "3e-4"]
+    def distill(name):  # each student reads its own stream of training windows
+        return [PY, ROOT / "distill.py", "--teacher", teacher, *common, "--lr", "1e-3", "--data-stream", name]
+
+    def finetune(name):
+        return [PY, ROOT / "finetune.py", *common, "--lr", "3e-4", "--data-stream", name]
     scratch_cfg = ["--config", "tiny", "--preset", "tiny"] if tiny else ["--config", "pythia-70m"]
     jobs = {
-        "paper": todo(distill + ["--init", "random", "--layers", "progressive", "--train", "block",
+        "paper": todo(distill("paper") + ["--init", "random", "--layers", "progressive", "--train", "block",
                                  "--max-minutes", M / 2, "--out-dir", runs / "paper"], runs / "paper" / "final")
-        + todo(finetune + ["--init", runs / "paper" / "final", "--max-minutes", M / 2,
+        + todo(finetune("paper") + ["--init", runs / "paper" / "final", "--max-minutes", M / 2,
                            "--out-dir", runs / "paper-ft"], runs / "paper-ft" / "final"),
-        "best": todo(distill + ["--init", "teacher", "--layers", "independent", "--max-minutes", 0.25 * M,
+        "best": todo(distill("best") + ["--init", "teacher", "--layers", "independent", "--max-minutes", 0.25 * M,
                                 "--e2e-minutes", 0.75 * M, "--out-dir", runs / "best"], runs / "best" / "final"),
-        "best-ce": todo(distill + ["--init", "teacher", "--layers", "progressive", "--max-minutes", 0.25 * M,
+        "best-ce": todo(distill("best-ce") + ["--init", "teacher", "--layers", "progressive", "--max-minutes", 0.25 * M,
                                    "--e2e-minutes", 0.45 * M, "--out-dir", runs / "best-ce"], runs / "best-ce" / "final")
-        + todo(finetune + ["--init", runs / "best-ce" / "final", "--max-minutes", 0.3 * M, "--lr", "1e-4",
+        + todo(finetune("best-ce") + ["--init", runs / "best-ce" / "final", "--max-minutes", 0.3 * M, "--lr", "1e-4",
                            "--out-dir", runs / "best-ce-ft"], runs / "best-ce-ft" / "final"),
         "scratch": todo([PY, ROOT / "finetune.py", "--init", "scratch", "--mixer", "hyena", *scratch_cfg, *common,
-                         "--lr", "1e-3", "--max-minutes", M, "--out-dir", runs / "scratch"], runs / "scratch" / "final"),
+                         "--lr", "1e-3", "--data-stream", "scratch", "--max-minutes", M, "--out-dir", runs / "scratch"], runs / "scratch" / "final"),
     }
     runner.run_parallel({k: v for k, v in jobs.items() if v and k in students}, args.gpus, logs)
     phase_done("students")

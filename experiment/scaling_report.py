@@ -50,9 +50,9 @@ def mean_sd(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def crossover(by_recipe, budgets):
-    """The smallest budget where scratch's mean ppl is at or below best's, else None (not within the largest)."""
-    best, scratch = by_recipe.get("best", {}), by_recipe.get("scratch", {})
+def crossover(by_recipe, budgets, recipe="best"):
+    """The smallest budget where scratch's mean ppl is at or below recipe's, else None (not within the largest)."""
+    best, scratch = by_recipe.get(recipe, {}), by_recipe.get("scratch", {})
     for b in budgets:
         if b in best and b in scratch and mean_sd([p["ppl"] for p in scratch[b]])[0] <= \
                 mean_sd([p["ppl"] for p in best[b]])[0]:
@@ -79,12 +79,16 @@ def summarize(runs):
                                  tokens=statistics.fmean(p["tokens"] for p in pts),
                                  minutes=statistics.fmean(p["minutes"] for p in pts)))
         measured = sorted(set(by.get("best", {})) & set(by.get("scratch", {})))
+        paper = sorted(set(by.get("paper", {})) & set(by.get("scratch", {})))
         answers[size] = dict(params=params[size], teacher_ppl=teacher and teacher["ppl"],
                              teacher_source=teacher and teacher["source"],
-                             teacher_tokens=teacher and teacher["tokens"], crossover=crossover(by, measured),
-                             bound=measured[-1] if measured else None)
+                             teacher_tokens=teacher and teacher["tokens"], teacher_minutes=teacher and teacher["minutes"],
+                             crossover=crossover(by, measured), bound=measured[-1] if measured else None,
+                             paper_vs_scratch={b: (mean_sd([p["ppl"] for p in by["paper"][b]])[0],
+                                                   mean_sd([p["ppl"] for p in by["scratch"][b]])[0]) for b in paper})
     return dict(data=plan["data"], context=plan["context"], gpus=plan.get("gpus"), budgets=budgets,
-                align_minutes=plan["align_minutes"], rows=rows, answers=answers)
+                budget_unit=plan.get("budget_unit", "minutes"), align_minutes=plan["align_minutes"], rows=rows,
+                answers=answers)
 
 
 def unit(s):
@@ -92,15 +96,24 @@ def unit(s):
     return "CPU" if s.get("gpus") == 0 else "GPU"
 
 
+def budget_label(s, b=None):
+    """How a budget reads: '0.25x' the teacher's training GPU-minutes, or '2 GPU-min'."""
+    if s["budget_unit"] == "teacher":
+        return f"of the teacher's {unit(s)}-time" if b is None else f"{b:g}x"
+    return f"{unit(s)}-minutes" if b is None else f"{b:g}"
+
+
 def mark(source):
     return "" if source == "eval" else " †"
 
 
 def markdown(s):
-    u = unit(s)
+    u, rel = unit(s), s["budget_unit"] == "teacher"
+    what = (f"fractions of the teacher's own training {u}-time (its minutes: the teacher tokens column's cost)"
+            if rel else f"{u}-minutes per recipe")
     out = ["# Scale and crossover (experiment.py --sweep)\n",
-           f"{s['data']}-val token perplexity at context {s['context']}. Budgets are {u}-minutes per recipe; best's "
-           f"alignment and paper's MSE stage take a fixed {s['align_minutes']:g} min of each; every budget's point "
+           f"{s['data']}-val token perplexity at context {s['context']}. Budgets are {what}; best's "
+           f"alignment and paper's MSE stage take a fixed {budget_label(s, s['align_minutes'])} of each; every budget's point "
            "is a warmup-stable-decay branch of one run (train.py --branches). ± is the standard deviation over "
            f"seeds; tokens and {u}-minutes are what the point's runs spent (seed mean), compiling excluded. † marks a "
            "perplexity from the run's own final validation (train.py's --eval-batches windows of the val split), "
@@ -114,18 +127,24 @@ def markdown(s):
         teacher = ("-", "-") if a["teacher_ppl"] is None else \
             (f"{a['teacher_ppl']:.2f}" + mark(a["teacher_source"]), f"{a['teacher_tokens'] / 1e6:.1f}M")
         out.append(f"| {r['size']} | {r['params'] / 1e6:.1f}M | {teacher[0]} | {teacher[1]} | {r['recipe']} | "
-                   f"{r['budget']:g} | {r['ppl']:.2f}{mark(r['source'])} | {ratio} | {len(r['seeds'])} | {r['tokens'] / 1e6:.1f}M | "
+                   f"{budget_label(s, r['budget'])} | {r['ppl']:.2f}{mark(r['source'])} | {ratio} | {len(r['seeds'])} | {r['tokens'] / 1e6:.1f}M | "
                    f"{r['minutes']:.2f} |")
     out += ["", "## When does scratch catch up? (question 2)", ""]
     for size, a in s["answers"].items():
         if a["bound"] is None:
             out.append(f"- {size}: not measured (needs both best and scratch)")
         elif a["crossover"] is None:
-            out.append(f"- {size}: no crossover within {a['bound']:g} {u}-minutes: best stays ahead at every "
-                       "measured budget")
+            out.append(f"- {size}: no crossover within {budget_label(s, a['bound'])} {budget_label(s)}: best stays "
+                       "ahead at every measured budget")
         else:
-            out.append(f"- {size}: scratch catches up by {a['crossover']:g} {u}-minutes (the first measured "
-                       "budget where its perplexity is at or below best's)")
+            out.append(f"- {size}: scratch catches up by {budget_label(s, a['crossover'])} {budget_label(s)} (the "
+                       "first measured budget where its perplexity is at or below best's)")
+    if any(a["paper_vs_scratch"] for a in s["answers"].values()):
+        out += ["", "## The paper's recipe (progressive MSE, then CE) against scratch", "",
+                f"| size | budget ({budget_label(s)}) | paper ppl | scratch ppl | paper / scratch |", "|---|---:|---:|---:|---:|"]
+        for size, a in s["answers"].items():
+            for b, (pp, sp) in sorted(a["paper_vs_scratch"].items()):
+                out.append(f"| {size} | {budget_label(s, b)} | {pp:.2f} | {sp:.2f} | {pp / sp:.3f} |")
     return "\n".join(out) + "\n"
 
 
@@ -148,7 +167,7 @@ def plot(s, out):
             rs = [r for r in s["rows"] if r["recipe"] == recipe and r["budget"] == b and r["ratio"] is not None]
             if rs:
                 ax.errorbar([r["params"] for r in rs], [r["ratio"] for r in rs], yerr=[r["ratio_sd"] or 0 for r in rs],
-                            marker="o", capsize=3, label=f"{recipe}, {b:g} {u}-min")
+                            marker="o", capsize=3, label=f"{recipe}, {budget_label(s, b)} {budget_label(s)}")
     ax.set(xscale="log", xlabel="parameters", ylabel="ppl / teacher ppl", title="Does distillation hold up with size?")
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.legend(fontsize=7)
@@ -166,7 +185,9 @@ def plot(s, out):
         if s["answers"][size]["teacher_ppl"]:
             ax.axhline(s["answers"][size]["teacher_ppl"], color="gray", ls="--", label="teacher")
         ax.set(xscale="log", xlabel=f"{u}-minutes", ylabel="ppl", title=size)
-        ax.set_xticks(s["budgets"], [f"{b:g}" for b in s["budgets"]], minor=False)
+        ticks = [statistics.fmean(r["minutes"] for r in s["rows"] if r["size"] == size and r["budget"] == b)
+                 for b in s["budgets"] if any(r["size"] == size and r["budget"] == b for r in s["rows"])]
+        ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks], minor=False)
         ax.minorticks_off()  # the budgets, not log-scale minor labels
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -7,7 +7,7 @@ a run as if it had never stopped (bitwise on CPU).
 Layout of OUT/ckpt/: config.json + model.safetensors (GPTNeoX.save_pretrained, loadable on its own) and
 train_state.pt (a dict of tensors, numbers and strings, read with torch.load(weights_only=True)).
 
-A wsd run's --branches are checkpoints too: OUT_DIR@B/<stage>/ckpt, taken where budget B's decay starts.
+A wsd run's --branches are finished runs of their own in OUT_DIR@B/ (train.py runs each one's decay in-process).
 """
 import fcntl
 import json
@@ -99,8 +99,9 @@ def rng_states(rng, dist):
     return every
 
 
-def load_checkpoint(out, model, opt, rng, cfg, dist):
-    """Restore weights, optimizer and RNGs from out/ckpt (or ckpt.old); returns (step, tokens, elapsed_s)."""
+def load_checkpoint(out, model, opt, rng, cfg, dist, stream_seed):
+    """Restore weights, optimizer and RNGs from out/ckpt (or ckpt.old); returns (step, tokens, elapsed_s, the
+    sampler's streams so far: see train.py). stream_seed(rank, step): a rank's fresh sampler seed from that step."""
     ckpt = find_checkpoint(out)
     if ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out}/ckpt (nor ckpt.old); run without --resume")
@@ -129,18 +130,19 @@ def load_checkpoint(out, model, opt, rng, cfg, dist):
     opt.load_state_dict(state["optimizer"])  # moments and step counts; the hyper-parameters are this run's
     for g, h in zip(opt.param_groups, hyper):
         g.update(h)
+    streams = list(state.get("streams", []))
     if state["world"] != dist.world:  # other GPU count: the old per-rank streams do not map; start fresh ones
-        rng.bit_generator.state = np.random.default_rng([cfg.seed, dist.rank, state["step"]]).bit_generator.state
+        rng.bit_generator.state = np.random.default_rng(stream_seed(dist.rank, state["step"])).bit_generator.state
         if dist.master:
             print(f"--resume: {state['world']} -> {dist.world} GPUs: the data sampler continues with new streams "
                   "(a correct continuation, but not the batches the original run would have seen)", file=sys.stderr)
-        return state["step"], state["tokens"], state["elapsed"]
+        return state["step"], state["tokens"], state["elapsed"], streams
     mine = state["rng"][dist.rank]
     rng.bit_generator.state = mine["numpy"]
     torch.set_rng_state(mine["torch"])
     if mine["cuda"] is not None and dist.device.startswith("cuda"):
         torch.cuda.set_rng_state(mine["cuda"])
-    return state["step"], state["tokens"], state["elapsed"]
+    return state["step"], state["tokens"], state["elapsed"], streams
 
 
 def save_final(model, out, meta):
@@ -247,7 +249,8 @@ def branch_folder(out_dir, budget):
 
 
 def pending_branches(cfg, stage):
-    """The TrainConfig (branch_config) of each --branches budget not yet saved; refuses one not below the budget."""
+    """The TrainConfig (branch_config) of each --branches budget not yet finished (its folder's stage has no
+    summary.json); refuses one not below the budget."""
     if not cfg.branches:
         return []
     budget = cfg.max_tokens or cfg.max_minutes
@@ -258,7 +261,7 @@ def pending_branches(cfg, stage):
                              f"{budget_name(budget)} ({'--max-tokens' if cfg.max_tokens else '--max-minutes'}); "
                              "the full run is that budget's point")
         folder = branch_folder(cfg.out_dir, b)
-        if find_checkpoint(folder / stage) is None and not (folder / stage / "summary.json").exists():
+        if not (folder / stage / "summary.json").exists():
             todo.append(branch_config(cfg, folder, b))
     return todo
 
@@ -273,16 +276,10 @@ def branch_config(cfg, folder, budget):
                    **{unit: int(budget) if unit == "max_tokens" else budget})
 
 
-def save_branch(out, stage, model, state):
-    """A branch starts as a copy of the run's folder at this moment: the finished stages beside this one (distill's
-    alignment before its end-to-end stage), this stage's log, and its checkpoint taken now (last: a branch folder
-    with a checkpoint is complete). The branch's folder is its config's out_dir (state["config"])."""
-    folder = Path(state["config"]["out_dir"])
-    dest = folder / stage
+def copy_finished_stages(out, folder, stage):
+    """A branch's folder starts with the run's finished stages beside this one (distill's alignment before its
+    end-to-end stage), so it reads as a whole run of its own."""
     if stage:
         for d in out.parent.iterdir():
             if d.is_dir() and d.name != stage and (d / "summary.json").exists():
                 shutil.copytree(d, folder / d.name, dirs_exist_ok=True)
-    dest.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(out / "log.jsonl", dest / "log.jsonl")
-    save_checkpoint(dest, model, state)

@@ -21,6 +21,7 @@ class DistillConfig:
     hyena_filter_lr: float = 0.0     # own lr for filter parameters (0: the run's)
     train: str = "mixer"             # alignment trains this: mixer | block
     e2e_train: str = "all"           # the end-to-end stage trains this: mixer | block | all
+    align_compile: str = ""          # --compile of the alignment stages ("": the run's --compile)
     e2e_tokens: float = 0
     e2e_minutes: float = 0.0
     e2e_lr: float = 3e-4
@@ -73,12 +74,13 @@ def plan_stages(dcfg, cfg, layers):
     """The stages in order: the alignment (one stage per layer when progressive, its budget split evenly over
     them), then the end-to-end stage if it has a budget. Only the last stage branches (--branches)."""
     stages = []
+    align = dataclasses.replace(cfg, compile=dcfg.align_compile or cfg.compile)
     if dcfg.layers == "progressive":
-        per = dataclasses.replace(cfg, max_tokens=int(cfg.max_tokens // len(layers)),
+        per = dataclasses.replace(align, max_tokens=int(cfg.max_tokens // len(layers)),
                                   max_minutes=cfg.max_minutes / len(layers))
         stages += [Stage(f"stage-{l:02d}", "progressive", dcfg.train, [l], per, layer=l) for l in layers]
     elif dcfg.layers != "none":
-        stages.append(Stage(dcfg.layers, dcfg.layers, dcfg.train, layers, cfg))
+        stages.append(Stage(dcfg.layers, dcfg.layers, dcfg.train, layers, align))
     if dcfg.e2e:
         e2e_cfg = dataclasses.replace(cfg, max_tokens=int(dcfg.e2e_tokens), max_minutes=dcfg.e2e_minutes,
                                       lr=dcfg.e2e_lr)

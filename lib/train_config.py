@@ -51,6 +51,8 @@ class TrainConfig:
                        "falls back to eager with a warning")
     dtype: str = arg("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
     seed: int = arg(1337, "seeds the data sampler (per rank) and the validation windows")
+    data_stream: str = arg("", "names this run's stream of training windows: the sampler's seed is folded with it "
+                           "and with the stage, so runs given different names (and a run's stages) read other windows")
     resume: bool = arg(False, "continue from OUT_DIR/ckpt exactly where it stopped")
     device: str = arg("auto", "auto, cpu, cuda or cuda:N (under torchrun each rank takes its LOCAL_RANK GPU)")
 

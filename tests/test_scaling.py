@@ -19,31 +19,41 @@ def flag(cmd, name):
 
 @pytest.mark.parametrize("recipe, branched, share", [("best", "--e2e-minutes", ALIGN), ("paper", "--max-minutes", ALIGN),
                                                       ("scratch", "--max-minutes", 0.0)])
-def test_one_run_per_recipe_branches_at_every_smaller_budget(tmp_path, recipe, branched, share):
+def test_one_run_per_recipe_finishes_every_smaller_budget_as_a_branch(tmp_path, recipe, branched, share):
     """The largest budget runs once and names the smaller ones in --branches (their share after the fixed first
-    stage); each branch then resumes in train.py's folder OUT_DIR@B with its own budget; a finished branch drops out."""
+    stage), which train.py finishes inside that run into OUT_DIR@B; each recipe reads its own data stream and its
+    alignment compiles as asked; a finished recipe has nothing left to run."""
     d = tmp_path / "seed1"
-    steps, points = scaling.recipe_steps(recipe, d, "teacher/final", "pythia-70m", [1.0, 2.0, 5.0], ALIGN, COMMON)
+    steps, points = scaling.recipe_steps(recipe, d, "teacher/final", "pythia-70m", [1.0, 2.0, 5.0], ALIGN, COMMON,
+                                         "off")
     head = d / ("paper-ft" if recipe == "paper" else recipe)
     first = 1 if recipe == "paper" else 0  # paper's MSE stage runs first, once
     if recipe == "paper":
         assert flag(steps[0], "--layers") == "progressive" and flag(steps[0], "--max-minutes") == "0.25"
-    main, *branches = steps[first:]
+    if recipe != "scratch":
+        assert flag(steps[0], "--align-compile") == "off"
+    [main] = steps[first:]
     assert flag(main, "--out-dir") == str(head) and float(flag(main, branched)) == 5.0 - share
     assert flag(main, "--branches") == ",".join(f"{b - share:g}" for b in (1.0, 2.0))
-    assert flag(main, "--schedule") == "wsd" and "--resume" not in main
-    for b, cmd in zip((1.0, 2.0), branches):
-        assert flag(cmd, "--out-dir") == f"{head}@{b - share:g}" and float(flag(cmd, branched)) == b - share
-        assert cmd[-1] == "--resume" and "--branches" not in cmd
+    assert flag(main, "--schedule") == "wsd" and "--resume" not in main and flag(main, "--data-stream") == recipe
     assert [(b, f) for b, f, _ in points] == [(1.0, Path(f"{head}@{1 - share:g}") / "final"),
                                               (2.0, Path(f"{head}@{2 - share:g}") / "final"), (5.0, head / "final")]
     if recipe == "paper":  # a paper point spent its MSE stage too
         assert all(d / "paper" in folders for _, _, folders in points)
-    (Path(f"{head}@{1 - share:g}") / "final").mkdir(parents=True)
-    again, _ = scaling.recipe_steps(recipe, d, "teacher/final", "pythia-70m", [1.0, 2.0, 5.0], ALIGN, COMMON)
-    assert [flag(c, "--out-dir") for c in again[first + 1:]] == [f"{head}@{2 - share:g}"]
+    (head / "final").mkdir(parents=True)
+    again, _ = scaling.recipe_steps(recipe, d, "teacher/final", "pythia-70m", [1.0, 2.0, 5.0], ALIGN, COMMON, "off")
+    assert again[first:] == []
     with pytest.raises(ValueError, match="was run for budgets"):  # its main run saved other branches
-        scaling.recipe_steps(recipe, d, "teacher/final", "pythia-70m", [1.0, 5.0, 10.0], ALIGN, COMMON)
+        scaling.recipe_steps(recipe, d, "teacher/final", "pythia-70m", [1.0, 5.0, 10.0], ALIGN, COMMON, "off")
+
+
+def test_budgets_are_minutes_or_fractions_of_the_teachers_minutes(tmp_path):
+    assert scaling.budgets_of("2,1,5", "--sweep-minutes") == ([1.0, 2.0, 5.0], False)
+    assert scaling.budgets_of("0.25x, 0.125x,1x", "--sweep-minutes") == ([0.125, 0.25, 1.0], True)
+    with pytest.raises(ValueError, match="every budget with an x"):
+        scaling.budgets_of("0.25x,1", "--sweep-minutes")
+    (tmp_path / "summary.json").write_text(json.dumps({"minutes": 2.5, "world": 2}))
+    assert scaling.teacher_minutes(tmp_path) == 5.0  # GPU-minutes: minutes x GPUs
 
 
 def test_sizes_and_teacher_tokens_follow_pythia():
@@ -139,26 +149,36 @@ def test_a_finished_point_scored_by_the_eval_step_is_read_from_it_not_from_its_v
     assert s["rows"][0]["source"] == "eval" and s["rows"][0]["ratio"] == pytest.approx(55 / 50)
 
 
-def test_the_driver_writes_each_sizes_planned_points_before_its_runs_start(tmp_path, monkeypatch):
+@pytest.mark.parametrize("minutes, align, scale", [("0.5,1", "0.25", 1.0), ("0.5x,1x", "0.25x", 4.0)])
+def test_the_driver_writes_each_sizes_planned_points_before_its_runs_start(tmp_path, monkeypatch, minutes, align,
+                                                                            scale):
     """A sweep cut inside a size's runs (a machine taken back) must still know that size's points, so its page can
-    report what finished: points.json lists them before the first run starts."""
+    report what finished: points.json lists them before the first run starts. Budgets with an x are fractions of
+    the teacher's own training minutes (here 4): the runs are asked for those minutes."""
     from argparse import Namespace
     from experiment import runner
-    seen = []
+    seen, teacher = [], tmp_path / "runs" / "sweep" / "tiny" / "teacher"
+    teacher.mkdir(parents=True)
+    (teacher / "summary.json").write_text(json.dumps({"minutes": 4.0, "world": 1}))
 
     def cut(jobs, gpus, logs):  # the machine is taken back as the size's runs start
-        seen.append(json.loads((tmp_path / "runs" / "sweep" / "points.json").read_text()))
+        seen.append((json.loads((tmp_path / "runs" / "sweep" / "points.json").read_text()), jobs))
         raise KeyboardInterrupt
     monkeypatch.setattr(runner, "run", lambda cmd, log: None)
     monkeypatch.setattr(runner, "finish", lambda proc: 0)
     monkeypatch.setattr(runner, "run_parallel", cut)
-    args = Namespace(sweep="tiny", sweep_minutes="0.5,1", sweep_recipes="best,scratch", sweep_align_minutes=0.25,
-                     sweep_seeds="", seed=1, sweep_repeat=None, sweep_teacher_tokens=None, teacher_tokens=1e6,
-                     block_size=128, gpus=1, sweep_eval_tokens=1000)
+    args = Namespace(sweep="tiny", sweep_minutes=minutes, sweep_recipes="best,scratch", sweep_align_minutes=align,
+                     sweep_align_compile="off", sweep_repeat_recipes="", sweep_seeds="", seed=1, sweep_repeat=None, sweep_teacher_tokens=None,
+                     teacher_tokens=1e6, block_size=128, gpus=1, sweep_eval_tokens=1000)
     with pytest.raises(KeyboardInterrupt):
         scaling.sweep_steps(args, tmp_path / "runs", "data", "gutenberg", "tok.json", tmp_path / "logs",
                             [*COMMON, "--block-size", "128"], ["python"], 50304)
-    points = seen[0]["points"]
-    assert [(p["recipe"], p.get("budget")) for p in points] == \
-        [("teacher", None), ("best", 0.5), ("best", 1.0), ("scratch", 0.5), ("scratch", 1.0)]
-    assert {p["eval"] for p in points} == {"sweep/tiny/eval.json"} and seen[0]["budgets"] == [0.5, 1.0]
+    plan, jobs = seen[0]
+    points = plan["points"]
+    assert [(p["recipe"], p.get("budget"), p.get("minutes_budget")) for p in points] == \
+        [("teacher", None, None), ("best", 0.5, 0.5 * scale), ("best", 1.0, scale), ("scratch", 0.5, 0.5 * scale),
+         ("scratch", 1.0, scale)]
+    assert {p["eval"] for p in points} == {"sweep/tiny/eval.json"} and plan["budgets"] == [0.5, 1.0]
+    [best] = jobs["tiny-best-s1"]
+    assert flag(best, "--max-minutes") == f"{0.25 * scale:g}" and flag(best, "--e2e-minutes") == f"{0.75 * scale:g}"
+    assert plan["budget_unit"] == ("teacher" if scale == 4.0 else "minutes")

@@ -1,6 +1,8 @@
-"""train.py's learning-rate schedules: warmup + cosine, warmup-stable-decay, and --branches, whose snapshot of a
-wsd run, finished with a shorter budget, is bitwise the run of that budget (the loop's other behaviour:
+"""train.py's learning-rate schedules: warmup + cosine, warmup-stable-decay, and --branches, each finished inside a
+wsd run where its decay starts, bitwise the run of that budget (the loop's other behaviour:
 test_train.py, whose tiny dataset and model these tests share)."""
+import shutil
+
 import pytest
 import torch
 
@@ -26,28 +28,39 @@ def test_wsd_holds_the_rate_then_decays_linearly_over_its_last_fraction():
 
 
 @pytest.mark.parametrize("b, warmup", [(5 * STEP_TOKENS, 0.4), (576, 0.0)])  # 576: decay from mid-step 4
-def test_a_wsd_branch_finishes_bitwise_as_a_run_of_its_own_budget(tmp_path, data_dir, b, warmup):
-    """--branches: one 10-step run saves itself before the first step that would decay in a run of budget B, with
-    the warmup it had (the smallest budget's); resumed with budget B, that branch is B's run exactly: same steps,
-    same lr, same weights as a run of the branch's recorded config from the start."""
+def test_a_wsd_branch_is_finished_in_process_bitwise_as_a_run_of_its_own_budget(tmp_path, data_dir, b, warmup):
+    """--branches: where the next step would decay in a run of budget B, the run finishes B's run in OUT_DIR@B
+    (its decay, validation, checkpoint, summary, and the script's on_branch), then goes on as if it had not: the
+    branch equals a run of B from the start (the main run's warmup), the main run equals a run without branches."""
     wsd = dict(schedule="wsd", warmup_frac=warmup, decay_frac=0.2)
+    called = []
     train(CrossEntropy(tiny_model()), config(tmp_path / "main", data_dir, max_tokens=10 * STEP_TOKENS,
-                                             branches=str(b), **wsd))
+                                             branches=str(b), **wsd),
+          on_branch=lambda cfg, summary: called.append((cfg.out_dir, summary["steps"])))
     branch = tmp_path / f"main@{b}"
     state = torch.load(branch / "ckpt" / "train_state.pt", weights_only=True)
     assert state["config"]["max_tokens"] == b and state["config"]["branches"] == ""
-    assert [r["step"] for r in read_log(branch)[0]] == ([1, 2, 3, 4] if b == 5 * STEP_TOKENS else [1, 2, 3])
-    train(CrossEntropy(tiny_model(seed=1)), config(branch, data_dir, max_tokens=b, resume=True, **wsd))
+    assert called == [(str(branch), state["step"])] and state["step"] == 5
     alone = {**wsd, "warmup_frac": state["config"]["warmup_frac"]}  # the main run's warmup, as B's fraction
     train(CrossEntropy(tiny_model()), config(tmp_path / "alone", data_dir, max_tokens=b, **alone))
-    x = GPTNeoX.from_pretrained(branch / "ckpt").state_dict()
-    y = GPTNeoX.from_pretrained(tmp_path / "alone" / "ckpt").state_dict()
-    assert all(torch.equal(x[k], y[k]) for k in x)
-    (steps_b, _), (steps_a, _), (steps_m, _) = (read_log(tmp_path / n) for n in (f"main@{b}", "alone", "main"))
-    assert [(r["loss"], r["lr"]) for r in steps_b] == [(r["loss"], r["lr"]) for r in steps_a]
+    shared = {**wsd, "warmup_frac": warmup * b / (10 * STEP_TOKENS)}  # a branched run warms up as its smallest budget
+    train(CrossEntropy(tiny_model()), config(tmp_path / "plain", data_dir, max_tokens=10 * STEP_TOKENS, **shared))
+    for x, y in (("main@%d" % b, "alone"), ("main", "plain")):
+        wx = GPTNeoX.from_pretrained(tmp_path / x / "ckpt").state_dict()
+        wy = GPTNeoX.from_pretrained(tmp_path / y / "ckpt").state_dict()
+        assert all(torch.equal(wx[k], wy[k]) for k in wx), (x, y)
+        (sx, vx), (sy, vy) = read_log(tmp_path / x), read_log(tmp_path / y)
+        assert [(r["loss"], r["lr"]) for r in sx] == [(r["loss"], r["lr"]) for r in sy]
+        assert [r["val"] for r in vx][-1] == [r["val"] for r in vy][-1]
+    steps_b, steps_m = read_log(branch)[0], read_log(tmp_path / "main")[0]
     assert steps_b[-1]["lr"] == pytest.approx(3e-4)  # decayed to min_lr_frac at B
     if warmup:  # one warm-up step, the same in the main run and in the run of budget B
-        assert [r["lr"] for r in steps_m[:8]] == [1.5e-3] + [3e-3] * 7 and steps_a[0]["lr"] == 1.5e-3
+        assert [r["lr"] for r in steps_m[:8]] == [1.5e-3] + [3e-3] * 7 and steps_b[0]["lr"] == 1.5e-3
+    again = []  # a finished branch is not run again when the main run is rerun
+    shutil.rmtree(tmp_path / "main")
+    train(CrossEntropy(tiny_model()), config(tmp_path / "main", data_dir, max_tokens=10 * STEP_TOKENS,
+                                             branches=str(b), **wsd), on_branch=lambda *a: again.append(a))
+    assert again == []
 
 
 def test_branches_are_checked_and_a_passed_branch_point_is_refused(tmp_path, data_dir):
