@@ -36,26 +36,29 @@ DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, 
 
 
 @contextmanager
-def out_dir_lock(out, master=True):
+def out_dir_lock(out, master=True, what=None, fix="choose another --out-dir"):
     """Hold OUT/.lock (flock, with the holder's pid in it) while a run writes OUT: a second run on the same folder
     is refused at once instead of interleaving log.jsonl and swapping checkpoints under the first. The kernel
-    drops a flock when its process dies, so a lock left by a killed run is stale: taken over, with a note."""
+    drops a flock when its process dies, so a lock left by a killed run is stale: taken over, with a note.
+    what / fix: how errors name the folder (default "--out-dir OUT") and what to do instead (prepare.py's
+    dataset folders are locked the same way)."""
     if not master:  # under DDP rank 0 holds the lock for all ranks
         yield
         return
     out = Path(out)
+    what = what or f"--out-dir {out}"
     try:
         out.mkdir(parents=True, exist_ok=True)
         f = open(out / ".lock", "a+")
     except OSError as e:
-        raise OSError(f"--out-dir {out}: cannot write there ({e.strerror or e}); choose another --out-dir") from None
+        raise OSError(f"{what}: cannot write there ({e.strerror or e}); {fix}") from None
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise FileExistsError(f"--out-dir {out} is in use by another run (pid {f.read().strip() or '?'}, lock "
-                                  f"file {out / '.lock'}): wait for it to end, or choose another --out-dir") from None
+            raise FileExistsError(f"{what} is in use by another run (pid {f.read().strip() or '?'}, lock "
+                                  f"file {out / '.lock'}): wait for it to end, or {fix}") from None
         f.seek(0)
         holder = f.read().strip()  # a pid left here: its run ended without releasing the lock (killed)
         if holder and holder != str(os.getpid()):
