@@ -132,6 +132,7 @@ def _train(objective, cfg, dist, stage, on_step, stop):
     data.check_compatible(data.load_meta(data_dir), vocab_size=model.config.vocab_size)
     train_tokens = data.load_split(data_dir, "train")
     val_tokens = data.load_split(data_dir, "val") if cfg.eval_batches else None
+    data.check_split_sizes(data_dir, cfg.block_size, train=train_tokens, val=val_tokens)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:

@@ -164,6 +164,20 @@ def test_second_run_on_an_out_dir_is_refused_and_a_stale_lock_taken_over(tmp_pat
     assert (out / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_split_too_short_for_one_window_is_refused_before_the_first_step(tmp_path, data_dir, capsys, split):
+    meta = json.loads((data_dir / "meta.json").read_text())
+    np.arange(5, dtype=np.uint16).tofile(data_dir / f"{split}.bin")  # 5 tokens: no window of --block-size 16
+    meta["splits"][split]["tokens"] = 5
+    (data_dir / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "run"
+    err = fails(finetune.main, train_args(out, data_dir, "--max-tokens", str(4 * 32)), capsys)
+    assert f"the {split} split of {data_dir} holds 5 tokens, too few for --block-size 16" in err, err
+    assert "lower --block-size to 4 or less" in err and meta["command"] in err, err
+    assert ("--eval-batches 0" in err) == (split == "val"), err
+    assert not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text()  # not one step taken
+
+
 def test_checkpoint_with_another_tokenizer_is_refused(tmp_path, data_dir, capsys):
     ckpt = tmp_path / "other"
     GPTNeoX(Config(**TINY)).save_pretrained(ckpt)
