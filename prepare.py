@@ -35,8 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.checkpoint import out_dir_lock
-from lib.cli import Progress, integer, write_atomic
+from lib.cli import Progress, integer, out_dir_lock, write_atomic
 from data import SPLITS, tokenizer_sha256
 from lib.sources import ARCHIVES, HUB_DATASETS, hub_files, hub_source, read_val_list, text_files, text_source
 from tokenizer import load_tokenizer

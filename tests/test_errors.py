@@ -1,14 +1,17 @@
 """The error path of the scripts (cli.run): bad inputs exit 2 with one message that names what is wrong and no
 traceback; Ctrl-C exits 130 after a checkpoint; one writer per --out-dir; hub paths, stalls and retries."""
+import errno
 import json
 import os
 import runpy
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +23,7 @@ import distill
 import eval as ev
 import finetune
 import hub
-from lib.checkpoint import out_dir_lock
+from lib.cli import out_dir_lock
 from fakehub import FakeHub
 from config import Config
 from hyena import GPTNeoX
@@ -219,6 +222,35 @@ def test_corrupt_checkpoint_under_resume_is_named(tmp_path, data_dir, capsys):
     state.write_bytes(state.read_bytes()[:100])  # truncated
     err = fails(finetune.main, train_args(out, data_dir, "--max-tokens", "128", "--resume"), capsys)
     assert f"{state} is unreadable" in err
+
+
+@pytest.mark.parametrize("report", ["ENOSPC", "torch"])
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_resume_works_once_space_is_freed(
+        tmp_path, data_dir, capsys, monkeypatch, report):
+    """No real disk is filled: torch.save writes part of the file and fails as a full disk makes it fail, with
+    ENOSPC or (torch's own writer) RuntimeError "unexpected pos" while the free space is short."""
+    out = tmp_path / "run"
+    args = train_args(out, data_dir, "--max-tokens", str(4 * 32), "--ckpt-interval", "2", "--eval-batches", "0")
+    real_save, calls = torch.save, []
+
+    def save_on_a_full_disk(obj, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 1:  # the checkpoint of step 2 is written; the disk fills up during step 4's
+            return real_save(obj, path, *a, **kw)
+        Path(path).write_bytes(b"\0" * 1000)
+        if report == "ENOSPC":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", save_on_a_full_disk)
+        m.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+        err = fails(finetune.main, args, capsys)
+    assert f"{out}: the disk is full (" in err and "MB needed, 0.0 MB free)" in err, err
+    assert f"the last one, {out / 'ckpt'}, is kept" in err and "--resume" in err, err
+    assert not (out / "ckpt.tmp").exists()
+    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 2  # loadable, as it was
+    summary = finetune.main(train_args(out, data_dir, "--max-tokens", str(4 * 32), "--eval-batches", "0", "--resume"))
+    assert summary["steps"] == 4 and (out / "final" / "model.safetensors").is_file()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import torch
 import data
 import prepare
 from lib import cli, sources
-from lib.checkpoint import out_dir_lock
+from lib.cli import out_dir_lock
 from fakehub import FakeHub
 from tokenizer import load_tokenizer
 
