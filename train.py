@@ -29,7 +29,7 @@ import fast
 from hyena import HyenaOperator
 from lib.cli import write_atomic
 from lib.implicit_filter import HyenaFilter
-from lib.runtime import compile_or_eager, ctrl_c, keep_freed_memory, setup_distributed
+from lib.runtime import compile_or_eager, ctrl_c, keep_freed_memory, setup_distributed, stopped
 from lib.checkpoint import (budget_name, find_checkpoint, load_checkpoint, pending_branches, rng_states,
                             save_branch, save_checkpoint, trim_log)
 
@@ -272,8 +272,7 @@ def _train(objective, cfg, dist, stage, on_step, stop):
         if stop:
             if ckpt_step != step:
                 checkpoint()
-            raise KeyboardInterrupt(f"stopped by Ctrl-C after step {step}, saved in {out / 'ckpt'}; continue the run "
-                                    "with the same command plus --resume")
+            raise stopped(stop[0], step, out)  # cli.run: exit 128 + the signal's number
     if val_tokens is not None and eval_step != step:
         val = validate()
     if ckpt_step != step:

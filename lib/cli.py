@@ -4,7 +4,8 @@ a full disk said so (`disk_full`), and the one progress line (`Progress`).
 
 Expected failures (bad flags, values, files, checkpoints, data, network) exit with status 2 and one line,
 `script.py: error: <what is wrong and how to fix it>`; a traceback only with --debug or HYENA_DEBUG=1. Anything
-else is a bug and keeps its traceback. Ctrl-C exits 130 (train.py saves a checkpoint first and says how to resume).
+else is a bug and keeps its traceback. Ctrl-C exits 130 and SIGTERM 143, 128 + the signal's number (train.py
+handles both: it saves a checkpoint first and says how to resume).
 """
 import errno
 import fcntl
@@ -31,7 +32,8 @@ def debug():
 
 def run(main, argv=None):
     """Call main(argv) (argv None: sys.argv[1:]) and exit: 0 on success, 2 with one message on an expected
-    failure, 130 on Ctrl-C. `--debug` anywhere in argv is taken out and re-raises instead (full traceback)."""
+    failure, 130 on Ctrl-C (a train.py run stopped by a signal: 128 + its number). `--debug` anywhere in argv is
+    taken out and re-raises instead (full traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = Path(main.__globals__["__file__"]).name  # the script's own name, also when called in-process
     show = debug() or "--debug" in argv
@@ -42,7 +44,7 @@ def run(main, argv=None):
         if show:
             raise
         print(f"{prog}: {str(e) or 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(getattr(e, "status", 130))  # lib/runtime.Stopped: 143 for SIGTERM
     except SystemExit as e:  # argparse (already exit 2) or a script's own `sys.exit("...: error: ...")`
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)

@@ -1,5 +1,6 @@
 """The error path of the scripts (cli.run): bad inputs exit 2 with one message that names what is wrong and no
-traceback; Ctrl-C exits 130 after a checkpoint; one writer per --out-dir; hub paths, stalls and retries."""
+traceback; Ctrl-C (SIGTERM) exits 130 (143) after a checkpoint; one writer per --out-dir; a full disk; hub paths,
+stalls and retries."""
 import errno
 import json
 import os
@@ -127,7 +128,10 @@ def test_count_flags_device_and_config_json_are_checked(tmp_path, data_dir, caps
     assert f"{tmp_path / 'bad.json'}: not JSON" in err
 
 
-def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path, data_dir):
+@pytest.mark.parametrize("signum, name, status", [(signal.SIGINT, "Ctrl-C", 130), (signal.SIGTERM, "SIGTERM", 143)])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_says_how_to_resume_and_exits_128_plus_the_signal(
+        tmp_path, data_dir, signum, name, status):
+    """SIGTERM (kill, schedulers, docker stop) is handled as Ctrl-C is: the step finishes, a checkpoint is saved."""
     out = tmp_path / "run"
     args = train_args(out, data_dir, "--max-tokens", "1e9", "--ckpt-interval", "100000", "--eval-batches", "0")
     proc = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *args], cwd=ROOT, text=True,
@@ -138,12 +142,13 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path, da
         while not ((out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().count("\n") >= 2):
             assert proc.poll() is None and time.monotonic() < deadline, "no training steps"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         err = proc.communicate(timeout=60)[1]
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     assert "Traceback" not in err and "--resume" in err and str(out / "ckpt") in err, err
+    assert f"finetune.py: stopped by {name} after step" in err, err
     step = torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"]  # not an interval checkpoint
     assert step >= 2 and len((out / "log.jsonl").read_text().splitlines()) == step
     summary = finetune.main(train_args(out, data_dir, "--max-tokens", str((step + 1) * 32), "--eval-batches", "0",
