@@ -202,14 +202,20 @@ def weight_files(name_or_path, revision="main"):
 
 
 def resolve_ckpt(name):
-    """A folder written by save_pretrained (or a train.py out_dir: its ckpt/), else a hub repo id."""
+    """A folder written by save_pretrained; a train.py --out-dir: its final/, else its ckpt/ (said in one line);
+    else a hub repo id. A folder holding neither is refused, naming the subfolders that hold a checkpoint."""
     path = Path(name).expanduser()
-    for folder in (path, path / "ckpt"):
-        if (folder / "config.json").is_file():
-            return str(folder)
+    if (path / "config.json").is_file():
+        return str(path)
+    for sub in ("final", "ckpt"):
+        if (path / sub / "config.json").is_file():
+            print(f"{name}: a training run's folder: using its {sub}/ ({path / sub})", file=sys.stderr)
+            return str(path / sub)
     if path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path} holds no config.json (nor ckpt/config.json); "
-                                "expected a folder written by save_pretrained or a train.py --out-dir")
+        found = sorted(str(c.parent) for pattern in ("*/config.json", "*/*/config.json") for c in path.glob(pattern))
+        raise FileNotFoundError(f"checkpoint not found: {path} holds no config.json (nor final/ or ckpt/ with one); " +
+                                (f"pass one of its subfolders: {', '.join(found[:6])}" if found else
+                                 "expected a folder written by save_pretrained or a train.py --out-dir"))
     if looks_like_path(name):
         raise FileNotFoundError(f"checkpoint not found: {name} is no local folder, nor a hub repo id like "
                                 "'EleutherAI/pythia-160m'")
