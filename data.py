@@ -54,6 +54,18 @@ def load_split(data_dir, split):
     return tokens
 
 
+def check_split_sizes(data_dir, block_size, **splits):
+    """Refuse, before a run's first step, a split (name=tokens; None: not used) too short for one training window
+    of block_size + 1 tokens, which would otherwise fail steps later (at the first validation), naming nothing."""
+    for split, tokens in splits.items():
+        if tokens is not None and len(tokens) <= block_size:
+            fix = (f"lower --block-size to {len(tokens) - 1} or less, " if len(tokens) > 1 else "") + \
+                ("train without validation (--eval-batches 0), " if split == "val" else "")
+            raise ValueError(f"the {split} split of {data_dir} holds {len(tokens):,} tokens, too few for --block-size "
+                             f"{block_size} (a window needs {block_size + 1}): {fix}or remake {data_dir} with more "
+                             f"{split} text (it was made by `{load_meta(data_dir)['command']}`)")
+
+
 def tokenizer_sha256(name_or_path, revision="main"):
     """sha256 of the tokenizer.json that load_tokenizer(name_or_path) reads: that .json file itself, a folder
     holding tokenizer.json, or a hub repo id (downloaded into the hub cache)."""

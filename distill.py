@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 import data
 import fast
-from lib.checkpoint import out_dir_lock, save_final
-from lib.cli import write_atomic
+from lib.checkpoint import save_final
+from lib.cli import out_dir_lock, write_atomic
 from lib.distill_plan import DistillConfig, plan_stages
 from hyena import GPTNeoX, make_student
 from lib.modal_student import to_modal

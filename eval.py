@@ -11,7 +11,8 @@ One pass scores every token of the split but the first exactly once (data.eval_w
 bytes = len(text.encode("utf-8")); words = len(text.split()), i.e. the non-empty pieces of lm-eval's
 re.split(r"\\s+", text) (lm-eval also counts the empty strings re.split yields at leading/trailing whitespace).
 The data's <|endoftext|> (one after every document) is scored like any token and decodes to one "\\n": it ends a
-document, so it separates words and counts as one byte.
+document, so it separates words and counts as one byte. The table shows the context each model was evaluated at
+(--context, capped at the model's maximum with a warning) and flags a split scored on fewer than FEW_TOKENS (1000).
 
 --protocol harness scores as lm-evaluation-harness's loglikelihood_rolling does (harness_windows): each document
 (the text between <|endoftext|>s) on its own, its first token conditioned on <|endoftext|>, in back-to-back
@@ -53,6 +54,7 @@ from lib.cli import integer, writable_dir, write_atomic
 from lib.sweep import BEYOND, SWEEP, run_sweep, sweep_check
 
 PROTOCOLS = ("stream", "harness")  # see the module docstring
+FEW_TOKENS = 1000  # a split scored on fewer tokens is flagged on its row: its perplexities are noise
 
 
 @torch.no_grad()
@@ -158,20 +160,23 @@ def sample(model, enc, prompt, max_new_tokens, temperature, top_k, seed):
 
 
 def table(results, datasets, tasks=()):
-    """Markdown: one row per model, four columns per dataset, one per harness task metric (value ± stderr)."""
+    """Markdown: one row per model with the context it was evaluated at, four columns per dataset (the scored
+    tokens flagged where fewer than FEW_TOKENS), one per harness task metric (value ± stderr)."""
     metrics = [(t, m) for t in tasks for m in results[0]["tasks"][t] if not m.endswith("_stderr")] if tasks else []
-    cols = ["model"] + [f"{d} {c}" for d in datasets for c in ("token ppl", "word ppl", "bits/byte", "tokens")]
+    cols = ["model", "context"] + [f"{d} {c}" for d in datasets
+                                   for c in ("token ppl", "word ppl", "bits/byte", "tokens")]
     cols += [f"{t} {m}" for t, m in metrics]
     lines = ["| " + " | ".join(cols) + " |", "| --- |" + " ---: |" * (len(cols) - 1)]
     def fmt(v, spec):
         return "n/a" if v is None else format(v, spec)
 
     for r in results:
-        cells = [r["model"]]
+        cells = [r["model"], str(r["context"])]
         for d in datasets:
             m = r["datasets"][d]
+            few = f" (too few: < {FEW_TOKENS:,})" if m["tokens"] < FEW_TOKENS else ""
             cells += [fmt(m["token_ppl"], ".3f"), fmt(m.get("word_ppl"), ".3f"), fmt(m.get("bits_per_byte"), ".4f"),
-                      fmt(m["tokens"], ",")]
+                      fmt(m["tokens"], ",") + few]
         for t, m in metrics:
             err = r["tasks"][t].get(f"{m}_stderr")
             cells.append(fmt(r["tasks"][t][m], ".4f") + ("" if err is None else f" ± {err:.4f}"))
@@ -181,11 +186,11 @@ def table(results, datasets, tasks=()):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--ckpt", nargs="+", required=True, help="checkpoint folders (or train.py out_dirs) or hub ids")
+    p.add_argument("--ckpt", nargs="+", required=True, help="checkpoint folders (a train.py --out-dir: its final/) or hub ids")
     p.add_argument("--data", nargs="*", default=[], help="prepared datasets: names under --data-root, or folders")
     p.add_argument("--split", choices=("val", "test"), help="default: test where the dataset has one, else val")
     p.add_argument("--context", type=int, nargs="+", default=[2048], metavar="C",
-                   help="window length (capped at the model's maximum); several: a context sweep (below)")
+                   help="window length (capped at the model's maximum, with a warning); several: a context sweep (below)")
     p.add_argument("--stride", type=int, help="sliding windows moving on by this many tokens (default: context)")
     p.add_argument("--protocol", choices=PROTOCOLS, default="stream",
                    help="stream: the split as one token stream; harness: lm-eval's per-document rolling windows")
@@ -270,13 +275,18 @@ def run(args):
             print(sample(model, enc, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
         limit = max_context(cfg)  # None: any length (an all-modal student)
         context = args.context if limit is None else min(args.context, limit)
-        if data and context < args.context:
-            print(f"{label}: context capped at {context}, the model's maximum", file=sys.stderr)
+        if (data or tasks) and context < args.context:
+            what = "its Hyena filters' l_max" if limit == cfg.filter_context else "its max_position_embeddings"
+            print(f"warning: --context {args.context} is past the maximum of {label} ({what} {limit}): it is "
+                  f"evaluated at context {limit} (the table's context column)", file=sys.stderr)
         row = {"model": label, "path": ckpt, "context": context, "datasets": {}}
         for name, (meta, split, tokens, to_text) in data.items():
-            row["datasets"][name] = {"split": split, **evaluate(
+            m = row["datasets"][name] = {"split": split, **evaluate(
                 model, tokens, context, args.stride, args.batch_size, args.max_tokens, to_text=to_text,
                 progress=f"{label} on {name} {split}", protocol=args.protocol, eot=meta["eot_token"])}
+            if m["tokens"] < FEW_TOKENS:
+                m["warning"] = f"only {m['tokens']:,} tokens scored (fewer than {FEW_TOKENS:,}): noisy perplexities"
+                print(f"warning: {label} on {name} {split}: {m['warning']}", file=sys.stderr)
         if tasks is not None:
             adapter, evaluate_tasks, manager = tasks
             lm = adapter(model, tokenizer=args.tokenizer or checkpoint_tokenizer(ckpt) or DEFAULT_TOKENIZER,

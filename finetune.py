@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 import data
-from lib.checkpoint import out_dir_lock, save_final
+from lib.checkpoint import save_final
+from lib.cli import out_dir_lock
 from config import MIXERS, SHAPES, Config
 from hyena import GPTNeoX
 from lib.runtime import setup_distributed

@@ -19,6 +19,7 @@ WikiText rows are the lines of the raw files, blank lines stored as "": they are
 so each split is one document with the raw file's exact text and tokens (one <|endoftext|> at its end).
 OpenWebText has only a train split; like nanoGPT, 0.05% of its documents (seed 2357) are held out as val.
 Reading the documents (local text, hub parquet) is lib/sources.py; this file tokenizes, writes and keeps meta.json.
+One run at a time writes a dataset folder (it holds NAME/.lock); a split of fewer than --min-tokens is refused.
 """
 import argparse
 import json
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.cli import Progress, write_atomic
+from lib.cli import Progress, integer, out_dir_lock, write_atomic
 from data import SPLITS, tokenizer_sha256
 from lib.sources import ARCHIVES, HUB_DATASETS, hub_files, hub_source, read_val_list, text_files, text_source
 from tokenizer import load_tokenizer
@@ -44,6 +45,9 @@ TASK_CHARS = 1 << 20  # text per worker task: amortizes inter-process copies, ke
 # starts a word. GPT-2-style pre-tokenizers always begin a pre-token at " X", and a lone space is no part of the
 # multi-space added tokens of GPT-NeoX.
 _SAFE_CUT = re.compile(r"(?<! ) (?=\S)")
+# A split needs one window of the scripts' default context (train.py's --block-size, eval.py's --context: 2048)
+# plus the token it predicts; smaller ones are refused unless --min-tokens says what the user will use.
+MIN_TOKENS = 2049
 
 
 # -- tokenizing ------------------------------------------------------------------------------------------------
@@ -121,14 +125,14 @@ def _progress_line(counts, text_bytes, done, total, t0):
                               f"{text_bytes / 1e6:.1f} MB of text, {done / max(total, 1):.0%} of the input{eta}")
 
 
-def _write(out, enc, tokenizer, segments, total, workers):
-    """Stream token ids into out/SPLIT.bin.tmp files; returns {split: {"tokens", "documents"}}."""
+def _write(tmps, enc, tokenizer, segments, total, workers):
+    """Stream token ids into the files tmps[split]; returns {split: {"tokens", "documents"}}."""
     counts, files, text_bytes, progress, t0 = {}, {}, 0, Progress(total), time.monotonic()
     try:
         for (result, nbytes), done in _encoded(enc, tokenizer, _tasks(segments), workers):
             for split, (ids, docs) in result.items():
                 if split not in files:
-                    files[split] = open(out / f"{split}.bin.tmp", "wb")
+                    files[split] = open(tmps[split], "wb")
                     counts[split] = {"tokens": 0, "documents": 0}
                 ids.tofile(files[split])
                 counts[split]["tokens"] += len(ids)
@@ -161,11 +165,49 @@ def _parser():
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes (1: in this process)")
     p.add_argument("--errors", choices=("strict", "replace"), default="strict", help="text that is not UTF-8")
     p.add_argument("--force", action="store_true", help="redo even when meta.json says the output is up to date")
+    p.add_argument("--min-tokens", type=integer, default=MIN_TOKENS, metavar="N",
+                   help=f"refuse a split of fewer tokens (default {MIN_TOKENS}: one window of the default context "
+                        "2048 plus the token it predicts; use your --block-size/--context + 1)")
     return p
 
 
 def _default_name(path):  # "corpus/books.tar.xz" -> "books", "owt.jsonl" -> "owt", "corpus/" -> "corpus"
     return next((Path(path).name.removesuffix(s) for s in ARCHIVES if Path(path).name.endswith(s)), Path(path).stem)
+
+
+def _dataset_folder(out_dir, name):
+    """out_dir/name; a name that would write elsewhere (a path, "..", an absolute path, empty) is refused."""
+    if name in ("", ".", "..") or "/" in name or (os.altsep and os.altsep in name):
+        raise ValueError(f"--name {name!r}: a dataset's name is one folder name, made under --out-dir {out_dir} (no "
+                         "'/', '..' or absolute path); to write elsewhere, pass that folder's parent as --out-dir and "
+                         "its last part as --name")
+    return Path(out_dir) / name
+
+
+def _remove_stale_tmp(out):
+    """The temporary .bin files of runs killed mid-write (kill -9), which would hold their space for ever. Only
+    under the folder's lock (no live run writes here) and only those whose pid is gone."""
+    for tmp in out.glob("*.bin.*.tmp"):
+        pid = tmp.name.split(".")[-2]
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            print(f"{out}: removing {tmp.name}, left by a killed run (pid {pid})", file=sys.stderr)
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError):  # no pid in the name; another user's live process
+            pass
+
+
+def _check_sizes(out, counts, args):
+    """Refuse a split too small to train or score on (fewer than --min-tokens), before it replaces anything."""
+    for split, c in counts.items():
+        if c["tokens"] < args.min_tokens:
+            more = f" (a larger --val-fraction than {args.val_fraction:g})" if split == "val" and args.val_fraction \
+                else ""
+            raise ValueError(f"{out}: the {split} split would hold {c['tokens']:,} tokens, fewer than --min-tokens "
+                             f"{args.min_tokens} (default: one window of the default context 2048, plus the token "
+                             f"it predicts), too few to train or score on. Give it more text{more}, or set "
+                             "--min-tokens to the context you will use plus one (e.g. 513 for --block-size 512)")
 
 
 def _up_to_date(out, fingerprint, sha):
@@ -192,9 +234,24 @@ def prepare(args, argv):
         raise ValueError(f"--val-fraction {args.val_fraction} must be in (0, 1]")
     if args.workers < 1:
         raise ValueError(f"--workers {args.workers} must be at least 1")
-    out = Path(args.out_dir) / (args.name or (_default_name(inputs[0]) if args.dataset == "text" else args.dataset))
+    if args.min_tokens < 2:
+        raise ValueError(f"--min-tokens {args.min_tokens} must be at least 2 (one token scored from the one before)")
+    name = args.name if args.name is not None else _default_name(inputs[0]) if args.dataset == "text" else args.dataset
+    out = _dataset_folder(args.out_dir, name)
 
     sha = tokenizer_sha256(args.tokenizer)
+    files, val_names, source, fingerprint = _inputs(args)
+    # One writer per dataset folder: a second prepare.py on it is refused by pid (each would replace the other's
+    # files). Taken before the up-to-date check, which must not read a folder mid-swap.
+    with out_dir_lock(out, what=f"dataset folder {out}", fix="choose another --name (or --out-dir)"):
+        if not args.force and _up_to_date(out, fingerprint, sha):
+            print(f"{out}: up to date (same inputs and tokenizer as its meta.json; --force redoes it)")
+            return
+        _make(out, args, argv, files, val_names, source, fingerprint, sha)
+
+
+def _inputs(args):
+    """(input files, --val-list names, source line, fingerprint): the fingerprint decides "up to date"."""
     if args.dataset == "text":
         files, val_names = text_files(args), read_val_list(args.val_list) if args.val_list else None
         source = "local text: " + ", ".join(args.paths + [f"{p} (val)" for p in args.val] +
@@ -203,15 +260,16 @@ def prepare(args, argv):
                                  for p, split in files],
                        "val_list": sorted(val_names) if val_names else None,
                        "val_fraction": args.val_fraction, "seed": args.seed, "errors": args.errors}
-    else:
-        spec = HUB_DATASETS[args.dataset]
-        files = hub_files(spec)
-        source = f"hub dataset {spec.repo} at {spec.revision}, {spec.prefix}"
-        fingerprint = {"repo": spec.repo, "revision": spec.revision, "files": [f for f, _ in files], "seed": args.seed}
-    if not args.force and _up_to_date(out, fingerprint, sha):
-        print(f"{out}: up to date (same inputs and tokenizer as its meta.json; --force redoes it)")
-        return
+        return files, val_names, source, fingerprint
+    spec = HUB_DATASETS[args.dataset]
+    files = hub_files(spec)
+    source = f"hub dataset {spec.repo} at {spec.revision}, {spec.prefix}"
+    return files, None, source, {"repo": spec.repo, "revision": spec.revision, "files": [f for f, _ in files],
+                                 "seed": args.seed}
 
+
+def _make(out, args, argv, files, val_names, source, fingerprint, sha):
+    """Tokenize into out (locked by prepare), swapping the new files in only when complete and checked."""
     enc = load_tokenizer(args.tokenizer)
     if enc.n_vocab > 1 << 16:
         raise ValueError(f"tokenizer {args.tokenizer} has {enc.n_vocab} tokens: ids above 65535 do not fit the "
@@ -219,25 +277,27 @@ def prepare(args, argv):
     if args.dataset == "text":
         total, segments = text_source(files, val_names, args)
     else:
-        total, segments = hub_source(spec, files, args.seed)
-    out.mkdir(parents=True, exist_ok=True)
+        total, segments = hub_source(HUB_DATASETS[args.dataset], files, args.seed)
+    _remove_stale_tmp(out)
+    tmps = {split: out / f"{split}.bin.{os.getpid()}.tmp" for split in SPLITS}  # this run's own: only these go
     t0 = time.monotonic()
     try:
-        counts = _write(out, enc, args.tokenizer, segments, total, args.workers)
-        where = ", ".join(inputs) if args.dataset == "text" else source
+        counts = _write(tmps, enc, args.tokenizer, segments, total, args.workers)
+        where = ", ".join(args.paths + args.val + args.test) if args.dataset == "text" else source
         if not counts:
             raise ValueError(f"no documents in {where} (text: .txt files, .jsonl lines, .tar.xz/.tar.gz/.tgz of them)")
         if all(c["tokens"] == c["documents"] for c in counts.values()):
             raise ValueError(f"no text in {where}: its {sum(c['documents'] for c in counts.values())} documents are "
                              "all empty")
+        _check_sizes(out, counts, args)
         (out / "meta.json").unlink(missing_ok=True)  # the old meta.json must never vouch for the new files
         for split in SPLITS:  # nor may old splits this run does not make linger
             (out / f"{split}.bin").unlink(missing_ok=True)
         for split in counts:
-            os.replace(out / f"{split}.bin.tmp", out / f"{split}.bin")
+            os.replace(tmps[split], out / f"{split}.bin")
     finally:
-        for tmp in out.glob("*.bin.tmp"):
-            tmp.unlink()
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
     meta = {"source": source, "command": shlex.join(["python", "prepare.py", *argv]), "tokenizer": args.tokenizer,
             "tokenizer_sha256": sha, "vocab_size": enc.n_vocab, "eot_token": enc.eot_token, "dtype": "uint16",
             "splits": counts, "fingerprint": fingerprint}

@@ -31,7 +31,7 @@ import fast
 from hyena import HyenaOperator
 from lib.cli import write_atomic
 from lib.implicit_filter import HyenaFilter
-from lib.runtime import compile_or_eager, ctrl_c, keep_freed_memory, setup_distributed
+from lib.runtime import compile_or_eager, ctrl_c, keep_freed_memory, setup_distributed, stopped
 from lib.checkpoint import (budget_name, copy_finished_stages, find_checkpoint, load_checkpoint, pending_branches,
                             rng_states, save_checkpoint, trim_log)
 
@@ -144,6 +144,7 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
     data.check_compatible(data.load_meta(data_dir), vocab_size=model.config.vocab_size)
     train_tokens = data.load_split(data_dir, "train")
     val_tokens = data.load_split(data_dir, "val") if cfg.eval_batches else None
+    data.check_split_sizes(data_dir, cfg.block_size, train=train_tokens, val=val_tokens)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     else:
@@ -341,8 +342,7 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
             if stop:
                 break
         if stop:
-            raise KeyboardInterrupt(f"stopped by Ctrl-C after step {step}, saved in {out / 'ckpt'}; continue the run "
-                                    "with the same command plus --resume")
+            raise stopped(stop[0], step, out)  # cli.run: exit 128 + the signal's number
         train_step(cfg, out, now)
         if val_tokens is not None and step % cfg.eval_interval == 0:
             val, eval_step = validate(out), step
@@ -352,8 +352,7 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
         if stop:
             if ckpt_step != step:
                 checkpoint(out, cfg)
-            raise KeyboardInterrupt(f"stopped by Ctrl-C after step {step}, saved in {out / 'ckpt'}; continue the run "
-                                    "with the same command plus --resume")
+            raise stopped(stop[0], step, out)  # cli.run: exit 128 + the signal's number
     if val_tokens is not None and eval_step != step:
         val = validate(out)
     if ckpt_step != step:

@@ -7,7 +7,8 @@ The model's parts that hyena.py uses without spelling them out:
   modal_student    the modal student: its filter, its decoding state, and to_modal, which makes one
   modal            the Laughing Hyena modal fit behind to_modal (and the modal filter's response)
 The scripts' and the training loop's:
-  cli              the scripts' one error path, flag helpers, atomic writes, the progress line
+  cli              the scripts' one error path, flag helpers, atomic writes, one writer per folder, a full
+                   disk named, the progress line
   train_config     TrainConfig: the training loop's settings, which are every training script's --flags
   distill_plan     distill.py's settings beyond those (DistillConfig) and its stages in order
   checkpoint       resumable training checkpoints, and the pretrained weights GPTNeoX.from_pretrained reads

@@ -9,14 +9,11 @@ train_state.pt (a dict of tensors, numbers and strings, read with torch.load(wei
 
 A wsd run's --branches are finished runs of their own in OUT_DIR@B/ (train.py runs each one's decay in-process).
 """
-import fcntl
 import json
 import math
-import os
 import pickle
 import shutil
 import sys
-from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -25,7 +22,7 @@ import torch
 import torch.distributed as torch_dist
 
 import data
-from lib.cli import write_atomic
+from lib.cli import disk_full, write_atomic
 from hub import HubError, looks_like_path, resolve_file
 from lib.safetensors_io import read_safetensors
 
@@ -35,53 +32,37 @@ RESUME_FIELDS = ("data", "block_size", "seed")
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype
 
 
-@contextmanager
-def out_dir_lock(out, master=True):
-    """Hold OUT/.lock (flock, with the holder's pid in it) while a run writes OUT: a second run on the same folder
-    is refused at once instead of interleaving log.jsonl and swapping checkpoints under the first. The kernel
-    drops a flock when its process dies, so a lock left by a killed run is stale: taken over, with a note."""
-    if not master:  # under DDP rank 0 holds the lock for all ranks
-        yield
-        return
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        f = open(out / ".lock", "a+")
-    except OSError as e:
-        raise OSError(f"--out-dir {out}: cannot write there ({e.strerror or e}); choose another --out-dir") from None
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise FileExistsError(f"--out-dir {out} is in use by another run (pid {f.read().strip() or '?'}, lock "
-                                  f"file {out / '.lock'}): wait for it to end, or choose another --out-dir") from None
-        f.seek(0)
-        holder = f.read().strip()  # a pid left here: its run ended without releasing the lock (killed)
-        if holder and holder != str(os.getpid()):
-            print(f"{out / '.lock'}: taking over the stale lock of pid {holder} (that run is gone)", file=sys.stderr)
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()  # released cleanly: no stale note for the next run
-
-
 def find_checkpoint(out):
     """out/ckpt, else out/ckpt.old (a save killed between its two renames), else None."""
     return next((Path(out) / n for n in ("ckpt", "ckpt.old") if (Path(out) / n / "train_state.pt").is_file()), None)
 
 
+def _nbytes(obj):
+    """Bytes of the tensors in obj (nested dicts, lists, tuples): about what saving it takes on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (dict, list, tuple)):
+        return sum(map(_nbytes, obj.values() if isinstance(obj, dict) else obj))
+    return 0
+
+
 def save_checkpoint(out, model, state):
-    """Write ckpt.tmp/ completely, then swap it in, so a complete checkpoint exists at every instant."""
+    """Write ckpt.tmp/ completely, then swap it in, so a complete checkpoint exists at every instant. A write that
+    fails removes ckpt.tmp (its partial files would keep the space the next try needs); the last checkpoint stays."""
     tmp, cur, old = out / "ckpt.tmp", out / "ckpt", out / "ckpt.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, metadata={"step": str(state["step"]), "tokens": str(state["tokens"])})
-    torch.save(state, tmp / "train_state.pt")
+    try:
+        model.save_pretrained(tmp, metadata={"step": str(state["step"]), "tokens": str(state["tokens"])})
+        torch.save(state, tmp / "train_state.pt")
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        full = disk_full(e, out, _nbytes(model.state_dict()) + _nbytes(state))
+        if full is None:
+            raise
+        last = find_checkpoint(out)
+        raise OSError(f"{out}: {full} writing the checkpoint of step {state['step']}; " +
+                      (f"the last one, {last}, is kept. Free space there, then rerun the same command with --resume"
+                       if last else "there is no earlier one. Free space there, then rerun the same command")) from None
     if cur.exists():
         shutil.rmtree(old, ignore_errors=True)
         cur.rename(old)
@@ -147,10 +128,17 @@ def load_checkpoint(out, model, opt, rng, cfg, dist, stream_seed):
 
 def save_final(model, out, meta):
     """OUT_DIR/final: the weights, plus the data's tokenizer.json when it is a local file (eval.py uses it)."""
-    model.save_pretrained(out)
     tok = Path(meta["tokenizer"])
-    if tok.is_file() and data.tokenizer_sha256(tok) == meta["tokenizer_sha256"]:
-        write_atomic(out / "tokenizer.json", tok.read_bytes())
+    try:
+        model.save_pretrained(out)
+        if tok.is_file() and data.tokenizer_sha256(tok) == meta["tokenizer_sha256"]:
+            write_atomic(out / "tokenizer.json", tok.read_bytes())
+    except OSError as e:  # each file is written atomically: nothing partial is left
+        full = disk_full(e, out, _nbytes(model.state_dict()))
+        if full is None:
+            raise
+        raise OSError(f"{out}: {full} writing the final weights; the run's checkpoint is kept. Free space there, "
+                      "then rerun the same command with --resume") from None
 
 
 def trim_log(path, step):
@@ -216,14 +204,20 @@ def weight_files(name_or_path, revision="main"):
 
 
 def resolve_ckpt(name):
-    """A folder written by save_pretrained (or a train.py out_dir: its ckpt/), else a hub repo id."""
+    """A folder written by save_pretrained; a train.py --out-dir: its final/, else its ckpt/ (said in one line);
+    else a hub repo id. A folder holding neither is refused, naming the subfolders that hold a checkpoint."""
     path = Path(name).expanduser()
-    for folder in (path, path / "ckpt"):
-        if (folder / "config.json").is_file():
-            return str(folder)
+    if (path / "config.json").is_file():
+        return str(path)
+    for sub in ("final", "ckpt"):
+        if (path / sub / "config.json").is_file():
+            print(f"{name}: a training run's folder: using its {sub}/ ({path / sub})", file=sys.stderr)
+            return str(path / sub)
     if path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path} holds no config.json (nor ckpt/config.json); "
-                                "expected a folder written by save_pretrained or a train.py --out-dir")
+        found = sorted(str(c.parent) for pattern in ("*/config.json", "*/*/config.json") for c in path.glob(pattern))
+        raise FileNotFoundError(f"checkpoint not found: {path} holds no config.json (nor final/ or ckpt/ with one); " +
+                                (f"pass one of its subfolders: {', '.join(found[:6])}" if found else
+                                 "expected a folder written by save_pretrained or a train.py --out-dir"))
     if looks_like_path(name):
         raise FileNotFoundError(f"checkpoint not found: {name} is no local folder, nor a hub repo id like "
                                 "'EleutherAI/pythia-160m'")

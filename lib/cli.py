@@ -1,13 +1,19 @@
 """What every script shares: the one error path (`if __name__ == "__main__": cli.run(main)`), flag helpers, the
-one way to write a file that must survive a crash (`write_atomic`), and the one progress line (`Progress`).
+one way to write a file that must survive a crash (`write_atomic`), one writer per output folder (`out_dir_lock`),
+a full disk said so (`disk_full`), and the one progress line (`Progress`).
 
 Expected failures (bad flags, values, files, checkpoints, data, network) exit with status 2 and one line,
 `script.py: error: <what is wrong and how to fix it>`; a traceback only with --debug or HYENA_DEBUG=1. Anything
-else is a bug and keeps its traceback. Ctrl-C exits 130 (train.py saves a checkpoint first and says how to resume).
+else is a bug and keeps its traceback. Ctrl-C exits 130 and SIGTERM 143, 128 + the signal's number (train.py
+handles both: it saves a checkpoint first and says how to resume).
 """
+import errno
+import fcntl
 import os
+import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -26,7 +32,8 @@ def debug():
 
 def run(main, argv=None):
     """Call main(argv) (argv None: sys.argv[1:]) and exit: 0 on success, 2 with one message on an expected
-    failure, 130 on Ctrl-C. `--debug` anywhere in argv is taken out and re-raises instead (full traceback)."""
+    failure, 130 on Ctrl-C (a train.py run stopped by a signal: 128 + its number). `--debug` anywhere in argv is
+    taken out and re-raises instead (full traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = Path(main.__globals__["__file__"]).name  # the script's own name, also when called in-process
     show = debug() or "--debug" in argv
@@ -37,7 +44,7 @@ def run(main, argv=None):
         if show:
             raise
         print(f"{prog}: {str(e) or 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(getattr(e, "status", 130))  # lib/runtime.Stopped: 143 for SIGTERM
     except SystemExit as e:  # argparse (already exit 2) or a script's own `sys.exit("...: error: ...")`
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
@@ -91,6 +98,57 @@ def write_atomic(path, content):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def disk_full(e, folder, needed):
+    """"the disk is full (N MB needed, M MB free)" when e, raised writing about `needed` bytes into folder, says
+    so, else None. torch.save reports a full disk as a RuntimeError ("unexpected pos"), not ENOSPC: that one counts
+    as full when the free space is short of what was needed."""
+    where = Path(folder)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or isinstance(e, RuntimeError) and free < needed
+    return f"the disk is full ({needed / 1e6:,.1f} MB needed, {free / 1e6:,.1f} MB free)" if full else None
+
+
+@contextmanager
+def out_dir_lock(out, master=True, what=None, fix="choose another --out-dir"):
+    """Hold OUT/.lock (flock, with the holder's pid in it) while a run writes OUT: a second run on the same folder
+    is refused at once instead of interleaving log.jsonl and swapping checkpoints under the first. The kernel
+    drops a flock when its process dies, so a lock left by a killed run is stale: taken over, with a note.
+    what / fix: how errors name the folder (default "--out-dir OUT") and what to do instead (prepare.py's
+    dataset folders are locked the same way)."""
+    if not master:  # under DDP rank 0 holds the lock for all ranks
+        yield
+        return
+    out = Path(out)
+    what = what or f"--out-dir {out}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        f = open(out / ".lock", "a+")
+    except OSError as e:
+        raise OSError(f"{what}: cannot write there ({e.strerror or e}); {fix}") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise FileExistsError(f"{what} is in use by another run (pid {f.read().strip() or '?'}, lock "
+                                  f"file {out / '.lock'}): wait for it to end, or {fix}") from None
+        f.seek(0)
+        holder = f.read().strip()  # a pid left here: its run ended without releasing the lock (killed)
+        if holder and holder != str(os.getpid()):
+            print(f"{out / '.lock'}: taking over the stale lock of pid {holder} (that run is gone)", file=sys.stderr)
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()  # released cleanly: no stale note for the next run
 
 
 class Progress:

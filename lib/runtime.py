@@ -1,6 +1,7 @@
 """The process a training run lives in: torchrun's ranks and process group (`setup_distributed`), glibc's
-allocator kept from returning freed memory (`keep_freed_memory`), Ctrl-C turned into a checkpoint (`ctrl_c`), and
-the objective compiled where it can be, else run eagerly (`compile_or_eager`). train.py's loop uses all four.
+allocator kept from returning freed memory (`keep_freed_memory`), Ctrl-C and SIGTERM turned into a checkpoint
+(`ctrl_c`), and the objective compiled where it can be, else run eagerly (`compile_or_eager`). train.py's loop
+uses all four.
 """
 import ctypes
 import os
@@ -69,31 +70,52 @@ def keep_freed_memory():
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20) and mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}  # what stops a run with a checkpoint (ctrl_c)
+
+
+class Stopped(KeyboardInterrupt):
+    """A run stopped by a signal: cli.run exits with its status, 128 + the signal's number as shells report a
+    process killed by it (130 for Ctrl-C, 143 for SIGTERM), so schedulers and scripts see why it ended."""
+    def __init__(self, message, signum=signal.SIGINT):
+        super().__init__(message)
+        self.status = 128 + signum
+
+
+def stopped(signum, step, out):
+    """The Stopped train() raises once the step a signal interrupted is finished and checkpointed."""
+    return Stopped(f"stopped by {SIGNALS[signum]} after step {step}, saved in {out / 'ckpt'}; continue the run "
+                   "with the same command plus --resume", signum)
+
+
 @contextmanager
 def ctrl_c(out, active=True):
-    """Ctrl-C while training: the first one lets the step finish, then train() saves a checkpoint and raises
-    KeyboardInterrupt (cli.run: exit 130); a second one stops at once. Yields a list that is non-empty once asked
-    to stop. Inactive under DDP (each rank would stop at another step and wait for the others forever) and off
-    the main thread (where Python delivers no signals)."""
+    """Ctrl-C (SIGINT) or SIGTERM (kill, schedulers, docker stop) while training: the first one lets the step
+    finish, then train() saves a checkpoint and raises `stopped` (cli.run: exit 130 or 143); a second one stops
+    at once. Yields a list that holds the signal's number once asked to stop. Inactive under DDP (each rank would
+    stop at another step and wait for the others forever) and off the main thread (where Python delivers no
+    signals)."""
     stop = []
     if not active or threading.current_thread() is not threading.main_thread():
         yield stop
         return
 
     def again(signum, frame):
-        raise KeyboardInterrupt(f"stopped at once by a second Ctrl-C; the last checkpoint in {out}, if any, "
-                                "continues with the same command plus --resume")
+        raise Stopped(f"stopped at once by a second {SIGNALS[signum]}; the last checkpoint in {out}, if any, "
+                      "continues with the same command plus --resume", signum)
 
     def first(signum, frame):
-        stop.append(True)
-        signal.signal(signal.SIGINT, again)
-        print("\nCtrl-C: stopping after this step, with a checkpoint (Ctrl-C again stops at once)", file=sys.stderr)
+        stop.append(signum)
+        for s in SIGNALS:
+            signal.signal(s, again)
+        print(f"\n{SIGNALS[signum]}: stopping after this step, with a checkpoint ({SIGNALS[signum]} again stops "
+              "at once)", file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, first)
+    previous = {s: signal.signal(s, first) for s in SIGNALS}
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def compile_or_eager(objective, cfg, cuda, tokens, device, amp):

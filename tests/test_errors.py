@@ -1,14 +1,18 @@
 """The error path of the scripts (cli.run): bad inputs exit 2 with one message that names what is wrong and no
-traceback; Ctrl-C exits 130 after a checkpoint; one writer per --out-dir; hub paths, stalls and retries."""
+traceback; Ctrl-C (SIGTERM) exits 130 (143) after a checkpoint; one writer per --out-dir; a full disk; hub paths,
+stalls and retries."""
+import errno
 import json
 import os
 import runpy
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +24,7 @@ import distill
 import eval as ev
 import finetune
 import hub
-from lib.checkpoint import out_dir_lock
+from lib.cli import out_dir_lock
 from fakehub import FakeHub
 from config import Config
 from hyena import GPTNeoX
@@ -124,7 +128,10 @@ def test_count_flags_device_and_config_json_are_checked(tmp_path, data_dir, caps
     assert f"{tmp_path / 'bad.json'}: not JSON" in err
 
 
-def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path, data_dir):
+@pytest.mark.parametrize("signum, name, status", [(signal.SIGINT, "Ctrl-C", 130), (signal.SIGTERM, "SIGTERM", 143)])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_says_how_to_resume_and_exits_128_plus_the_signal(
+        tmp_path, data_dir, signum, name, status):
+    """SIGTERM (kill, schedulers, docker stop) is handled as Ctrl-C is: the step finishes, a checkpoint is saved."""
     out = tmp_path / "run"
     args = train_args(out, data_dir, "--max-tokens", "1e9", "--ckpt-interval", "100000", "--eval-batches", "0")
     proc = subprocess.Popen([sys.executable, str(ROOT / "finetune.py"), *args], cwd=ROOT, text=True,
@@ -135,12 +142,13 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path, da
         while not ((out / "log.jsonl").is_file() and (out / "log.jsonl").read_text().count("\n") >= 2):
             assert proc.poll() is None and time.monotonic() < deadline, "no training steps"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         err = proc.communicate(timeout=60)[1]
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     assert "Traceback" not in err and "--resume" in err and str(out / "ckpt") in err, err
+    assert f"finetune.py: stopped by {name} after step" in err, err
     step = torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"]  # not an interval checkpoint
     assert step >= 2 and len((out / "log.jsonl").read_text().splitlines()) == step
     summary = finetune.main(train_args(out, data_dir, "--max-tokens", str((step + 1) * 32), "--eval-batches", "0",
@@ -162,6 +170,20 @@ def test_second_run_on_an_out_dir_is_refused_and_a_stale_lock_taken_over(tmp_pat
     assert f"taking over the stale lock of pid {dead.pid}" in capsys.readouterr().err
     assert len([r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "val" not in r]) == 3
     assert (out / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_a_split_too_short_for_one_window_is_refused_before_the_first_step(tmp_path, data_dir, capsys, split):
+    meta = json.loads((data_dir / "meta.json").read_text())
+    np.arange(5, dtype=np.uint16).tofile(data_dir / f"{split}.bin")  # 5 tokens: no window of --block-size 16
+    meta["splits"][split]["tokens"] = 5
+    (data_dir / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "run"
+    err = fails(finetune.main, train_args(out, data_dir, "--max-tokens", str(4 * 32)), capsys)
+    assert f"the {split} split of {data_dir} holds 5 tokens, too few for --block-size 16" in err, err
+    assert "lower --block-size to 4 or less" in err and meta["command"] in err, err
+    assert ("--eval-batches 0" in err) == (split == "val"), err
+    assert not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text()  # not one step taken
 
 
 def test_checkpoint_with_another_tokenizer_is_refused(tmp_path, data_dir, capsys):
@@ -205,6 +227,35 @@ def test_corrupt_checkpoint_under_resume_is_named(tmp_path, data_dir, capsys):
     state.write_bytes(state.read_bytes()[:100])  # truncated
     err = fails(finetune.main, train_args(out, data_dir, "--max-tokens", "128", "--resume"), capsys)
     assert f"{state} is unreadable" in err
+
+
+@pytest.mark.parametrize("report", ["ENOSPC", "torch"])
+def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_resume_works_once_space_is_freed(
+        tmp_path, data_dir, capsys, monkeypatch, report):
+    """No real disk is filled: torch.save writes part of the file and fails as a full disk makes it fail, with
+    ENOSPC or (torch's own writer) RuntimeError "unexpected pos" while the free space is short."""
+    out = tmp_path / "run"
+    args = train_args(out, data_dir, "--max-tokens", str(4 * 32), "--ckpt-interval", "2", "--eval-batches", "0")
+    real_save, calls = torch.save, []
+
+    def save_on_a_full_disk(obj, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 1:  # the checkpoint of step 2 is written; the disk fills up during step 4's
+            return real_save(obj, path, *a, **kw)
+        Path(path).write_bytes(b"\0" * 1000)
+        if report == "ENOSPC":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", save_on_a_full_disk)
+        m.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=1000))
+        err = fails(finetune.main, args, capsys)
+    assert f"{out}: the disk is full (" in err and "MB needed, 0.0 MB free)" in err, err
+    assert f"the last one, {out / 'ckpt'}, is kept" in err and "--resume" in err, err
+    assert not (out / "ckpt.tmp").exists()
+    assert torch.load(out / "ckpt" / "train_state.pt", weights_only=True)["step"] == 2  # loadable, as it was
+    summary = finetune.main(train_args(out, data_dir, "--max-tokens", str(4 * 32), "--eval-batches", "0", "--resume"))
+    assert summary["steps"] == 4 and (out / "final" / "model.safetensors").is_file()
 
 
 @pytest.fixture

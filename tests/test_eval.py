@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +123,7 @@ def test_main_prints_a_table_and_writes_json(root, ckpts, tmp_path, capsys):
     results = ev.main(["--ckpt", *ckpts, "--data", "wiki", "--data-root", str(root), "--context", "4096",
                        "--stride", "100", "--batch-size", "2", "--json", str(out)])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "| model | wiki token ppl | wiki word ppl | wiki bits/byte | wiki tokens |"
+    assert lines[0] == "| model | context | wiki token ppl | wiki word ppl | wiki bits/byte | wiki tokens |"
     saved = json.loads(out.read_text())
     assert saved["results"] == results and (saved["stride"], saved["dtype"]) == (100, "fp32")
     tokens = load_split(root / "wiki", "test")
@@ -131,8 +132,8 @@ def test_main_prints_a_table_and_writes_json(root, ckpts, tmp_path, capsys):
         assert r["context"] == 128 and m["split"] == "test"  # capped at max_position_embeddings; test by default
         direct = ev.evaluate(GPTNeoX.from_pretrained(ckpt), tokens, 128, stride=100)
         assert m["token_ppl"] == pytest.approx(direct["token_ppl"])
-        assert line == (f"| {ckpt} | {m['token_ppl']:.3f} | {m['word_ppl']:.3f} | {m['bits_per_byte']:.4f} "
-                        f"| {len(tokens) - 1:,} |")
+        assert line == (f"| {ckpt} | 128 | {m['token_ppl']:.3f} | {m['word_ppl']:.3f} | {m['bits_per_byte']:.4f} "
+                        f"| {len(tokens) - 1:,} (too few: < 1,000) |")  # a split of 493 tokens
     assert len(lines) == 4
 
 
@@ -210,3 +211,49 @@ def test_a_modal_student_evaluates_with_no_extra_flags(root, ckpts, tmp_path):
                          "--context", "64"])
     a, b = (r["datasets"]["wiki"]["token_ppl"] for r in (conv, mod))
     assert abs(b - a) <= 0.01 * a
+
+
+def succeeds(argv, capsys):
+    """eval.py as its __main__ runs it: (stdout, stderr) after checking it exits 0 without a traceback."""
+    with pytest.raises(SystemExit) as e:
+        cli.run(ev.main, argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == 0 and "Traceback" not in err, err
+    return out, err
+
+
+def test_the_table_shows_the_context_used_and_a_longer_one_asked_is_warned_by_name(root, ckpts, capsys):
+    out, err = succeeds(["--ckpt", *ckpts, "--data", "wiki", "--data-root", str(root), "--context", "4096"], capsys)
+    rows = out.strip().splitlines()
+    assert rows[0].startswith("| model | context | wiki token ppl |")
+    assert [row.split(" | ")[1] for row in rows[2:]] == ["128", "128"]
+    for ckpt, what in zip(ckpts, ("its max_position_embeddings 128", "its Hyena filters' l_max 128")):
+        assert f"warning: --context 4096 is past the maximum of {ckpt} ({what}): it is evaluated at context 128" in err
+    _, err = succeeds(["--ckpt", ckpts[0], "--data", "wiki", "--data-root", str(root), "--context", "64"], capsys)
+    assert "--context" not in err  # within the maximum: no warning
+
+
+def test_a_split_scored_on_few_tokens_gets_a_warning_on_its_row(root, ckpts, tmp_path, capsys):
+    out, err = succeeds(["--ckpt", ckpts[0], "--data", "wiki", "--data-root", str(root), "--context", "64",
+                         "--max-tokens", "5", "--json", str(tmp_path / "e.json")], capsys)
+    assert out.strip().splitlines()[2].endswith(" | 4 (too few: < 1,000) |"), out
+    assert f"warning: {ckpts[0]} on wiki test: only 4 tokens scored (fewer than 1,000): noisy perplexities" in err
+    saved = json.loads((tmp_path / "e.json").read_text())["results"][0]["datasets"]["wiki"]
+    assert saved["tokens"] == 4 and "fewer than 1,000" in saved["warning"]
+
+
+def test_a_run_folder_gives_its_final_or_names_the_subfolder_to_pass(root, ckpts, tmp_path, capsys):
+    run = tmp_path / "run"  # finetune.py's layout: OUT_DIR/ckpt (the training checkpoint) and OUT_DIR/final
+    for sub in ("ckpt", "final"):
+        shutil.copytree(ckpts[0], run / sub)
+    out, err = succeeds(["--ckpt", str(run), "--data", "wiki", "--data-root", str(root), "--context", "64",
+                         "--json", str(tmp_path / "e.json")], capsys)
+    assert f"{run}: a training run's folder: using its final/ ({run / 'final'})" in err
+    assert json.loads((tmp_path / "e.json").read_text())["results"][0]["path"] == str(run / "final")
+
+    shutil.copytree(ckpts[0], tmp_path / "distill" / "align" / "ckpt")  # a run still in its first stage
+    with pytest.raises(SystemExit) as e:
+        cli.run(ev.main, ["--ckpt", str(tmp_path / "distill"), "--data", "wiki", "--data-root", str(root)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"pass one of its subfolders: {tmp_path / 'distill' / 'align' / 'ckpt'}" in err, err

@@ -45,7 +45,7 @@ def test_quick_start_chain_teacher_student_finetune_eval_report(tmp_path, capsys
     text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:40_000], encoding="utf-8")
     root, runs = tmp_path / "data", tmp_path / "runs"  # runs/ laid out as experiment.py lays it out
     prepare.main(["text", str(text), "--val-fraction", "0.1", "--name", "shakespeare", "--tokenizer", str(TOKENIZER),
-                  "--out-dir", str(root), "--workers", "1"])
+                  "--out-dir", str(root), "--workers", "1", "--min-tokens", "129"])  # the evaluations' context + 1
     meta = json.loads((root / "shakespeare" / "meta.json").read_text())
     assert set(meta["splits"]) == {"train", "val"} and meta["splits"]["val"]["tokens"] > 1000
     data = ["--data", "shakespeare", "--data-root", str(root), *TRAIN]

@@ -156,13 +156,14 @@ def test_eval_py_tasks_end_to_end(student, enc, texts, tmp_path, capsys):
     ev.main(["--ckpt", str(tmp_path / "ckpt"), "--tasks", "tiny_lambada", "--include-path", str(tmp_path),
              "--tokenizer", str(TOKENIZER), "--json", str(out), "--device", "cpu"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-3] == "| model | tiny_lambada perplexity | tiny_lambada acc |"
-    got = json.loads(out.read_text())["results"][0]["tasks"]["tiny_lambada"]
+    assert lines[-3] == "| model | context | tiny_lambada perplexity | tiny_lambada acc |"
+    result = json.loads(out.read_text())["results"][0]
+    got = result["tasks"]["tiny_lambada"]
     lls = lm_for(GPTNeoX.from_pretrained(tmp_path / "ckpt")).loglikelihood(
         [request("loglikelihood", " ".join(p["text"].split(" ")[:-1]), " " + p["text"].split(" ")[-1]) for p in passages])
     assert got["perplexity"] == pytest.approx(math.exp(-np.mean([ll for ll, _ in lls])), rel=1e-6)
     assert got["acc"] == np.mean([g for _, g in lls])
-    assert lines[-1].startswith(f"| {tmp_path / 'ckpt'} | {got['perplexity']:.4f} ± ")
+    assert lines[-1].startswith(f"| {tmp_path / 'ckpt'} | {result['context']} | {got['perplexity']:.4f} ± ")
 
 
 def test_tasks_without_lm_eval_names_the_install(tmp_path, monkeypatch):

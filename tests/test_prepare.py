@@ -2,6 +2,9 @@
 document out."""
 import io
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -14,7 +17,8 @@ import torch
 
 import data
 import prepare
-from lib import sources
+from lib import cli, sources
+from lib.cli import out_dir_lock
 from fakehub import FakeHub
 from tokenizer import load_tokenizer
 
@@ -29,9 +33,16 @@ def enc():
     return load_tokenizer(str(TOKENIZER))
 
 
-def run(tmp_path, *argv, workers=1):
+def run(tmp_path, *argv, workers=1, min_tokens=2):
+    """prepare.py on these tiny texts: --min-tokens 2 (min_tokens None: the default) lets their splits through."""
+    more = [] if min_tokens is None else ["--min-tokens", str(min_tokens)]
     prepare.main([*map(str, argv), "--tokenizer", str(TOKENIZER), "--out-dir", str(tmp_path / "data"),
-                  "--workers", str(workers)])
+                  "--workers", str(workers), *more])
+
+
+def files(folder):
+    """The folder's files but the .lock prepare.py holds while writing it (left behind empty)."""
+    return [p for p in sorted(folder.iterdir()) if p.name != ".lock"]
 
 
 def decoded(enc, folder, split):
@@ -84,11 +95,11 @@ def test_text_tree_with_val_list_round_trips_and_skips_when_up_to_date(tmp_path,
     assert meta["tokenizer_sha256"] == "56ac4821e129d2c520fdaba60abd920fa852ada51b45c0dd52bbb6bd8c985ade"
     assert meta["command"].startswith("python prepare.py text ")
 
-    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    stamps = {p.name: p.stat().st_mtime_ns for p in files(out)}
     capsys.readouterr()
     run(tmp_path, "text", tmp_path / "in", "--val-list", tmp_path / "VAL.txt", "--name", "tree")
     assert "up to date" in capsys.readouterr().out
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    assert {p.name: p.stat().st_mtime_ns for p in files(out)} == stamps
 
     (tmp_path / "in" / "a.txt").write_text("Alpha, revised.")
     run(tmp_path, "text", tmp_path / "in", "--val-list", tmp_path / "VAL.txt", "--name", "tree")
@@ -115,7 +126,7 @@ def test_val_and_test_files_and_val_fraction(tmp_path, enc):
     assert decoded(enc, tmp_path / "data" / "play", "val") == "".join(lines[91:]) + EOT
     # eval-only data: everything in val, no train.bin
     run(tmp_path, "text", "--val", tmp_path / "docs.jsonl", "--name", "evalonly")
-    assert sorted(p.name for p in (tmp_path / "data" / "evalonly").iterdir()) == ["meta.json", "val.bin"]
+    assert [p.name for p in files(tmp_path / "data" / "evalonly")] == ["meta.json", "val.bin"]
 
 
 def test_cutting_long_documents_keeps_the_tokens_of_the_whole(enc):
@@ -205,7 +216,7 @@ def test_errors_name_the_problem_and_the_fix(tmp_path, monkeypatch):
     (tmp_path / "bad.txt").write_bytes(b"caf\xe9 au lait")
     msg = error(tmp_path, "text", tmp_path / "bad.txt")
     assert "bad.txt: not UTF-8 at byte offset 3" in msg and "--errors replace" in msg
-    assert not (tmp_path / "data" / "bad").exists() or not any((tmp_path / "data" / "bad").iterdir())
+    assert not (tmp_path / "data" / "bad").exists() or not files(tmp_path / "data" / "bad")
     jsonl = b'{"text": "fine"}\n{"text": "caf\xe9"}\n'
     (tmp_path / "bad.jsonl").write_bytes(jsonl)  # the offset is the bad byte's within the file
     msg = error(tmp_path, "text", tmp_path / "bad.jsonl")
@@ -228,10 +239,10 @@ def test_errors_replace_reads_bad_bytes_and_a_failed_run_keeps_the_old_data(tmp_
     run(tmp_path, "text", tmp_path / "bad.txt", "--errors", "replace")
     out = tmp_path / "data" / "bad"
     assert decoded(enc, out, "train") == "caf\ufffd au lait" + EOT
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p.name: p.read_bytes() for p in files(out)}
     with pytest.raises(ValueError, match="not UTF-8"):  # same output folder, strict this time: it fails ...
         run(tmp_path, "text", tmp_path / "bad.txt")
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # ... and leaves the old data as it was
+    assert {p.name: p.read_bytes() for p in files(out)} == before  # ... and leaves the old data as it was
 
 
 # -- data.py ---------------------------------------------------------------------------------------------------
@@ -284,3 +295,60 @@ def test_loading_prepared_data_and_its_errors(tmp_path, enc):
         data.check_compatible(folder, tokenizer_sha256="0" * 64)
     with pytest.raises(ValueError, match="model has vocab_size 1000"):
         data.check_compatible(meta, vocab_size=1000)
+
+
+# -- concurrent runs, splits too small to score, names that leave --out-dir (issue 28) -------------------------
+
+def refused(tmp_path, capsys, *argv):
+    """prepare.py's one error line (cli.run: exit 2, no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        cli.run(prepare.main, [*map(str, argv), "--tokenizer", str(TOKENIZER), "--out-dir", str(tmp_path / "data"),
+                               "--workers", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("prepare.py: error: "), err
+    return lines[0]
+
+
+def test_a_second_writer_of_a_dataset_folder_is_refused_and_a_killed_ones_leftovers_go(tmp_path, enc, capsys):
+    (tmp_path / "a.txt").write_text("First input. " * 1000)  # 3000 tokens: over the default --min-tokens
+    run(tmp_path, "text", tmp_path / "a.txt", "--name", "books", min_tokens=None)
+    out = tmp_path / "data" / "books"
+    before = {p.name: p.read_bytes() for p in files(out)}
+    (tmp_path / "b.txt").write_text("Other input. " * 1000)
+    with out_dir_lock(out):  # another prepare.py is writing books/ now
+        err = refused(tmp_path, capsys, "text", tmp_path / "b.txt", "--name", "books")
+    assert f"dataset folder {out} is in use by another run (pid {os.getpid()}" in err and "--name" in err, err
+    assert {p.name: p.read_bytes() for p in files(out)} == before  # nothing of the other run's lost
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock").write_text(f"{dead.pid}\n")  # left by a prepare.py killed mid-write, with its temp file ...
+    (out / f"train.bin.{dead.pid}.tmp").write_bytes(b"half")
+    (out / f"train.bin.{os.getppid()}.tmp").write_bytes(b"live")  # ... and one of a live process: not this run's
+    run(tmp_path, "text", tmp_path / "b.txt", "--name", "books", min_tokens=None)
+    err = capsys.readouterr().err
+    assert f"taking over the stale lock of pid {dead.pid}" in err and f"left by a killed run (pid {dead.pid})" in err
+    assert decoded(enc, out, "train") == "Other input. " * 1000 + EOT
+    assert sorted(p.name for p in out.glob("*.tmp")) == [f"train.bin.{os.getppid()}.tmp"]
+
+
+def test_a_split_too_small_to_score_is_refused_naming_it_its_size_and_the_fix(tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("A single line of text with no newline at all, which goes to train whole.")
+    err = refused(tmp_path, capsys, "text", tmp_path / "one.txt", "--val-fraction", "0.1")
+    assert "the train split would hold" in err and "fewer than --min-tokens 2049" in err, err
+    err = refused(tmp_path, capsys, "text", tmp_path / "one.txt", "--val-fraction", "0.1", "--min-tokens", "8")
+    assert "the val split would hold 1 tokens" in err and "--val-fraction than 0.1" in err, err
+    assert not (tmp_path / "data" / "one").exists() or not files(tmp_path / "data" / "one")
+    assert "--min-tokens 1 must be at least 2" in refused(tmp_path, capsys, "text", tmp_path / "one.txt",
+                                                          "--min-tokens", "1")
+
+
+@pytest.mark.parametrize("name", ["../escaped", "ABSOLUTE", "a/../../escaped", "..", ""])
+def test_a_name_that_would_leave_out_dir_is_refused(tmp_path, capsys, name):
+    name = str(tmp_path / "escaped") if name == "ABSOLUTE" else name
+    (tmp_path / "a.txt").write_text("Some text. " * 10)
+    err = refused(tmp_path, capsys, "text", tmp_path / "a.txt", "--name", name)
+    assert f"--name {name!r}: a dataset's name is one folder name" in err and "--out-dir" in err, err
+    assert not (tmp_path / "escaped").exists() and not list(tmp_path.glob("data/**/*.bin"))
