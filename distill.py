@@ -16,7 +16,7 @@ The MSE of a layer is divided by the mean square of the teacher's output there (
 residual stream grows with depth, and without this the deepest layers would dominate the joint sum.
 
 Modal conversion (`--modal-state D` or `--modal-tol TOL`): the teacher is a distilled (convolutional) student;
-every Hyena filter becomes D decaying complex modes (to_modal in lib/modal_student.py, Laughing Hyena
+every Hyena filter becomes D decaying complex modes (to_modal in modal/student.py, Laughing Hyena
 Distillery), the per-layer filter errors go to OUT_DIR/modal_fit.json, and the conv student is the teacher of the
 optional stages (e.g. a short `--layers none --e2e-tokens N` KL repair, in which poles and residues train). With
 no stage it only converts and saves OUT_DIR/final.
@@ -43,7 +43,7 @@ from lib.checkpoint import out_dir_lock, save_final
 from lib.cli import write_atomic
 from lib.distill_plan import DistillConfig, plan_stages
 from hyena import GPTNeoX, make_student
-from lib.modal_student import to_modal
+from modal.student import to_modal
 from fast.losses import head_loss
 from lib.runtime import setup_distributed
 from lib.train_config import add_train_args, train_config_from_args
@@ -142,7 +142,7 @@ def parse_layers(spec, n):
 
 
 def modal_student(teacher, dcfg, out, master):
-    """to_modal (lib/modal_student.py) of the teacher (a Hyena student); the per-layer filter errors logged and
+    """to_modal (modal/student.py) of the teacher (a Hyena student); the per-layer filter errors logged and
     in modal_fit.json."""
     try:
         student = to_modal(teacher, state_size=dcfg.modal_state or None, tol=dcfg.modal_tol or None,

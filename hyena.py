@@ -8,7 +8,7 @@ the Hyena operator (the FFT convolution, the short convolution, the operator and
 network with its loss, `generate` and checkpoints, `make_student`. Activations are time-major (B, L, D); the
 configuration is config.py's. The parts this file uses but does not spell out live in lib/: the teacher's
 attention with its rotary embeddings (lib/attention.py), the operator's implicit filter (lib/implicit_filter.py),
-what cached decoding keeps per layer (lib/decoding.py), and the modal student (lib/modal_student.py: its
+what cached decoding keeps per layer (lib/decoding.py), and the modal student (modal/student.py: its
 filter, its decoding state, and `to_modal`, which makes one from a trained student).
 
 The speed work lives in fast/ and computes the same functions: the FFT convolution with a hand-written
@@ -29,8 +29,8 @@ Glossary (code name -> paper symbol, Hyena paper section 3):
   z                        the input of a long convolution (x^n ⊙ z^n), cached for decoding
   pos_emb.z                the filter's positional embedding table z(t) (safari's name; not the above)
   l_max                    the longest sequence the filter is defined for (t = 0 .. l_max-1)
-  ModalFilter              h as d decaying complex modes per channel (Laughing Hyena; lib/modal_student.py, the
-                           convention lib/modal.py's): any length, and decoding by a (B, channels, d) recurrence
+  ModalFilter              h as d decaying complex modes per channel (Laughing Hyena; modal/student.py, the
+                           convention modal/fit.py's): any length, and decoding by a (B, channels, d) recurrence
                            state (ModalState) instead of z history (HyenaState, lib/decoding.py)
 """
 import json
@@ -51,7 +51,7 @@ from lib.attention import Attention
 from lib.cli import write_atomic
 from lib.decoding import HyenaState, new_cache
 from lib.implicit_filter import HyenaFilter
-from lib.modal_student import ModalFilter, ModalState
+from modal.student import ModalFilter, ModalState
 from lib.safetensors_io import write_safetensors
 
 # ----------------------------------------------------------------------------- the Hyena operator
@@ -123,7 +123,7 @@ class HyenaOperator(nn.Module):
         for o, x_i in enumerate(reversed(x[1:])):
             zs.append(v * x_i)  # (B, L, D)
             v = conv(zs[o], k[:L, o], bias[o])  # (B, L, D)
-        if cache is not None:  # the prefill: the layer's decoding state (lib/decoding.py, lib/modal_student.py)
+        if cache is not None:  # the prefill: the layer's decoding state (lib/decoding.py, modal/student.py)
             state = ModalState if self.modal else HyenaState
             cache.layers[layer] = state.prefill(self, p, zs, k, bias, cache.max_len)
         return self.out_proj(v * x[0])  # (B, L, D)

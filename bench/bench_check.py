@@ -132,15 +132,15 @@ class Checks:
     def check_scan(self, B=4, L=20000, d=16):
         import math
         from fast import decode
-        from lib import modal
+        from modal import fit
         C = self.cfg.hidden_size
         z = torch.randn(B, L, C, device=self.dev, dtype=torch.bfloat16)
         w = torch.empty(C, d, device=self.dev).uniform_(math.log(1e-4), math.log(0.5))
         th = torch.rand(C, d, device=self.dev) * math.pi
-        ref = torch.view_as_real(modal.prefill_state(z.double(), w.double(), th.double()))  # (B, C, d, 2)
+        ref = torch.view_as_real(fit.prefill_state(z.double(), w.double(), th.double()))  # (B, C, d, 2)
         fast_err = self.rel(torch.view_as_real(decode.prefill_state(z, w, th)), ref)
         with fp32_matmuls():  # the plain twin's bmm in true fp32
-            plain = modal.prefill_state(z, w, th)
+            plain = fit.prefill_state(z, w, th)
         return fast_err / self.rel(torch.view_as_real(plain), ref)  # fp32's phases k theta round both
 
     @torch.no_grad()

@@ -6,7 +6,7 @@ hyena.py (or lib/, distill.py), faster, and its docstring names that twin and th
                                                                                  distill.kd_loss's plain branch
   decode.py   a Triton kernel for Hyena's decoding step; CUDA graphs;     twins: HyenaState.long_conv's formula,
               a Triton scan for a modal prefill's state                          generate's eager step,
-                                                                                 lib.modal.prefill_state
+                                                                                 modal.fit.prefill_state
 
 One switch chooses: `fast.enable(on)`. on=True runs the fast paths on every device, False nowhere, None (the
 default) on CUDA tensors only; `active(t)` is how the model asks. train.py's loop turns them on for its run unless

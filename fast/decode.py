@@ -12,7 +12,7 @@ CUDA graph (its shapes never change). The test
 holds the two equal in Triton's CPU interpreter (where Triton is installed), bench/bench.py's check section on
 the GPU. HyenaState.long_conv uses it where fast.active and `available` say so.
 
-`prefill_state` computes a modal student's recurrence states after the prompt (lib/modal.py's prefill_state, its plain
+`prefill_state` computes a modal student's recurrence states after the prompt (modal/fit.py's prefill_state, its plain
 twin) by a chunked scan that reads the prompt's activations once, in place.
 
 `graphed_step` captures a whole cached step of a model (attention or Hyena, any mix) as a CUDA graph, which
@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from lib import modal
+from modal import fit
 
 try:
     import triton
@@ -104,17 +104,17 @@ SCAN_CHUNK, SCAN_C = 256, 32  # positions and channels per program of the prefil
 
 
 def prefill_state(z, log_decay, angle):
-    """lib.modal.prefill_state computed by a chunked scan: z (B, L, C) read once in its own layout and dtype, each
+    """modal.fit.prefill_state computed by a chunked scan: z (B, L, C) read once in its own layout and dtype, each
     program running the recurrence over SCAN_CHUNK positions of SCAN_C channels in fp32, then the chunks' states
     carried to the end, state = sum_j lambda^(L - end_j) state_j (in PyTorch, small). The plain twin transposes z
     into a channels-first fp32 copy for its two batched matmuls, the bulk of a modal prefill's extra time.
-    Plain twin: lib.modal.prefill_state; held equal, in Triton's CPU interpreter, by
+    Plain twin: modal.fit.prefill_state; held equal, in Triton's CPU interpreter, by
     tests/test_modal.py::test_prefill_scan_kernel_equals_the_plain_state_in_tritons_interpreter (and by bench/bench.py's
     check section on the GPU)."""
     B, L, C = z.shape
     if L * C >= 2 ** 31:  # the kernel's in-sequence offsets t * C are 32-bit: the plain twin serves such prompts
-        return modal.prefill_state(z, log_decay, angle)
-    d, dt = log_decay.shape[1], modal.work_dtype(log_decay)
+        return fit.prefill_state(z, log_decay, angle)
+    d, dt = log_decay.shape[1], fit.work_dtype(log_decay)
     with torch.autocast(z.device.type, enabled=False):
         w, th = log_decay.to(dt), angle.to(dt)
         lam = torch.polar(torch.exp(-w.exp()), th)  # (C, d)
@@ -127,7 +127,7 @@ def prefill_state(z, log_decay, angle):
                                                        BLOCK_C=SCAN_C)
         s = torch.complex(out[..., :d], out[..., DM:DM + d])  # (B, a, C, d): each chunk's state at its end
         ends = torch.clamp(torch.arange(1, a + 1, device=z.device) * SCAN_CHUNK, max=L)
-        qr, qi = modal.powers(w, th, L - ends)  # (C, a, d): lambda^(L - end_j)
+        qr, qi = fit.powers(w, th, L - ends)  # (C, a, d): lambda^(L - end_j)
         return (s * torch.complex(qr, qi).transpose(0, 1)).sum(1)  # (B, C, d) complex64
 
 

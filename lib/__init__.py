@@ -4,8 +4,6 @@ The model's parts that hyena.py uses without spelling them out:
   attention        GPT-NeoX's attention with its rotary embeddings: the teacher's mixer
   implicit_filter  the Hyena operator's implicit long filter h(t) = FFN(PositionalEmbedding(t)) * Window(t)
   decoding         cached decoding: the Cache, and what each attention or Hyena layer keeps and how it steps
-  modal_student    the modal student: its filter, its decoding state, and to_modal, which makes one
-  modal            the Laughing Hyena modal fit behind to_modal (and the modal filter's response)
 The scripts' and the training loop's:
   cli              the scripts' one error path, flag helpers, atomic writes, the progress line
   train_config     TrainConfig: the training loop's settings, which are every training script's --flags

@@ -4,7 +4,7 @@ GPTNeoX.generate makes a Cache (new_cache) and calls the model on the prompt, th
 Each mixer (lib/attention.py's Attention, hyena.py's HyenaOperator) fills its layer's state in the prefill (from
 position 0) and, from then on, hands the new positions to that state: attention's AttentionState keeps keys and
 values; a Hyena operator's HyenaState keeps the inputs of its long convolutions so far and its filter, reversed, so
-one step is one dot product per channel (O(pos D)); a modal Hyena operator's ModalState (lib/modal_student.py) keeps
+one step is one dot product per channel (O(pos D)); a modal Hyena operator's ModalState (modal/student.py) keeps
 a recurrence state of fixed size. A step reads the position from `Cache.pos`, a device tensor, and never the host:
 its shapes are fixed, so a CUDA graph can capture it (fast.decode.graphed_step).
 """

@@ -10,7 +10,7 @@ loads by name and computes the same function; HyenaFilter's docstring lists the 
   HyenaFilter            the three together: forward(L) -> h for lags 0 .. L-1, (L, channels)
 
 hyena.py's HyenaOperator holds one HyenaFilter (`filter_fn`) for all its long convolutions; a modal student holds
-lib/modal_student.py's ModalFilter instead, which has the same interface.
+modal/student.py's ModalFilter instead, which has the same interface.
 """
 import math
 

@@ -16,7 +16,7 @@ import eval as ev
 from data import context_windows, document_windows, load_split
 from config import Config
 from hyena import GPTNeoX, make_student
-from lib.modal_student import to_modal
+from modal.student import to_modal
 from lib.sweep import evaluate_context
 from tokenizer import load_tokenizer
 

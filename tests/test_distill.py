@@ -12,7 +12,7 @@ import torch
 import distill
 from config import Config
 from hyena import GPTNeoX, make_student
-from lib.modal_student import to_modal
+from modal.student import to_modal
 from lib.distill_plan import DistillConfig, plan_stages
 from lib.train_config import TrainConfig
 

@@ -138,7 +138,7 @@ def test_one_meaning_per_name():
 def test_one_position_representation_in_the_forwards():
     """The decoding position is always lib.decoding.Cache.pos, a device tensor: no forward or decoding state asks
     which kind it is."""
-    for name in ("hyena.py", "lib/attention.py", "lib/decoding.py", "lib/modal_student.py"):
+    for name in ("hyena.py", "lib/attention.py", "lib/decoding.py", "modal/student.py"):
         assert "is_tensor(" not in (ROOT / name).read_text(), name
 
 

@@ -12,7 +12,7 @@ import finetune
 from config import Config
 from experiment import longctx, runner, throughput
 from hyena import GPTNeoX
-from lib.modal_student import to_modal
+from modal.student import to_modal
 from tokenizer import load_tokenizer
 
 VOCAB = 64

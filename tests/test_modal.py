@@ -1,16 +1,16 @@
-"""Modal filters (Laughing Hyena): the fit (lib/modal.py), ModalFilter's recurrence, to_modal and modal students."""
+"""Modal filters (Laughing Hyena): the fit (modal/fit.py), ModalFilter's recurrence, to_modal and modal students."""
 import json
 import math
 
 import pytest
 import torch
 
-from lib import modal
+from modal import fit
 from config import Config
 from hyena import GPTNeoX, HyenaOperator, fftconv, make_student
 from lib.decoding import Cache, new_cache
 from lib.implicit_filter import HyenaFilter
-from lib.modal_student import to_modal
+from modal.student import to_modal
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3, vocab_size=64,
             max_position_embeddings=32)
@@ -29,7 +29,7 @@ def random_modes(C, d, real=0, seed=0):
 
 def test_modal_response_follows_the_documented_convention():
     h0, w, th, R = random_modes(3, 4)
-    h = modal.modal_response(h0, w, th, R, 50)  # (L, C)
+    h = fit.modal_response(h0, w, th, R, 50)  # (L, C)
     lam, Rc = torch.polar(torch.exp(-w.exp()), th), torch.complex(R[..., 0], R[..., 1])
     ref = torch.stack([h0] + [2 * (Rc * lam ** (t - 1)).sum(-1).real for t in range(1, 50)])
     assert h.shape == (50, 3) and (h - ref).abs().max().item() <= 1e-12
@@ -42,14 +42,14 @@ def test_prefill_state_equals_the_recurrence_run_over_the_prompt(L):
     lam, x = torch.polar(torch.exp(-w.exp()), th), torch.zeros(2, 5, 3, dtype=torch.complex128)
     for t in range(L):
         x = lam * x + z[:, t, :, None]
-    assert (modal.prefill_state(z, w, th) - x).abs().max().item() <= 1e-12
+    assert (fit.prefill_state(z, w, th) - x).abs().max().item() <= 1e-12
 
 
 SCAN_CHECK = """
 import math, torch
 import fast
 from fast import decode
-from lib import modal
+from modal import fit
 fast.enable(True)
 assert decode.available(torch.zeros(1))
 g = torch.Generator().manual_seed(0)
@@ -60,18 +60,18 @@ worst = plain = 0.0
 for L in (1, 7, decode.SCAN_CHUNK, 2 * decode.SCAN_CHUNK + 3):  # one, part of one, exactly one, and 3 chunks
     for dtype in (torch.float32, torch.bfloat16):
         z = torch.randn(2, L, C, generator=g).to(dtype)
-        ref = modal.prefill_state(z.double(), w.double(), th.double())
+        ref = fit.prefill_state(z.double(), w.double(), th.double())
         out = decode.prefill_state(z, w, th)
         assert out.shape == ref.shape and out.dtype == torch.complex64
         worst = max(worst, ((out - ref).abs().max() / ref.abs().max()).item())
-        plain = max(plain, ((modal.prefill_state(z, w, th) - ref).abs().max() / ref.abs().max()).item())
+        plain = max(plain, ((fit.prefill_state(z, w, th) - ref).abs().max() / ref.abs().max()).item())
 print(plain, worst)
 """
 
 
 def test_prefill_scan_kernel_equals_the_plain_state_in_tritons_interpreter():
     """fast.decode.prefill_state (a Triton scan), run on the CPU by Triton's interpreter, against the plain
-    lib.modal.prefill_state in fp64 (GPU agreement: bench.py's check section)."""
+    modal.fit.prefill_state in fp64 (GPU agreement: bench.py's check section)."""
     import os
     import subprocess
     import sys
@@ -113,8 +113,8 @@ def test_recurrent_decoding_equals_the_fft_convolution_with_the_materialised_fil
 @pytest.mark.parametrize("real", [0, 1, 2])
 def test_a_sum_of_d_modes_is_recovered_exactly(real):
     h0, w, th, R = random_modes(6, 5, real=real, seed=real)
-    h = modal.modal_response(h0, w, th, R, 300)
-    f = modal.fit(h, 5)
+    h = fit.modal_response(h0, w, th, R, 300)
+    f = fit.fit(h, 5)
     print(f"{real} real poles: rel error {f.rel_error:.1e}")
     assert f.rel_error <= 1e-6 and f.channel_error.max().item() <= 1e-6
     lam = torch.polar(torch.exp(-w.exp()), th)
@@ -126,12 +126,12 @@ def test_fit_error_falls_as_the_state_grows_on_an_implicit_filter():
     torch.manual_seed(0)
     with torch.no_grad():
         h = HyenaFilter(8, l_max=256)(256).double()  # a Hyena filter: smooth, decaying, many frequencies
-    errs = [modal.fit(h, d).rel_error for d in (1, 2, 4, 8, 16)]
+    errs = [fit.fit(h, d).rel_error for d in (1, 2, 4, 8, 16)]
     print("rel errors for d = 1, 2, 4, 8, 16:", [f"{e:.1e}" for e in errs])
     assert all(b < 0.8 * a for a, b in zip(errs, errs[1:])) and errs[-1] < 0.02
-    sv = modal.hankel_singular_values(h)
+    sv = fit.hankel_singular_values(h)
     assert sv.shape[0] == 8 and (sv[:, 1:] <= sv[:, :-1] + 1e-12).all()
-    tol = modal.fit_tol(h, tol=errs[2] * 1.01, max_state=16)  # the smallest power of two meeting the tolerance
+    tol = fit.fit_tol(h, tol=errs[2] * 1.01, max_state=16)  # the smallest power of two meeting the tolerance
     assert tol.state_size == 4 and tol.rel_error <= errs[2] * 1.01
 
 
@@ -139,7 +139,7 @@ def test_refinement_never_makes_the_fit_worse():
     torch.manual_seed(1)
     with torch.no_grad():
         h = HyenaFilter(4, l_max=128)(128).double()
-    plain, refined = modal.fit(h, 2), modal.fit(h, 2, refine_steps=30)
+    plain, refined = fit.fit(h, 2), fit.fit(h, 2, refine_steps=30)
     assert (refined.channel_error <= plain.channel_error + 1e-12).all()
     assert refined.rel_error < plain.rel_error
 

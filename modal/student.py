@@ -5,9 +5,9 @@ long filters are d decaying complex modes per channel, so it decodes by a fixed-
                HyenaOperator built with modal_state=d holds one (Config.hyena_modal_state says d per layer)
   ModalState   what such a layer keeps for cached decoding (lib/decoding.py holds the other layers' states):
                O(channels d) numbers whatever the context or max_len, instead of the z history
-  to_modal     a trained Hyena student -> its modal twin, each filter fitted by lib/modal.py
+  to_modal     a trained Hyena student -> its modal twin, each filter fitted by modal/fit.py
 
-The mathematics (the convention, the fit, the prefill state) is lib/modal.py's; this module is the model side.
+The mathematics (the convention, the fit, the prefill state) is modal/fit.py's; this module is the model side.
 """
 import math
 from dataclasses import asdict, dataclass
@@ -18,12 +18,12 @@ import torch.nn as nn
 import fast
 import fast.decode
 from config import Config
-from lib import modal
+from modal import fit
 from lib.decoding import tail_of
 
 
 class ModalFilter(nn.Module):
-    """h(0) = h0, h(t) = 2 Re sum_n R_n lambda_n^(t-1) for t >= 1 (lib/modal.py's convention), d = state_size modes
+    """h(0) = h0, h(t) = 2 Re sum_n R_n lambda_n^(t-1) for t >= 1 (modal/fit.py's convention), d = state_size modes
     per channel, defined for every t: HyenaFilter's interface (forward(L) -> (L, channels), `bias` the skip D).
     lambda = exp(-exp(log_decay) + i angle) stays inside the unit circle whatever the parameters; residues are
     (Re R, Im R) pairs. `to_modal` fills them from a trained filter; the init here is for models built
@@ -42,11 +42,11 @@ class ModalFilter(nn.Module):
 
     def forward(self, L):
         """The filter for lags 0..L-1, (L, channels), fp32 (fp64 for fp64 parameters), for any L."""
-        return modal.modal_response(self.h0, self.log_decay, self.angle, self.residues, L)
+        return fit.modal_response(self.h0, self.log_decay, self.angle, self.residues, L)
 
     def poles(self):
         """lambda as a (channels, d) complex tensor, complex64 (complex128 for fp64 parameters)."""
-        dt = modal.work_dtype(self.log_decay)
+        dt = fit.work_dtype(self.log_decay)
         w, th = self.log_decay.to(dt), self.angle.to(dt)
         return torch.polar(torch.exp(-w.exp()), th)
 
@@ -63,11 +63,11 @@ class ModalState:
     @classmethod
     def prefill(cls, op, p, zs, k, bias, max_len):
         """After the prompt (HyenaState.prefill's arguments; the filter itself is not kept): each long conv's
-        recurrence state, computed exactly (lib/modal.py's prefill_state), sum_t lambda^(L-1-t) z_t."""
+        recurrence state, computed exactly (modal/fit.py's prefill_state), sum_t lambda^(L-1-t) z_t."""
         f, D = op.filter_fn, zs[0].shape[-1]
         lam = f.poles()  # (N-1) D channels, (C, d)
         fastest = fast.active(zs[0]) and fast.decode.available(zs[0])  # the fast twin: one Triton scan, z in place
-        prefill = fast.decode.prefill_state if fastest else modal.prefill_state
+        prefill = fast.decode.prefill_state if fastest else fit.prefill_state
         states = [prefill(z, f.log_decay[o * D:(o + 1) * D], f.angle[o * D:(o + 1) * D]) for o, z in enumerate(zs)]
         R = f.residues.to(lam.real.dtype)
         return cls(tail=tail_of(p, op.short_filter.kernel_size[0] - 1),  # (B, kw, (N+1)D) last inputs
@@ -95,7 +95,7 @@ def to_modal(model, state_size=16, tol=None, max_state=64, refine_steps=0):
     """A new GPTNeoX whose Hyena layers' long filters are d decaying complex modes each (Laughing Hyena
     Distillery, Massaroli et al. 2023, arXiv 2310.18780): constant-size recurrent decoding, any length.
 
-    Every Hyena layer's filter is materialised at the model's l_max and fitted by modal.fit (ERA poles,
+    Every Hyena layer's filter is materialised at the model's l_max and fitted by fit.fit (ERA poles,
     least-squares residues, `refine_steps` Adam steps on the filter error); h(0) and the skip D are kept exactly,
     all other weights are copied. state_size=d fixes d for every layer; state_size=None with tol picks per layer
     the smallest d in 1, 2, 4, ... max_state whose relative filter error is <= tol. The result's `modal_fit`
@@ -115,8 +115,8 @@ def to_modal(model, state_size=16, tol=None, max_state=64, refine_steps=0):
     fits = {}
     for i in hyena:
         h = model.gpt_neox.layers[i].hyena.filter_fn(cfg.l_max)  # (l_max, channels)
-        fits[i] = (modal.fit(h, state_size, refine_steps) if tol is None
-                   else modal.fit_tol(h, tol, max_state, refine_steps))
+        fits[i] = (fit.fit(h, state_size, refine_steps) if tol is None
+                   else fit.fit_tol(h, tol, max_state, refine_steps))
     states = [fits[i].state_size if i in fits else 0 for i in range(cfg.num_hidden_layers)]
     param = next(model.parameters())
     with param.device:
