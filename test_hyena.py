@@ -1,13 +1,12 @@
-"""Behaviour of the model file (and the parts lib/ holds for it: attention, the decoding cache): GPT-NeoX parity
-with transformers, the Hyena operator, students, generation."""
+"""Behaviour of the model file, hyena.py: GPT-NeoX parity with transformers (attention, RoPE, the decoding cache),
+the Hyena operator in a model, students, generation, and the file standing alone."""
 import json
 
 import pytest
 import torch
 
-from config import Config
-from hyena import GPTNeoX, HyenaOperator, make_student
-from lib.decoding import new_cache
+from config import from_hf, to_hf
+from hyena import Config, GPTNeoX, HyenaOperator, make_student, new_cache
 
 TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=160, num_hidden_layers=3, vocab_size=211,
             max_position_embeddings=64)
@@ -85,7 +84,7 @@ def test_cached_decoding_matches_transformers_generate(name, tmp_path):
     delta = (torch.cat(steps, 1) - theirs).abs().max().item()
     print(f"max |dlogit| decoding {name}: {delta:.2e}")
     assert delta <= 1e-4
-    assert torch.equal(ours.generate(idx, new, temperature=0), seq)
+    assert torch.equal(ours.generate(idx, new, temperature=0, extrapolate=True), seq)  # dynamic: past max_pos
 
 
 @pytest.mark.parametrize("rotary_pct", [0.0, 0.1, 0.45, 0.75], ids=["0 dims", "1 dim", "5 dims", "9 dims"])
@@ -198,13 +197,13 @@ def test_loads_transformers_checkpoint_and_config_forms(tmp_path):
     """A checkpoint written by transformers (lm_head name variants, inv_freq buffers, new config keys) loads."""
     transformers = pytest.importorskip("transformers")
     cfg = Config(**{**TINY, "rotary_pct": 0.5})
-    hf_cfg = transformers.GPTNeoXConfig(**{k: v for k, v in cfg.to_hf().items() if k != "architectures"})
+    hf_cfg = transformers.GPTNeoXConfig(**{k: v for k, v in to_hf(cfg).items() if k != "architectures"})
     hf = transformers.GPTNeoXForCausalLM(hf_cfg).eval()
     hf.save_pretrained(tmp_path)
     d = json.loads((tmp_path / "config.json").read_text())
-    assert Config.from_hf(d) == cfg
+    assert from_hf(d) == cfg
     legacy = {k: v for k, v in d.items() if k != "rope_parameters"} | {"rotary_pct": 0.5, "rotary_emb_base": 1e4}
-    assert Config.from_hf(legacy) == cfg
+    assert from_hf(legacy) == cfg
     idx = torch.randint(0, cfg.vocab_size, (1, 40))
     with torch.no_grad():
         assert torch.allclose(GPTNeoX.from_pretrained(tmp_path)(idx)[0], hf(idx).logits, atol=1e-4)
@@ -246,7 +245,7 @@ def test_sharded_checkpoint_and_lm_head_name(tmp_path):
         write_safetensors(tmp_path / fname, {k: state[k] for k in ks})
     weight_map = {k: f for f, ks in shards.items() for k in ks}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    (tmp_path / "config.json").write_text(json.dumps(m.config.to_hf()))
+    (tmp_path / "config.json").write_text(json.dumps(to_hf(m.config)))
     idx = torch.randint(0, 211, (1, 16))
     with torch.no_grad():
         assert torch.equal(GPTNeoX.from_pretrained(tmp_path)(idx)[0], m(idx)[0])

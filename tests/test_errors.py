@@ -22,8 +22,7 @@ import finetune
 import hub
 from lib.checkpoint import out_dir_lock
 from fakehub import FakeHub
-from config import Config
-from hyena import GPTNeoX
+from hyena import Config, GPTNeoX
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 VOCAB = 64

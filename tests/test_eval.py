@@ -13,8 +13,7 @@ import torch
 from lib import cli
 import eval as ev
 from data import load_split
-from config import Config
-from hyena import GPTNeoX, make_student
+from hyena import Config, GPTNeoX, make_student
 from tokenizer import load_tokenizer
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # beside the repository

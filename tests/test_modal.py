@@ -1,16 +1,17 @@
-"""Modal filters (Laughing Hyena): the fit (modal/fit.py), ModalFilter's recurrence, to_modal and modal students."""
+"""Modal filters (Laughing Hyena, modal/): the fit (modal/fit.py), ModalFilter's recurrence in a HyenaOperator,
+to_modal, modal students built and loaded (modal/student.py), and fast/'s twin of the prefill's state."""
 import json
 import math
 
 import pytest
 import torch
 
+import fast
+from config import from_hf, to_hf
+from fast import decode
+from hyena import Cache, Config, GPTNeoX, HyenaFilter, HyenaOperator, fftconv, make_student, new_cache
 from modal import fit
-from config import Config
-from hyena import GPTNeoX, HyenaOperator, fftconv, make_student
-from lib.decoding import Cache, new_cache
-from lib.implicit_filter import HyenaFilter
-from modal.student import to_modal
+from modal.student import ModalFilter, build, load_pretrained, to_modal
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3, vocab_size=64,
             max_position_embeddings=32)
@@ -50,8 +51,7 @@ import math, torch
 import fast
 from fast import decode
 from modal import fit
-fast.enable(True)
-assert decode.available(torch.zeros(1))
+assert decode.available(torch.zeros(1))  # Triton's interpreter: the kernel serves CPU tensors
 g = torch.Generator().manual_seed(0)
 C, d = 40, 5  # channels not a multiple of the program's block, modes not a power of 2
 w = torch.empty(C, d).uniform_(math.log(1e-4), math.log(0.5), generator=g)
@@ -89,7 +89,9 @@ def test_recurrent_decoding_equals_the_fft_convolution_with_the_materialised_fil
     """Prefill (FFT + exact state) then one-token recurrence steps = the full forward, whose long convolutions
     are FFTs with ModalFilter's materialised filter (fp64)."""
     torch.manual_seed(order)
-    op = HyenaOperator(8, l_max=16, order=order, modal_state=4).double()
+    op = HyenaOperator(8, l_max=16, order=order)
+    op.filter_fn = ModalFilter(8 * (order - 1), 4)  # what modal.student.build does in a model
+    op = op.double()
     u = torch.randn(2, 40, 8, dtype=torch.float64)  # beyond l_max: a modal filter has no length limit
     full = op(u)
     cache = Cache(max_len=40, pos=torch.tensor(0), layers=[None])  # one layer: the operator alone
@@ -225,7 +227,7 @@ def test_to_modal_keeps_everything_but_the_filters_and_round_trips(tmp_path):
         assert math.isclose(f["rel_error"], ((h - hm).norm() / h.norm()).item(), rel_tol=1e-4)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["hyena"]["modal_state"] == [6, 0, 6]
-    again = GPTNeoX.from_pretrained(tmp_path)
+    again = load_pretrained(tmp_path)
     idx = torch.randint(0, 64, (2, 20))
     with torch.no_grad():
         assert torch.equal(again(idx)[0], model(idx)[0])
@@ -244,7 +246,7 @@ def test_config_refuses_bad_modal_states():
         Config(**TINY, mixers=["hyena", "attention", "hyena"], hyena_modal_state=[4, 4, 4])
     with pytest.raises(ValueError, match=r"hyena_modal_state\[0\] = -1"):
         Config(**TINY, mixers=["hyena"] * 3, hyena_modal_state=[-1, 0, 0])
-    assert Config.from_hf(Config(**TINY, mixers=["hyena"] * 3).to_hf()).hyena_modal_state == [0, 0, 0]
+    assert from_hf(to_hf(Config(**TINY, mixers=["hyena"] * 3))).hyena_modal_state == [0, 0, 0]
 
 
 def test_modal_decoding_steps_never_read_the_device_back():
