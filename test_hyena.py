@@ -1,6 +1,7 @@
 """Behaviour of the model file, hyena.py: GPT-NeoX parity with transformers (attention, RoPE, the decoding cache),
 the Hyena operator in a model, students, generation, and the file standing alone."""
 import json
+import os
 
 import pytest
 import torch
@@ -413,3 +414,57 @@ def test_graphed_step_refuses_a_cache_without_room_for_its_warm_up():
     cache.advance(11)
     with pytest.raises(ValueError, match="make max_len at least pos \\+ 2"):
         graphed_step(model, cache, batch=1)  # raised before anything touches a GPU
+
+
+def test_generating_past_max_position_embeddings_is_refused_unless_asked():
+    """Attention past the longest context it trained at runs RoPE where it never learned: generate refuses by name
+    and says what to do; extrapolate=True runs it. Modal and Hyena layers have their own limits (l_max)."""
+    model = make_student(randomized(Config(**TINY)), layers=[1]).eval()  # attention in layers 0 and 2
+    prompt = torch.randint(0, 211, (1, 60))
+    assert model.generate(prompt, 4, temperature=0).shape == (1, 64)  # exactly max_position_embeddings: native
+    with pytest.raises(ValueError, match=r"60 prompt tokens \+ 5 new = 65 positions, past max_position_embeddings "
+                                         r"64.*pass extrapolate=True"):
+        model.generate(prompt, 5, temperature=0)
+    student = make_student(randomized(Config(**{**TINY, "hyena_l_max": 80})))  # no attention left: l_max bounds it
+    assert student.generate(prompt, 20, temperature=0).shape == (1, 80)
+    teacher = randomized(Config(**TINY))
+    assert teacher.generate(prompt, 10, temperature=0, extrapolate=True).shape == (1, 70)
+
+
+STANDALONE = """
+import sys, torch
+import hyena
+assert hyena.__file__.startswith(sys.argv[1]), hyena.__file__
+torch.manual_seed(0)
+cfg = hyena.Config(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                   max_position_embeddings=64)
+teacher = hyena.GPTNeoX(cfg)
+idx = torch.randint(0, 97, (2, 24))
+for order in (2, 3):
+    student = hyena.make_student(teacher, order=order)
+    for m in (teacher, student):
+        logits, loss = m(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        assert logits.shape == (2, 23, 97) and loss.item() > 0
+        out = m.generate(idx[:, :5], 8, temperature=0)
+        assert out.shape == (2, 13) and torch.equal(m(out)[0][:, 4:-1].argmax(-1), out[:, 5:])
+        assert m.generate(idx[:, :5], 8, temperature=0.8, top_k=10).shape == (2, 13)
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_hyena_py_alone_builds_a_teacher_and_its_student_computes_the_loss_and_generates(tmp_path):
+    """Copied into an empty folder, with no project module reachable, hyena.py is the whole model."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent
+    shutil.copy(root / "hyena.py", tmp_path / "hyena.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-s", "-c", STANDALONE, str(tmp_path)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ours = {p.stem for p in root.glob("*.py")} | {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
+    loaded = {name.split(".")[0] for name in run.stdout.split()}
+    assert loaded & ours == {"hyena"}, loaded & ours

@@ -270,3 +270,38 @@ def test_modal_decoding_steps_never_read_the_device_back():
         full = model(idx)[0]
     for i, logits in zip(range(8, 12), steps):
         assert torch.allclose(logits[:, 0], full[:, i], atol=1e-4)
+
+
+def test_the_core_refuses_modal_configs_by_name_and_modal_builds_and_loads_them(tmp_path):
+    """hyena.py builds implicit filters only: a modal config or checkpoint is refused, naming the functions that
+    build and load it (modal.student.build, load_pretrained), which give the same model back."""
+    cfg = Config(**TINY, mixers=["hyena", "attention", "hyena"], hyena_modal_state=[4, 0, 2])
+    with pytest.raises(ValueError, match=r"modal\.student\.build\(cfg\).*modal\.student\.load_pretrained"):
+        GPTNeoX(cfg)
+    torch.manual_seed(0)
+    model = build(cfg).eval()
+    assert model.config == cfg and [type(b.hyena.filter_fn).__name__ for b in model.gpt_neox.layers[::2]] == \
+        ["ModalFilter", "ModalFilter"] and model.gpt_neox.layers[2].hyena.filter_fn.state_size == 2
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="load one with modal.student.load_pretrained"):
+        GPTNeoX.from_pretrained(tmp_path)
+    idx = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(tmp_path).eval()(idx)[0], model(idx)[0])
+    plain = make_student(randomized(TINY))  # and any other checkpoint, as GPTNeoX.from_pretrained
+    plain.save_pretrained(tmp_path / "conv")
+    assert torch.equal(load_pretrained(tmp_path / "conv")(idx)[0], GPTNeoX.from_pretrained(tmp_path / "conv")(idx)[0])
+
+
+def test_fast_install_gives_a_modal_filter_the_scan_twin_and_it_decodes_the_same():
+    """fast.install puts fast.decode.prefill_state in each ModalFilter's place of modal.fit.prefill_state; without
+    a kernel (CPU, no Triton interpreter) the twin hands over to its plain function, and decoding is unchanged."""
+    model = modal_student([0, 2])
+    idx = torch.randint(0, 64, (2, 16))
+    plain = model.generate(idx[:, :8], 8, temperature=0)
+    fast.install(model)
+    filters = [b.hyena.filter_fn for b in model.gpt_neox.layers[::2]]
+    assert all(f.prefill_state is decode.prefill_state for f in filters)
+    assert torch.equal(model.generate(idx[:, :8], 8, temperature=0), plain)
+    fast.install(model, False)
+    assert all(f.prefill_state is fit.prefill_state for f in filters)
