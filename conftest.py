@@ -3,8 +3,6 @@ sys.path, so the tests in tests/ import the modules (`import hyena`) as the scri
 import pytest
 import torch
 
-import fast
-
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -14,10 +12,3 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
-
-@pytest.fixture(autouse=True)
-def fast_default():
-    """Every test starts from fast's default setting (fast paths on CUDA tensors only), whatever one before set."""
-    fast.enable(None)
-    yield
-    fast.enable(None)

@@ -16,7 +16,7 @@ The MSE of a layer is divided by the mean square of the teacher's output there (
 residual stream grows with depth, and without this the deepest layers would dominate the joint sum.
 
 Modal conversion (`--modal-state D` or `--modal-tol TOL`): the teacher is a distilled (convolutional) student;
-every Hyena filter becomes D decaying complex modes (to_modal in lib/modal_student.py, Laughing Hyena
+every Hyena filter becomes D decaying complex modes (to_modal in modal/student.py, Laughing Hyena
 Distillery), the per-layer filter errors go to OUT_DIR/modal_fit.json, and the conv student is the teacher of the
 optional stages (e.g. a short `--layers none --e2e-tokens N` KL repair, in which poles and residues train). With
 no stage it only converts and saves OUT_DIR/final.
@@ -40,12 +40,12 @@ import torch.nn.functional as F
 
 import data
 import fast
+import fast.losses
 from lib.checkpoint import save_final
 from lib.cli import out_dir_lock, write_atomic
 from lib.distill_plan import DistillConfig, plan_stages
-from hyena import GPTNeoX, make_student
-from lib.modal_student import to_modal
-from fast.losses import head_loss
+from hyena import make_student
+from modal.student import load_pretrained, to_modal
 from lib.runtime import setup_distributed
 from lib.train_config import add_train_args, train_config_from_args
 from train import train
@@ -57,13 +57,10 @@ def rel_mse(out, target):
     return F.mse_loss(out.float(), target) / target.pow(2).mean().clamp_min(1e-12)
 
 
-def kd_loss(hs, ht, targets, student, teacher, temperature=1.0, ce_weight=0.0, chunk=None):
+def kd_loss(hs, ht, targets, student, teacher, temperature=1.0, ce_weight=0.0):
     """Mean over tokens of tau^2 KL(p_teacher || p_student) [+ ce_weight * CE over the scored tokens], from final
-    hidden states hs, ht (B, L, D) before the final LayerNorm. On the fast path (fast.active: CUDA, and every
-    training run) fast.losses.head_loss computes it fused with its gradient, `chunk` rows at a time, never
-    holding the (B, L, V) logits; tests/test_losses.py holds the two equal."""
-    if fast.active(hs):
-        return head_loss(student, hs, targets, ce_weight, teacher, ht, temperature, chunk)
+    hidden states hs, ht (B, L, D) before the final LayerNorm. Its fast twin fast.losses.kd_loss computes it fused
+    with its gradient in row chunks, never holding the (B, L, V) logits; tests/test_losses.py holds the two equal."""
     with torch.no_grad():
         zt = teacher.head(ht).float() / temperature  # (B, L, V)
     z = student.head(hs).float()  # (B, L, V)
@@ -75,10 +72,11 @@ def kd_loss(hs, ht, targets, student, teacher, temperature=1.0, ce_weight=0.0, c
 class Distill(nn.Module):
     """The objective train.py optimises: `forward(x, y) -> (loss, metrics)`; `.model` is the student."""
 
-    def __init__(self, teacher, student, mode, layer=None, temperature=1.0, ce_weight=0.0):
+    def __init__(self, teacher, student, mode, layer=None, temperature=1.0, ce_weight=0.0, kd=kd_loss):
         super().__init__()
         self.model, self.teacher = student, teacher
         self.mode, self.layer, self.temperature, self.ce_weight = mode, layer, temperature, ce_weight
+        self.kd = kd  # the end-to-end loss: kd_loss, or fast.losses.kd_loss (--fast)
         self.hyena_layers = [i for i, m in enumerate(student.config.mixers) if m == "hyena"]
 
     def train(self, mode=True):
@@ -125,7 +123,7 @@ class Distill(nn.Module):
         with torch.no_grad():
             ht = self.teacher.hidden_states(x)[-1]  # (B, L, D)
         hs = self.model.hidden_states(x)[-1]
-        loss = kd_loss(hs, ht, y, self.model, self.teacher, self.temperature, self.ce_weight)
+        loss = self.kd(hs, ht, y, self.model, self.teacher, self.temperature, self.ce_weight)
         return loss, {"kd": loss.detach()}
 
 
@@ -150,7 +148,7 @@ def parse_layers(spec, n):
 
 
 def modal_student(teacher, dcfg, out, master):
-    """to_modal (lib/modal_student.py) of the teacher (a Hyena student); the per-layer filter errors logged and
+    """to_modal (modal/student.py) of the teacher (a Hyena student); the per-layer filter errors logged and
     in modal_fit.json."""
     try:
         student = to_modal(teacher, state_size=dcfg.modal_state or None, tol=dcfg.modal_tol or None,
@@ -212,7 +210,7 @@ def distill(dcfg, cfg, dist):
     """Make the student (or the modal conversion), train it through its stages, and save OUT_DIR/final; returns
     {stage name: train.train's summary}."""
     meta = data.load_meta(data.resolve_data_dir(cfg.data, cfg.data_root))
-    teacher = GPTNeoX.from_pretrained(dcfg.teacher, dcfg.revision).to(dist.device).eval().requires_grad_(False)
+    teacher = load_pretrained(dcfg.teacher, dcfg.revision).to(dist.device).eval().requires_grad_(False)
     data.check_tokenizer(meta, dcfg.teacher, dcfg.revision)
     data.check_compatible(meta, vocab_size=teacher.config.vocab_size)
     n = teacher.config.num_hidden_layers
@@ -236,7 +234,7 @@ def distill(dcfg, cfg, dist):
     for stage in stages:
         done = out / stage.name / "summary.json"
         if cfg.resume and done.exists():  # finished earlier: take its weights and move on
-            student.load_state_dict(GPTNeoX.from_pretrained(out / stage.name / "ckpt").to(dist.device).state_dict())
+            student.load_state_dict(load_pretrained(out / stage.name / "ckpt").to(dist.device).state_dict())
             summaries[stage.name] = json.loads(done.read_text())
             continue
         set_trainable(student, stage.trains, stage.layers)
@@ -244,8 +242,11 @@ def distill(dcfg, cfg, dist):
             print(f"distill: {stage.name}: training {stage.trains} of layers {stage.layers}", file=sys.stderr)
         started = any((out / stage.name / d).exists() for d in ("ckpt", "ckpt.old"))
         stage_cfg = dataclasses.replace(stage.cfg, resume=cfg.resume and started)
-        objective = Distill(teacher, student, stage.mode, stage.layer, dcfg.kd_temperature, dcfg.ce_weight)
-        summaries[stage.name] = train(objective, stage_cfg, dist, stage=stage.name, on_branch=lambda branch, last:
+        on = cfg.fast_on(dist.device)  # --fast: fast/'s twins, put in from outside (auto: on CUDA)
+        objective = Distill(teacher, student, stage.mode, stage.layer, dcfg.kd_temperature, dcfg.ce_weight,
+                            fast.losses.kd_loss if on else kd_loss)
+        summaries[stage.name] = train(fast.install(objective, on), stage_cfg, dist, stage=stage.name,
+                                      on_branch=lambda branch, last:
                                       finish(student, dcfg, branch, {**summaries, stage.name: last}, meta))
     if dist.master:
         finish(student, dcfg, cfg, summaries, meta)

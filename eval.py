@@ -44,11 +44,12 @@ import torch.nn.functional as F
 
 from data import (batched, check_compatible, eval_windows, harness_windows, load_meta, load_split, resolve_data_dir,
                   tokenizer_sha256)
+import fast
 from hub import HubError, resolve_file
-from config import Config
+from config import read_config
 from lib.checkpoint import DTYPES, checkpoint_tokenizer, resolve_ckpt
 from tokenizer import DEFAULT_TOKENIZER
-from hyena import GPTNeoX
+from modal.student import load_pretrained
 from tokenizer import load_tokenizer
 from lib.cli import integer, writable_dir, write_atomic
 from lib.sweep import BEYOND, SWEEP, run_sweep, sweep_check
@@ -153,9 +154,12 @@ def sample(model, enc, prompt, max_new_tokens, temperature, top_k, seed):
                if len(ids) < reach else f"shorten the prompt to well under {reach} tokens")
         raise ValueError(f"--prompt ({len(ids)} tokens) plus --max-new-tokens {max_new_tokens} is longer than this "
                          f"model's Hyena filters reach (l_max {reach} tokens): {fix}")
+    past = "attention" in cfg.mixers and len(ids) + max_new_tokens > cfg.max_position_embeddings
+    if past:  # samples may run on where RoPE extrapolates; perplexities never do (they cap the context)
+        print(f"sampling past max_position_embeddings {cfg.max_position_embeddings}: RoPE extrapolates", file=sys.stderr)
     idx = torch.tensor([ids], device=next(model.parameters()).device)  # (1, T)
     torch.manual_seed(seed)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None)  # (1, T + new)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None, extrapolate=past)
     return enc.decode(out[0].tolist())
 
 
@@ -203,6 +207,8 @@ def parse_args(argv):
     p.add_argument("--include-path", help="--tasks: a folder of more task YAMLs")
     p.add_argument("--data-root", default="data")
     p.add_argument("--device", default="auto", help="auto: cuda if available, else cpu")
+    p.add_argument("--fast", choices=("auto", "on", "off"), default="auto", help="fast/'s twins (the same numbers, "
+                   "faster: FFT convolution, Triton decoding kernels, CUDA-graph sampling): auto = on CUDA")
     p.add_argument("--prompt", help="print a sample from each checkpoint, continuing this text")
     p.add_argument("--max-new-tokens", type=int, default=100)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
@@ -258,7 +264,7 @@ def run(args):
                              "other text. Pass --tokenizer with that same tokenizer.json")
         data[name] = meta, split, load_split(data_dir, split), text_decoder(load_tokenizer(tok))
     tasks = harness_tasks(args.tasks, args.include_path) if args.tasks else None
-    configs = [Config.from_file(resolve_file(c, "config.json")) for c in ckpts]
+    configs = [read_config(resolve_file(c, "config.json")) for c in ckpts]
     for ckpt, cfg in zip(ckpts, configs):
         tok = checkpoint_tokenizer(ckpt)
         for meta, *_ in data.values():
@@ -268,7 +274,7 @@ def run(args):
 
     results = []
     for label, ckpt, cfg in zip(args.ckpt, ckpts, configs):
-        model = GPTNeoX.from_pretrained(ckpt, dtype=DTYPES[args.dtype]).to(device)
+        model = fast.install(load_pretrained(ckpt, dtype=DTYPES[args.dtype]).to(device), fast.wanted(args.fast, device))
         if args.prompt is not None:
             enc = load_tokenizer(args.tokenizer or checkpoint_tokenizer(ckpt) or DEFAULT_TOKENIZER)
             print(f"--- {label} (temperature {args.temperature}, top_k {args.top_k}, seed {args.seed})")
@@ -298,6 +304,7 @@ def run(args):
         print(table(results, list(data), args.tasks))
     if args.json:
         out = {"context": args.context, "stride": args.stride, "protocol": args.protocol, "dtype": args.dtype,
+               "fast": fast.wanted(args.fast, device),
                "split": args.split, "max_tokens": args.max_tokens, "tasks": args.tasks, "results": results}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(Path(args.json), json.dumps(out, indent=1) + "\n")

@@ -17,13 +17,16 @@ from pathlib import Path
 import torch
 
 import data
+import fast
+import fast.losses
 from lib.checkpoint import save_final
 from lib.cli import out_dir_lock
-from config import MIXERS, SHAPES, Config
-from hyena import GPTNeoX
+from config import SHAPES, read_config, trained_at
+from hyena import MIXERS, Config, GPTNeoX
 from lib.runtime import setup_distributed
 from lib.train_config import add_train_args, train_config_from_args
-from train import CrossEntropy, train
+from modal.student import load_pretrained
+from train import CrossEntropy, lm_loss, train
 
 PRESETS = {  # --preset: train-flag defaults (explicit flags still win)
     "tiny": dict(batch_size=8, block_size=128, max_tokens=200_000, eval_interval=50, eval_batches=10,
@@ -37,7 +40,7 @@ def scratch_model(shape, mixer, vocab_size, block_size):
         # Pythia pads its 50277-token vocabulary to 50304, a multiple of 128 (faster matmuls): do the same.
         cfg = Config(**SHAPES[shape], vocab_size=-(-vocab_size // 128) * 128)
     elif Path(shape).is_file():
-        cfg = Config.from_file(shape)
+        cfg = read_config(shape)
     else:
         raise FileNotFoundError(f"--config {shape}: neither a preset ({', '.join(SHAPES)}) nor a config.json file")
     kw = asdict(cfg)
@@ -48,7 +51,7 @@ def scratch_model(shape, mixer, vocab_size, block_size):
 
 
 def long_context(config, block_size, init):
-    """The model's config once trained at --block-size (Config.trained_at), or a refusal naming the fix. Modal
+    """The model's config once trained at --block-size (config.trained_at), or a refusal naming the fix. Modal
     Hyena filters are defined at any length; convolutional ones end at l_max. Attention layers train past
     max_position_embeddings (RoPE is defined at every position: the model learns those positions), and the saved
     config's max_position_embeddings becomes the block size, except under dynamic RoPE (refused)."""
@@ -65,7 +68,7 @@ def long_context(config, block_size, init):
                              "or less")
         print(f"finetune: attention layers train past max_position_embeddings {config.max_position_embeddings} "
               f"(RoPE at positions up to {block_size - 1}); the saved config records {block_size}", file=sys.stderr)
-    return config.trained_at(block_size)
+    return trained_at(config, block_size)
 
 
 def parse_args(argv):
@@ -110,11 +113,13 @@ def run(args, cfg, meta, dist):
         raise ValueError("--config and --mixer shape a model made from scratch; they cannot apply to "
                          f"--init {args.init} (drop them, or use --init scratch)")
     else:
-        model = GPTNeoX.from_pretrained(args.init, args.revision)
+        model = load_pretrained(args.init, args.revision)
         data.check_tokenizer(meta, args.init, args.revision)
     data.check_compatible(meta, vocab_size=model.config.vocab_size)
     model.config = long_context(model.config, cfg.block_size, args.init)
-    summary = train(CrossEntropy(model), cfg, dist,  # a --branches budget's model lands in its own final/
+    on = cfg.fast_on(dist.device)  # --fast: fast/'s twins, put in from outside (auto: on CUDA)
+    objective = fast.install(CrossEntropy(model, fast.losses.lm_loss if on else lm_loss), on)
+    summary = train(objective, cfg, dist,  # a --branches budget's model lands in its own final/
                     on_branch=lambda branch, _: save_final(model, Path(branch.out_dir) / "final", meta))
     if dist.master:
         final = Path(cfg.out_dir) / "final"

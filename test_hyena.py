@@ -1,13 +1,13 @@
-"""Behaviour of the model file (and the parts lib/ holds for it: attention, the decoding cache): GPT-NeoX parity
-with transformers, the Hyena operator, students, generation."""
+"""Behaviour of the model file, hyena.py: GPT-NeoX parity with transformers (attention, RoPE, the decoding cache),
+the Hyena operator in a model, students, generation, and the file standing alone."""
 import json
+import os
 
 import pytest
 import torch
 
-from config import Config
-from hyena import GPTNeoX, HyenaOperator, make_student
-from lib.decoding import new_cache
+from config import from_hf, to_hf
+from hyena import Config, GPTNeoX, HyenaOperator, make_student, new_cache
 
 TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=160, num_hidden_layers=3, vocab_size=211,
             max_position_embeddings=64)
@@ -85,7 +85,7 @@ def test_cached_decoding_matches_transformers_generate(name, tmp_path):
     delta = (torch.cat(steps, 1) - theirs).abs().max().item()
     print(f"max |dlogit| decoding {name}: {delta:.2e}")
     assert delta <= 1e-4
-    assert torch.equal(ours.generate(idx, new, temperature=0), seq)
+    assert torch.equal(ours.generate(idx, new, temperature=0, extrapolate=True), seq)  # dynamic: past max_pos
 
 
 @pytest.mark.parametrize("rotary_pct", [0.0, 0.1, 0.45, 0.75], ids=["0 dims", "1 dim", "5 dims", "9 dims"])
@@ -198,13 +198,13 @@ def test_loads_transformers_checkpoint_and_config_forms(tmp_path):
     """A checkpoint written by transformers (lm_head name variants, inv_freq buffers, new config keys) loads."""
     transformers = pytest.importorskip("transformers")
     cfg = Config(**{**TINY, "rotary_pct": 0.5})
-    hf_cfg = transformers.GPTNeoXConfig(**{k: v for k, v in cfg.to_hf().items() if k != "architectures"})
+    hf_cfg = transformers.GPTNeoXConfig(**{k: v for k, v in to_hf(cfg).items() if k != "architectures"})
     hf = transformers.GPTNeoXForCausalLM(hf_cfg).eval()
     hf.save_pretrained(tmp_path)
     d = json.loads((tmp_path / "config.json").read_text())
-    assert Config.from_hf(d) == cfg
+    assert from_hf(d) == cfg
     legacy = {k: v for k, v in d.items() if k != "rope_parameters"} | {"rotary_pct": 0.5, "rotary_emb_base": 1e4}
-    assert Config.from_hf(legacy) == cfg
+    assert from_hf(legacy) == cfg
     idx = torch.randint(0, cfg.vocab_size, (1, 40))
     with torch.no_grad():
         assert torch.allclose(GPTNeoX.from_pretrained(tmp_path)(idx)[0], hf(idx).logits, atol=1e-4)
@@ -246,7 +246,7 @@ def test_sharded_checkpoint_and_lm_head_name(tmp_path):
         write_safetensors(tmp_path / fname, {k: state[k] for k in ks})
     weight_map = {k: f for f, ks in shards.items() for k in ks}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    (tmp_path / "config.json").write_text(json.dumps(m.config.to_hf()))
+    (tmp_path / "config.json").write_text(json.dumps(to_hf(m.config)))
     idx = torch.randint(0, 211, (1, 16))
     with torch.no_grad():
         assert torch.equal(GPTNeoX.from_pretrained(tmp_path)(idx)[0], m(idx)[0])
@@ -414,3 +414,57 @@ def test_graphed_step_refuses_a_cache_without_room_for_its_warm_up():
     cache.advance(11)
     with pytest.raises(ValueError, match="make max_len at least pos \\+ 2"):
         graphed_step(model, cache, batch=1)  # raised before anything touches a GPU
+
+
+def test_generating_past_max_position_embeddings_is_refused_unless_asked():
+    """Attention past the longest context it trained at runs RoPE where it never learned: generate refuses by name
+    and says what to do; extrapolate=True runs it. Modal and Hyena layers have their own limits (l_max)."""
+    model = make_student(randomized(Config(**TINY)), layers=[1]).eval()  # attention in layers 0 and 2
+    prompt = torch.randint(0, 211, (1, 60))
+    assert model.generate(prompt, 4, temperature=0).shape == (1, 64)  # exactly max_position_embeddings: native
+    with pytest.raises(ValueError, match=r"60 prompt tokens \+ 5 new = 65 positions, past max_position_embeddings "
+                                         r"64.*pass extrapolate=True"):
+        model.generate(prompt, 5, temperature=0)
+    student = make_student(randomized(Config(**{**TINY, "hyena_l_max": 80})))  # no attention left: l_max bounds it
+    assert student.generate(prompt, 20, temperature=0).shape == (1, 80)
+    teacher = randomized(Config(**TINY))
+    assert teacher.generate(prompt, 10, temperature=0, extrapolate=True).shape == (1, 70)
+
+
+STANDALONE = """
+import sys, torch
+import hyena
+assert hyena.__file__.startswith(sys.argv[1]), hyena.__file__
+torch.manual_seed(0)
+cfg = hyena.Config(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                   max_position_embeddings=64)
+teacher = hyena.GPTNeoX(cfg)
+idx = torch.randint(0, 97, (2, 24))
+for order in (2, 3):
+    student = hyena.make_student(teacher, order=order)
+    for m in (teacher, student):
+        logits, loss = m(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        assert logits.shape == (2, 23, 97) and loss.item() > 0
+        out = m.generate(idx[:, :5], 8, temperature=0)
+        assert out.shape == (2, 13) and torch.equal(m(out)[0][:, 4:-1].argmax(-1), out[:, 5:])
+        assert m.generate(idx[:, :5], 8, temperature=0.8, top_k=10).shape == (2, 13)
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_hyena_py_alone_builds_a_teacher_and_its_student_computes_the_loss_and_generates(tmp_path):
+    """Copied into an empty folder, with no project module reachable, hyena.py is the whole model."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent
+    shutil.copy(root / "hyena.py", tmp_path / "hyena.py")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([sys.executable, "-s", "-c", STANDALONE, str(tmp_path)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ours = {p.stem for p in root.glob("*.py")} | {p.name for p in root.iterdir() if (p / "__init__.py").is_file()}
+    loaded = {name.split(".")[0] for name in run.stdout.split()}
+    assert loaded & ours == {"hyena"}, loaded & ours

@@ -27,23 +27,27 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 import data
-import fast
-from hyena import HyenaOperator
+from hyena import HyenaFilter, HyenaOperator
 from lib.cli import write_atomic
-from lib.implicit_filter import HyenaFilter
 from lib.runtime import compile_or_eager, ctrl_c, keep_freed_memory, setup_distributed, stopped
 from lib.checkpoint import (budget_name, copy_finished_stages, find_checkpoint, load_checkpoint, pending_branches,
                             rng_states, save_checkpoint, trim_log)
 
 
+def lm_loss(model, x, y):
+    """Next-token cross-entropy: the model's own loss, from its full (B, L, V) logits."""
+    return model(x, y)[1]
+
+
 class CrossEntropy(nn.Module):
-    """The objective of plain language-model training: next-token cross-entropy of .model (finetune.py)."""
-    def __init__(self, model):
+    """The objective of plain language-model training: next-token cross-entropy of .model (finetune.py), computed
+    by `loss(model, x, y)`: lm_loss, or its fast twin fast.losses.lm_loss when the script asks (--fast)."""
+    def __init__(self, model, loss=lm_loss):
         super().__init__()
-        self.model = model
+        self.model, self.loss = model, loss
 
     def forward(self, x, y):
-        loss = self.model(x, y)[1]
+        loss = self.loss(self.model, x, y)
         return loss, {"ce": loss.detach()}
 
 
@@ -128,14 +132,8 @@ def train(objective, cfg, dist=None, stage="", on_step=None, on_branch=None):
     each branch is finished in this process where its decay starts (the main run's state set aside and restored),
     and on_branch(branch_cfg, summary) is called on rank 0 while the model holds the branch's final weights."""
     dist = dist or setup_distributed(cfg.device)
-    # The fast paths (fast/) for the run on any device unless switched off: on the CPU the fused loss keeps
-    # each step's chunks under glibc's mmap threshold (see lib/runtime.keep_freed_memory), where plain logits would not.
-    previous = fast.enable(fast.ON is not False)
-    try:
-        with ctrl_c(Path(cfg.out_dir) / stage, dist.world == 1) as stop:
-            return _train(objective, cfg, dist, stage, on_step, on_branch, stop)
-    finally:
-        fast.enable(previous)
+    with ctrl_c(Path(cfg.out_dir) / stage, dist.world == 1) as stop:
+        return _train(objective, cfg, dist, stage, on_step, on_branch, stop)
 
 
 def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
@@ -276,7 +274,8 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
     def summarize(folder, run_cfg, val, extra=None):
         seconds = elapsed()
         summary = {"stage": stage, "out_dir": str(folder), "world": dist.world, "compiled": compiled is not objective,
-                   "compile_s": compile_s, "aside_s": clock["aside"], "tokens": tokens, "steps": step,
+                   "compile_s": compile_s, "fast": cfg.fast, "fast_on": cfg.fast_on(dist.device),
+                   "aside_s": clock["aside"], "tokens": tokens, "steps": step,
                    "minutes": seconds / 60, "tokens_per_s": tokens / seconds if seconds else 0.0, "val": val,
                    "train": {k: sum(m[k] for m in recent) / len(recent) for k in recent[0]} if recent else {},
                    "data_stream": run_cfg.data_stream, "sampler": {"steps": step, "streams": streams},

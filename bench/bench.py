@@ -39,11 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 from bench.bench_check import Checks
 from bench.bench_report import MODES, SECTIONS, fmt, keep_previous, table, targets, write
 from bench.bench_train import TrainCases
+import fast
 from fast.decode import decode_step
-from config import Config
-from hyena import GPTNeoX, HyenaOperator, make_student
-from lib.attention import Attention
-from lib.decoding import new_cache
+from hyena import Attention, Config, HyenaOperator, make_student, new_cache
+from modal.student import build
 
 
 @dataclass
@@ -86,12 +85,13 @@ class Bench(Checks, TrainCases):
         return torch.randint(self.cfg.vocab_size, (B, L), device=self.dev)  # random ids: never time on zeros
 
     def build(self, cfg):
+        """A model of cfg (modal filters too), with fast/'s twins on CUDA (what the scripts' --fast auto gives)."""
         with self.dev:  # initialised on the device: no CPU init and copy
-            return GPTNeoX(cfg)
+            return fast.install(build(cfg), self.cuda)
 
     def student(self, teacher, l_max=None):
         with self.dev:
-            return make_student(teacher, l_max=l_max)
+            return fast.install(make_student(teacher, l_max=l_max), self.cuda)
 
     def sync(self):
         if self.cuda:
@@ -157,7 +157,7 @@ class Bench(Checks, TrainCases):
 
     def mixer_case(self, op, B, L, backward, compiled):
         D = self.cfg.hidden_size
-        m = (HyenaOperator(D, L, order=2) if op == "hyena" else Attention(self.cfg)).to(self.dev)
+        m = fast.install(HyenaOperator(D, L, order=2) if op == "hyena" else Attention(self.cfg), self.cuda).to(self.dev)
         m = torch.compile(m) if compiled else m
         x = torch.randn(B, L, D, device=self.dev, requires_grad=backward)  # (B, L, D)
         g = torch.randn(B, L, D, device=self.dev, dtype=torch.bfloat16 if self.cuda else None)  # dLoss/dy

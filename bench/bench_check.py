@@ -6,9 +6,10 @@ from dataclasses import replace
 
 import torch
 
+import fast
+import fast.losses
 from fast.decode import decode_step
-from hyena import HyenaOperator
-from lib.decoding import new_cache
+from hyena import HyenaOperator, new_cache
 
 
 @contextmanager
@@ -26,14 +27,14 @@ class Checks:
     def check(self):
         """Each fast path against its reference on this device (CPU tests hold them to fp64): relative errors."""
         for name, tol, fn in (("fftconv fast vs reference, fp32: max over y, du, dk, dbias", 1e-5, self.check_fftconv),
-                              ("student CE step, fast.enable(True) vs (False), fp32: max over loss, grads", 1e-4,
+                              ("student CE step, fast.install vs plain, fp32: max over loss, grads", 1e-4,
                                self.check_switch),
                               ("Hyena mixer compiled vs eager, bf16 autocast: max over y, dx", 2e-2, self.check_mixer),
                               ("training step compiled vs eager, bf16 autocast: max over loss, grads", 2e-2,
                                self.check_step),
                               ("KD+CE chunk compiled vs eager, bf16 logits: max over loss, grad", 1e-2, self.check_chunk),
                               ("Hyena decode: Triton kernel vs PyTorch formula, bf16 cache", 1e-3, self.check_kernel),
-                              ("modal prefill state, bf16 z: Triton scan's error / lib.modal fp32's (both vs fp64)",
+                              ("modal prefill state, bf16 z: Triton scan's error / modal.fit fp32's (both vs fp64)",
                                2.0, self.check_scan),
                               ("student decode steps vs full forward, fp32: logits", 5e-3, lambda: self.check_decode(0)),
                               ("teacher decode steps vs full forward, fp32: logits", 5e-3, lambda: self.check_decode(1)),
@@ -63,28 +64,25 @@ class Checks:
         return max(self.rel(x, r) for x, r in zip(*out))
 
     def check_switch(self):
-        """A student's CE loss and every gradient with the fast paths switched in (fast.enable(True): FFTConv, the
-        fused chunked loss) against the plain model (False: hyena.fftconv, F.cross_entropy)."""
-        import fast
+        """A student's CE loss and every gradient with fast/'s twins (fast.install: FFTConv; the fused chunked
+        fast.losses.lm_loss) against the plain model (hyena.fftconv; train.lm_loss, F.cross_entropy)."""
+        from train import lm_loss
         L = self.s.ls[0]
         model = self.student(self.build(replace(self.cfg, max_position_embeddings=L)), l_max=L)
         x = self.tokens(2, L + 1)
         out = []
         with fp32_matmuls():  # TF32 would round the fused loss's chunked matmuls and the plain head's differently
-            for on in (True, False):
-                previous = fast.enable(on)
-                try:
-                    model.zero_grad(set_to_none=True)
-                    loss = model(x[:, :-1], x[:, 1:])[1]
-                    loss.backward()
-                finally:
-                    fast.enable(previous)
+            for on, loss_of in ((True, fast.losses.lm_loss), (False, lm_loss)):
+                fast.install(model, on)
+                model.zero_grad(set_to_none=True)
+                loss = loss_of(model, x[:, :-1], x[:, 1:])
+                loss.backward()
                 out.append([loss] + [p.grad for p in model.parameters() if p.requires_grad])
         return max(self.rel(a, b) for a, b in zip(out[0], out[1]))
 
     def check_mixer(self):
         B, L, D = 2, self.s.ls[2], self.cfg.hidden_size
-        op = HyenaOperator(D, L).to(self.dev)
+        op = fast.install(HyenaOperator(D, L), self.cuda).to(self.dev)
         x, g, out = torch.randn(B, L, D, device=self.dev), torch.randn(B, L, D, device=self.dev), []
         for m in (op, torch.compile(op)):
             xi = x.clone().requires_grad_()
@@ -97,12 +95,12 @@ class Checks:
     def check_step(self):
         """A whole student's CE objective under torch.compile (train.py --compile) against eager: the loss and
         every parameter's gradient."""
-        from train import CrossEntropy
+        from train import CrossEntropy, lm_loss
         L = self.s.ls[0]
         model = self.student(self.build(replace(self.cfg, max_position_embeddings=L)), l_max=L)
         x = self.tokens(2, L + 1)
-        out = []
-        for fn in (CrossEntropy(model), torch.compile(CrossEntropy(model))):
+        out, loss_of = [], fast.losses.lm_loss if self.cuda else lm_loss  # what train.py's --fast auto runs
+        for fn in (CrossEntropy(model, loss_of), torch.compile(CrossEntropy(model, loss_of))):
             model.zero_grad(set_to_none=True)
             with self.autocast():
                 loss, _ = fn(x[:, :-1], x[:, 1:])
@@ -115,8 +113,8 @@ class Checks:
         c, V = 2048, self.cfg.vocab_size
         zs, zt = (3 * torch.randn(c, V, device=self.dev, dtype=torch.bfloat16) for _ in "st")
         tgt = torch.randint(V, (c,), device=self.dev)
-        fast, ref = chunk_fn(self.dev)(zs, tgt, 0.5, zt, 2.0), chunk_loss_and_grad(zs, tgt, 0.5, zt, 2.0)
-        return max(self.rel(a, b) for a, b in zip(fast, ref))
+        fused, ref = chunk_fn(self.dev)(zs, tgt, 0.5, zt, 2.0), chunk_loss_and_grad(zs, tgt, 0.5, zt, 2.0)
+        return max(self.rel(a, b) for a, b in zip(fused, ref))
 
     def check_kernel(self, B=4, T=5000):
         from fast import decode
@@ -132,15 +130,15 @@ class Checks:
     def check_scan(self, B=4, L=20000, d=16):
         import math
         from fast import decode
-        from lib import modal
+        from modal import fit
         C = self.cfg.hidden_size
         z = torch.randn(B, L, C, device=self.dev, dtype=torch.bfloat16)
         w = torch.empty(C, d, device=self.dev).uniform_(math.log(1e-4), math.log(0.5))
         th = torch.rand(C, d, device=self.dev) * math.pi
-        ref = torch.view_as_real(modal.prefill_state(z.double(), w.double(), th.double()))  # (B, C, d, 2)
+        ref = torch.view_as_real(fit.prefill_state(z.double(), w.double(), th.double()))  # (B, C, d, 2)
         fast_err = self.rel(torch.view_as_real(decode.prefill_state(z, w, th)), ref)
         with fp32_matmuls():  # the plain twin's bmm in true fp32
-            plain = modal.prefill_state(z, w, th)
+            plain = fit.prefill_state(z, w, th)
         return fast_err / self.rel(torch.view_as_real(plain), ref)  # fp32's phases k theta round both
 
     @torch.no_grad()

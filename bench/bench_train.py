@@ -31,19 +31,25 @@ class TrainCases:
             except ImportError:
                 return {"error": "transformers not installed"}
             self.res["env"]["transformers"] = transformers.__version__
-            hf_cfg = transformers.GPTNeoXConfig.from_dict(cfg.to_hf(), attn_implementation="sdpa")
+            from config import to_hf
+            hf_cfg = transformers.GPTNeoXConfig.from_dict(to_hf(cfg), attn_implementation="sdpa")
             module = transformers.GPTNeoXForCausalLM(hf_cfg).to(self.dev)
             groups = [{"params": list(module.parameters()), "weight_decay": 0.1}]
             loss_of = (lambda f: f(input_ids=x, labels=y).loss)  # HF shifts labels: one position fewer, same work
         elif name in ("gpt-neox (ours)", "finetune"):
-            module = self.build(cfg) if name == "gpt-neox (ours)" else self.student(self.build(cfg))
-            groups, loss_of = optim_groups(module, 0.1, 3e-4), (lambda f: f(x, y)[1])
+            import fast.losses
+            from train import CrossEntropy, lm_loss
+            model = self.build(cfg) if name == "gpt-neox (ours)" else self.student(self.build(cfg))
+            module = CrossEntropy(model, fast.losses.lm_loss if self.cuda else lm_loss)  # train.py's --fast auto
+            groups, loss_of = optim_groups(model, 0.1, 3e-4), (lambda f: f(x, y)[0])
         else:
             import distill
+            import fast.losses
             mode, teacher = name.split()[1], self.build(cfg).requires_grad_(False)
             student = self.student(teacher)
             distill.set_trainable(student, "all" if mode == "e2e" else "mixer", range(cfg.num_hidden_layers))
-            module, groups = distill.Distill(teacher, student, mode), optim_groups(student, 0.1, 3e-4)
+            kd = fast.losses.kd_loss if self.cuda else distill.kd_loss  # distill.py's --fast auto
+            module, groups = distill.Distill(teacher, student, mode, kd=kd), optim_groups(student, 0.1, 3e-4)
             loss_of = (lambda f: f(x, y)[0])
         f = torch.compile(module) if compiled else module
         opt = torch.optim.AdamW(groups, lr=3e-4, betas=(0.9, 0.95), fused=self.cuda)
@@ -60,13 +66,15 @@ class TrainCases:
 
     def kd(self):
         import distill
+        import fast.losses
         B, L, D = self.s.train_batch, self.s.train_len, self.cfg.hidden_size
         teacher = self.build(self.cfg).requires_grad_(False)
         heads = (self.student(teacher), teacher)  # the student (trained, its head), the teacher (frozen)
         hs, ht = (torch.randn(B, L, D, device=self.dev, requires_grad=True) for _ in "st")  # (B, L, D) final states
         y = self.tokens(B, L)
         for compiled in self.modes:
-            fn = torch.compile(distill.kd_loss) if compiled else distill.kd_loss
+            kd = fast.losses.kd_loss if self.cuda else distill.kd_loss  # distill.py's --fast auto
+            fn = torch.compile(kd) if compiled else kd
 
             def step():
                 with self.autocast():

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import Config
+from config import read_config
 from experiment.throughput import config_file, device_of, infer, load, speed
 from lib.cli import integer, writable_dir, write_atomic
 from tokenizer import load_tokenizer, tokenizer_file_sha256
@@ -112,7 +112,7 @@ def probe(model, enc, length, cases, beyond, new):
         h = model.hidden_states(x)[-1][:, -len(answer) - 1:-1]  # (1, A, D): the positions predicting the key
         lp = F.log_softmax(model.head(h).float(), -1)[0].gather(-1, x[0, -len(answer):, None])  # (A, 1)
         logprobs.append(lp.mean().item())
-        out = model.generate(x[:, :len(ids)], new, temperature=0)  # (1, keep + new)
+        out = model.generate(x[:, :len(ids)], new, temperature=0, extrapolate=mode == "extrapolate")  # (1, keep + new)
         digits = re.search(r"\d+", enc.decode(out[0, len(ids):].tolist()))
         ok = digits is not None and digits.group() == str(key)
         right += ok
@@ -152,7 +152,7 @@ def passkey(args):
     cases = {L: trials(L, args.trials, args.seed) for L in args.lengths}
     for L in args.lengths:
         passkey_prompt(enc, L, 10000, 0.0)  # too short a length fails here, before any model loads
-    configs = {c: Config.from_file(config_file(c)) for c in args.ckpt}  # a refusal comes before any (long) probe
+    configs = {c: read_config(config_file(c)) for c in args.ckpt}  # a refusal comes before any (long) probe
     if args.beyond == "refuse":
         over = [f"{c} at {L} (native {cfg.native_context})" for c, cfg in configs.items() for L in args.lengths
                 if cfg.native_context is not None and L > cfg.native_context]

@@ -18,7 +18,7 @@ once its output exists and resumes from its checkpoint, so the sweep restarts wh
 import json
 from pathlib import Path
 
-from config import SHAPES, Config
+from config import SHAPES
 from experiment import runner
 from experiment.runner import PY, ROOT, todo
 from lib.checkpoint import branch_folder, budget_name
@@ -64,7 +64,7 @@ def shape_name(size):
 def parameters(shape, vocab_size):
     """The teacher's parameter count (embeddings included, Pythia's convention), counted on the meta device."""
     import torch  # here: the driver and its report need no torch otherwise
-    from hyena import GPTNeoX
+    from hyena import Config, GPTNeoX
     with torch.device("meta"):
         model = GPTNeoX(Config(**SHAPES[shape], vocab_size=-(-vocab_size // 128) * 128))
     return sum(p.numel() for p in model.parameters())

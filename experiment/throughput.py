@@ -10,13 +10,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config import Config
+import fast
+import fast.losses
+from config import read_config
 from fast.losses import head_loss
-from hyena import GPTNeoX
 from lib.cli import writable_dir, write_atomic
 from lib.runtime import compile_or_eager
 from lib.train_config import TrainConfig
-from train import CrossEntropy, build_optimizer
+from modal.student import load_pretrained
+from train import CrossEntropy, build_optimizer, lm_loss
 
 
 def device_of(flag):
@@ -37,7 +39,7 @@ def config_file(ckpt):
 
 def load(ckpt, device):
     config_file(ckpt)
-    return GPTNeoX.from_pretrained(ckpt).to(device).eval()
+    return fast.install(load_pretrained(ckpt).to(device).eval(), fast.wanted("auto", device))
 
 
 def speed(args):
@@ -50,7 +52,7 @@ def speed(args):
         raise ValueError(f"--steps {args.steps} must exceed --warmup {args.warmup} (warm-up steps are not timed)")
     if args.json:
         writable_dir(Path(args.json).parent, "--json")
-    config = Config.from_file(config_file(args.ckpt))
+    config = read_config(config_file(args.ckpt))
     limit = config.filter_context
     if limit is not None and max(args.contexts) > limit:
         raise ValueError(f"--contexts {max(args.contexts)} exceeds the convolutional Hyena filters' l_max {limit} "
@@ -61,11 +63,11 @@ def speed(args):
     rng = np.random.default_rng(args.seed)
     tokens = rng.integers(0, config.vocab_size, 4 * max(args.contexts)).astype(np.int64)  # the compile's trial
     for C in args.contexts:
-        model = GPTNeoX.from_pretrained(args.ckpt).to(device).train()  # fresh weights and optimizer per context
+        model = load_pretrained(args.ckpt).to(device).train()  # fresh weights and optimizer per context
         cfg = TrainConfig(out_dir="unused", batch_size=args.tokens_per_step // C, block_size=C,
                           max_tokens=args.tokens_per_step * args.steps, compile="on" if args.compile else "off",
                           device=device)
-        objective = CrossEntropy(model)
+        objective = fast.install(CrossEntropy(model, fast.losses.lm_loss if cuda else lm_loss), cuda)  # as train.py on CUDA
         opt = build_optimizer(model, cfg, fused=cuda)
         step_fn = compile_or_eager(objective, cfg, cuda, tokens, device, amp)
         if cuda:

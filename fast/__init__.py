@@ -1,28 +1,46 @@
-"""The speed work, apart from the readable model: each function here computes the same numbers as a plain one in
-hyena.py (or lib/, distill.py), faster, and its docstring names that twin and the CPU test that holds the two equal.
+"""The speed work, installed into a model from outside: each function here computes the same numbers as a plain one
+(in hyena.py, modal/, train.py or distill.py), faster, and its docstring names that twin and the CPU test that
+holds the two equal. hyena.py never imports this package; a script that wants speed asks for it:
 
-  fftconv.py  the FFT long convolution with a hand-written backward      twin: hyena.fftconv
-  losses.py   the head's loss fused with its gradient, chunk by chunk     twins: GPTNeoX.forward's F.cross_entropy,
-                                                                                 distill.kd_loss's plain branch
-  decode.py   a Triton kernel for Hyena's decoding step; CUDA graphs;     twins: HyenaState.long_conv's formula,
-              a Triton scan for a modal prefill's state                          generate's eager step,
-                                                                                 lib.modal.prefill_state
+    fast.install(model)        # or an objective: every model inside it (a distillation's student and teacher)
 
-One switch chooses: `fast.enable(on)`. on=True runs the fast paths on every device, False nowhere, None (the
-default) on CUDA tensors only; `active(t)` is how the model asks. train.py's loop turns them on for its run unless
-they were switched off (on the CPU too: the fused loss keeps a step's memory on glibc's heap).
+swaps, in every module, each plain function held as an attribute for its twin (TWINS). The losses are arguments
+of the training objectives, not attributes of a model: a script passes fast.losses' twins (train.lm_loss ->
+fast.losses.lm_loss, distill.kd_loss -> fast.losses.kd_loss). `wanted` reads the scripts' --fast flag.
+
+  fftconv.py  the FFT long convolution with a hand-written backward      twin of hyena.fftconv
+  losses.py   the head's loss fused with its gradient, chunk by chunk     twins of train.lm_loss, distill.kd_loss
+  decode.py   a Triton kernel for Hyena's decoding step; CUDA graphs;     twins of hyena.history_conv,
+              a Triton scan for a modal prefill's state                          hyena.eager_step, modal.fit.prefill_state
 """
-ON = None  # the setting enable() made: None (the default: fast on CUDA only), True or False
+import inspect
+
+import hyena
+from fast import decode, fftconv
+from modal import fit
+
+TWINS = {  # plain function -> its fast twin, wherever a module holds it as an attribute
+    hyena.fftconv: fftconv.fftconv,             # HyenaOperator.long_conv
+    hyena.history_conv: decode.long_conv_step,  # HyenaFilter.history_conv (the decoding step's long convolution)
+    fit.prefill_state: decode.prefill_state,    # ModalFilter.prefill_state (a modal prefill's recurrence state)
+    hyena.eager_step: decode.cuda_graph_step,   # GPTNeoX.make_step (generate's step: a CUDA graph's replay)
+}
 
 
-def enable(on=True):
-    """Switch the fast paths in (True), out (False) or back to the default (None: on CUDA only), for the whole
-    process. Returns the previous setting, so a caller can put it back."""
-    global ON
-    previous, ON = ON, on
-    return previous
+def install(module, on=True):
+    """Put the fast twins into every module of `module` (in place; returns it). on=False puts the plain functions
+    back. Twins that need CUDA (or Triton) fall back to their plain function elsewhere, so any device is fine."""
+    swap = TWINS if on else {twin: plain for plain, twin in TWINS.items()}
+    for m in module.modules():
+        for name, value in list(vars(m).items()):
+            if inspect.isfunction(value) and value in swap:
+                setattr(m, name, swap[value])
+    return module
 
 
-def active(t):
-    """Whether the fast paths serve tensor t: the one place the switch is read."""
-    return t.is_cuda if ON is None else bool(ON)
+def wanted(choice, device):
+    """The scripts' --fast: "on", "off", or "auto" (on for a CUDA device: there the twins pay; on the CPU the plain
+    code runs, the code one reads)."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"--fast {choice!r}: choose auto, on or off")
+    return choice == "on" or (choice == "auto" and str(device).startswith("cuda"))

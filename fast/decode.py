@@ -4,26 +4,30 @@ The kernel computes a Hyena long convolution's output for the token being decode
 
     y[b, d] = sum_{s <= pos} z[b, d, s] * k[pos - s, d]
 
-Its plain twin is the formula in lib.decoding.HyenaState.long_conv (plain PyTorch), whose static shapes force it
-to touch the whole cache (T positions) plus a gathered copy of the filter window on every step. The kernel reads the
-position from device memory and loops only over s <= pos: O(pos D) bytes, no copy, and still capturable in a
-CUDA graph (its shapes never change). The test
+Its plain twin is hyena.history_conv (plain PyTorch), whose static shapes force it to touch the whole cache (T
+positions) plus a gathered copy of the filter window on every step. The kernel reads the position from device
+memory and loops only over s <= pos: O(pos D) bytes, no copy, and still capturable in a CUDA graph (its shapes
+never change). The test
     tests/test_hyena_operator.py::test_decode_kernel_equals_the_definition_in_tritons_interpreter
 holds the two equal in Triton's CPU interpreter (where Triton is installed), bench/bench.py's check section on
-the GPU. HyenaState.long_conv uses it where fast.active and `available` say so.
+the GPU. fast.install puts `long_conv_step` in a HyenaFilter's place of history_conv.
 
-`prefill_state` computes a modal student's recurrence states after the prompt (lib/modal.py's prefill_state, its plain
+`prefill_state` computes a modal student's recurrence states after the prompt (modal/fit.py's prefill_state, its plain
 twin) by a chunked scan that reads the prompt's activations once, in place.
 
 `graphed_step` captures a whole cached step of a model (attention or Hyena, any mix) as a CUDA graph, which
-`GPTNeoX.generate` replays per token on a GPU when fast.active: at these model sizes launches, not bytes, bound
-decoding. Its plain twin is the eager step (`decode_step(graph=False)`).
+`GPTNeoX.generate` replays per token on a GPU once fast.install put `cuda_graph_step` in the model's make_step:
+at these model sizes launches, not bytes, bound decoding. Its plain twin is the eager step (hyena.eager_step).
+
+Each twin serves where its kernel can (`available`: CUDA, or Triton's interpreter for tests) and hands anything
+else to its plain twin, so an installed model runs on any device.
 """
 import os
 
 import torch
 
-from lib import modal
+from hyena import eager_step, history_conv
+from modal import fit
 
 try:
     import triton
@@ -85,10 +89,13 @@ if triton is not None:
 
 def long_conv_step(z, k_rev, pos):
     """z (B, D, T) history (positions > pos ignored), k_rev (D, >= T) with k_rev[d, T-1-j] = k[j, d] (the
-    zero-padded HyenaState.k_pad of a decoding cache qualifies), pos a 0-dim integer tensor -> y (B, D) in fp32.
-    The positions are split into as many chunks as it takes to run ~PROGRAMS tiles (static: graph-safe).
-    Plain twin: lib.decoding.HyenaState.long_conv (its PyTorch formula); held equal, in Triton's CPU interpreter,
-    by tests/test_hyena_operator.py::test_decode_kernel_equals_the_definition_in_tritons_interpreter."""
+    zero-padded HyenaState.k_pad of a decoding cache qualifies), pos a 0-dim integer tensor -> y (B, D), in fp32
+    from the kernel (sums over s <= pos only). The positions are split into as many chunks as it takes to run
+    ~PROGRAMS tiles (static: graph-safe). Where the kernel does not serve (`available`), the plain twin runs.
+    Plain twin: hyena.history_conv; held equal, in Triton's CPU interpreter, by
+    tests/test_hyena_operator.py::test_decode_kernel_equals_the_definition_in_tritons_interpreter."""
+    if not available(z):
+        return history_conv(z, k_rev, pos)
     B, D, T = z.shape
     if not (z.is_contiguous() and k_rev.stride(1) == 1):
         raise ValueError("long_conv_step needs a contiguous z history and a row-contiguous filter")
@@ -104,17 +111,17 @@ SCAN_CHUNK, SCAN_C = 256, 32  # positions and channels per program of the prefil
 
 
 def prefill_state(z, log_decay, angle):
-    """lib.modal.prefill_state computed by a chunked scan: z (B, L, C) read once in its own layout and dtype, each
+    """modal.fit.prefill_state computed by a chunked scan: z (B, L, C) read once in its own layout and dtype, each
     program running the recurrence over SCAN_CHUNK positions of SCAN_C channels in fp32, then the chunks' states
     carried to the end, state = sum_j lambda^(L - end_j) state_j (in PyTorch, small). The plain twin transposes z
     into a channels-first fp32 copy for its two batched matmuls, the bulk of a modal prefill's extra time.
-    Plain twin: lib.modal.prefill_state; held equal, in Triton's CPU interpreter, by
+    Plain twin: modal.fit.prefill_state; held equal, in Triton's CPU interpreter, by
     tests/test_modal.py::test_prefill_scan_kernel_equals_the_plain_state_in_tritons_interpreter (and by bench/bench.py's
     check section on the GPU)."""
     B, L, C = z.shape
-    if L * C >= 2 ** 31:  # the kernel's in-sequence offsets t * C are 32-bit: the plain twin serves such prompts
-        return modal.prefill_state(z, log_decay, angle)
-    d, dt = log_decay.shape[1], modal.work_dtype(log_decay)
+    if not available(z) or L * C >= 2 ** 31:  # (the kernel's in-sequence offsets t * C are 32-bit)
+        return fit.prefill_state(z, log_decay, angle)
+    d, dt = log_decay.shape[1], fit.work_dtype(log_decay)
     with torch.autocast(z.device.type, enabled=False):
         w, th = log_decay.to(dt), angle.to(dt)
         lam = torch.polar(torch.exp(-w.exp()), th)  # (C, d)
@@ -127,17 +134,17 @@ def prefill_state(z, log_decay, angle):
                                                        BLOCK_C=SCAN_C)
         s = torch.complex(out[..., :d], out[..., DM:DM + d])  # (B, a, C, d): each chunk's state at its end
         ends = torch.clamp(torch.arange(1, a + 1, device=z.device) * SCAN_CHUNK, max=L)
-        qr, qi = modal.powers(w, th, L - ends)  # (C, a, d): lambda^(L - end_j)
+        qr, qi = fit.powers(w, th, L - ends)  # (C, a, d): lambda^(L - end_j)
         return (s * torch.complex(qr, qi).transpose(0, 1)).sum(1)  # (B, C, d) complex64
 
 
 @torch.no_grad()
 def graphed_step(model, cache, batch):
-    """One cached decoding step of a lib.decoding.Cache captured as a CUDA graph, after a prefill:
+    """One cached decoding step of a hyena.Cache captured as a CUDA graph, after a prefill:
     step(tokens (B, 1)) -> logits (B, 1, V) (one static tensor, overwritten by the next call). Replaying the captured kernels skips
     the ~100 small launches per token that otherwise cost more than their work. Runs under the caller's
     autocast (with its weight-cast cache off, as graphs need).
-    Plain twin: hyena.GPTNeoX.forward (one eager cached step); the CPU holds the step capturable, in
+    Plain twin: hyena.eager_step (one eager cached step); the CPU holds the step capturable, in
     test_hyena.py::test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_them and
     tests/test_modal.py::test_modal_decoding_steps_never_read_the_device_back; bench/bench.py's check section
     holds replayed and eager logits equal on the GPU."""
@@ -169,6 +176,15 @@ def graphed_step(model, cache, batch):
     return step
 
 
+def cuda_graph_step(model, cache, batch):
+    """generate's decoding step (GPTNeoX.make_step) replayed from a CUDA graph (graphed_step) where the cache is on
+    CUDA with room for the graph's warm-up, else launched eagerly: step(tokens (B, 1)) -> logits (B, 1, V).
+    Plain twin: hyena.eager_step; held equal on the GPU by bench/bench.py's check section, and capturable by
+    test_hyena.py::test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_them."""
+    graph = cache.pos.is_cuda and int(cache.pos) + 2 <= cache.max_len  # (a host read, before any capture)
+    return graphed_step(model, cache, batch) if graph else eager_step(model, cache, batch)
+
+
 def decode_step(model, cache, batch, graph):
     """step(tokens (B, 1)) -> logits (B, 1, V) after a prefill: replayed from a CUDA graph, or launched eagerly."""
-    return graphed_step(model, cache, batch) if graph else (lambda tokens: model(tokens, cache=cache)[0])
+    return graphed_step(model, cache, batch) if graph else eager_step(model, cache, batch)

@@ -3,16 +3,12 @@
 `fftconv` here computes the same function as `hyena.fftconv` (the plain definition: FFTs of size >= 2L along
 time, differentiated by autograd); the test
     tests/test_hyena_operator.py::test_fast_fftconv_equals_the_reference_and_so_do_its_gradients
-holds the two equal, output and gradients, and bench/bench.py's check section does on the GPU. The model uses
-this one where fast.active says so (on CUDA by default; fast.enable switches it).
+holds the two equal, output and gradients, and bench/bench.py's check section does on the GPU. fast.install
+puts it in a HyenaOperator's `long_conv`.
 """
 import torch
 
-
-def fft_size(n):
-    """Smallest 2^a * {1, 3} >= n: cuFFT and pocketfft are fastest on such sizes."""
-    p = 1 << max(0, (n - 1).bit_length())
-    return min(p, 3 * (p >> 2)) if p >= 4 and 3 * (p >> 2) >= n else p
+from hyena import fft_size
 
 
 def fftconv(u, k, bias):

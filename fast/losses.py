@@ -1,8 +1,10 @@
 """The training losses on a model's head, fused with their gradient so full-vocabulary logits never exist whole.
 
 `head_loss` computes what GPTNeoX.forward's plain F.cross_entropy computes (hyena.py) and, given a teacher, the
-end-to-end distillation loss of distill.kd_loss's plain branch (KL(teacher || student) at a temperature, plus
-optional CE); tests/test_losses.py holds both pairs equal, values and gradients.
+end-to-end distillation loss of distill.kd_loss (KL(teacher || student) at a temperature, plus optional CE);
+tests/test_losses.py holds both pairs equal, values and gradients. A training script that wants them passes
+`lm_loss` (for train.lm_loss) or `kd_loss` (for distill.kd_loss) to its objective: the model's forward itself
+always computes its logits.
 """
 import functools
 import warnings
@@ -117,7 +119,7 @@ def head_loss(model, h, targets, ce_weight=1.0, teacher=None, h_teacher=None, te
     (B, L, D) (and the teacher's h_teacher) before the final LayerNorm; targets (B, L), -1 = not scored.
     Averaged over scored tokens for CE alone, over all tokens when distilling (the KL covers every position).
     chunk: rows per chunk (default_chunk when None).
-    Plain twins: hyena.GPTNeoX.forward (its F.cross_entropy), distill.kd_loss (its plain branch); held equal by
+    Plain twins: hyena.GPTNeoX.forward (its F.cross_entropy), distill.kd_loss; held equal by
     tests/test_losses.py::test_fused_training_loss_equals_the_plain_cross_entropy_and_so_do_gradients and
     tests/test_losses.py::test_fused_chunked_kd_loss_equals_plain_kd_loss."""
     xs = model.gpt_neox.final_layer_norm(h).flatten(0, 1)  # (n, D)
@@ -131,3 +133,17 @@ def head_loss(model, h, targets, ce_weight=1.0, teacher=None, h_teacher=None, te
     total = FusedHeadLoss.apply(xs, ws, tgt, ce_weight, xt, wt, temperature, chunk, need_grad)
     n = xs.shape[0] if teacher is not None else (tgt != -1).sum().clamp_min(1)
     return total / n
+
+
+def lm_loss(model, x, y):
+    """Next-token cross-entropy of `model` on inputs x (B, L) and targets y (B, L), -1 = not scored: the model to
+    its final hidden states, then head_loss, chunked (no (B, L, V) logits).
+    Plain twin: train.lm_loss; held equal by
+    tests/test_losses.py::test_fused_training_loss_equals_the_plain_cross_entropy_and_so_do_gradients."""
+    return head_loss(model, model.hidden_states(x)[-1], y)
+
+
+def kd_loss(hs, ht, targets, student, teacher, temperature=1.0, ce_weight=0.0, chunk=None):
+    """distill.kd_loss (same arguments), by head_loss: `chunk` rows at a time, fused with its gradient.
+    Plain twin: distill.kd_loss; held equal by tests/test_losses.py::test_fused_chunked_kd_loss_equals_plain_kd_loss."""
+    return head_loss(student, hs, targets, ce_weight, teacher, ht, temperature, chunk)

@@ -35,8 +35,10 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+import fast
 from hyena import GPTNeoX
 from lib.checkpoint import DTYPES, checkpoint_tokenizer, resolve_ckpt
+from modal.student import load_pretrained
 from tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -65,11 +67,13 @@ class HyenaLM(TemplateLM):
                 model = model.to(DTYPES[dtype])
         else:
             ckpt = resolve_ckpt(str(pretrained))
-            model = GPTNeoX.from_pretrained(ckpt, dtype=DTYPES[dtype or "fp32"])
+            model = load_pretrained(ckpt, dtype=DTYPES[dtype or "fp32"])
             tokenizer = tokenizer or checkpoint_tokenizer(ckpt)
             device = device or "auto"
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if not isinstance(pretrained, GPTNeoX):  # loaded here: fast/'s twins on CUDA (eval.py's --fast auto)
+            fast.install(model, fast.wanted("auto", device))
         self.model = model.to(device).eval() if device is not None else model.eval()
         self._device = next(self.model.parameters()).device
         self.tokenizer_path = str(tokenizer or DEFAULT_TOKENIZER)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as torch_dist
 
 import data
+from config import to_hf
 from lib.cli import disk_full, write_atomic
 from hub import HubError, looks_like_path, resolve_file
 from lib.safetensors_io import read_safetensors
@@ -102,7 +103,7 @@ def load_checkpoint(out, model, opt, rng, cfg, dist, stream_seed):
         raise ValueError(f"--resume: {ckpt} was trained with other settings ({'; '.join(changed)}). Resume with the "
                          "checkpoint's flags, or start afresh in another --out-dir")
     saved = json.loads((ckpt / "config.json").read_text())
-    if saved != json.loads(json.dumps(model.config.to_hf())):
+    if saved != json.loads(json.dumps(to_hf(model.config))):
         raise ValueError(f"--resume: the model in {ckpt}/config.json (hidden {saved['hidden_size']}, layers "
                          f"{saved['num_hidden_layers']}, mixers {saved.get('mixers', 'attention')}) is not the model "
                          "being trained; build the same model, or start afresh in another --out-dir")
@@ -185,6 +186,17 @@ def read_pretrained(name_or_path, revision, expected, mixers):
     if missing:
         raise ValueError(f"{name_or_path}@{revision}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
     return state
+
+
+def load_weights(model, name_or_path, revision="main"):
+    """model (built from the checkpoint's config) with the checkpoint's weights, every one checked
+    (read_pretrained); returns it. GPTNeoX.from_pretrained and modal.student.load_pretrained read through it."""
+    state = read_pretrained(name_or_path, revision, model.state_dict(), model.config.mixers)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # e.g. the filter's shared Sin given different frequencies
+        raise ValueError(f"{name_or_path}@{revision}: {e}") from None
+    return model
 
 
 def weight_files(name_or_path, revision="main"):

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import fast
 from data import context_windows, document_windows
-from hyena import GPTNeoX
 from lib.cli import write_atomic
+from modal.student import load_pretrained
 
 BEYOND = ("refuse", "extrapolate", "window")
 SWEEP = {"score_tokens": 512, "max_windows": 64, "beyond": "refuse", "window_stride": 512, "max_batch_tokens": 65536}
@@ -173,7 +174,7 @@ def run_sweep(args, device, ckpts, configs, data, dtype):
           f"{args.score_tokens} of each scored", file=sys.stderr)
     contexts = {}
     for label, ckpt in zip(args.ckpt, ckpts):
-        model = GPTNeoX.from_pretrained(ckpt, dtype=dtype).to(device).eval()
+        model = fast.install(load_pretrained(ckpt, dtype=dtype).to(device).eval(), fast.wanted(args.fast, device))
         forward = compiled_forward(model) if args.compile else None
         contexts[label] = {}
         for c, (mode, window) in plans[label].items():

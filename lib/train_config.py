@@ -7,10 +7,11 @@ train.py's loop runs a TrainConfig.
 import argparse
 from dataclasses import MISSING, dataclass, field, fields
 
+from fast import wanted
 from lib.cli import integer
 
 CHOICES = {"dtype": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off"),  # the flags with fixed choices
-           "schedule": ("cosine", "wsd")}
+           "schedule": ("cosine", "wsd"), "fast": ("auto", "on", "off")}
 
 
 def arg(default, help):
@@ -50,6 +51,12 @@ class TrainConfig:
     compile: str = arg("auto", "torch.compile the objective: auto (on CUDA), on, off; a compile that fails "
                        "falls back to eager with a warning")
     dtype: str = arg("auto", "auto = bf16 autocast on CUDA, fp32 on CPU")
+    # auto leaves a CPU run plain, the code one reads. There the fused loss would spare the page faults of the full
+    # logits: measured, the tiny preset at V = 50k, 30 steps: +11 s of kernel time, +300 MB of peak memory and
+    # 2-20 % more wall time plain (a loaded 2-core machine). Not needed, so not the default: --fast on asks for it.
+    fast: str = arg("auto", "fast/'s twins (the same numbers, faster: FFT convolution with a hand-written backward, "
+                    "the loss fused in chunks, Triton decoding kernels): auto (on CUDA), on, off. On a CPU, on spares "
+                    "the full logits' page faults at a 50k vocabulary")
     seed: int = arg(1337, "seeds the data sampler (per rank) and the validation windows")
     data_stream: str = arg("", "names this run's stream of training windows: the sampler's seed is folded with it "
                            "and with the stage, so runs given different names (and a run's stages) read other windows")
@@ -78,6 +85,10 @@ class TrainConfig:
                 raise ValueError(f"--branches {self.branches}: give exactly one budget, --max-minutes or "
                                  "--max-tokens, so the branch budgets have one unit")
             self.branch_budgets()  # checks the numbers
+
+    def fast_on(self, device):
+        """Whether the run puts fast/'s twins in (the training scripts install them; train() records it)."""
+        return wanted(self.fast, device)
 
     def warmup_fraction(self):
         """The warmup as a fraction of the budget: warmup_frac, or with --branches warmup_frac of the smallest

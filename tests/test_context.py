@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from lib import cli
 import eval as ev
 from data import context_windows, document_windows, load_split
-from config import Config
-from hyena import GPTNeoX, make_student
-from lib.modal_student import to_modal
+from config import read_config
+from hyena import Config, GPTNeoX, make_student
+from modal.student import to_modal
 from lib.sweep import evaluate_context
 from tokenizer import load_tokenizer
 
@@ -158,7 +158,7 @@ def test_extrapolated_rope_is_transformers(root, ckpts):
 
 
 def test_a_modal_student_runs_past_l_max_natively(root, ckpts):
-    cfg = Config.from_file(Path(ckpts["modal"]) / "config.json")
+    cfg = read_config(Path(ckpts["modal"]) / "config.json")
     assert cfg.l_max == 32 and ev.max_context(cfg) is None  # every layer modal: defined for any length
     r = sweep(root, ckpts["modal"])["contexts"][ckpts["modal"]]  # --beyond refuse, the default: nothing refused
     assert [r[c]["mode"] for c in ("16", "32", "64")] == ["native"] * 3

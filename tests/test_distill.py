@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import distill
-from config import Config
-from hyena import GPTNeoX, make_student
-from lib.modal_student import to_modal
+from hyena import Config, GPTNeoX, make_student
+from modal.student import load_pretrained, to_modal
 from lib.distill_plan import DistillConfig, plan_stages
 from lib.train_config import TrainConfig
 
@@ -135,17 +134,17 @@ def test_modal_conversion_then_kl_repair(setup):
     distill.main(common + ["--modal-state", "4", "--layers", "none", "--out-dir", str(tmp / "only")])
     fit = json.loads((tmp / "only" / "modal_fit.json").read_text())["layers"]
     assert [f["layer"] for f in fit] == [0, 1] and all(0 <= f["rel_error"] < 1 for f in fit)
-    converted = GPTNeoX.from_pretrained(tmp / "only" / "final")
+    converted = load_pretrained(tmp / "only" / "final")
     assert converted.config.hyena_modal_state == [4, 4] and not (tmp / "only" / "e2e").exists()
     distill.main(common + ["--modal-tol", "1e-2", "--modal-max-state", "8", "--layers", "none", "--e2e-tokens",
                            str(20 * 4 * 32), "--e2e-lr", "3e-3", "--out-dir", str(tmp / "repair")])
     rows = log(tmp / "repair" / "e2e" / "log.jsonl")
     assert rows and all(np.isfinite(r["loss"]) for r in rows)
-    repaired = GPTNeoX.from_pretrained(tmp / "repair" / "final")
+    repaired = load_pretrained(tmp / "repair" / "final")
     fresh = to_modal(student, state_size=None, tol=1e-2, max_state=8)  # the fit is deterministic
     assert repaired.config.hyena_modal_state == fresh.config.hyena_modal_state
     assert all(d in (1, 2, 4, 8) for d in repaired.config.hyena_modal_state)
-    before = GPTNeoX.from_pretrained(tmp / "repair" / "converted")  # saved before the repair, for comparison
+    before = load_pretrained(tmp / "repair" / "converted")  # saved before the repair, for comparison
     for name in ("log_decay", "angle", "residues"):  # poles and residues trained in the repair
         assert torch.equal(getattr(before.gpt_neox.layers[0].hyena.filter_fn, name),
                            getattr(fresh.gpt_neox.layers[0].hyena.filter_fn, name)), name

@@ -26,8 +26,7 @@ import finetune
 import hub
 from lib.cli import out_dir_lock
 from fakehub import FakeHub
-from config import Config
-from hyena import GPTNeoX
+from hyena import Config, GPTNeoX
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
 VOCAB = 64

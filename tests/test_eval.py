@@ -14,8 +14,7 @@ import torch
 from lib import cli
 import eval as ev
 from data import load_split
-from config import Config
-from hyena import GPTNeoX, make_student
+from hyena import Config, GPTNeoX, make_student
 from tokenizer import load_tokenizer
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # beside the repository
@@ -195,7 +194,7 @@ def test_prompt_past_the_hyena_l_max_says_what_to_change(ckpts, capsys):
 
 def test_a_modal_student_samples_past_its_l_max(ckpts, tmp_path, capsys):
     """Modal filters are defined at every length: the prompt-length check that guards conv filters lets it run."""
-    from lib.modal_student import to_modal
+    from modal.student import to_modal
     to_modal(GPTNeoX.from_pretrained(ckpts[1]), state_size=4).save_pretrained(tmp_path / "modal")
     ev.main(["--ckpt", str(tmp_path / "modal"), "--prompt", "The lobster is", "--max-new-tokens", "200",
              "--temperature", "0", "--tokenizer", str(TOKENIZER), "--device", "cpu"])
@@ -203,9 +202,9 @@ def test_a_modal_student_samples_past_its_l_max(ckpts, tmp_path, capsys):
 
 
 def test_a_modal_student_evaluates_with_no_extra_flags(root, ckpts, tmp_path):
-    """to_modal's checkpoint (lib/modal_student.py) goes through eval.py like any other, its perplexity close to its conv
+    """to_modal's checkpoint (modal/student.py) goes through eval.py like any other, its perplexity close to its conv
     student's (the fit is close at this size)."""
-    from lib.modal_student import to_modal
+    from modal.student import to_modal
     to_modal(GPTNeoX.from_pretrained(ckpts[1]), state_size=8).save_pretrained(tmp_path / "modal")
     conv, mod = ev.main(["--ckpt", ckpts[1], str(tmp_path / "modal"), "--data", "wiki", "--data-root", str(root),
                          "--context", "64"])

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 
 import eval as ev
 from harness import build
-from config import Config
-from hyena import GPTNeoX, make_student
+from hyena import Config, GPTNeoX, make_student
 from tokenizer import load_tokenizer
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"

@@ -245,7 +245,7 @@ def test_bench_100mb_download(fake):
 
 def test_from_pretrained_through_the_hub(fake, tmp_path):
     """A hub repo id with a Pythia-style branch revision downloads once, then loads from the cache alone."""
-    from config import Config
+    from hyena import Config
     from hyena import GPTNeoX
     torch.manual_seed(0)
     m = GPTNeoX(Config(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2,

@@ -1,5 +1,5 @@
 """Behaviour of the Hyena operator (hyena.py): the long convolution and its fast twin (fast/fftconv.py), causality,
-filters (lib/implicit_filter.py), the decoding kernel (fast/decode.py)."""
+the implicit filter, the decoding kernel (fast/decode.py) and fast.install, which puts the twins in."""
 import math
 
 import pytest
@@ -132,8 +132,7 @@ KERNEL_CHECK = """
 import torch
 import fast
 from fast import decode
-fast.enable(True)  # the kernel serves CPU tensors only with the fast paths switched on
-assert decode.available(torch.zeros(1))
+assert decode.available(torch.zeros(1))  # Triton's interpreter: the kernel serves CPU tensors
 torch.manual_seed(0)
 B, D, T = 2, 6, 1100  # D not a multiple of the channel block, T over two position blocks
 z, k = torch.randn(B, D, T), torch.randn(T, D)
@@ -143,17 +142,15 @@ for pos in (0, 1, 511, 512, 700, T - 1):
     ref = torch.einsum("bds,sd->bd", z[..., :pos + 1], k[:pos + 1].flip(0))  # sum_s z[s] k[pos - s]
     out = decode.long_conv_step(z, k_pad, torch.tensor(pos))
     worst = max(worst, ((out - ref).abs().max() / ref.abs().max()).item())
-# a bf16 student decoding through the kernel matches the PyTorch step (and keeps its dtype)
-from config import Config
-from hyena import GPTNeoX, make_student
-from lib.decoding import new_cache
+# a bf16 student decoding through the kernel (fast.install) matches the PyTorch step (and keeps its dtype)
+from hyena import Config, GPTNeoX, make_student, new_cache
 cfg = Config(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=97,
              max_position_embeddings=48)
-student = make_student(GPTNeoX(cfg)).to(torch.bfloat16).eval()
+student = fast.install(make_student(GPTNeoX(cfg)).to(torch.bfloat16).eval())
 idx, kernel = torch.randint(97, (2, 48)), decode.available
 runs = []
 for use_kernel in (True, False):
-    decode.available = kernel if use_kernel else (lambda t: False)
+    decode.available = kernel if use_kernel else (lambda t: False)  # long_conv_step hands over to history_conv
     cache = new_cache(student, 48)
     with torch.no_grad():
         student(idx[:, :40], cache=cache)

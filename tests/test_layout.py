@@ -11,7 +11,7 @@ def test_no_script_is_imported_by_another_script_or_by_a_module():
     scripts = {p.stem for p in ROOT.glob("*.py") if re.search(r'^if __name__ == "__main__":', p.read_text(), re.M)}
     assert {"prepare", "finetune", "distill", "eval"} <= scripts
     files = [ROOT / f"{name}.py" for name in sorted(scripts)] + \
-        sorted(p for folder in ("lib", "fast", "harness", "experiment") for p in (ROOT / folder).glob("*.py"))
+        sorted(p for folder in ("lib", "fast", "modal", "harness", "experiment") for p in (ROOT / folder).glob("*.py"))
     found = []
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -136,9 +136,9 @@ def test_one_meaning_per_name():
 
 
 def test_one_position_representation_in_the_forwards():
-    """The decoding position is always lib.decoding.Cache.pos, a device tensor: no forward or decoding state asks
+    """The decoding position is always hyena.Cache.pos, a device tensor: no forward or decoding state asks
     which kind it is."""
-    for name in ("hyena.py", "lib/attention.py", "lib/decoding.py", "lib/modal_student.py"):
+    for name in ("hyena.py", "modal/student.py"):
         assert "is_tensor(" not in (ROOT / name).read_text(), name
 
 
@@ -153,19 +153,80 @@ def test_the_root_holds_at_most_a_dozen_modules():
 
 def test_no_module_is_longer_than_a_sitting():
     """Every non-test file reads in one sitting: at most about 300 lines (330 at the most). A file that grows past
-    that splits, moving a cohesive part into a folder (lib/, fast/, bench/, experiment/), never by packing lines."""
-    limit, found = 330, []
+    that splits, moving a cohesive part into a folder (lib/, fast/, bench/, experiment/), never by packing lines.
+    hyena.py, the model whole in one file as the card asks, reads top to bottom in at most 650."""
+    found = []
     for path in sorted(ROOT.glob("**/*.py")):
         rel = path.relative_to(ROOT)
         if {"tests", "data", "runs"} & set(rel.parts) or rel.name.startswith("test_"):
             continue
-        lines = len(path.read_text().splitlines())
-        found += [f"{rel}: {lines} lines"] if lines > limit else []
+        lines, limit = len(path.read_text().splitlines()), 650 if str(rel) == "hyena.py" else 330
+        found += [f"{rel}: {lines} lines (at most {limit})"] if lines > limit else []
     assert not found, found
 
 
+def imports(path, top_level_only):
+    """The modules `path` imports (a from-import's names too: a submodule or a name), at its top level only (the
+    body, its ifs and trys) or everywhere, as (module, line)."""
+    tree, found = ast.parse(path.read_text()), []
+    nodes = ast.walk(tree) if not top_level_only else \
+        [n for top in tree.body for n in ast.walk(top) if not isinstance(top, (ast.FunctionDef, ast.ClassDef))]
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found += [(node.module, node.lineno)] + [(f"{node.module}.{a.name}", node.lineno) for a in node.names]
+    return found
+
+
+def test_the_model_imports_only_torch_and_the_standard_library():
+    """hyena.py is the core: at its top it imports torch and the standard library, nothing of the project (fast/,
+    modal/ and the rest use it, never the reverse). Only from_pretrained / save_pretrained import the project's
+    checkpoint reader and writer, when called (as nanoGPT's from_pretrained imports transformers)."""
+    import sys
+    ok = {"torch"} | set(sys.stdlib_module_names)
+    path = ROOT / "hyena.py"
+    top = [f"hyena.py:{line} imports {m}" for m, line in imports(path, True) if m.split(".")[0] not in ok]
+    assert not top, top
+    lazy = {}
+    for f in ast.walk(ast.parse(path.read_text())):
+        if isinstance(f, ast.FunctionDef):
+            found = {n.module for n in ast.walk(f) if isinstance(n, ast.ImportFrom)} | \
+                {a.name for n in ast.walk(f) if isinstance(n, ast.Import) for a in n.names}
+            lazy.update({f.name: found - ok} if found - ok else {})
+    assert lazy == {"from_pretrained": {"config", "hub", "lib.checkpoint"},
+                    "save_pretrained": {"config", "lib.cli", "lib.safetensors_io"}}, lazy
+
+
+def test_no_import_circles():
+    """Imports flow one way: the modules the project's files import at their top form no cycle (hyena.py imports
+    none; fast/ and modal/ import hyena; the scripts import them all). Imports inside a function are exempt."""
+    def module_file(name):
+        for f in (ROOT / (name.replace(".", "/") + ".py"), ROOT / name.replace(".", "/") / "__init__.py"):
+            if f.is_file():
+                return f
+    files = {str(p.relative_to(ROOT).with_suffix("")).replace("/", ".").removesuffix(".__init__"): p
+             for p in ROOT.glob("**/*.py") if not {"tests", "data", "runs"} & set(p.relative_to(ROOT).parts)
+             and not p.name.startswith("test_") and p.name != "conftest.py"}
+    graph = {name: {m for m, _ in imports(path, True) if module_file(m) and m != name} for name, path in files.items()}
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, set())):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, cycles
+
+
 FAST_HELPERS = {  # fast/'s public names that are not a fast path themselves, but parts of one
-    "enable", "active", "fft_size", "channels_first", "rfft", "chunk_fn", "default_chunk", "available", "decode_step"}
+    "install", "wanted", "channels_first", "rfft", "chunk_fn", "default_chunk", "available", "decode_step"}
 
 
 def test_every_fast_path_names_its_plain_twin_and_the_test_holding_them_equal():
@@ -193,7 +254,7 @@ def test_every_fast_path_names_its_plain_twin_and_the_test_holding_them_equal():
                 continue
             for name in re.findall(r"(?:^|, )([\w.]+)", re.sub(r" \([^)]*\)", "", twins.group(1))):
                 module, attrs = name, []
-                while "." in module and not is_module(module):  # the longest prefix that is one (lib.decoding)
+                while "." in module and not is_module(module):  # the longest prefix that is one (modal.fit)
                     module, attr = module.rsplit(".", 1)
                     attrs.insert(0, attr)
                 obj = importlib.import_module(module)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import finetune
-from config import Config
 from experiment import longctx, runner, throughput
-from hyena import GPTNeoX
-from lib.modal_student import to_modal
+from config import read_config
+from hyena import Config, GPTNeoX
+from modal.student import load_pretrained, to_modal
 from tokenizer import load_tokenizer
 
 VOCAB = 64
@@ -54,7 +54,7 @@ def test_modal_student_fine_tunes_past_l_max_and_records_the_context(tmp_path, d
     assert (conv.config.native_context, modal.config.native_context) == (32, None)  # modal: any length
 
     finetune.main(finetune_args(tmp_path / "modal", tmp_path / "long", data_dir, 128))  # 4x its l_max
-    long = GPTNeoX.from_pretrained(tmp_path / "long" / "final")
+    long = load_pretrained(tmp_path / "long" / "final")
     assert long.config.l_max == 128 and long.config.hyena_modal_state == [2, 2]  # trained at 128: recorded
     assert json.loads((tmp_path / "long" / "summary.json").read_text())["tokens"] == 2 * 2 * 128
 
@@ -67,7 +67,7 @@ def test_attention_trains_past_max_position_embeddings_unless_rope_is_dynamic(tm
     tiny("attention", 32).save_pretrained(tmp_path / "att")
     finetune.main(finetune_args(tmp_path / "att", tmp_path / "long", data_dir, 64))
     assert "attention layers train past max_position_embeddings 32" in capsys.readouterr().err
-    assert Config.from_file(tmp_path / "long" / "final" / "config.json").max_position_embeddings == 64
+    assert read_config(tmp_path / "long" / "final" / "config.json").max_position_embeddings == 64
     tiny("attention", 32, rope_type="dynamic", rope_factor=2.0, rotary_pct=0.5).save_pretrained(tmp_path / "dyn")
     with pytest.raises(ValueError, match=r"--block-size 64 exceeds max_position_embeddings 32 .*dynamic RoPE"):
         finetune.main(finetune_args(tmp_path / "dyn", tmp_path / "dyn-long", data_dir, 64))

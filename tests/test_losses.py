@@ -1,6 +1,6 @@
-"""fast/losses.py, the head's loss fused with its gradient, equals its plain twins: GPTNeoX.forward's
-F.cross_entropy and distill.kd_loss's plain branch; its compiled chunk falls back to eager; its CPU chunks keep
-a training step's memory on the heap."""
+"""fast/losses.py, the head's loss fused with its gradient, equals its plain twins: train.lm_loss (GPTNeoX.forward's
+F.cross_entropy) and distill.kd_loss; its compiled chunk falls back to eager; its CPU chunks keep a training step's
+memory on the heap. The fast paths run here because the tests ask for them: fast.install, fast.losses' functions."""
 import subprocess
 import sys
 import warnings
@@ -12,34 +12,28 @@ import torch.nn.functional as F
 
 import distill
 import fast
-from config import Config
-from hyena import GPTNeoX, make_student
+import fast.losses
+import train
+from hyena import Config, GPTNeoX, make_student
 from test_hyena import TINY, randomized  # the core tests' tiny config and all-random model
 
 KD_TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=64,
                max_position_embeddings=32)
 
 
-@pytest.fixture
-def fast_on():
-    """The fast paths switched in for one test (fast.enable), and the setting put back after it."""
-    previous = fast.enable(True)
-    yield
-    fast.enable(previous)
-
-
-def test_fused_training_loss_equals_the_plain_cross_entropy_and_so_do_gradients(fast_on):
-    """forward(idx, targets) on the fast path never builds the logits (chunked, gradient fused: fast.losses.head_loss)
-    yet is the plain path's F.cross_entropy (hyena.GPTNeoX.forward), to rounding."""
-    model = randomized(Config(**TINY))
+def test_fused_training_loss_equals_the_plain_cross_entropy_and_so_do_gradients():
+    """fast.losses.lm_loss never builds the logits (chunked, gradient fused: fast.losses.head_loss) yet is
+    train.lm_loss, the model's own F.cross_entropy (hyena.GPTNeoX.forward), to rounding; with fast/'s twins
+    installed the model's forward still returns its logits."""
+    model = fast.install(make_student(randomized(Config(**TINY)), layers=[1]))
     idx, y = torch.randint(0, 211, (2, 30)), torch.randint(0, 211, (2, 30))
     y[1, :5] = -1  # not scored
-    logits, loss = model(idx, y)
-    assert logits is None
+    loss = fast.losses.lm_loss(model, idx, y)
     g_fused = torch.autograd.grad(loss, list(model.parameters()))
-    fast.enable(False)
-    logits, ref = model(idx, y)
-    assert logits.shape == (2, 30, 211)
+    logits, ref = model(idx, y)  # the fast convolution, the plain loss: the forward's contract holds
+    assert logits.shape == (2, 30, 211) and torch.equal(ref, train.lm_loss(model, idx, y))
+    fast.install(model, False)
+    ref = train.lm_loss(model, idx, y)
     assert torch.equal(ref, F.cross_entropy(model(idx)[0].flatten(0, 1), y.flatten(), ignore_index=-1))
     g_ref = torch.autograd.grad(ref, list(model.parameters()))
     assert torch.allclose(loss, ref, rtol=1e-5)
@@ -48,9 +42,9 @@ def test_fused_training_loss_equals_the_plain_cross_entropy_and_so_do_gradients(
 
 
 @pytest.mark.parametrize("temperature, ce_weight", [(1.0, 0.0), (2.0, 0.5)])
-def test_fused_chunked_kd_loss_equals_plain_kd_loss(temperature, ce_weight, fast_on):
-    """distill.kd_loss on the fast path (fast.losses.head_loss, chunked) and its plain branch (full logits) agree
-    with the definition written out here: value and every gradient (hidden states, final LayerNorm, unembedding)."""
+def test_fused_chunked_kd_loss_equals_plain_kd_loss(temperature, ce_weight):
+    """fast.losses.kd_loss (fast.losses.head_loss, chunked) and distill.kd_loss (full logits) agree with the
+    definition written out here: value and every gradient (hidden states, final LayerNorm, unembedding)."""
     torch.manual_seed(0)
     teacher = GPTNeoX(Config(**KD_TINY))
     student = make_student(teacher)
@@ -62,7 +56,7 @@ def test_fused_chunked_kd_loss_equals_plain_kd_loss(temperature, ce_weight, fast
     y[0, :3] = -1  # ignored positions
     params = [hs, student.embed_out.weight, student.gpt_neox.final_layer_norm.weight]
 
-    fused = distill.kd_loss(hs, ht, y, student, teacher, temperature, ce_weight, chunk=5)
+    fused = fast.losses.kd_loss(hs, ht, y, student, teacher, temperature, ce_weight, chunk=5)
     g_fused = torch.autograd.grad(fused, params)
     zt, zs = teacher.head(ht) / temperature, student.head(hs) / temperature
     kl = F.kl_div(F.log_softmax(zs, -1), F.log_softmax(zt, -1), log_target=True, reduction="none").sum(-1)
@@ -72,7 +66,6 @@ def test_fused_chunked_kd_loss_equals_plain_kd_loss(temperature, ce_weight, fast
     assert torch.allclose(fused, plain, rtol=1e-5)
     for a, b in zip(g_fused, g_plain):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
-    fast.enable(False)
     unfused = distill.kd_loss(hs, ht, y, student, teacher, temperature, ce_weight)
     assert torch.allclose(unfused, plain, rtol=1e-5)
     for a, b in zip(torch.autograd.grad(unfused, params), g_plain):

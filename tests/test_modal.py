@@ -1,16 +1,17 @@
-"""Modal filters (Laughing Hyena): the fit (lib/modal.py), ModalFilter's recurrence, to_modal and modal students."""
+"""Modal filters (Laughing Hyena, modal/): the fit (modal/fit.py), ModalFilter's recurrence in a HyenaOperator,
+to_modal, modal students built and loaded (modal/student.py), and fast/'s twin of the prefill's state."""
 import json
 import math
 
 import pytest
 import torch
 
-from lib import modal
-from config import Config
-from hyena import GPTNeoX, HyenaOperator, fftconv, make_student
-from lib.decoding import Cache, new_cache
-from lib.implicit_filter import HyenaFilter
-from lib.modal_student import to_modal
+import fast
+from config import from_hf, to_hf
+from fast import decode
+from hyena import Cache, Config, GPTNeoX, HyenaFilter, HyenaOperator, fftconv, make_student, new_cache
+from modal import fit
+from modal.student import ModalFilter, build, load_pretrained, to_modal
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3, vocab_size=64,
             max_position_embeddings=32)
@@ -29,7 +30,7 @@ def random_modes(C, d, real=0, seed=0):
 
 def test_modal_response_follows_the_documented_convention():
     h0, w, th, R = random_modes(3, 4)
-    h = modal.modal_response(h0, w, th, R, 50)  # (L, C)
+    h = fit.modal_response(h0, w, th, R, 50)  # (L, C)
     lam, Rc = torch.polar(torch.exp(-w.exp()), th), torch.complex(R[..., 0], R[..., 1])
     ref = torch.stack([h0] + [2 * (Rc * lam ** (t - 1)).sum(-1).real for t in range(1, 50)])
     assert h.shape == (50, 3) and (h - ref).abs().max().item() <= 1e-12
@@ -42,16 +43,15 @@ def test_prefill_state_equals_the_recurrence_run_over_the_prompt(L):
     lam, x = torch.polar(torch.exp(-w.exp()), th), torch.zeros(2, 5, 3, dtype=torch.complex128)
     for t in range(L):
         x = lam * x + z[:, t, :, None]
-    assert (modal.prefill_state(z, w, th) - x).abs().max().item() <= 1e-12
+    assert (fit.prefill_state(z, w, th) - x).abs().max().item() <= 1e-12
 
 
 SCAN_CHECK = """
 import math, torch
 import fast
 from fast import decode
-from lib import modal
-fast.enable(True)
-assert decode.available(torch.zeros(1))
+from modal import fit
+assert decode.available(torch.zeros(1))  # Triton's interpreter: the kernel serves CPU tensors
 g = torch.Generator().manual_seed(0)
 C, d = 40, 5  # channels not a multiple of the program's block, modes not a power of 2
 w = torch.empty(C, d).uniform_(math.log(1e-4), math.log(0.5), generator=g)
@@ -60,18 +60,18 @@ worst = plain = 0.0
 for L in (1, 7, decode.SCAN_CHUNK, 2 * decode.SCAN_CHUNK + 3):  # one, part of one, exactly one, and 3 chunks
     for dtype in (torch.float32, torch.bfloat16):
         z = torch.randn(2, L, C, generator=g).to(dtype)
-        ref = modal.prefill_state(z.double(), w.double(), th.double())
+        ref = fit.prefill_state(z.double(), w.double(), th.double())
         out = decode.prefill_state(z, w, th)
         assert out.shape == ref.shape and out.dtype == torch.complex64
         worst = max(worst, ((out - ref).abs().max() / ref.abs().max()).item())
-        plain = max(plain, ((modal.prefill_state(z, w, th) - ref).abs().max() / ref.abs().max()).item())
+        plain = max(plain, ((fit.prefill_state(z, w, th) - ref).abs().max() / ref.abs().max()).item())
 print(plain, worst)
 """
 
 
 def test_prefill_scan_kernel_equals_the_plain_state_in_tritons_interpreter():
     """fast.decode.prefill_state (a Triton scan), run on the CPU by Triton's interpreter, against the plain
-    lib.modal.prefill_state in fp64 (GPU agreement: bench.py's check section)."""
+    modal.fit.prefill_state in fp64 (GPU agreement: bench.py's check section)."""
     import os
     import subprocess
     import sys
@@ -89,7 +89,9 @@ def test_recurrent_decoding_equals_the_fft_convolution_with_the_materialised_fil
     """Prefill (FFT + exact state) then one-token recurrence steps = the full forward, whose long convolutions
     are FFTs with ModalFilter's materialised filter (fp64)."""
     torch.manual_seed(order)
-    op = HyenaOperator(8, l_max=16, order=order, modal_state=4).double()
+    op = HyenaOperator(8, l_max=16, order=order)
+    op.filter_fn = ModalFilter(8 * (order - 1), 4)  # what modal.student.build does in a model
+    op = op.double()
     u = torch.randn(2, 40, 8, dtype=torch.float64)  # beyond l_max: a modal filter has no length limit
     full = op(u)
     cache = Cache(max_len=40, pos=torch.tensor(0), layers=[None])  # one layer: the operator alone
@@ -113,8 +115,8 @@ def test_recurrent_decoding_equals_the_fft_convolution_with_the_materialised_fil
 @pytest.mark.parametrize("real", [0, 1, 2])
 def test_a_sum_of_d_modes_is_recovered_exactly(real):
     h0, w, th, R = random_modes(6, 5, real=real, seed=real)
-    h = modal.modal_response(h0, w, th, R, 300)
-    f = modal.fit(h, 5)
+    h = fit.modal_response(h0, w, th, R, 300)
+    f = fit.fit(h, 5)
     print(f"{real} real poles: rel error {f.rel_error:.1e}")
     assert f.rel_error <= 1e-6 and f.channel_error.max().item() <= 1e-6
     lam = torch.polar(torch.exp(-w.exp()), th)
@@ -126,12 +128,12 @@ def test_fit_error_falls_as_the_state_grows_on_an_implicit_filter():
     torch.manual_seed(0)
     with torch.no_grad():
         h = HyenaFilter(8, l_max=256)(256).double()  # a Hyena filter: smooth, decaying, many frequencies
-    errs = [modal.fit(h, d).rel_error for d in (1, 2, 4, 8, 16)]
+    errs = [fit.fit(h, d).rel_error for d in (1, 2, 4, 8, 16)]
     print("rel errors for d = 1, 2, 4, 8, 16:", [f"{e:.1e}" for e in errs])
     assert all(b < 0.8 * a for a, b in zip(errs, errs[1:])) and errs[-1] < 0.02
-    sv = modal.hankel_singular_values(h)
+    sv = fit.hankel_singular_values(h)
     assert sv.shape[0] == 8 and (sv[:, 1:] <= sv[:, :-1] + 1e-12).all()
-    tol = modal.fit_tol(h, tol=errs[2] * 1.01, max_state=16)  # the smallest power of two meeting the tolerance
+    tol = fit.fit_tol(h, tol=errs[2] * 1.01, max_state=16)  # the smallest power of two meeting the tolerance
     assert tol.state_size == 4 and tol.rel_error <= errs[2] * 1.01
 
 
@@ -139,7 +141,7 @@ def test_refinement_never_makes_the_fit_worse():
     torch.manual_seed(1)
     with torch.no_grad():
         h = HyenaFilter(4, l_max=128)(128).double()
-    plain, refined = modal.fit(h, 2), modal.fit(h, 2, refine_steps=30)
+    plain, refined = fit.fit(h, 2), fit.fit(h, 2, refine_steps=30)
     assert (refined.channel_error <= plain.channel_error + 1e-12).all()
     assert refined.rel_error < plain.rel_error
 
@@ -225,7 +227,7 @@ def test_to_modal_keeps_everything_but_the_filters_and_round_trips(tmp_path):
         assert math.isclose(f["rel_error"], ((h - hm).norm() / h.norm()).item(), rel_tol=1e-4)
     model.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["hyena"]["modal_state"] == [6, 0, 6]
-    again = GPTNeoX.from_pretrained(tmp_path)
+    again = load_pretrained(tmp_path)
     idx = torch.randint(0, 64, (2, 20))
     with torch.no_grad():
         assert torch.equal(again(idx)[0], model(idx)[0])
@@ -244,7 +246,7 @@ def test_config_refuses_bad_modal_states():
         Config(**TINY, mixers=["hyena", "attention", "hyena"], hyena_modal_state=[4, 4, 4])
     with pytest.raises(ValueError, match=r"hyena_modal_state\[0\] = -1"):
         Config(**TINY, mixers=["hyena"] * 3, hyena_modal_state=[-1, 0, 0])
-    assert Config.from_hf(Config(**TINY, mixers=["hyena"] * 3).to_hf()).hyena_modal_state == [0, 0, 0]
+    assert from_hf(to_hf(Config(**TINY, mixers=["hyena"] * 3))).hyena_modal_state == [0, 0, 0]
 
 
 def test_modal_decoding_steps_never_read_the_device_back():
@@ -268,3 +270,38 @@ def test_modal_decoding_steps_never_read_the_device_back():
         full = model(idx)[0]
     for i, logits in zip(range(8, 12), steps):
         assert torch.allclose(logits[:, 0], full[:, i], atol=1e-4)
+
+
+def test_the_core_refuses_modal_configs_by_name_and_modal_builds_and_loads_them(tmp_path):
+    """hyena.py builds implicit filters only: a modal config or checkpoint is refused, naming the functions that
+    build and load it (modal.student.build, load_pretrained), which give the same model back."""
+    cfg = Config(**TINY, mixers=["hyena", "attention", "hyena"], hyena_modal_state=[4, 0, 2])
+    with pytest.raises(ValueError, match=r"modal\.student\.build\(cfg\).*modal\.student\.load_pretrained"):
+        GPTNeoX(cfg)
+    torch.manual_seed(0)
+    model = build(cfg).eval()
+    assert model.config == cfg and [type(b.hyena.filter_fn).__name__ for b in model.gpt_neox.layers[::2]] == \
+        ["ModalFilter", "ModalFilter"] and model.gpt_neox.layers[2].hyena.filter_fn.state_size == 2
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="load one with modal.student.load_pretrained"):
+        GPTNeoX.from_pretrained(tmp_path)
+    idx = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(tmp_path).eval()(idx)[0], model(idx)[0])
+    plain = make_student(randomized(TINY))  # and any other checkpoint, as GPTNeoX.from_pretrained
+    plain.save_pretrained(tmp_path / "conv")
+    assert torch.equal(load_pretrained(tmp_path / "conv")(idx)[0], GPTNeoX.from_pretrained(tmp_path / "conv")(idx)[0])
+
+
+def test_fast_install_gives_a_modal_filter_the_scan_twin_and_it_decodes_the_same():
+    """fast.install puts fast.decode.prefill_state in each ModalFilter's place of modal.fit.prefill_state; without
+    a kernel (CPU, no Triton interpreter) the twin hands over to its plain function, and decoding is unchanged."""
+    model = modal_student([0, 2])
+    idx = torch.randint(0, 64, (2, 16))
+    plain = model.generate(idx[:, :8], 8, temperature=0)
+    fast.install(model)
+    filters = [b.hyena.filter_fn for b in model.gpt_neox.layers[::2]]
+    assert all(f.prefill_state is decode.prefill_state for f in filters)
+    assert torch.equal(model.generate(idx[:, :8], 8, temperature=0), plain)
+    fast.install(model, False)
+    assert all(f.prefill_state is fit.prefill_state for f in filters)

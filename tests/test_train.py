@@ -14,12 +14,15 @@ import pytest
 import torch
 
 import fast
+import fast.losses
 import finetune
 from lib.checkpoint import find_checkpoint
 from finetune import scratch_model
-from hyena import GPTNeoX, make_student
+from config import to_hf
+from fast.fftconv import fftconv as fast_fftconv
+from hyena import GPTNeoX, HyenaOperator, fftconv, make_student
 from lib.train_config import TrainConfig, add_train_args, train_config_from_args
-from train import CrossEntropy, build_optimizer, optim_groups, train
+from train import CrossEntropy, build_optimizer, lm_loss, optim_groups, train
 
 VOCAB = 64
 STEP_TOKENS = 4 * 32  # batch 4, block 32
@@ -93,21 +96,22 @@ def test_log_has_one_line_per_step_and_summary(tmp_path, data_dir):
     assert set(summary["train"]) == {"loss", "ce"} and summary["tokens_per_s"] > 0 and summary["minutes"] > 0
 
 
-def test_the_loop_runs_the_fast_paths_on_the_cpu_unless_switched_off(tmp_path, data_dir):
-    """fast.enable's default leaves the CPU plain; train() switches the fast paths in for its run (the fused loss
-    keeps a CPU step's memory on the heap), puts the setting back after it, and honours an explicit off."""
-    seen, cpu = [], torch.zeros(1)
-    assert fast.ON is None and not fast.active(cpu)
-    cfg = config(tmp_path / "on", data_dir, max_tokens=2 * STEP_TOKENS, eval_batches=0)
-    train(CrossEntropy(tiny_model()), cfg, on_step=lambda step: seen.append(fast.active(cpu)))
-    assert seen == [True, True] and fast.ON is None
-    previous = fast.enable(False)
-    try:
-        cfg = config(tmp_path / "off", data_dir, max_tokens=2 * STEP_TOKENS, eval_batches=0)
-        train(CrossEntropy(tiny_model()), cfg, on_step=lambda step: seen.append(fast.active(cpu)))
-    finally:
-        fast.enable(previous)
-    assert seen[2:] == [False, False]
+@pytest.mark.parametrize("flag, on", [(None, False), ("on", True), ("off", False)])
+def test_the_cpu_runs_the_plain_code_unless_fast_is_asked_for(tmp_path, data_dir, monkeypatch, flag, on):
+    """--fast auto (the default) leaves a CPU run plain; --fast on installs fast/'s twins (the fused loss too). The
+    choice lands in summary.json; the fast run computes the same training to rounding."""
+    seen = []
+    monkeypatch.setattr(finetune, "train", lambda objective, cfg, dist: seen.append(objective) or train(objective, cfg, dist))
+    summary = finetune.main(cli_args(tmp_path / "run", data_dir, "--mixer", "hyena", "--max-tokens", str(2 * STEP_TOKENS),
+                                     "--eval-batches", "0", *(["--fast", flag] if flag else [])))
+    assert (summary["fast"], summary["fast_on"]) == (flag or "auto", on)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["fast_on"] == on
+    loss = seen[0].loss
+    assert loss is (fast.losses.lm_loss if on else lm_loss)
+    convs = {op.long_conv for op in seen[0].modules() if isinstance(op, HyenaOperator)}
+    assert convs == {fast_fftconv if on else fftconv}
+    with pytest.raises(ValueError, match="--fast 'sometimes': choose one of auto, on, off"):
+        config(tmp_path / "bad", data_dir, fast="sometimes")
 
 
 class Interrupt(Exception):
@@ -252,7 +256,7 @@ def test_filter_parameters_get_their_own_optimizer_group():
 
 def test_finetune_clear_errors(tmp_path, data_dir):
     small = tmp_path / "config.json"
-    small.write_text(json.dumps({**scratch_model("tiny", None, VOCAB, 32).config.to_hf(), "vocab_size": 32}))
+    small.write_text(json.dumps({**to_hf(scratch_model("tiny", None, VOCAB, 32).config), "vocab_size": 32}))
     with pytest.raises(ValueError, match="vocab_size 32"):
         finetune.main(cli_args(tmp_path / "a", data_dir, "--max-tokens", "1000", "--config", str(small)))
     with pytest.raises(FileNotFoundError, match="prepare.py"):

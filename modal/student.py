@@ -1,29 +1,32 @@
 """The modal student (Laughing Hyena Distillery, Massaroli et al. 2023, arXiv 2310.18780): a Hyena student whose
 long filters are d decaying complex modes per channel, so it decodes by a fixed-size recurrence, at any length.
+hyena.py knows none of it: a ModalFilter takes a HyenaFilter's place in the operator and answers the same calls.
 
-  ModalFilter  HyenaFilter's interface (forward(L) -> (L, channels), `bias` the skip D) for modal filters; a
-               HyenaOperator built with modal_state=d holds one (Config.hyena_modal_state says d per layer)
-  ModalState   what such a layer keeps for cached decoding (lib/decoding.py holds the other layers' states):
-               O(channels d) numbers whatever the context or max_len, instead of the z history
-  to_modal     a trained Hyena student -> its modal twin, each filter fitted by lib/modal.py
+  ModalFilter      HyenaFilter's interface (forward(L) -> (L, channels), `bias` the skip D, and for decoding
+                   prefill_length / new_state) for modal filters
+  ModalState       what such a layer keeps for cached decoding: O(channels d) numbers whatever the context or
+                   max_len, instead of hyena.HyenaState's z history
+  build            a GPTNeoX of a config whose hyena_modal_state asks for modal filters (GPTNeoX refuses those)
+  to_modal         a trained Hyena student -> its modal twin, each filter fitted by modal/fit.py
+  load_pretrained  any checkpoint, modal or not: the loader of every script that may be given one
 
-The mathematics (the convention, the fit, the prefill state) is lib/modal.py's; this module is the model side.
+The mathematics (the convention, the fit, the prefill state) is modal/fit.py's; this module is the model side.
 """
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 
-import fast
-import fast.decode
-from config import Config
-from lib import modal
-from lib.decoding import tail_of
+from config import read_config
+from hub import resolve_file
+from hyena import GPTNeoX, tail_of
+from lib.checkpoint import load_weights
+from modal import fit
 
 
 class ModalFilter(nn.Module):
-    """h(0) = h0, h(t) = 2 Re sum_n R_n lambda_n^(t-1) for t >= 1 (lib/modal.py's convention), d = state_size modes
+    """h(0) = h0, h(t) = 2 Re sum_n R_n lambda_n^(t-1) for t >= 1 (modal/fit.py's convention), d = state_size modes
     per channel, defined for every t: HyenaFilter's interface (forward(L) -> (L, channels), `bias` the skip D).
     lambda = exp(-exp(log_decay) + i angle) stays inside the unit circle whatever the parameters; residues are
     (Re R, Im R) pairs. `to_modal` fills them from a trained filter; the init here is for models built
@@ -39,16 +42,23 @@ class ModalFilter(nn.Module):
         self.residues = nn.Parameter(torch.randn(channels, state_size, 2) * (rate[..., None] / state_size).sqrt())
         self.h0 = nn.Parameter(torch.randn(channels) * 0.1)
         self.bias = nn.Parameter(torch.randn(channels))
+        self.prefill_state = fit.prefill_state  # the state after a prompt (fast.install: a Triton scan)
 
     def forward(self, L):
         """The filter for lags 0..L-1, (L, channels), fp32 (fp64 for fp64 parameters), for any L."""
-        return modal.modal_response(self.h0, self.log_decay, self.angle, self.residues, L)
+        return fit.modal_response(self.h0, self.log_decay, self.angle, self.residues, L)
 
     def poles(self):
         """lambda as a (channels, d) complex tensor, complex64 (complex128 for fp64 parameters)."""
-        dt = modal.work_dtype(self.log_decay)
+        dt = fit.work_dtype(self.log_decay)
         w, th = self.log_decay.to(dt), self.angle.to(dt)
         return torch.polar(torch.exp(-w.exp()), th)
+
+    def prefill_length(self, L, max_len):
+        return L  # decoding keeps a state, not the filter: the prompt's length is all a prefill needs
+
+    def new_state(self, op, p, zs, k, bias, max_len):
+        return ModalState.prefill(self, op, p, zs)
 
 
 @dataclass
@@ -61,14 +71,14 @@ class ModalState:
     direct: torch.Tensor  # (C,) h0 + D, the current input's weight
 
     @classmethod
-    def prefill(cls, op, p, zs, k, bias, max_len):
-        """After the prompt (HyenaState.prefill's arguments; the filter itself is not kept): each long conv's
-        recurrence state, computed exactly (lib/modal.py's prefill_state), sum_t lambda^(L-1-t) z_t."""
-        f, D = op.filter_fn, zs[0].shape[-1]
+    def prefill(cls, f, op, p, zs):
+        """After the prompt, of the ModalFilter f of HyenaOperator op: p (B, L, (N+1)D) the projections before the
+        short conv, zs each long conv's input (B, L, D). Each long conv's recurrence state is computed exactly
+        (f.prefill_state: modal/fit.py's), sum_t lambda^(L-1-t) z_t."""
+        D = zs[0].shape[-1]
         lam = f.poles()  # (N-1) D channels, (C, d)
-        fastest = fast.active(zs[0]) and fast.decode.available(zs[0])  # the fast twin: one Triton scan, z in place
-        prefill = fast.decode.prefill_state if fastest else modal.prefill_state
-        states = [prefill(z, f.log_decay[o * D:(o + 1) * D], f.angle[o * D:(o + 1) * D]) for o, z in enumerate(zs)]
+        states = [f.prefill_state(z, f.log_decay[o * D:(o + 1) * D], f.angle[o * D:(o + 1) * D])
+                  for o, z in enumerate(zs)]
         R = f.residues.to(lam.real.dtype)
         return cls(tail=tail_of(p, op.short_filter.kernel_size[0] - 1),  # (B, kw, (N+1)D) last inputs
                    state=torch.cat(states, 1),  # (B, (N-1)D, d) complex
@@ -90,19 +100,36 @@ class ModalState:
         return [self.tail, self.state]
 
 
+def build(cfg):
+    """A GPTNeoX of cfg, its Hyena layers with hyena_modal_state d > 0 holding a ModalFilter of d modes: built
+    with implicit filters (what GPTNeoX knows), which are then swapped."""
+    model = GPTNeoX(replace(cfg, hyena_modal_state=[]))
+    for block, d in zip(model.gpt_neox.layers, cfg.hyena_modal_state):
+        if d:
+            block.hyena.filter_fn = ModalFilter(block.hyena.filter_fn.channels, d)
+    model.config = cfg
+    return model
+
+
+def load_pretrained(name_or_path, revision="main", dtype=torch.float32):
+    """GPTNeoX.from_pretrained for any checkpoint, modal students (config.json hyena.modal_state) too: what every
+    script given a checkpoint loads it with."""
+    model = build(read_config(resolve_file(name_or_path, "config.json", revision)))
+    return load_weights(model, name_or_path, revision).to(dtype)
+
+
 @torch.no_grad()
 def to_modal(model, state_size=16, tol=None, max_state=64, refine_steps=0):
     """A new GPTNeoX whose Hyena layers' long filters are d decaying complex modes each (Laughing Hyena
     Distillery, Massaroli et al. 2023, arXiv 2310.18780): constant-size recurrent decoding, any length.
 
-    Every Hyena layer's filter is materialised at the model's l_max and fitted by modal.fit (ERA poles,
+    Every Hyena layer's filter is materialised at the model's l_max and fitted by fit.fit (ERA poles,
     least-squares residues, `refine_steps` Adam steps on the filter error); h(0) and the skip D are kept exactly,
     all other weights are copied. state_size=d fixes d for every layer; state_size=None with tol picks per layer
     the smallest d in 1, 2, 4, ... max_state whose relative filter error is <= tol. The result's `modal_fit`
     attribute lists per Hyena layer {"layer", "state_size", "rel_error" (||h - h_modal|| / ||h|| over the layer),
     "max_channel_error"}; its config's hyena_modal_state says d per layer (0 for attention layers).
     """
-    from hyena import GPTNeoX  # here, not at the top: hyena.py imports this module (ModalFilter, ModalState)
     cfg = model.config
     hyena = [i for i, m in enumerate(cfg.mixers) if m == "hyena"]
     if not hyena:
@@ -115,12 +142,12 @@ def to_modal(model, state_size=16, tol=None, max_state=64, refine_steps=0):
     fits = {}
     for i in hyena:
         h = model.gpt_neox.layers[i].hyena.filter_fn(cfg.l_max)  # (l_max, channels)
-        fits[i] = (modal.fit(h, state_size, refine_steps) if tol is None
-                   else modal.fit_tol(h, tol, max_state, refine_steps))
+        fits[i] = (fit.fit(h, state_size, refine_steps) if tol is None
+                   else fit.fit_tol(h, tol, max_state, refine_steps))
     states = [fits[i].state_size if i in fits else 0 for i in range(cfg.num_hidden_layers)]
     param = next(model.parameters())
     with param.device:
-        out = GPTNeoX(Config(**{**asdict(cfg), "hyena_modal_state": states})).to(param.dtype)
+        out = build(replace(cfg, hyena_modal_state=states)).to(param.dtype)
     theirs, mine = model.state_dict(), out.state_dict()
     shared = {k: v for k, v in theirs.items()  # all but the implicit filters; their skip D (`bias`) stays
               if k in mine and (".filter_fn." not in k or k.endswith(".filter_fn.bias"))}

@@ -1,6 +1,6 @@
 """Long filters as sums of decaying complex modes: the numerics of Laughing Hyena Distillery (Massaroli et al.,
 NeurIPS 2023, arXiv 2310.18780), as pure functions on tensors (no model code; ModalFilter and `to_modal`
-in lib/modal_student.py use them).
+in modal/student.py use them).
 
 The convention, one for the whole project (ModalFilter, its decoding step and the fit all follow it): a filter of
 d modes per channel is
