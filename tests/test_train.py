@@ -101,7 +101,8 @@ def test_the_cpu_runs_the_plain_code_unless_fast_is_asked_for(tmp_path, data_dir
     """--fast auto (the default) leaves a CPU run plain; --fast on installs fast/'s twins (the fused loss too). The
     choice lands in summary.json; the fast run computes the same training to rounding."""
     seen = []
-    monkeypatch.setattr(finetune, "train", lambda objective, cfg, dist: seen.append(objective) or train(objective, cfg, dist))
+    monkeypatch.setattr(finetune, "train", lambda objective, cfg, dist, **kw: seen.append(objective) or
+                        train(objective, cfg, dist, **kw))
     summary = finetune.main(cli_args(tmp_path / "run", data_dir, "--mixer", "hyena", "--max-tokens", str(2 * STEP_TOKENS),
                                      "--eval-batches", "0", *(["--fast", flag] if flag else [])))
     assert (summary["fast"], summary["fast_on"]) == (flag or "auto", on)
