@@ -96,9 +96,12 @@ def todo(cmd, out):
 def stages(run):
     """A run folder's training stages in order: the folder itself (finetune) or its stage sub-folders (distill)."""
     run = Path(run)
-    if (run / "log.jsonl").exists():
+
+    def trained(d):  # a stage's folder: its log, or (a copy of the results without the logs) its summary
+        return (d / "log.jsonl").exists() or (d / "summary.json").exists()
+    if trained(run):
         return [run]
-    return sorted((d for d in run.glob("*") if (d / "log.jsonl").exists()),
+    return sorted((d for d in run.glob("*") if trained(d)),
                   key=lambda d: (d.name == "e2e", d.name))  # alignment stages first, end-to-end last
 
 

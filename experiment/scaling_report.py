@@ -184,10 +184,13 @@ def plot(s, out):
                             marker="o", capsize=3, label=recipe)
         if s["answers"][size]["teacher_ppl"]:
             ax.axhline(s["answers"][size]["teacher_ppl"], color="gray", ls="--", label="teacher")
-        ax.set(xscale="log", xlabel=f"{u}-minutes", ylabel="ppl", title=size)
+        ax.set(xscale="log", ylabel="ppl", title=size, xlabel=f"{u}-minutes" if s["budget_unit"] == "minutes" else
+               f"x teacher's {u}-time; {u}-min")
         ticks = [statistics.fmean(r["minutes"] for r in s["rows"] if r["size"] == size and r["budget"] == b)
                  for b in s["budgets"] if any(r["size"] == size and r["budget"] == b for r in s["rows"])]
-        ax.set_xticks(ticks, [f"{t:.2g}" for t in ticks], minor=False)
+        shown = [b for b in s["budgets"] if any(r["size"] == size and r["budget"] == b for r in s["rows"])]
+        ax.set_xticks(ticks, [f"{budget_label(s, b)}\n{t:.2g}" if s["budget_unit"] == "teacher" else f"{t:.2g}"
+                              for b, t in zip(shown, ticks)], minor=False)
         ax.minorticks_off()  # the budgets, not log-scale minor labels
         ax.legend(fontsize=7)
     fig.tight_layout()
