@@ -41,13 +41,13 @@ import torch.nn.functional as F
 import data
 import fast
 import fast.losses
-from lib.checkpoint import save_final
-from lib.cli import out_dir_lock, write_atomic
+from training.checkpoint import save_final
+from cli import out_dir_lock, write_atomic
 from lib.distill_plan import DistillConfig, plan_stages
 from hyena import make_student
 from modal.student import load_pretrained, to_modal
-from lib.runtime import setup_distributed
-from lib.train_config import add_train_args, train_config_from_args
+from training.runtime import setup_distributed
+from training import add_train_args, train_config_from_args
 from train import train
 
 
@@ -271,5 +271,5 @@ def finish(student, dcfg, cfg, summaries, meta):
 
 
 if __name__ == "__main__":
-    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

@@ -46,13 +46,13 @@ from data import (batched, check_compatible, eval_windows, harness_windows, load
                   tokenizer_sha256)
 import fast
 from hub import HubError, resolve_file
-from config import read_config
-from lib.checkpoint import DTYPES, checkpoint_tokenizer, resolve_ckpt
+from pretrained.config import read_config
+from training.checkpoint import DTYPES, checkpoint_tokenizer, resolve_ckpt
 from tokenizer import DEFAULT_TOKENIZER
 from modal.student import load_pretrained
 from tokenizer import load_tokenizer
-from lib.cli import integer, writable_dir, write_atomic
-from lib.sweep import BEYOND, SWEEP, run_sweep, sweep_check
+from cli import integer, writable_dir, write_atomic
+from evaluation.sweep import BEYOND, SWEEP, run_sweep, sweep_check
 
 PROTOCOLS = ("stream", "harness")  # see the module docstring
 FEW_TOKENS = 1000  # a split scored on fewer tokens is flagged on its row: its perplexities are noise
@@ -316,5 +316,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

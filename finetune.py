@@ -19,12 +19,12 @@ import torch
 import data
 import fast
 import fast.losses
-from lib.checkpoint import save_final
-from lib.cli import out_dir_lock
-from config import SHAPES, read_config, trained_at
+from training.checkpoint import save_final
+from cli import out_dir_lock
+from pretrained.config import SHAPES, read_config, trained_at
 from hyena import MIXERS, Config, GPTNeoX
-from lib.runtime import setup_distributed
-from lib.train_config import add_train_args, train_config_from_args
+from training.runtime import setup_distributed
+from training import add_train_args, train_config_from_args
 from modal.student import load_pretrained
 from train import CrossEntropy, lm_loss, train
 
@@ -130,5 +130,5 @@ def run(args, cfg, meta, dist):
 
 
 if __name__ == "__main__":
-    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

@@ -17,7 +17,7 @@ from urllib.parse import quote, urljoin, urlparse
 
 import requests
 
-from lib.cli import Progress, write_atomic
+from cli import Progress, write_atomic
 
 RETRY_BASE_S = 1.0  # first backoff; it doubles on each retry (tests shrink it)
 TRIES = 5

@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.cli import Progress, integer, out_dir_lock, write_atomic
+from cli import Progress, integer, out_dir_lock, write_atomic
 from data import SPLITS, tokenizer_sha256
-from lib.sources import ARCHIVES, HUB_DATASETS, hub_files, hub_source, read_val_list, text_files, text_source
+from corpora.sources import ARCHIVES, HUB_DATASETS, hub_files, hub_source, read_val_list, text_files, text_source
 from tokenizer import load_tokenizer
 
 TASK_CHARS = 1 << 20  # text per worker task: amortizes inter-process copies, keeps memory small
@@ -319,5 +319,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

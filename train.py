@@ -28,9 +28,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 from hyena import HyenaFilter, HyenaOperator
-from lib.cli import write_atomic
-from lib.runtime import compile_or_eager, ctrl_c, keep_freed_memory, setup_distributed, stopped
-from lib.checkpoint import (budget_name, copy_finished_stages, find_checkpoint, load_checkpoint, pending_branches,
+from cli import write_atomic
+from training.runtime import compile_or_eager, ctrl_c, keep_freed_memory, setup_distributed, stopped
+from training.checkpoint import (budget_name, copy_finished_stages, find_checkpoint, load_checkpoint, pending_branches,
                             rng_states, save_checkpoint, trim_log)
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import fast
 from data import context_windows, document_windows
-from lib.cli import write_atomic
+from cli import write_atomic
 from modal.student import load_pretrained
 
 BEYOND = ("refuse", "extrapolate", "window")

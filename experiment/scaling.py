@@ -18,11 +18,11 @@ once its output exists and resumes from its checkpoint, so the sweep restarts wh
 import json
 from pathlib import Path
 
-from config import SHAPES
+from pretrained.config import SHAPES
 from experiment import runner
 from experiment.runner import PY, ROOT, todo
-from lib.checkpoint import branch_folder, budget_name
-from lib.cli import write_atomic
+from training.checkpoint import branch_folder, budget_name
+from cli import write_atomic
 
 RECIPES = ("best", "paper", "scratch")
 TEACHER_LR = {"pythia-14m": 1e-3, "pythia-31m": 1e-3, "pythia-70m": 1e-3, "pythia-160m": 6e-4, "pythia-410m": 3e-4,

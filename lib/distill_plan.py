@@ -5,7 +5,7 @@ progressive layer (or one joint / independent alignment), then the end-to-end st
 import dataclasses
 from dataclasses import dataclass
 
-from lib.train_config import TrainConfig
+from training import TrainConfig
 
 
 @dataclass

@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib import cli
+import cli
 import eval as ev
 from data import context_windows, document_windows, load_split
-from config import read_config
+from pretrained.config import read_config
 from hyena import Config, GPTNeoX, make_student
 from modal.student import to_modal
-from lib.sweep import evaluate_context
+from evaluation.sweep import evaluate_context
 from tokenizer import load_tokenizer
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # beside the repository

@@ -11,7 +11,7 @@ def test_no_script_is_imported_by_another_script_or_by_a_module():
     scripts = {p.stem for p in ROOT.glob("*.py") if re.search(r'^if __name__ == "__main__":', p.read_text(), re.M)}
     assert {"prepare", "finetune", "distill", "eval"} <= scripts
     files = [ROOT / f"{name}.py" for name in sorted(scripts)] + \
-        sorted(p for folder in ("lib", "fast", "modal", "harness", "experiment") for p in (ROOT / folder).glob("*.py"))
+        sorted(p for folder in ("training", "pretrained", "corpora", "evaluation", "fast", "modal", "harness", "experiment") for p in (ROOT / folder).glob("*.py"))
     found = []
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -23,7 +23,7 @@ def test_no_script_is_imported_by_another_script_or_by_a_module():
 
 
 def test_write_atomic_replaces_whole_files_or_leaves_the_old_one(tmp_path):
-    from lib.cli import write_atomic
+    from cli import write_atomic
     path = tmp_path / "out.json"
     write_atomic(path, "first\n")
     write_atomic(path, b"second\n")
@@ -43,7 +43,7 @@ def test_files_are_replaced_only_through_write_atomic():
     """os.replace / rename / write_text outside cli.write_atomic only where a whole write cannot be one call:
     the hub's resumable downloads and cache links, prepare.py's streamed .bin files (moved together, after their
     checks), and the checkpoint folder's swap."""
-    allowed = {"lib/cli.py", "hub.py", "prepare.py", "lib/checkpoint.py"}
+    allowed = {"cli.py", "hub.py", "prepare.py", "training/checkpoint.py"}
     found = []
     for path in sorted(ROOT.glob("**/*.py")):
         rel = path.relative_to(ROOT)
@@ -57,7 +57,7 @@ def test_files_are_replaced_only_through_write_atomic():
 def test_one_progress_line_for_downloads_and_tokenizing(capsys):
     """cli.Progress serves hub.py and prepare.py: in a log (stderr not a terminal) a line every 30 s, and the
     final line always; quiet draws nothing."""
-    from lib.cli import Progress
+    from cli import Progress
     progress = Progress(total=100)
     progress.update(10, lambda rate, eta: f"10 of 100{eta}")  # 30 s have not passed: not drawn
     progress.update(100, lambda rate, eta: f"done at {rate:.0f}/s{eta}", final=True)
@@ -117,9 +117,9 @@ def test_the_model_does_not_import_the_http_client():
 
 
 def test_one_meaning_per_name():
-    """DTYPES is the --dtype table (lib/checkpoint.py), evaluate is eval's perplexity pass, decode is the decoding module: no other
+    """DTYPES is the --dtype table (training/checkpoint.py), evaluate is eval's perplexity pass, decode is the decoding module: no other
     module defines these names at its top level, and no function (methods aside) or parameter is named so."""
-    owner = {"DTYPES": "lib/checkpoint.py", "evaluate": "eval.py", "decode": None}
+    owner = {"DTYPES": "training/checkpoint.py", "evaluate": "eval.py", "decode": None}
     found = []
     for path in sorted(ROOT.glob("**/*.py")):
         rel, tree = str(path.relative_to(ROOT)), ast.parse(path.read_text())
@@ -194,8 +194,8 @@ def test_the_model_imports_only_torch_and_the_standard_library():
             found = {n.module for n in ast.walk(f) if isinstance(n, ast.ImportFrom)} | \
                 {a.name for n in ast.walk(f) if isinstance(n, ast.Import) for a in n.names}
             lazy.update({f.name: found - ok} if found - ok else {})
-    assert lazy == {"from_pretrained": {"config", "hub", "lib.checkpoint"},
-                    "save_pretrained": {"config", "lib.cli", "lib.safetensors_io"}}, lazy
+    assert lazy == {"from_pretrained": {"pretrained.config", "hub", "training.checkpoint"},
+                    "save_pretrained": {"pretrained.config", "cli", "pretrained.safetensors"}}, lazy
 
 
 def test_no_import_circles():

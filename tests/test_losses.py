@@ -106,7 +106,7 @@ def test_cpu_loss_steps_do_not_page_fault_their_memory_in_again():
     training run is (the test process's heap holds whatever earlier tests left)."""
     code = """if True:
         import resource, torch
-        from lib import runtime
+        from training import runtime
         from fast.losses import FusedHeadLoss, default_chunk
         assert default_chunk(torch.device("cpu"), 50304) * 50304 * 4 < 32 << 20
         assert runtime.keep_freed_memory()

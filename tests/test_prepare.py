@@ -17,8 +17,9 @@ import torch
 
 import data
 import prepare
-from lib import cli, sources
-from lib.cli import out_dir_lock
+import cli
+from corpora import sources
+from cli import out_dir_lock
 from fakehub import FakeHub
 from tokenizer import load_tokenizer
 

@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-from lib import safetensors_io as sio
+from pretrained import safetensors as sio
 
 
 def sample_tensors():

@@ -16,12 +16,12 @@ import torch
 import fast
 import fast.losses
 import finetune
-from lib.checkpoint import find_checkpoint
+from training.checkpoint import find_checkpoint
 from finetune import scratch_model
-from config import to_hf
+from pretrained.config import to_hf
 from fast.fftconv import fftconv as fast_fftconv
 from hyena import GPTNeoX, HyenaOperator, fftconv, make_student
-from lib.train_config import TrainConfig, add_train_args, train_config_from_args
+from training import TrainConfig, add_train_args, train_config_from_args
 from train import CrossEntropy, build_optimizer, lm_loss, optim_groups, train
 
 VOCAB = 64

@@ -8,7 +8,7 @@ import argparse
 from dataclasses import MISSING, dataclass, field, fields
 
 from fast import wanted
-from lib.cli import integer
+from cli import integer
 
 CHOICES = {"dtype": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off"),  # the flags with fixed choices
            "schedule": ("cosine", "wsd"), "fast": ("auto", "on", "off")}

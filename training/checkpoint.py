@@ -22,10 +22,10 @@ import torch
 import torch.distributed as torch_dist
 
 import data
-from config import to_hf
-from lib.cli import disk_full, write_atomic
+from pretrained.config import to_hf
+from cli import disk_full, write_atomic
 from hub import HubError, looks_like_path, resolve_file
-from lib.safetensors_io import read_safetensors
+from pretrained.safetensors import read_safetensors
 
 # --resume refuses to change these (or the sequences per step), which would change what a step means. The lr, the
 # budgets and the split of a step into GPUs x micro-batches may change.
