@@ -47,7 +47,7 @@ from data import (batched, check_compatible, eval_windows, harness_windows, load
 import fast
 from hub import HubError, resolve_file
 from pretrained.config import read_config
-from training.checkpoint import DTYPES, checkpoint_tokenizer, resolve_ckpt
+from pretrained.weights import DTYPES, checkpoint_tokenizer, resolve_ckpt
 from tokenizer import DEFAULT_TOKENIZER
 from modal.student import load_pretrained
 from tokenizer import load_tokenizer

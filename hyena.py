@@ -575,7 +575,7 @@ class GPTNeoX(nn.Module):
         """A local folder or a hub repo (any revision) holding config.json + safetensors weights, by HF's names."""
         from pretrained.config import read_config  # the project's checked reading, here only: the model itself needs none
         from hub import resolve_file
-        from training.checkpoint import load_weights
+        from pretrained.weights import load_weights
         model = cls(read_config(resolve_file(name_or_path, "config.json", revision)))
         return load_weights(model, name_or_path, revision).to(dtype)
 

@@ -30,8 +30,8 @@ import data
 from hyena import HyenaFilter, HyenaOperator
 from cli import write_atomic
 from training.runtime import compile_or_eager, ctrl_c, keep_freed_memory, setup_distributed, stopped
-from training.checkpoint import (budget_name, copy_finished_stages, find_checkpoint, load_checkpoint, pending_branches,
-                            rng_states, save_checkpoint, trim_log)
+from training.branches import budget_name, copy_finished_stages, pending_branches
+from training.checkpoint import find_checkpoint, load_checkpoint, rng_states, save_checkpoint, trim_log
 
 
 def lm_loss(model, x, y):

@@ -21,7 +21,7 @@ from pathlib import Path
 from pretrained.config import SHAPES
 from experiment import runner
 from experiment.runner import PY, ROOT, todo
-from training.checkpoint import branch_folder, budget_name
+from training.branches import branch_folder, budget_name
 from cli import write_atomic
 
 RECIPES = ("best", "paper", "scratch")

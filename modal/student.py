@@ -21,7 +21,7 @@ import torch.nn as nn
 from pretrained.config import read_config
 from hub import resolve_file
 from hyena import GPTNeoX, tail_of
-from training.checkpoint import load_weights
+from pretrained.weights import load_weights
 from modal import fit
 
 

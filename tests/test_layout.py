@@ -117,9 +117,9 @@ def test_the_model_does_not_import_the_http_client():
 
 
 def test_one_meaning_per_name():
-    """DTYPES is the --dtype table (training/checkpoint.py), evaluate is eval's perplexity pass, decode is the decoding module: no other
+    """DTYPES is the --dtype table (pretrained/weights.py), evaluate is eval's perplexity pass, decode is the decoding module: no other
     module defines these names at its top level, and no function (methods aside) or parameter is named so."""
-    owner = {"DTYPES": "training/checkpoint.py", "evaluate": "eval.py", "decode": None}
+    owner = {"DTYPES": "pretrained/weights.py", "evaluate": "eval.py", "decode": None}
     found = []
     for path in sorted(ROOT.glob("**/*.py")):
         rel, tree = str(path.relative_to(ROOT)), ast.parse(path.read_text())
@@ -194,7 +194,7 @@ def test_the_model_imports_only_torch_and_the_standard_library():
             found = {n.module for n in ast.walk(f) if isinstance(n, ast.ImportFrom)} | \
                 {a.name for n in ast.walk(f) if isinstance(n, ast.Import) for a in n.names}
             lazy.update({f.name: found - ok} if found - ok else {})
-    assert lazy == {"from_pretrained": {"pretrained.config", "hub", "training.checkpoint"},
+    assert lazy == {"from_pretrained": {"pretrained.config", "hub", "pretrained.weights"},
                     "save_pretrained": {"pretrained.config", "cli", "pretrained.safetensors"}}, lazy
 
 

@@ -1,4 +1,4 @@
-"""Checkpoints: training checkpoints, and the pretrained weights GPTNeoX.from_pretrained reads.
+"""Training checkpoints: saved atomically, restored exactly, and the run's final weights.
 
 Training checkpoints are written atomically (a complete one exists at every instant, even under kill -9) and
 restored exactly (weights, optimizer moments, every rank's RNG and data-sampler state), so `--resume` continues
@@ -7,14 +7,15 @@ a run as if it had never stopped (bitwise on CPU).
 Layout of OUT/ckpt/: config.json + model.safetensors (GPTNeoX.save_pretrained, loadable on its own) and
 train_state.pt (a dict of tensors, numbers and strings, read with torch.load(weights_only=True)).
 
-A wsd run's --branches are finished runs of their own in OUT_DIR@B/ (train.py runs each one's decay in-process).
+A wsd run's --branches are finished runs of their own in OUT_DIR@B/ (training/branches.py; train.py runs each
+one's decay in-process). Pretrained weights (GPTNeoX.from_pretrained) are read by pretrained/weights.py.
 """
 import json
 import math
 import pickle
 import shutil
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,11 @@ import torch.distributed as torch_dist
 import data
 from pretrained.config import to_hf
 from cli import disk_full, write_atomic
-from hub import HubError, looks_like_path, resolve_file
 from pretrained.safetensors import read_safetensors
 
 # --resume refuses to change these (or the sequences per step), which would change what a step means. The lr, the
 # budgets and the split of a step into GPUs x micro-batches may change.
 RESUME_FIELDS = ("data", "block_size", "seed")
-DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # --dtype
 
 
 def find_checkpoint(out):
@@ -151,141 +150,3 @@ def trim_log(path, step):
             return False
     if path.exists():
         write_atomic(path, "".join(line + "\n" for line in path.read_text().splitlines() if keep(line)))
-
-
-# ----------------------------------------------------------------------------- pretrained weights
-
-# Buffers that HF checkpoints may carry but that we recompute: never persistent in this model.
-IGNORED_SUFFIXES = ("attention.bias", "attention.masked_bias", "rotary_emb.inv_freq")
-# Tensors of the Hyena filter that checkpoints from before it followed safari's convention lack.
-SAFARI_FILTER_TENSORS = ("filter_fn.pos_emb.z", "filter_fn.pos_emb.t", "filter_fn.modulation.deltas")
-
-
-def read_pretrained(name_or_path, revision, expected, mixers):
-    """The state dict a pretrained checkpoint holds, checked against `expected` (a fresh model's state_dict()):
-    every tensor named and shaped as there, none missing; HF's lm_head.weight read as embed_out.weight, buffers we
-    recompute skipped. Refusals name the file and the key; old-convention Hyena filters say why they are refused."""
-    state = {}
-    for path in weight_files(name_or_path, revision):
-        for key, t in read_safetensors(path).items():
-            key = "embed_out.weight" if key == "lm_head.weight" else key
-            if key.endswith(IGNORED_SUFFIXES):
-                continue
-            if key not in expected:
-                raise ValueError(f"{path}: unexpected key {key!r} for a GPT-NeoX with mixers {mixers}")
-            if t.shape != expected[key].shape:
-                raise ValueError(f"{path}: {key!r} has shape {list(t.shape)}, the config implies "
-                                 f"{list(expected[key].shape)}")
-            state[key] = t
-    missing = sorted(set(expected) - set(state))
-    if missing and all(k.endswith(SAFARI_FILTER_TENSORS) for k in missing):
-        raise ValueError(f"{name_or_path}@{revision}: checkpoint lacks the Hyena filter's {missing[:3]}...: it was "
-                         "written before the filter followed safari's convention (decay rates in the opposite "
-                         "channel order, fixed positional embedding), so it would compute another function. "
-                         "Retrain it with this version")
-    if missing:
-        raise ValueError(f"{name_or_path}@{revision}: checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
-    return state
-
-
-def load_weights(model, name_or_path, revision="main"):
-    """model (built from the checkpoint's config) with the checkpoint's weights, every one checked
-    (read_pretrained); returns it. GPTNeoX.from_pretrained and modal.student.load_pretrained read through it."""
-    state = read_pretrained(name_or_path, revision, model.state_dict(), model.config.mixers)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:  # e.g. the filter's shared Sin given different frequencies
-        raise ValueError(f"{name_or_path}@{revision}: {e}") from None
-    return model
-
-
-def weight_files(name_or_path, revision="main"):
-    """model.safetensors, or the shards a model.safetensors.index.json names. Pickle files are refused."""
-    try:
-        return [resolve_file(name_or_path, "model.safetensors", revision)]
-    except (FileNotFoundError, HubError) as single_err:
-        try:
-            index = Path(resolve_file(name_or_path, "model.safetensors.index.json", revision))
-        except (FileNotFoundError, HubError):
-            raise FileNotFoundError(
-                f"{name_or_path}@{revision} has neither model.safetensors nor model.safetensors.index.json "
-                f"({single_err}). Only safetensors are loaded (pickle files are never unpickled); convert "
-                "pytorch_model.bin with transformers' save_pretrained(safe_serialization=True)") from None
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [resolve_file(name_or_path, s, revision) for s in shards]
-
-
-def resolve_ckpt(name):
-    """A folder written by save_pretrained; a train.py --out-dir: its final/, else its ckpt/ (said in one line);
-    else a hub repo id. A folder holding neither is refused, naming the subfolders that hold a checkpoint."""
-    path = Path(name).expanduser()
-    if (path / "config.json").is_file():
-        return str(path)
-    for sub in ("final", "ckpt"):
-        if (path / sub / "config.json").is_file():
-            print(f"{name}: a training run's folder: using its {sub}/ ({path / sub})", file=sys.stderr)
-            return str(path / sub)
-    if path.exists():
-        found = sorted(str(c.parent) for pattern in ("*/config.json", "*/*/config.json") for c in path.glob(pattern))
-        raise FileNotFoundError(f"checkpoint not found: {path} holds no config.json (nor final/ or ckpt/ with one); " +
-                                (f"pass one of its subfolders: {', '.join(found[:6])}" if found else
-                                 "expected a folder written by save_pretrained or a train.py --out-dir"))
-    if looks_like_path(name):
-        raise FileNotFoundError(f"checkpoint not found: {name} is no local folder, nor a hub repo id like "
-                                "'EleutherAI/pythia-160m'")
-    return name
-
-
-def checkpoint_tokenizer(ckpt):
-    """The tokenizer.json a local checkpoint folder carries, else None."""
-    path = Path(ckpt) / "tokenizer.json"
-    return str(path) if path.is_file() else None
-
-
-# ----------------------------------------------------------------------------- --branches (train.py's wsd)
-
-def budget_name(b):
-    """A budget as a branch's folder and flag spell it: whole numbers in full (token budgets), else as :g does."""
-    return str(int(b)) if float(b).is_integer() else f"{b:g}"
-
-
-def branch_folder(out_dir, budget):
-    """Where a --branches budget's run lives: OUT_DIR@B (experiment/scaling.py names its points the same way)."""
-    return Path(f"{out_dir}@{budget_name(budget)}")
-
-
-def pending_branches(cfg, stage):
-    """The TrainConfig (branch_config) of each --branches budget not yet finished (its folder's stage has no
-    summary.json); refuses one not below the budget."""
-    if not cfg.branches:
-        return []
-    budget = cfg.max_tokens or cfg.max_minutes
-    todo = []
-    for b in cfg.branch_budgets():
-        if b >= budget:
-            raise ValueError(f"--branches {cfg.branches}: {budget_name(b)} is not below this run's budget "
-                             f"{budget_name(budget)} ({'--max-tokens' if cfg.max_tokens else '--max-minutes'}); "
-                             "the full run is that budget's point")
-        folder = branch_folder(cfg.out_dir, b)
-        if not (folder / stage / "summary.json").exists():
-            todo.append(branch_config(cfg, folder, b))
-    return todo
-
-
-def branch_config(cfg, folder, budget):
-    """The TrainConfig of a branch: this run's, with the branch's folder and budget, and the warmup this run had
-    (the same length, as a fraction of the branch's budget): a run of this config from the start is the branch."""
-    unit = "max_tokens" if cfg.max_tokens else "max_minutes"
-    main = cfg.max_tokens or cfg.max_minutes
-    return replace(cfg, out_dir=str(folder), branches="", resume=False,
-                   warmup_frac=cfg.warmup_fraction() * main / budget,
-                   **{unit: int(budget) if unit == "max_tokens" else budget})
-
-
-def copy_finished_stages(out, folder, stage):
-    """A branch's folder starts with the run's finished stages beside this one (distill's alignment before its
-    end-to-end stage), so it reads as a whole run of its own."""
-    if stage:
-        for d in out.parent.iterdir():
-            if d.is_dir() and d.name != stage and (d / "summary.json").exists():
-                shutil.copytree(d, folder / d.name, dirs_exist_ok=True)
