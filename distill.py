@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,11 +44,10 @@ import fast
 import fast.losses
 from training.checkpoint import save_final
 from cli import out_dir_lock, write_atomic
-from lib.distill_plan import DistillConfig, plan_stages
 from hyena import make_student
 from modal.student import load_pretrained, to_modal
 from training.runtime import setup_distributed
-from training import add_train_args, train_config_from_args
+from training import DistillConfig, TrainConfig, add_train_args, train_config_from_args
 from train import train
 
 
@@ -145,6 +145,38 @@ def parse_layers(spec, n):
         return sorted({int(i) for i in spec.split(",")})
     except ValueError:
         raise ValueError(f"--hyena-layers {spec!r} must be 'all' or a list like 0,2,4") from None
+
+
+@dataclass
+class Stage:
+    """One training run of the student, in OUT_DIR/name: the Distill objective's mode (and, progressive, its
+    layer), what trains (set_trainable's `what` of `layers`), and its budget and lr (cfg)."""
+    name: str
+    mode: str
+    trains: str
+    layers: list
+    cfg: TrainConfig
+    layer: int | None = None
+
+
+def plan_stages(dcfg, cfg, layers):
+    """The stages in order: the alignment (one stage per layer when progressive, its budget split evenly over
+    them), then the end-to-end stage if it has a budget. Only the last stage branches (--branches)."""
+    stages = []
+    align = dataclasses.replace(cfg, compile=dcfg.align_compile or cfg.compile)
+    if dcfg.layers == "progressive":
+        per = dataclasses.replace(align, max_tokens=int(cfg.max_tokens // len(layers)),
+                                  max_minutes=cfg.max_minutes / len(layers))
+        stages += [Stage(f"stage-{l:02d}", "progressive", dcfg.train, [l], per, layer=l) for l in layers]
+    elif dcfg.layers != "none":
+        stages.append(Stage(dcfg.layers, dcfg.layers, dcfg.train, layers, align))
+    if dcfg.e2e:
+        e2e_cfg = dataclasses.replace(cfg, max_tokens=int(dcfg.e2e_tokens), max_minutes=dcfg.e2e_minutes,
+                                      lr=dcfg.e2e_lr)
+        stages.append(Stage("e2e", "e2e", dcfg.e2e_train, layers, e2e_cfg))
+    for st in stages[:-1]:  # --branches are budgets of the last stage: the earlier ones run once, shared
+        st.cfg = dataclasses.replace(st.cfg, branches="")
+    return stages
 
 
 def modal_student(teacher, dcfg, out, master):
