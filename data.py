@@ -11,9 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hub import HubError
-from tokenizer import load_tokenizer, tokenizer_file_sha256, tokenizer_path
-
 SPLITS = ("train", "val", "test")
 
 
@@ -69,6 +66,7 @@ def check_split_sizes(data_dir, block_size, **splits):
 def tokenizer_sha256(name_or_path, revision="main"):
     """sha256 of the tokenizer.json that load_tokenizer(name_or_path) reads: that .json file itself, a folder
     holding tokenizer.json, or a hub repo id (downloaded into the hub cache)."""
+    from tokenizer import tokenizer_file_sha256, tokenizer_path  # here only (and the hub client for a hub id)
     return tokenizer_file_sha256(tokenizer_path(name_or_path, revision))
 
 
@@ -77,6 +75,8 @@ def check_tokenizer(meta, ckpt, revision="main"):
     meta.json's sha256 decides; where it differs, both files are read and compared token by token, since a hub
     repo's tokenizer.json may differ from the data's copy in formatting only. A checkpoint without a tokenizer.json
     (a run's ckpt/) can be checked for its vocabulary size only (check_compatible)."""
+    from hub import HubError
+    from tokenizer import load_tokenizer
     path = Path(ckpt).expanduser()
     if path.is_dir() and not (path / "tokenizer.json").is_file():
         return

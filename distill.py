@@ -40,12 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-import fast
-import fast.losses
 from training.checkpoint import save_final
 from cli import out_dir_lock, write_atomic
 from hyena import make_student
-from modal.student import load_pretrained, to_modal
 from training.runtime import setup_distributed
 from training import DistillConfig, TrainConfig, add_train_args, train_config_from_args
 from train import train
@@ -182,6 +179,7 @@ def plan_stages(dcfg, cfg, layers):
 def modal_student(teacher, dcfg, out, master):
     """to_modal (modal/student.py) of the teacher (a Hyena student); the per-layer filter errors logged and
     in modal_fit.json."""
+    from modal.student import to_modal  # Laughing Hyena (modal/, an extra): only for --modal-state / --modal-tol
     try:
         student = to_modal(teacher, state_size=dcfg.modal_state or None, tol=dcfg.modal_tol or None,
                            max_state=dcfg.modal_max_state, refine_steps=dcfg.modal_refine_steps)
@@ -241,6 +239,7 @@ def main(argv=None):
 def distill(dcfg, cfg, dist):
     """Make the student (or the modal conversion), train it through its stages, and save OUT_DIR/final; returns
     {stage name: train.train's summary}."""
+    from modal.student import load_pretrained  # any checkpoint, a modal student's too (modal/ builds those)
     meta = data.load_meta(data.resolve_data_dir(cfg.data, cfg.data_root))
     teacher = load_pretrained(dcfg.teacher, dcfg.revision).to(dist.device).eval().requires_grad_(False)
     data.check_tokenizer(meta, dcfg.teacher, dcfg.revision)
@@ -275,9 +274,12 @@ def distill(dcfg, cfg, dist):
         started = any((out / stage.name / d).exists() for d in ("ckpt", "ckpt.old"))
         stage_cfg = dataclasses.replace(stage.cfg, resume=cfg.resume and started)
         on = cfg.fast_on(dist.device)  # --fast: fast/'s twins, put in from outside (auto: on CUDA)
+        if on:
+            import fast.losses  # fast/, an extra: loaded only when asked for
         objective = Distill(teacher, student, stage.mode, stage.layer, dcfg.kd_temperature, dcfg.ce_weight,
                             fast.losses.kd_loss if on else kd_loss)
-        summaries[stage.name] = train(fast.install(objective, on), stage_cfg, dist, stage=stage.name,
+        objective = fast.install(objective) if on else objective
+        summaries[stage.name] = train(objective, stage_cfg, dist, stage=stage.name,
                                       on_branch=lambda branch, last:
                                       finish(student, dcfg, branch, {**summaries, stage.name: last}, meta))
     if dist.master:

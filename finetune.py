@@ -17,8 +17,6 @@ from pathlib import Path
 import torch
 
 import data
-import fast
-import fast.losses
 from training.checkpoint import save_final
 from cli import out_dir_lock
 from pretrained.config import SHAPES, read_config, trained_at
@@ -118,7 +116,10 @@ def run(args, cfg, meta, dist):
     data.check_compatible(meta, vocab_size=model.config.vocab_size)
     model.config = long_context(model.config, cfg.block_size, args.init)
     on = cfg.fast_on(dist.device)  # --fast: fast/'s twins, put in from outside (auto: on CUDA)
-    objective = fast.install(CrossEntropy(model, fast.losses.lm_loss if on else lm_loss), on)
+    if on:
+        import fast.losses  # fast/, an extra: loaded only when asked for
+    objective = CrossEntropy(model, fast.losses.lm_loss if on else lm_loss)
+    objective = fast.install(objective) if on else objective
     summary = train(objective, cfg, dist,  # a --branches budget's model lands in its own final/
                     on_branch=lambda branch, _: save_final(model, Path(branch.out_dir) / "final", meta))
     if dist.master:

@@ -573,7 +573,7 @@ class GPTNeoX(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, revision="main", dtype=torch.float32):
         """A local folder or a hub repo (any revision) holding config.json + safetensors weights, by HF's names."""
-        from pretrained.config import read_config  # the project's checked reading, here only: the model itself needs none
+        from pretrained.config import read_config  # the project's checked reading: the model itself needs none
         from hub import resolve_file
         from pretrained.weights import load_weights
         model = cls(read_config(resolve_file(name_or_path, "config.json", revision)))

@@ -96,6 +96,14 @@ def test_log_has_one_line_per_step_and_summary(tmp_path, data_dir):
     assert set(summary["train"]) == {"loss", "ce"} and summary["tokens_per_s"] > 0 and summary["minutes"] > 0
 
 
+def test_the_training_flag_fast_follows_fast_wanted():
+    """TrainConfig.fast_on (the training scripts' --fast; training/ imports no extra) is fast.wanted's rule."""
+    for choice in ("auto", "on", "off"):
+        for device in ("cpu", "cuda", "cuda:1"):
+            cfg = TrainConfig(out_dir="x", max_tokens=1, fast=choice)
+            assert cfg.fast_on(device) == fast.wanted(choice, device), (choice, device)
+
+
 @pytest.mark.parametrize("flag, on", [(None, False), ("on", True), ("off", False)])
 def test_the_cpu_runs_the_plain_code_unless_fast_is_asked_for(tmp_path, data_dir, monkeypatch, flag, on):
     """--fast auto (the default) leaves a CPU run plain; --fast on installs fast/'s twins (the fused loss too). The

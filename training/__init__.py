@@ -10,7 +10,6 @@ process: torchrun's ranks, signals, compile or eager, the allocator), branches.p
 import argparse
 from dataclasses import MISSING, dataclass, field, fields
 
-from fast import wanted
 from cli import integer
 
 CHOICES = {"dtype": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off"),  # the flags with fixed choices
@@ -90,8 +89,9 @@ class TrainConfig:
             self.branch_budgets()  # checks the numbers
 
     def fast_on(self, device):
-        """Whether the run puts fast/'s twins in (the training scripts install them; train() records it)."""
-        return wanted(self.fast, device)
+        """Whether the run puts fast/'s twins in (the training scripts install them; train() records it): on, or
+        auto on a CUDA device, the rule of fast.wanted (eval.py's --fast), which tests/test_train.py holds equal."""
+        return self.fast == "on" or (self.fast == "auto" and str(device).startswith("cuda"))
 
     def warmup_fraction(self):
         """The warmup as a fraction of the budget: warmup_frac, or with --branches warmup_frac of the smallest

@@ -23,9 +23,7 @@ import torch
 import torch.distributed as torch_dist
 
 import data
-from pretrained.config import to_hf
 from cli import disk_full, write_atomic
-from pretrained.safetensors import read_safetensors
 
 # --resume refuses to change these (or the sequences per step), which would change what a step means. The lr, the
 # budgets and the split of a step into GPUs x micro-batches may change.
@@ -83,6 +81,8 @@ def rng_states(rng, dist):
 def load_checkpoint(out, model, opt, rng, cfg, dist, stream_seed):
     """Restore weights, optimizer and RNGs from out/ckpt (or ckpt.old); returns (step, tokens, elapsed_s, the
     sampler's streams so far: see train.py). stream_seed(rank, step): a rank's fresh sampler seed from that step."""
+    from pretrained.config import to_hf  # HF's config.json and safetensors, read back on the resume path only
+    from pretrained.safetensors import read_safetensors
     ckpt = find_checkpoint(out)
     if ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out}/ckpt (nor ckpt.old); run without --resume")
