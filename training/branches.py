@@ -2,9 +2,14 @@
 starts, into OUT_DIR@B as a run of its own (train.py runs each branch's decay in-process; TrainConfig reads the
 flag). Only a run given --branches needs this module.
 """
+import copy
 import shutil
 from dataclasses import replace
 from pathlib import Path
+
+import torch
+
+from cli import write_atomic
 
 
 def budget_name(b):
@@ -12,14 +17,20 @@ def budget_name(b):
     return str(int(b)) if float(b).is_integer() else f"{b:g}"
 
 
+def budget(cfg):
+    """The run's budget as its flag spells it (--max-tokens, else --max-minutes)."""
+    return budget_name(cfg.max_tokens or cfg.max_minutes)
+
+
 def branch_folder(out_dir, budget):
     """Where a --branches budget's run lives: OUT_DIR@B (experiment/scaling.py names its points the same way)."""
     return Path(f"{out_dir}@{budget_name(budget)}")
 
 
-def pending_branches(cfg, stage):
+def pending_branches(cfg, stage, step=0, used=lambda branch: 0.0):
     """The TrainConfig (branch_config) of each --branches budget not yet finished (its folder's stage has no
-    summary.json); refuses one not below the budget."""
+    summary.json); refuses one not below the budget, and one whose decay began before `step`, where this run
+    resumed (used(branch): the fraction of the branch's budget the run had used then)."""
     if not cfg.branches:
         return []
     budget = cfg.max_tokens or cfg.max_minutes
@@ -32,6 +43,11 @@ def pending_branches(cfg, stage):
         folder = branch_folder(cfg.out_dir, b)
         if not (folder / stage / "summary.json").exists():
             todo.append(branch_config(cfg, folder, b))
+    for branch in todo:
+        if used(branch) > 1 - cfg.decay_frac:
+            raise ValueError(f"--branches {cfg.branches}: budget {budget(branch)}'s decay began before step {step}, "
+                             "where this run resumed, so its branch can no longer be taken; drop it from --branches "
+                             "and run that budget on its own")
     return todo
 
 
@@ -52,3 +68,30 @@ def copy_finished_stages(out, folder, stage):
         for d in out.parent.iterdir():
             if d.is_dir() and d.name != stage and (d / "summary.json").exists():
                 shutil.copytree(d, folder / d.name, dirs_exist_ok=True)
+
+
+def set_aside(model, opt, rng, cuda):
+    """What a branch changes of the run's state, copied for put_back: the weights, the optimizer, the sampler's and
+    torch's RNGs."""
+    return {"model": {k: v.clone() for k, v in model.state_dict().items()}, "opt": copy.deepcopy(opt.state_dict()),
+            "rng": copy.deepcopy(rng.bit_generator.state), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if cuda else None}
+
+
+def put_back(saved, model, opt, rng, cuda):
+    """The run's state as set_aside copied it."""
+    model.load_state_dict(saved["model"])
+    opt.load_state_dict(saved["opt"])
+    rng.bit_generator.state = saved["rng"]
+    torch.set_rng_state(saved["torch"])
+    if cuda:
+        torch.cuda.set_rng_state(saved["cuda"])
+
+
+def open_branch(out, branch, stage):
+    """A branch's folder as its run starts (rank 0): the run's finished stages beside this one, and this stage's
+    log so far."""
+    copy_finished_stages(out, Path(branch.out_dir), stage)
+    folder = Path(branch.out_dir) / stage
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / "log.jsonl", (out / "log.jsonl").read_text())

@@ -15,6 +15,7 @@ import math
 import pickle
 import shutil
 import sys
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
@@ -78,9 +79,28 @@ def rng_states(rng, dist):
     return every
 
 
-def load_checkpoint(out, model, opt, rng, cfg, dist, stream_seed):
+def start_or_resume(out, model, opt, rng, cfg, dist, stage=""):
+    """Where train() starts: step 0 (refusing a folder that holds a checkpoint already), or with --resume exactly
+    where out's checkpoint left off (load_checkpoint); returns (step, tokens, elapsed_s, the sampler's streams:
+    note_stream). Rank 0 begins out/log.jsonl, or trims it to the resumed step."""
+    step, tokens, elapsed, streams = 0, 0, 0.0, []
+    if cfg.resume:
+        step, tokens, elapsed, streams = load_checkpoint(out, model, opt, rng, cfg, dist, stage)
+    elif find_checkpoint(out):
+        raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue that run, or choose "
+                              "another --out-dir (or delete that folder) to start afresh")
+    if dist.master:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            trim_log(out / "log.jsonl", step)
+        else:
+            write_atomic(out / "log.jsonl", "")
+    return step, tokens, elapsed, note_stream(streams, step, cfg, stage, dist)
+
+
+def load_checkpoint(out, model, opt, rng, cfg, dist, stage=""):
     """Restore weights, optimizer and RNGs from out/ckpt (or ckpt.old); returns (step, tokens, elapsed_s, the
-    sampler's streams so far: see train.py). stream_seed(rank, step): a rank's fresh sampler seed from that step."""
+    sampler's streams so far: note_stream)."""
     from pretrained.config import to_hf  # HF's config.json and safetensors, read back on the resume path only
     from pretrained.safetensors import read_safetensors
     ckpt = find_checkpoint(out)
@@ -113,7 +133,8 @@ def load_checkpoint(out, model, opt, rng, cfg, dist, stream_seed):
         g.update(h)
     streams = list(state.get("streams", []))
     if state["world"] != dist.world:  # other GPU count: the old per-rank streams do not map; start fresh ones
-        rng.bit_generator.state = np.random.default_rng(stream_seed(dist.rank, state["step"])).bit_generator.state
+        fresh = np.random.default_rng(stream_seed(cfg, stage, dist.rank, state["step"]))
+        rng.bit_generator.state = fresh.bit_generator.state
         if dist.master:
             print(f"--resume: {state['world']} -> {dist.world} GPUs: the data sampler continues with new streams "
                   "(a correct continuation, but not the batches the original run would have seen)", file=sys.stderr)
@@ -124,6 +145,26 @@ def load_checkpoint(out, model, opt, rng, cfg, dist, stream_seed):
     if mine["cuda"] is not None and dist.device.startswith("cuda"):
         torch.cuda.set_rng_state(mine["cuda"])
     return state["step"], state["tokens"], state["elapsed"], streams
+
+
+def stream_seed(cfg, stage, rank, restart=None):
+    """The data sampler's seed on one rank: the run's --seed folded with its --data-stream and stage, so each
+    stage of a run, and each run given its own stream, draws its own windows (restart: the step where a resume
+    onto another GPU count started fresh streams)."""
+    key = zlib.crc32(f"{cfg.data_stream}/{stage}".encode())
+    return [cfg.seed, rank, key] + ([] if restart is None else [restart])
+
+
+def note_stream(streams, step, cfg, stage, dist):
+    """The sampler's streams (what data.windows_seen replays, one entry per change of GPU count or batch shape), with
+    one more from `step` where this run starts one: every rank's seed, fresh ones where the GPU count changed."""
+    if not streams or (streams[-1]["world"], streams[-1]["batch_size"], streams[-1]["grad_accum"]) != \
+            (dist.world, cfg.batch_size, cfg.grad_accum):
+        restart = None if not streams or streams[-1]["world"] == dist.world else step
+        streams.append({"first_step": step, "world": dist.world, "batch_size": cfg.batch_size,
+                        "block_size": cfg.block_size, "grad_accum": cfg.grad_accum,
+                        "seeds": [stream_seed(cfg, stage, r, restart) for r in range(dist.world)]})
+    return streams
 
 
 def save_final(model, out, meta):
