@@ -256,7 +256,7 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
         """Run a branch's decay from here to its budget, save it like a run of its own, then put the main run's
         state back: one process pays for the stable phase once and compiles once."""
         nonlocal step, tokens, recent
-        from training.branches import budget, open_branch, put_back, set_aside
+        from training.branches import budget_label, open_branch, put_back, set_aside
         checkpoint(out, cfg)  # a crash inside the branch resumes right here
         t_fork = time.perf_counter()
         saved = {**set_aside(model, opt, rng, cuda), "step": step, "tokens": tokens, "recent": recent,
@@ -265,7 +265,7 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
         if dist.master:
             open_branch(out, branch, stage)
         clock.update(start=time.perf_counter(), aside=0.0, elapsed0=elapsed())
-        recent, tag = deque(recent, maxlen=cfg.log_interval), f"[{budget(branch)}] "
+        recent, tag = deque(recent, maxlen=cfg.log_interval), f"[{budget_label(branch)}] "
         while progress(tokens, now := elapsed(), branch) < 1:
             train_step(branch, folder, now, tag)
             if stop:
@@ -277,7 +277,8 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
             if dist.master and on_branch is not None:
                 on_branch(branch, summary)
             if dist.master:
-                print(f"{prefix}branch {budget(branch)}: finished at step {step} in {branch.out_dir}", file=sys.stderr)
+                print(f"{prefix}branch {budget_label(branch)}: finished at step {step} in {branch.out_dir}",
+                      file=sys.stderr)
         put_back(saved, model, opt, rng, cuda)
         step, tokens, recent = saved["step"], saved["tokens"], saved["recent"]
         clock.update(saved["clock"])

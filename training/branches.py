@@ -17,7 +17,7 @@ def budget_name(b):
     return str(int(b)) if float(b).is_integer() else f"{b:g}"
 
 
-def budget(cfg):
+def budget_label(cfg):
     """The run's budget as its flag spells it (--max-tokens, else --max-minutes)."""
     return budget_name(cfg.max_tokens or cfg.max_minutes)
 
@@ -45,9 +45,9 @@ def pending_branches(cfg, stage, step=0, used=lambda branch: 0.0):
             todo.append(branch_config(cfg, folder, b))
     for branch in todo:
         if used(branch) > 1 - cfg.decay_frac:
-            raise ValueError(f"--branches {cfg.branches}: budget {budget(branch)}'s decay began before step {step}, "
-                             "where this run resumed, so its branch can no longer be taken; drop it from --branches "
-                             "and run that budget on its own")
+            raise ValueError(f"--branches {cfg.branches}: budget {budget_label(branch)}'s decay began before step "
+                             f"{step}, where this run resumed, so its branch can no longer be taken; drop it from "
+                             "--branches and run that budget on its own")
     return todo
 
 
