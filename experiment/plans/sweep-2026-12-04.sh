@@ -1,6 +1,6 @@
 #!/bin/bash
 # One GPU call of this session's plan (issue 17's one-GPU sweep): idempotent, resumes where the last call stopped.
-# usage: bash gpu_plan.sh SECONDS CALL    (carry: .carry/small.tar.xz .carry/gutenberg.tar.xz)
+# usage: bash experiment/plans/sweep-2026-12-04.sh SECONDS CALL    (carry: .carry/small.tar.xz .carry/gutenberg.tar.xz)
 T0=$(date +%s); BUDGET=${1:-560}; CALL=${2:-x}
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 mkdir -p data runs "$OUT"
