@@ -49,8 +49,8 @@ def scratch_model(shape, mixer, vocab_size, block_size):
 
 
 def long_context(config, block_size, init):
-    """The model's config once trained at --block-size (config.trained_at), or a refusal naming the fix. Modal
-    Hyena filters are defined at any length; convolutional ones end at l_max. Attention layers train past
+    """The model's config once trained at --block-size (pretrained.config.trained_at), or a refusal naming the fix.
+    Modal Hyena filters are defined at any length; convolutional ones end at l_max. Attention layers train past
     max_position_embeddings (RoPE is defined at every position: the model learns those positions), and the saved
     config's max_position_embeddings becomes the block size, except under dynamic RoPE (refused)."""
     limit = config.filter_context

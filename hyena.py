@@ -20,7 +20,7 @@ What this file leaves out, and where it is:
                chunks, Triton decoding kernels, CUDA graphs), put in from outside by `fast.install(model)`.
   modal        modal/: Laughing Hyena's filters of d modes, decoded by a recurrence (Config.hyena_modal_state).
   checkpoints  from_pretrained / save_pretrained import the project's checked reader and writer when called
-               (config.py, lib/checkpoint.py, hub.py), as nanoGPT's from_pretrained imports transformers.
+               (pretrained/, hub.py), as nanoGPT's from_pretrained imports transformers.
   training     train.py, finetune.py, distill.py. Also absent: dropout, padding masks (a batch's rows share a
                length), tied embeddings, RoPE scalings other than linear and dynamic (NTK).
 """

@@ -18,7 +18,7 @@ still sees the boundary token before the next one. Document order within a split
 WikiText rows are the lines of the raw files, blank lines stored as "": they are joined back (blank -> " \\n"),
 so each split is one document with the raw file's exact text and tokens (one <|endoftext|> at its end).
 OpenWebText has only a train split; like nanoGPT, 0.05% of its documents (seed 2357) are held out as val.
-Reading the documents (local text, hub parquet) is lib/sources.py; this file tokenizes, writes and keeps meta.json.
+Reading the documents (local text, hub parquet) is corpora/sources.py; this file tokenizes, writes and keeps meta.json.
 One run at a time writes a dataset folder (it holds NAME/.lock); a split of fewer than --min-tokens is refused.
 """
 import argparse

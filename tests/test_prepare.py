@@ -1,4 +1,4 @@
-"""prepare.py, lib/sources.py and data.py: text and hub datasets in, uint16 tokens with <|endoftext|> after each
+"""prepare.py, corpora/sources.py and data.py: text and hub datasets in, uint16 tokens with <|endoftext|> after each
 document out."""
 import io
 import json

@@ -1,4 +1,4 @@
-"""lib/safetensors_io.py: safetensors by hand (round trips, the safetensors package as oracle, every corrupt header
+"""pretrained/safetensors.py: safetensors by hand (round trips, the safetensors package as oracle, every corrupt header
 refused naming the file and the defect, pickles never loaded)."""
 import json
 import struct

@@ -95,7 +95,7 @@ class TrainConfig:
 
     def warmup_fraction(self):
         """The warmup as a fraction of the budget: warmup_frac, or with --branches warmup_frac of the smallest
-        budget of the family, which every branch then shares (lib/checkpoint.branch_config)."""
+        budget of the family, which every branch then shares (training/branches.branch_config)."""
         if not self.branches:
             return self.warmup_frac
         budget = self.max_tokens or self.max_minutes
