@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +40,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
-import fast
-import fast.losses
-from lib.checkpoint import save_final
-from lib.cli import out_dir_lock, write_atomic
-from lib.distill_plan import DistillConfig, plan_stages
+from training.checkpoint import save_final
+from cli import out_dir_lock, write_atomic
 from hyena import make_student
-from modal.student import load_pretrained, to_modal
-from lib.runtime import setup_distributed
-from lib.train_config import add_train_args, train_config_from_args
+from training.runtime import setup_distributed
+from training import DistillConfig, TrainConfig, add_train_args, train_config_from_args
 from train import train
 
 
@@ -147,9 +144,42 @@ def parse_layers(spec, n):
         raise ValueError(f"--hyena-layers {spec!r} must be 'all' or a list like 0,2,4") from None
 
 
+@dataclass
+class Stage:
+    """One training run of the student, in OUT_DIR/name: the Distill objective's mode (and, progressive, its
+    layer), what trains (set_trainable's `what` of `layers`), and its budget and lr (cfg)."""
+    name: str
+    mode: str
+    trains: str
+    layers: list
+    cfg: TrainConfig
+    layer: int | None = None
+
+
+def plan_stages(dcfg, cfg, layers):
+    """The stages in order: the alignment (one stage per layer when progressive, its budget split evenly over
+    them), then the end-to-end stage if it has a budget. Only the last stage branches (--branches)."""
+    stages = []
+    align = dataclasses.replace(cfg, compile=dcfg.align_compile or cfg.compile)
+    if dcfg.layers == "progressive":
+        per = dataclasses.replace(align, max_tokens=int(cfg.max_tokens // len(layers)),
+                                  max_minutes=cfg.max_minutes / len(layers))
+        stages += [Stage(f"stage-{l:02d}", "progressive", dcfg.train, [l], per, layer=l) for l in layers]
+    elif dcfg.layers != "none":
+        stages.append(Stage(dcfg.layers, dcfg.layers, dcfg.train, layers, align))
+    if dcfg.e2e:
+        e2e_cfg = dataclasses.replace(cfg, max_tokens=int(dcfg.e2e_tokens), max_minutes=dcfg.e2e_minutes,
+                                      lr=dcfg.e2e_lr)
+        stages.append(Stage("e2e", "e2e", dcfg.e2e_train, layers, e2e_cfg))
+    for st in stages[:-1]:  # --branches are budgets of the last stage: the earlier ones run once, shared
+        st.cfg = dataclasses.replace(st.cfg, branches="")
+    return stages
+
+
 def modal_student(teacher, dcfg, out, master):
     """to_modal (modal/student.py) of the teacher (a Hyena student); the per-layer filter errors logged and
     in modal_fit.json."""
+    from modal.student import to_modal  # Laughing Hyena (modal/, an extra): only for --modal-state / --modal-tol
     try:
         student = to_modal(teacher, state_size=dcfg.modal_state or None, tol=dcfg.modal_tol or None,
                            max_state=dcfg.modal_max_state, refine_steps=dcfg.modal_refine_steps)
@@ -209,6 +239,7 @@ def main(argv=None):
 def distill(dcfg, cfg, dist):
     """Make the student (or the modal conversion), train it through its stages, and save OUT_DIR/final; returns
     {stage name: train.train's summary}."""
+    from modal.student import load_pretrained  # any checkpoint, a modal student's too (modal/ builds those)
     meta = data.load_meta(data.resolve_data_dir(cfg.data, cfg.data_root))
     teacher = load_pretrained(dcfg.teacher, dcfg.revision).to(dist.device).eval().requires_grad_(False)
     data.check_tokenizer(meta, dcfg.teacher, dcfg.revision)
@@ -243,9 +274,12 @@ def distill(dcfg, cfg, dist):
         started = any((out / stage.name / d).exists() for d in ("ckpt", "ckpt.old"))
         stage_cfg = dataclasses.replace(stage.cfg, resume=cfg.resume and started)
         on = cfg.fast_on(dist.device)  # --fast: fast/'s twins, put in from outside (auto: on CUDA)
+        if on:
+            import fast.losses  # fast/, an extra: loaded only when asked for
         objective = Distill(teacher, student, stage.mode, stage.layer, dcfg.kd_temperature, dcfg.ce_weight,
                             fast.losses.kd_loss if on else kd_loss)
-        summaries[stage.name] = train(fast.install(objective, on), stage_cfg, dist, stage=stage.name,
+        objective = fast.install(objective) if on else objective
+        summaries[stage.name] = train(objective, stage_cfg, dist, stage=stage.name,
                                       on_branch=lambda branch, last:
                                       finish(student, dcfg, branch, {**summaries, stage.name: last}, meta))
     if dist.master:
@@ -271,5 +305,5 @@ def finish(student, dcfg, cfg, summaries, meta):
 
 
 if __name__ == "__main__":
-    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

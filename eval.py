@@ -4,7 +4,7 @@
     python eval.py --ckpt out/student --prompt "The lobster is" --temperature 0
     python eval.py --ckpt out/student --tasks wikitext2_offline,gutenberg_lambada --json out/tasks.json
 
-One pass scores every token of the split but the first exactly once (data.eval_windows) and sums the NLL in fp64:
+One pass scores every token of the split but the first exactly once (eval_windows) and sums the NLL in fp64:
   token ppl      exp(NLL / tokens scored)
   word ppl       exp(NLL / words)            } lm-evaluation-harness's tokenizer-independent measures, over
   bits per byte  NLL / (ln 2 * bytes)        } the text the scored tokens decode to
@@ -20,13 +20,13 @@ windows of `context` tokens whose last one still gets a full window of context; 
 are not scored, and words = len(re.split(r"\\s+", document)) per document, lm-eval's count.
 --tasks runs lm-evaluation-harness tasks through harness/adapter.py (pip install lm-eval; see harness/).
 
-Several --context values make a context sweep (lib/sweep.py), which scores THE SAME tokens at every context:
+Several --context values make a context sweep (evaluation/sweep.py), which scores THE SAME tokens at every context:
     python eval.py --ckpt A B --data gutenberg --context 512 2048 8192 32768 --beyond window --json out/ctx.json
 From the split's documents at least max(C) tokens long, windows of max(C) tokens are cut back from each document's
-end (data.document_windows, up to --max-windows); at context C a model reads the last C tokens of each window and
+end (document_windows, up to --max-windows); at context C a model reads the last C tokens of each window and
 the last --score-tokens are scored. Past a model's maximum (max_context: max_position_embeddings, a conv Hyena
 filter's l_max; none for an all-modal student) --beyond refuses, extrapolates (RoPE as transformers computes it;
-conv filters cannot: "skipped") or slides windows of that maximum --window-stride apart (data.context_windows).
+conv filters cannot: "skipped") or slides windows of that maximum --window-stride apart (context_windows).
 Each context also records tokens/s read and scored and peak GPU memory; --compile times the compiled forward.
 """
 import argparse
@@ -42,17 +42,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data import (batched, check_compatible, eval_windows, harness_windows, load_meta, load_split, resolve_data_dir,
-                  tokenizer_sha256)
+from data import check_compatible, load_meta, load_split, resolve_data_dir, tokenizer_sha256
 import fast
 from hub import HubError, resolve_file
-from config import read_config
-from lib.checkpoint import DTYPES, checkpoint_tokenizer, resolve_ckpt
+from pretrained.config import read_config
+from pretrained.weights import DTYPES, checkpoint_tokenizer, resolve_ckpt
 from tokenizer import DEFAULT_TOKENIZER
 from modal.student import load_pretrained
 from tokenizer import load_tokenizer
-from lib.cli import integer, writable_dir, write_atomic
-from lib.sweep import BEYOND, SWEEP, run_sweep, sweep_check
+from cli import integer, writable_dir, write_atomic
+from evaluation.sweep import BEYOND, SWEEP, run_sweep, sweep_check
+from evaluation.windows import batched, eval_windows, harness_windows
 
 PROTOCOLS = ("stream", "harness")  # see the module docstring
 FEW_TOKENS = 1000  # a split scored on fewer tokens is flagged on its row: its perplexities are noise
@@ -316,5 +316,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

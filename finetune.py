@@ -17,14 +17,12 @@ from pathlib import Path
 import torch
 
 import data
-import fast
-import fast.losses
-from lib.checkpoint import save_final
-from lib.cli import out_dir_lock
-from config import SHAPES, read_config, trained_at
+from training.checkpoint import save_final
+from cli import out_dir_lock
+from pretrained.config import SHAPES, read_config, trained_at
 from hyena import MIXERS, Config, GPTNeoX
-from lib.runtime import setup_distributed
-from lib.train_config import add_train_args, train_config_from_args
+from training.runtime import setup_distributed
+from training import add_train_args, train_config_from_args
 from modal.student import load_pretrained
 from train import CrossEntropy, lm_loss, train
 
@@ -51,8 +49,8 @@ def scratch_model(shape, mixer, vocab_size, block_size):
 
 
 def long_context(config, block_size, init):
-    """The model's config once trained at --block-size (config.trained_at), or a refusal naming the fix. Modal
-    Hyena filters are defined at any length; convolutional ones end at l_max. Attention layers train past
+    """The model's config once trained at --block-size (pretrained.config.trained_at), or a refusal naming the fix.
+    Modal Hyena filters are defined at any length; convolutional ones end at l_max. Attention layers train past
     max_position_embeddings (RoPE is defined at every position: the model learns those positions), and the saved
     config's max_position_embeddings becomes the block size, except under dynamic RoPE (refused)."""
     limit = config.filter_context
@@ -118,7 +116,10 @@ def run(args, cfg, meta, dist):
     data.check_compatible(meta, vocab_size=model.config.vocab_size)
     model.config = long_context(model.config, cfg.block_size, args.init)
     on = cfg.fast_on(dist.device)  # --fast: fast/'s twins, put in from outside (auto: on CUDA)
-    objective = fast.install(CrossEntropy(model, fast.losses.lm_loss if on else lm_loss), on)
+    if on:
+        import fast.losses  # fast/, an extra: loaded only when asked for
+    objective = CrossEntropy(model, fast.losses.lm_loss if on else lm_loss)
+    objective = fast.install(objective) if on else objective
     summary = train(objective, cfg, dist,  # a --branches budget's model lands in its own final/
                     on_branch=lambda branch, _: save_final(model, Path(branch.out_dir) / "final", meta))
     if dist.master:
@@ -130,5 +131,5 @@ def run(args, cfg, meta, dist):
 
 
 if __name__ == "__main__":
-    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

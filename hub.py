@@ -3,7 +3,7 @@
 The client keeps huggingface_hub's cache layout (models--org--name/{blobs,snapshots,refs}), so the two share
 one cache: a file fetched by either is found by the other.
 
-The weights it fetches are read by lib/safetensors_io.py (nothing downloaded is ever unpickled).
+The weights it fetches are read by pretrained/safetensors.py (nothing downloaded is ever unpickled).
 """
 import fcntl
 import hashlib
@@ -17,7 +17,7 @@ from urllib.parse import quote, urljoin, urlparse
 
 import requests
 
-from lib.cli import Progress, write_atomic
+from cli import Progress, write_atomic
 
 RETRY_BASE_S = 1.0  # first backoff; it doubles on each retry (tests shrink it)
 TRIES = 5

@@ -20,7 +20,7 @@ What this file leaves out, and where it is:
                chunks, Triton decoding kernels, CUDA graphs), put in from outside by `fast.install(model)`.
   modal        modal/: Laughing Hyena's filters of d modes, decoded by a recurrence (Config.hyena_modal_state).
   checkpoints  from_pretrained / save_pretrained import the project's checked reader and writer when called
-               (config.py, lib/checkpoint.py, hub.py), as nanoGPT's from_pretrained imports transformers.
+               (pretrained/, hub.py), as nanoGPT's from_pretrained imports transformers.
   training     train.py, finetune.py, distill.py. Also absent: dropout, padding masks (a batch's rows share a
                length), tied embeddings, RoPE scalings other than linear and dynamic (NTK).
 """
@@ -573,9 +573,9 @@ class GPTNeoX(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, revision="main", dtype=torch.float32):
         """A local folder or a hub repo (any revision) holding config.json + safetensors weights, by HF's names."""
-        from config import read_config  # the project's checked reading, here only: the model itself needs none
+        from pretrained.config import read_config  # the project's checked reading: the model itself needs none
         from hub import resolve_file
-        from lib.checkpoint import load_weights
+        from pretrained.weights import load_weights
         model = cls(read_config(resolve_file(name_or_path, "config.json", revision)))
         return load_weights(model, name_or_path, revision).to(dtype)
 
@@ -584,9 +584,9 @@ class GPTNeoX(nn.Module):
         import json
         from pathlib import Path
 
-        from config import to_hf  # the project's writers (atomic: a file is whole or absent)
-        from lib.cli import write_atomic
-        from lib.safetensors_io import write_safetensors
+        from pretrained.config import to_hf  # the project's writers (atomic: a file is whole or absent)
+        from cli import write_atomic
+        from pretrained.safetensors import write_safetensors
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}

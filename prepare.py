@@ -18,7 +18,7 @@ still sees the boundary token before the next one. Document order within a split
 WikiText rows are the lines of the raw files, blank lines stored as "": they are joined back (blank -> " \\n"),
 so each split is one document with the raw file's exact text and tokens (one <|endoftext|> at its end).
 OpenWebText has only a train split; like nanoGPT, 0.05% of its documents (seed 2357) are held out as val.
-Reading the documents (local text, hub parquet) is lib/sources.py; this file tokenizes, writes and keeps meta.json.
+Reading the documents (local text, hub parquet) is corpora/sources.py; this file tokenizes, writes and keeps meta.json.
 One run at a time writes a dataset folder (it holds NAME/.lock); a split of fewer than --min-tokens is refused.
 """
 import argparse
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.cli import Progress, integer, out_dir_lock, write_atomic
+from cli import Progress, integer, out_dir_lock, write_atomic
 from data import SPLITS, tokenizer_sha256
-from lib.sources import ARCHIVES, HUB_DATASETS, hub_files, hub_source, read_val_list, text_files, text_source
+from corpora.sources import ARCHIVES, HUB_DATASETS, hub_files, hub_source, read_val_list, text_files, text_source
 from tokenizer import load_tokenizer
 
 TASK_CHARS = 1 << 20  # text per worker task: amortizes inter-process copies, keeps memory small
@@ -319,5 +319,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from config import from_hf, to_hf
+from pretrained.config import from_hf, to_hf
 from hyena import Config, GPTNeoX, HyenaOperator, make_student, new_cache
 
 TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=160, num_hidden_layers=3, vocab_size=211,
@@ -135,7 +135,7 @@ def test_loads_transformers_scaled_rope_checkpoints(rope_type, tmp_path):
 
 
 def test_attention_bias_false_round_trips_without_bias_tensors(tmp_path):
-    from lib.safetensors_io import read_safetensors
+    from pretrained.safetensors import read_safetensors
     m = randomized(Config(**{**TINY, "attention_bias": False}))
     m.save_pretrained(tmp_path)
     assert not any(k.endswith(("attention.query_key_value.bias", "attention.dense.bias"))
@@ -211,7 +211,7 @@ def test_loads_transformers_checkpoint_and_config_forms(tmp_path):
 
 
 def test_from_pretrained_rejects_bad_checkpoints(tmp_path):
-    from lib.safetensors_io import read_safetensors, write_safetensors
+    from pretrained.safetensors import read_safetensors, write_safetensors
     m = GPTNeoX(Config(**TINY))
     m.save_pretrained(tmp_path)
     state = read_safetensors(tmp_path / "model.safetensors")
@@ -237,7 +237,7 @@ def test_from_pretrained_rejects_bad_checkpoints(tmp_path):
 
 
 def test_sharded_checkpoint_and_lm_head_name(tmp_path):
-    from lib.safetensors_io import write_safetensors
+    from pretrained.safetensors import write_safetensors
     m = randomized(Config(**TINY))
     state = {("lm_head.weight" if k == "embed_out.weight" else k): v for k, v in m.state_dict().items()}
     keys = sorted(state)
@@ -317,7 +317,7 @@ def test_casting_to_bf16_keeps_the_filter_fp32_and_fp64_follows():
 
 
 def test_checkpoints_from_the_old_filter_convention_are_refused_with_the_reason(tmp_path):
-    from lib.safetensors_io import read_safetensors, write_safetensors
+    from pretrained.safetensors import read_safetensors, write_safetensors
     make_student(randomized(Config(**TINY))).save_pretrained(tmp_path)
     state = read_safetensors(tmp_path / "model.safetensors")
     old = {k: v for k, v in state.items() if not k.endswith(("pos_emb.z", "pos_emb.t", "modulation.deltas"))}

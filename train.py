@@ -3,18 +3,16 @@
 An objective is an nn.Module with `forward(x, y) -> (loss, metrics)` and the model being trained as `.model`;
 train() does the rest: AdamW with warmup + cosine (or warmup-stable-decay, with --branches) over a token/time
 budget, gradient accumulation and clipping, bf16 autocast, DDP under torchrun, validation, a JSONL log, atomic
-checkpoints and exact resume (lib/checkpoint.py), in the process lib/runtime.py sets up. Its settings, one per
---flag, are lib/train_config.py's TrainConfig.
+checkpoints and exact resume (training/checkpoint.py), in the process training/runtime.py sets up. Its settings,
+one per --flag, are training's TrainConfig.
 
     python finetune.py --init scratch --data gutenberg --max-tokens 50_000_000      # one GPU, or the CPU
     torchrun --nproc-per-node 8 finetune.py --init scratch --data gutenberg ...      # 8 GPUs, same script
 """
-import copy
 import json
 import math
 import sys
 import time
-import zlib
 from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -28,10 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import data
 from hyena import HyenaFilter, HyenaOperator
-from lib.cli import write_atomic
-from lib.runtime import compile_or_eager, ctrl_c, keep_freed_memory, setup_distributed, stopped
-from lib.checkpoint import (budget_name, copy_finished_stages, find_checkpoint, load_checkpoint, pending_branches,
-                            rng_states, save_checkpoint, trim_log)
+from cli import write_atomic
+from training.runtime import compile_or_eager, ctrl_c, keep_freed_memory, setup_distributed, stopped
+from training.checkpoint import find_checkpoint, rng_states, save_checkpoint, start_or_resume, stream_seed
 
 
 def lm_loss(model, x, y):
@@ -80,11 +77,6 @@ def build_optimizer(model, cfg, fused=False):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 
-def budget(cfg):
-    """The run's budget as its flag spells it (--max-tokens, else --max-minutes)."""
-    return budget_name(cfg.max_tokens or cfg.max_minutes)
-
-
 def progress(tokens, seconds, cfg):
     """Fraction of the budget used: the larger of the token and the time fraction."""
     return max(tokens / cfg.max_tokens if cfg.max_tokens else 0.0,
@@ -119,14 +111,6 @@ def validation_metrics(objective, tokens, cfg, dist, amp):
     return {k: v.item() / cfg.eval_batches for k, v in sums.items()}
 
 
-def stream_seed(cfg, stage, rank, restart=None):
-    """The data sampler's seed on one rank: the run's --seed folded with its --data-stream and stage, so each
-    stage of a run, and each run given its own stream, draws its own windows (restart: the step where a resume
-    onto another GPU count started fresh streams)."""
-    key = zlib.crc32(f"{cfg.data_stream}/{stage}".encode())
-    return [cfg.seed, rank, key] + ([] if restart is None else [restart])
-
-
 def train(objective, cfg, dist=None, stage="", on_step=None, on_branch=None):
     """Train objective.model within cfg's budget; returns the run summary (rank 0 also writes it). With --branches,
     each branch is finished in this process where its decay starts (the main run's state set aside and restored),
@@ -150,19 +134,8 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
     objective.to(dist.device)
     opt = build_optimizer(model, cfg, fused=cuda)
     rng = np.random.default_rng(stream_seed(cfg, stage, dist.rank))  # each rank its own stream of batches
-    step, tokens, elapsed0, streams = 0, 0, 0.0, []
-    if cfg.resume:
-        step, tokens, elapsed0, streams = load_checkpoint(out, model, opt, rng, cfg, dist,
-                                                          lambda rank, at: stream_seed(cfg, stage, rank, at))
-    elif find_checkpoint(out):
-        raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue that run, or choose "
-                              "another --out-dir (or delete that folder) to start afresh")
-    if not streams or (streams[-1]["world"], streams[-1]["batch_size"], streams[-1]["grad_accum"]) != \
-            (dist.world, cfg.batch_size, cfg.grad_accum):  # what data.windows_seen replays: one entry per change
-        restart = None if not streams or streams[-1]["world"] == dist.world else step
-        streams.append({"first_step": step, "world": dist.world, "batch_size": cfg.batch_size,
-                        "block_size": cfg.block_size, "grad_accum": cfg.grad_accum,
-                        "seeds": [stream_seed(cfg, stage, r, restart) for r in range(dist.world)]})
+    # step 0, or (--resume) exactly where the checkpoint left off; the sampler's streams data.windows_seen replays
+    step, tokens, elapsed0, streams = start_or_resume(out, model, opt, rng, cfg, dist, stage)
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda)
     amp = torch.autocast(torch.device(dist.device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
     t_compile = time.perf_counter()  # the compile's trial step: reported, outside the budget
@@ -173,12 +146,6 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
     params = [p for g in opt.param_groups for p in g["params"]]
     step_tokens = cfg.batch_size * cfg.block_size * cfg.grad_accum * dist.world
     ckpt_step, eval_step, val, recent = step, -1, {}, deque(maxlen=cfg.log_interval)
-    if dist.master:
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:
-            trim_log(out / "log.jsonl", step)
-        else:
-            write_atomic(out / "log.jsonl", "")
     prefix = f"{stage} " if stage else ""
     clock = {"start": time.perf_counter(), "aside": 0.0, "elapsed0": elapsed0}  # a branch swaps in its own
 
@@ -289,19 +256,16 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
         """Run a branch's decay from here to its budget, save it like a run of its own, then put the main run's
         state back: one process pays for the stable phase once and compiles once."""
         nonlocal step, tokens, recent
+        from training.branches import budget_label, open_branch, put_back, set_aside
         checkpoint(out, cfg)  # a crash inside the branch resumes right here
         t_fork = time.perf_counter()
-        saved = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "opt": copy.deepcopy(opt.state_dict()),
-                 "rng": copy.deepcopy(rng.bit_generator.state), "torch": torch.get_rng_state(),
-                 "cuda": torch.cuda.get_rng_state() if cuda else None, "step": step, "tokens": tokens,
-                 "recent": recent, "clock": dict(clock)}
+        saved = {**set_aside(model, opt, rng, cuda), "step": step, "tokens": tokens, "recent": recent,
+                 "clock": dict(clock)}
         folder = Path(branch.out_dir) / stage
         if dist.master:
-            copy_finished_stages(out, Path(branch.out_dir), stage)
-            folder.mkdir(parents=True, exist_ok=True)
-            write_atomic(folder / "log.jsonl", (out / "log.jsonl").read_text())
+            open_branch(out, branch, stage)
         clock.update(start=time.perf_counter(), aside=0.0, elapsed0=elapsed())
-        recent, tag = deque(recent, maxlen=cfg.log_interval), f"[{budget(branch)}] "
+        recent, tag = deque(recent, maxlen=cfg.log_interval), f"[{budget_label(branch)}] "
         while progress(tokens, now := elapsed(), branch) < 1:
             train_step(branch, folder, now, tag)
             if stop:
@@ -313,23 +277,17 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
             if dist.master and on_branch is not None:
                 on_branch(branch, summary)
             if dist.master:
-                print(f"{prefix}branch {budget(branch)}: finished at step {step} in {branch.out_dir}", file=sys.stderr)
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["opt"])
-        rng.bit_generator.state = saved["rng"]
-        torch.set_rng_state(saved["torch"])
-        if cuda:
-            torch.cuda.set_rng_state(saved["cuda"])
+                print(f"{prefix}branch {budget_label(branch)}: finished at step {step} in {branch.out_dir}",
+                      file=sys.stderr)
+        put_back(saved, model, opt, rng, cuda)
         step, tokens, recent = saved["step"], saved["tokens"], saved["recent"]
         clock.update(saved["clock"])
         clock["aside"] += time.perf_counter() - t_fork  # the branch's time is not the main run's
 
-    branches = pending_branches(cfg, stage)  # the TrainConfig of each branch still to finish
-    for branch in branches:
-        if progress(tokens, elapsed0, branch) > 1 - cfg.decay_frac:
-            raise ValueError(f"--branches {cfg.branches}: budget {budget(branch)}'s decay began before step {step}, "
-                             "where this run resumed, so its branch can no longer be taken; drop it from --branches "
-                             "and run that budget on its own")
+    branches = []  # --branches: the TrainConfig of each shorter budget still to finish, here (training/branches.py)
+    if cfg.branches:
+        from training.branches import pending_branches
+        branches = pending_branches(cfg, stage, step, lambda branch: progress(tokens, elapsed0, branch))
     objective.train()
     window_t = time.perf_counter()
     while progress(tokens, now := elapsed(), cfg) < 1:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench_report.py`: import from the repo root
 
-from lib.cli import write_atomic
+from cli import write_atomic
 
 SECTIONS = ("check", "mixer", "model", "train", "decode", "kd")
 MODES = {"on": [True], "off": [False], "both": [True, False]}  # --compile: which of compiled / eager run

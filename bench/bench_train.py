@@ -31,7 +31,7 @@ class TrainCases:
             except ImportError:
                 return {"error": "transformers not installed"}
             self.res["env"]["transformers"] = transformers.__version__
-            from config import to_hf
+            from pretrained.config import to_hf
             hf_cfg = transformers.GPTNeoXConfig.from_dict(to_hf(cfg), attn_implementation="sdpa")
             module = transformers.GPTNeoXForCausalLM(hf_cfg).to(self.dev)
             groups = [{"params": list(module.parameters()), "weight_decay": 0.1}]

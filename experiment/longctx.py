@@ -37,9 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import read_config
+from pretrained.config import read_config
 from experiment.throughput import config_file, device_of, infer, load, speed
-from lib.cli import integer, writable_dir, write_atomic
+from cli import integer, writable_dir, write_atomic
 from tokenizer import load_tokenizer, tokenizer_file_sha256
 
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -225,5 +225,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from lib.cli import write_atomic
+from cli import write_atomic
 
 HARNESS_ORDER = ["teacher", "paper-ft", "best", "scratch"]  # then modal-dD by d
 TASK_YAMLS = Path(__file__).resolve().parents[1] / "harness" / "tasks"

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python e
 from experiment.pages import write_harness, write_longctx  # noqa: E402
 from experiment.runner import spent, stages  # noqa: E402
 from experiment.scaling_report import write_scaling  # noqa: E402
-from lib.cli import write_atomic  # noqa: E402
+from cli import write_atomic  # noqa: E402
 
 # Row label -> (run folders whose training stages it spent, in order; eval JSON name). Folders may be missing
 # (e.g. a teacher loaded from the hub was not trained here).
@@ -236,5 +236,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from lib import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
+    import cli  # the one error path: exit 2 and one line, no traceback (--debug shows it)
     cli.run(main)

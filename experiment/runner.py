@@ -10,7 +10,7 @@ import threading
 import time
 from pathlib import Path
 
-from lib.cli import write_atomic
+from cli import write_atomic
 
 PY = sys.executable
 ROOT = Path(__file__).resolve().parents[1]  # the scripts it launches; data and run paths stay relative to the cwd

@@ -1,9 +1,9 @@
 """experiment.py --sweep: the paper's open questions. (1) Does distillation hold up as the model grows? (2) After how
 many GPU-minutes does pre-training the Hyena model from scratch catch up with distilling it?
 
-Per size (Pythia's exact shapes, config.SHAPES) a teacher is pretrained on the training split with tokens scaled
-by its parameters: --sweep-teacher-tokens is the 70m's budget and a size of N parameters gets N / 70.4M of it
-(the 70m's is then experiment.py's own teacher, `<runs>/teacher`). Per recipe, one warmup-stable-decay run of the
+Per size (Pythia's exact shapes, pretrained.config.SHAPES) a teacher is pretrained on the training split with
+tokens scaled by its parameters: --sweep-teacher-tokens is the 70m's budget and a size of N parameters gets N / 70.4M
+of it (the 70m's is then experiment.py's own teacher, `<runs>/teacher`). Per recipe, one warmup-stable-decay run of the
 largest budget saves a branch where each smaller budget's decay starts (train.py --branches), and each branch is
 then finished with its own budget: one stable phase pays for every budget's point. A budget is the recipe's GPU-
 minutes in all (compiling is outside it, as in train.py):
@@ -18,11 +18,11 @@ once its output exists and resumes from its checkpoint, so the sweep restarts wh
 import json
 from pathlib import Path
 
-from config import SHAPES
+from pretrained.config import SHAPES
 from experiment import runner
 from experiment.runner import PY, ROOT, todo
-from lib.checkpoint import branch_folder, budget_name
-from lib.cli import write_atomic
+from training.branches import branch_folder, budget_name
+from cli import write_atomic
 
 RECIPES = ("best", "paper", "scratch")
 TEACHER_LR = {"pythia-14m": 1e-3, "pythia-31m": 1e-3, "pythia-70m": 1e-3, "pythia-160m": 6e-4, "pythia-410m": 3e-4,
@@ -35,7 +35,7 @@ TEACHER_EVAL_INTERVAL = 500  # a teacher's run is long: validating it every 100 
 def add_sweep_args(p):
     g = p.add_argument_group("scale and crossover sweep (experiment/scaling.py)")
     g.add_argument("--sweep", default="", metavar="SIZE[,SIZE]", help="run the sweep instead of the four students: "
-                   "sizes 14m, 31m, 70m, 160m, 410m (Pythia's shapes) or config.SHAPES names")
+                   "sizes 14m, 31m, 70m, 160m, 410m (Pythia's shapes) or pretrained.config.SHAPES names")
     g.add_argument("--sweep-minutes", default="1,2,5,10,20", help="budgets, GPU-minutes per recipe; with an x "
                    "(0.125x,0.25x,...) fractions of the size's teacher's own training GPU-minutes, every one")
     g.add_argument("--sweep-recipes", default=",".join(RECIPES), help=f"from {','.join(RECIPES)}")

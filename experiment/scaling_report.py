@@ -11,7 +11,7 @@ from pathlib import Path
 
 from experiment.runner import spent, stages
 from experiment.scaling import RECIPES
-from lib.cli import write_atomic
+from cli import write_atomic
 
 
 def collect(runs):

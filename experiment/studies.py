@@ -8,7 +8,7 @@ from pathlib import Path
 
 from experiment import runner
 from experiment.runner import PY, ROOT, todo
-from lib.cli import write_atomic
+from cli import write_atomic
 
 HARNESS_TASKS = ROOT / "harness" / "tasks"  # the offline lm-eval tasks (--harness); eval.py --tasks reads them
 HARNESS_DATA = Path("data") / "harness"  # where their YAMLs read the data: relative to the cwd, as they say

@@ -12,11 +12,11 @@ import torch
 
 import fast
 import fast.losses
-from config import read_config
+from pretrained.config import read_config
 from fast.losses import head_loss
-from lib.cli import writable_dir, write_atomic
-from lib.runtime import compile_or_eager
-from lib.train_config import TrainConfig
+from cli import writable_dir, write_atomic
+from training.runtime import compile_or_eager
+from training import TrainConfig
 from modal.student import load_pretrained
 from train import CrossEntropy, build_optimizer, lm_loss
 

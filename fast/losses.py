@@ -109,7 +109,8 @@ CPU_CHUNK_BYTES = 24 << 20  # under 32 MB: glibc serves larger blocks by mmap, n
 def default_chunk(device, vocab_size, itemsize=4):
     """Rows per loss chunk: 8192 on a GPU. On the CPU each (rows, V) chunk tensor stays under CPU_CHUNK_BYTES:
     a whole step's logits (200 MB at V = 50k, 1024 tokens) would be mmap-ed, page-faulted in and unmapped again
-    on every step, and the kernel's time would then equal the math's (lib/runtime.keep_freed_memory keeps the rest)."""
+    on every step, and the kernel's time would then equal the math's (training/runtime.keep_freed_memory keeps the
+    rest)."""
     return 8192 if device.type == "cuda" else max(1, CPU_CHUNK_BYTES // (max(itemsize, 4) * vocab_size))
 
 

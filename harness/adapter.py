@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import fast
 from hyena import GPTNeoX
-from lib.checkpoint import DTYPES, checkpoint_tokenizer, resolve_ckpt
+from pretrained.weights import DTYPES, checkpoint_tokenizer, resolve_ckpt
 from modal.student import load_pretrained
 from tokenizer import DEFAULT_TOKENIZER, load_tokenizer
 

@@ -26,8 +26,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from lib.cli import write_atomic
-from lib.sources import read_val_list, text_source
+from cli import write_atomic
+from corpora.sources import read_val_list, text_source
 
 SENTENCE_END = re.compile(r"""(?:(?<=[.!?])|(?<=[.!?]["'\u2019\u201d]))\s+(?=["'\u2018\u201c]?[A-Z])""")
 ABBREVIATIONS = re.compile(r"\b(?:Mr|Mrs|Ms|Dr|St|Mt|Jr|Sr|Capt|Col|Gen|Lt|Rev|Prof|No|vs)\.$")

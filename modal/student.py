@@ -18,10 +18,10 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
-from config import read_config
+from pretrained.config import read_config
 from hub import resolve_file
 from hyena import GPTNeoX, tail_of
-from lib.checkpoint import load_weights
+from pretrained.weights import load_weights
 from modal import fit
 
 

@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib import cli
+import cli
 import eval as ev
-from data import context_windows, document_windows, load_split
-from config import read_config
+from data import load_split
+from pretrained.config import read_config
 from hyena import Config, GPTNeoX, make_student
 from modal.student import to_modal
-from lib.sweep import evaluate_context
+from evaluation.sweep import evaluate_context
+from evaluation.windows import context_windows, document_windows
 from tokenizer import load_tokenizer
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # beside the repository

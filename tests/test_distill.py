@@ -12,8 +12,8 @@ import torch
 import distill
 from hyena import Config, GPTNeoX, make_student
 from modal.student import load_pretrained, to_modal
-from lib.distill_plan import DistillConfig, plan_stages
-from lib.train_config import TrainConfig
+from distill import plan_stages
+from training import DistillConfig, TrainConfig
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=64,
             max_position_embeddings=32)

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import torch
 
-from lib import cli
+import cli
 import data
 import distill
 import eval as ev
 import finetune
 import hub
-from lib.cli import out_dir_lock
+from cli import out_dir_lock
 from fakehub import FakeHub
 from hyena import Config, GPTNeoX
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from lib import cli
+import cli
 import eval as ev
 from data import load_split
 from hyena import Config, GPTNeoX, make_student

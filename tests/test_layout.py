@@ -1,17 +1,32 @@
-"""The layout's rules that code can check: the root's scripts do not import one another (what two scripts share
-lives in a module)."""
+"""The layout's rules that code can check. Imports flow one way: the scripts (distill, finetune, prepare, eval) use
+the core (hyena.py, train.py, data.py) and the extras (fast/, modal/, evaluation/, harness/, experiment/, bench/) use
+it too; the core never imports an extra, and the support modules it may use (PLUMBING) import no script and no
+extra. No circles, no drawer folder, short files, a short reading path for `import distill`."""
 import ast
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
+SCRIPTS = {"distill", "finetune", "prepare", "eval"}  # the card's commands
+CORE = {"hyena", "train", "data"}  # the model, the loop, the batches: what a reader of the method opens
+PLUMBING = {  # what the core may use beside itself: no script, no extra, no speed, no Laughing Hyena
+    "cli",         # the scripts' one error path, atomic writes, folder locks, the progress line
+    "hub",         # the hub client
+    "tokenizer",   # tokenizer.json -> tiktoken
+    "training",    # the loop's settings (TrainConfig, DistillConfig), checkpoints and resume, its process, --branches
+    "pretrained",  # checkpoints in HF's format: config.json, safetensors, weights checked by name and shape
+    "corpora",     # the text prepare.py reads
+}
+EXTRAS = {"fast", "modal", "evaluation", "harness", "experiment", "bench"}  # use the core; the core never uses them
 
 
 def test_no_script_is_imported_by_another_script_or_by_a_module():
     scripts = {p.stem for p in ROOT.glob("*.py") if re.search(r'^if __name__ == "__main__":', p.read_text(), re.M)}
     assert {"prepare", "finetune", "distill", "eval"} <= scripts
-    files = [ROOT / f"{name}.py" for name in sorted(scripts)] + \
-        sorted(p for folder in ("lib", "fast", "modal", "harness", "experiment") for p in (ROOT / folder).glob("*.py"))
+    others = sorted((CORE | PLUMBING | EXTRAS) - {"bench"})  # bench/ times the scripts' own objectives
+    files = [ROOT / f"{name}.py" for name in sorted(scripts)] + [ROOT / f"{name}.py" for name in others] + \
+        sorted(p for name in others for p in (ROOT / name).glob("**/*.py"))
+    files = [f for f in files if f.is_file()]
     found = []
     for path in files:
         for node in ast.walk(ast.parse(path.read_text())):
@@ -23,7 +38,7 @@ def test_no_script_is_imported_by_another_script_or_by_a_module():
 
 
 def test_write_atomic_replaces_whole_files_or_leaves_the_old_one(tmp_path):
-    from lib.cli import write_atomic
+    from cli import write_atomic
     path = tmp_path / "out.json"
     write_atomic(path, "first\n")
     write_atomic(path, b"second\n")
@@ -43,7 +58,7 @@ def test_files_are_replaced_only_through_write_atomic():
     """os.replace / rename / write_text outside cli.write_atomic only where a whole write cannot be one call:
     the hub's resumable downloads and cache links, prepare.py's streamed .bin files (moved together, after their
     checks), and the checkpoint folder's swap."""
-    allowed = {"lib/cli.py", "hub.py", "prepare.py", "lib/checkpoint.py"}
+    allowed = {"cli.py", "hub.py", "prepare.py", "training/checkpoint.py"}
     found = []
     for path in sorted(ROOT.glob("**/*.py")):
         rel = path.relative_to(ROOT)
@@ -57,7 +72,7 @@ def test_files_are_replaced_only_through_write_atomic():
 def test_one_progress_line_for_downloads_and_tokenizing(capsys):
     """cli.Progress serves hub.py and prepare.py: in a log (stderr not a terminal) a line every 30 s, and the
     final line always; quiet draws nothing."""
-    from lib.cli import Progress
+    from cli import Progress
     progress = Progress(total=100)
     progress.update(10, lambda rate, eta: f"10 of 100{eta}")  # 30 s have not passed: not drawn
     progress.update(100, lambda rate, eta: f"done at {rate:.0f}/s{eta}", final=True)
@@ -95,15 +110,16 @@ def test_names_are_imported_from_where_they_are_defined():
                 names |= {n.name for n in ast.walk(node) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
         return names
 
-    ours = {str(p.relative_to(ROOT).with_suffix("")).replace("/", "."): p for p in ROOT.glob("**/*.py")
+    ours = {str(p.relative_to(ROOT).with_suffix("")).replace("/", ".").removesuffix(".__init__"): p
+            for p in ROOT.glob("**/*.py")
             if not {"data", "runs"} & set(p.relative_to(ROOT).parts)}
     found, names = [], {module: defined(path) for module, path in ours.items()}
     for path in ours.values():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module in ours and node.level == 0:
-                missing = [a.name for a in node.names if a.name not in names[node.module]
-                           and not (ours[node.module].parent / a.name).is_dir()
-                           and not (ours[node.module].parent / node.module.split(".")[-1] / f"{a.name}.py").exists()]
+                package = ours[node.module].parent if ours[node.module].name == "__init__.py" else None
+                missing = [a.name for a in node.names if a.name not in names[node.module]  # nor a module of it:
+                           and not (package and ((package / f"{a.name}.py").exists() or (package / a.name).is_dir()))]
                 found += [f"{path.relative_to(ROOT)}: from {node.module} import {n}" for n in missing]
     assert not found, found
 
@@ -117,9 +133,9 @@ def test_the_model_does_not_import_the_http_client():
 
 
 def test_one_meaning_per_name():
-    """DTYPES is the --dtype table (lib/checkpoint.py), evaluate is eval's perplexity pass, decode is the decoding module: no other
+    """DTYPES is the --dtype table (pretrained/weights.py), evaluate is eval's perplexity pass, decode is the decoding module: no other
     module defines these names at its top level, and no function (methods aside) or parameter is named so."""
-    owner = {"DTYPES": "lib/checkpoint.py", "evaluate": "eval.py", "decode": None}
+    owner = {"DTYPES": "pretrained/weights.py", "evaluate": "eval.py", "decode": None}
     found = []
     for path in sorted(ROOT.glob("**/*.py")):
         rel, tree = str(path.relative_to(ROOT)), ast.parse(path.read_text())
@@ -144,7 +160,7 @@ def test_one_position_representation_in_the_forwards():
 
 def test_the_root_holds_at_most_a_dozen_modules():
     """The card's files (hyena, distill, finetune, prepare, eval, test_hyena) and the few modules a reader needs
-    beside them; everything else lives in a folder (fast/, lib/, bench/, experiment/, harness/, tests/)."""
+    beside them; everything else lives in a folder named for what it holds (training/, pretrained/, fast/, ...)."""
     root = sorted(p.name for p in ROOT.glob("*.py"))
     assert len(root) <= 12, root
     assert {"hyena.py", "distill.py", "finetune.py", "prepare.py", "eval.py", "test_hyena.py"} <= set(root)
@@ -153,7 +169,7 @@ def test_the_root_holds_at_most_a_dozen_modules():
 
 def test_no_module_is_longer_than_a_sitting():
     """Every non-test file reads in one sitting: at most about 300 lines (330 at the most). A file that grows past
-    that splits, moving a cohesive part into a folder (lib/, fast/, bench/, experiment/), never by packing lines.
+    that splits, moving a cohesive part into a folder named for it (training/, fast/, ...), never by packing lines.
     hyena.py, the model whole in one file as the card asks, reads top to bottom in at most 650."""
     found = []
     for path in sorted(ROOT.glob("**/*.py")):
@@ -194,8 +210,8 @@ def test_the_model_imports_only_torch_and_the_standard_library():
             found = {n.module for n in ast.walk(f) if isinstance(n, ast.ImportFrom)} | \
                 {a.name for n in ast.walk(f) if isinstance(n, ast.Import) for a in n.names}
             lazy.update({f.name: found - ok} if found - ok else {})
-    assert lazy == {"from_pretrained": {"config", "hub", "lib.checkpoint"},
-                    "save_pretrained": {"config", "lib.cli", "lib.safetensors_io"}}, lazy
+    assert lazy == {"from_pretrained": {"pretrained.config", "hub", "pretrained.weights"},
+                    "save_pretrained": {"pretrained.config", "cli", "pretrained.safetensors"}}, lazy
 
 
 def test_no_import_circles():
@@ -265,3 +281,123 @@ def test_every_fast_path_names_its_plain_twin_and_the_test_holding_them_equal():
                 if not re.search(rf"^def {test}\(", (ROOT / file).read_text(), re.M):
                     found.append(f"{where}: {file}::{test} does not exist")
     assert not found, found
+
+
+def project_modules():
+    """{dotted name: path} of every module of the project (tests, data and runs aside); a package by its name."""
+    found = {}
+    for p in ROOT.glob("**/*.py"):
+        rel = p.relative_to(ROOT)
+        if {"tests", "data", "runs"} & set(rel.parts) or rel.name.startswith("test_") or rel.name == "conftest.py":
+            continue
+        found[str(rel.with_suffix("")).replace("/", ".").removesuffix(".__init__")] = p
+    return found
+
+
+def project_imports(path, top_level_only=False):
+    """The project modules (their top-level names: "training", "hyena") that path imports, with the line."""
+    ours = {name.split(".")[0] for name in project_modules()}
+    return {(m.split(".")[0], line) for m, line in imports(path, top_level_only) if m.split(".")[0] in ours}
+
+
+def test_every_module_has_a_place_in_the_layout():
+    """A new root module or folder says where it stands (SCRIPTS, CORE, PLUMBING or EXTRAS above), so the rules
+    below see it."""
+    places = SCRIPTS | CORE | PLUMBING | EXTRAS
+    loose = sorted({name.split(".")[0] for name in project_modules()} - places)
+    assert not loose, loose
+
+
+def test_the_core_and_its_plumbing_import_no_extra_and_no_script():
+    """hyena.py, train.py and data.py, and the support modules they use, import (at the top or inside a function)
+    only one another: never fast/, modal/ or another extra, never a script. Speed and Laughing Hyena are put in
+    from outside by the scripts."""
+    found = []
+    for name, path in sorted(project_modules().items()):
+        if name.split(".")[0] in CORE | PLUMBING:
+            found += [f"{path.relative_to(ROOT)}:{line} imports {m}" for m, line in sorted(project_imports(path))
+                      if m not in CORE | PLUMBING]
+    assert not found, found
+
+
+def test_no_drawer_folder():
+    """No lib/, utils/, misc/, helpers/ or common/: each folder's name says what it holds."""
+    found = [name for name in ("lib", "utils", "util", "misc", "helpers", "common")
+             if list((ROOT / name).glob("**/*.py"))]
+    assert not found, found
+
+
+def test_results_hold_artifacts_only():
+    """results/ holds what runs produced (logs, JSON, tables, plots); the plans and scripts that produced them live
+    beside the experiment code (experiment/plans/)."""
+    found = sorted(str(p.relative_to(ROOT)) for ext in ("py", "sh", "ipynb")
+                   for p in (ROOT / "results").glob(f"**/*.{ext}"))
+    assert not found, found
+
+
+def test_no_import_circles_with_lazy_imports_too():
+    """Imports inside functions make no circle either, module by module nor folder by folder, but for the one the
+    model's loaders make on purpose: GPTNeoX.from_pretrained / save_pretrained import pretrained/ (which imports
+    hyena) when called, as nanoGPT's from_pretrained imports transformers."""
+    modules = project_modules()
+
+    def target(m):  # the project module an import names: the longest dotted prefix that is one
+        parts = m.split(".")
+        for k in range(len(parts), 0, -1):
+            if ".".join(parts[:k]) in modules:
+                return ".".join(parts[:k])
+
+    graph = {name: {target(m) for m, _ in imports(path, False) if target(m) and target(m) != name}
+             for name, path in modules.items() if name != "hyena"}  # hyena's imports: test_the_model_imports_only...
+    folders = {}
+    for name, deps in graph.items():
+        top = name.split(".")[0]
+        folders.setdefault(top, set()).update(d.split(".")[0] for d in deps if d.split(".")[0] != top)
+    for g in (graph, folders):
+        state, cycles = {}, []
+
+        def visit(node, stack):
+            state[node] = "open"
+            for nxt in sorted(g.get(node, ())):
+                if state.get(nxt) == "open":
+                    cycles.append(stack[stack.index(nxt):] + [nxt])
+                elif nxt not in state:
+                    visit(nxt, stack + [nxt])
+            state[node] = "done"
+        for name in sorted(g):
+            if name not in state:
+                visit(name, [name])
+        assert not cycles, cycles
+
+
+READING_PATH = {"modules": 8, "lines": 2200}  # what `import distill` may load of the project (issue 26)
+
+
+def test_import_distill_loads_a_short_reading_path():
+    """On a CPU machine `import distill` loads at most 8 project modules and 2,200 of their lines (the method, the
+    loop, the model, the batches and the loop's plumbing): the hub client, the tokenizer, fast/, modal/ and HF's
+    formats load inside the functions that need them. A namespace package counts as a module of 0 lines."""
+    import json
+    import os
+    import subprocess
+    import sys
+    code = """if True:
+        import json, os, sys
+        root, before = os.path.realpath(os.getcwd()), set(sys.modules)
+        import distill
+        found = {}
+        for name, m in sorted(sys.modules.items()):
+            where = getattr(m, "__file__", None) or next(iter(getattr(m, "__path__", None) or []), None)
+            if name in before or not where or not os.path.isabs(where):  # torch.ops names a bare "_ops.py"
+                continue
+            if not os.path.realpath(where).startswith(root + os.sep):
+                continue
+            found[name] = len(open(where).read().splitlines()) if os.path.isfile(where) else 0
+        print(json.dumps(found))"""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    found = json.loads(out.stdout)
+    assert "distill" in found and {"hyena", "train", "data"} <= set(found), found
+    assert not {m.split(".")[0] for m in found} & EXTRAS, found  # no speed, no Laughing Hyena, no evaluation
+    assert len(found) <= READING_PATH["modules"], found
+    assert sum(found.values()) <= READING_PATH["lines"], (sum(found.values()), found)

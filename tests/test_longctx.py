@@ -10,7 +10,7 @@ import torch
 
 import finetune
 from experiment import longctx, runner, throughput
-from config import read_config
+from pretrained.config import read_config
 from hyena import Config, GPTNeoX
 from modal.student import load_pretrained, to_modal
 from tokenizer import load_tokenizer

@@ -101,12 +101,12 @@ def test_loss_chunk_falls_back_to_eager_when_compiling_fails(monkeypatch):
 @pytest.mark.skipif(sys.platform != "linux", reason="page-fault counts and mallopt are glibc/Linux specifics")
 def test_cpu_loss_steps_do_not_page_fault_their_memory_in_again():
     """A CPU step of KD on a 50k vocabulary (512 tokens: 100 MB of logits) reuses memory freed by the last step:
-    the loss's chunks stay under glibc's largest heap block and lib/runtime.keep_freed_memory stops heap trimming,
+    the loss's chunks stay under glibc's largest heap block and training/runtime.keep_freed_memory stops heap trimming,
     instead of every step mmap-ing, page-faulting and unmapping its logits again. In a fresh process, as a
     training run is (the test process's heap holds whatever earlier tests left)."""
     code = """if True:
         import resource, torch
-        from lib import runtime
+        from training import runtime
         from fast.losses import FusedHeadLoss, default_chunk
         assert default_chunk(torch.device("cpu"), 50304) * 50304 * 4 < 32 << 20
         assert runtime.keep_freed_memory()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fast
-from config import from_hf, to_hf
+from pretrained.config import from_hf, to_hf
 from fast import decode
 from hyena import Cache, Config, GPTNeoX, HyenaFilter, HyenaOperator, fftconv, make_student, new_cache
 from modal import fit

@@ -1,4 +1,4 @@
-"""prepare.py, lib/sources.py and data.py: text and hub datasets in, uint16 tokens with <|endoftext|> after each
+"""prepare.py, corpora/sources.py and data.py: text and hub datasets in, uint16 tokens with <|endoftext|> after each
 document out."""
 import io
 import json
@@ -17,8 +17,10 @@ import torch
 
 import data
 import prepare
-from lib import cli, sources
-from lib.cli import out_dir_lock
+import cli
+from corpora import sources
+from evaluation.windows import eval_windows
+from cli import out_dir_lock
 from fakehub import FakeHub
 from tokenizer import load_tokenizer
 
@@ -251,7 +253,7 @@ def test_errors_replace_reads_bad_bytes_and_a_failed_run_keeps_the_old_data(tmp_
 def test_eval_windows_score_every_token_once(stride):
     tokens = np.arange(1000, dtype=np.uint16)  # token value == position, so scored positions are easy to read
     scored = []
-    for i, (x, y) in enumerate(data.eval_windows(tokens, 32, stride=stride, max_tokens=500)):
+    for i, (x, y) in enumerate(eval_windows(tokens, 32, stride=stride, max_tokens=500)):
         assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape and 1 <= x.shape[1] <= 32
         assert torch.equal(x[0], x[0, 0] + torch.arange(x.shape[1]))  # a contiguous run of the tokens
         keep = y[0] != -1

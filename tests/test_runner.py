@@ -21,7 +21,7 @@ STUB_DRIVER = """import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 from experiment import experiment, runner
-from lib import cli
+import cli
 def drive(argv):
     runner.finish(runner.run([sys.executable, "-c", sys.argv[2], sys.argv[3]], Path(sys.argv[4])))
 experiment.drive = drive

@@ -1,4 +1,4 @@
-"""lib/safetensors_io.py: safetensors by hand (round trips, the safetensors package as oracle, every corrupt header
+"""pretrained/safetensors.py: safetensors by hand (round trips, the safetensors package as oracle, every corrupt header
 refused naming the file and the defect, pickles never loaded)."""
 import json
 import struct
@@ -6,7 +6,7 @@ import struct
 import pytest
 import torch
 
-from lib import safetensors_io as sio
+from pretrained import safetensors as sio
 
 
 def sample_tensors():

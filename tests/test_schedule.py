@@ -9,7 +9,7 @@ import torch
 from hyena import GPTNeoX
 from test_train import data_dir  # noqa: F401 (the fixture: the tests below take it by name)
 from test_train import STEP_TOKENS, Interrupt, config, interrupt_at, read_log, tiny_model
-from lib.train_config import TrainConfig
+from training import TrainConfig
 from train import CrossEntropy, lr_factor, train
 
 

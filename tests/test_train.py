@@ -16,12 +16,12 @@ import torch
 import fast
 import fast.losses
 import finetune
-from lib.checkpoint import find_checkpoint
+from training.checkpoint import find_checkpoint
 from finetune import scratch_model
-from config import to_hf
+from pretrained.config import to_hf
 from fast.fftconv import fftconv as fast_fftconv
 from hyena import GPTNeoX, HyenaOperator, fftconv, make_student
-from lib.train_config import TrainConfig, add_train_args, train_config_from_args
+from training import TrainConfig, add_train_args, train_config_from_args
 from train import CrossEntropy, build_optimizer, lm_loss, optim_groups, train
 
 VOCAB = 64
@@ -94,6 +94,14 @@ def test_log_has_one_line_per_step_and_summary(tmp_path, data_dir):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 7 and summary["tokens"] == 14 * STEP_TOKENS and summary["val"] == vals[-1]["val"]
     assert set(summary["train"]) == {"loss", "ce"} and summary["tokens_per_s"] > 0 and summary["minutes"] > 0
+
+
+def test_the_training_flag_fast_follows_fast_wanted():
+    """TrainConfig.fast_on (the training scripts' --fast; training/ imports no extra) is fast.wanted's rule."""
+    for choice in ("auto", "on", "off"):
+        for device in ("cpu", "cuda", "cuda:1"):
+            cfg = TrainConfig(out_dir="x", max_tokens=1, fast=choice)
+            assert cfg.fast_on(device) == fast.wanted(choice, device), (choice, device)
 
 
 @pytest.mark.parametrize("flag, on", [(None, False), ("on", True), ("off", False)])

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One GPU call of this session's plan (issue 17's one-GPU sweep): idempotent, resumes where the last call stopped.
-# usage: bash gpu_plan.sh SECONDS CALL    (carry: .carry)
+# usage: bash experiment/plans/sweep-2026-12-05.sh SECONDS CALL    (carry: .carry)
 # Sizes in order of interest (70m is the reference), budgets 0.5 and 1 GPU-minute, best and scratch; then a second
 # seed of the 70m points if time is left.
 T0=$(date +%s); BUDGET=${1:-570}; CALL=${2:-x}

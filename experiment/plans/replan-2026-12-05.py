@@ -1,7 +1,7 @@
 """Rewrites <runs>/sweep/points.json of this session's cut sweep with today's driver, so that its page lists the
 31m points: the GPU run wrote points.json only after a size was scored, and the device time ended before 31m's
 eval step. Nothing runs: the driver's runner is stubbed; finished teachers are skipped as the driver skips them.
-usage (in the folder holding runs/exp as it came back from the GPU): python replan.py REPO"""
+usage (in the folder holding runs/exp as it came back from the GPU): python REPO/experiment/plans/replan-2026-12-05.py REPO"""
 import sys
 from argparse import Namespace
 from pathlib import Path

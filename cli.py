@@ -44,7 +44,7 @@ def run(main, argv=None):
         if show:
             raise
         print(f"{prog}: {str(e) or 'interrupted'}", file=sys.stderr)
-        sys.exit(getattr(e, "status", 130))  # lib/runtime.Stopped: 143 for SIGTERM
+        sys.exit(getattr(e, "status", 130))  # training/runtime.Stopped: 143 for SIGTERM
     except SystemExit as e:  # argparse (already exit 2) or a script's own `sys.exit("...: error: ...")`
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)

@@ -1,14 +1,16 @@
-"""The training loop's settings: TrainConfig, one field per flag of every training script (finetune.py,
-distill.py), each with its help text, checked on construction so a bad value is refused naming its flag; the
-budgets of a warmup-stable-decay run's --branches (lib/checkpoint.py saves them). `add_train_args` turns the
-fields into a parser's --flags (a script may change their defaults), `train_config_from_args` reads them back.
-train.py's loop runs a TrainConfig.
+"""A training run's settings: TrainConfig, one field per flag of every training script (finetune.py, distill.py),
+each with its help text, checked on construction so a bad value is refused naming its flag; the budgets of a
+warmup-stable-decay run's --branches (training/branches.py runs them). `add_train_args` turns the fields into a
+parser's --flags (a script may change their defaults), `train_config_from_args` reads them back. train.py's loop
+runs a TrainConfig. DistillConfig holds what distill.py does beyond the loop (its own flags), checked alike.
+
+The loop's plumbing beside it: checkpoint.py (checkpoints, exact resume, the final weights), runtime.py (the
+process: torchrun's ranks, signals, compile or eager, the allocator), branches.py (--branches).
 """
 import argparse
 from dataclasses import MISSING, dataclass, field, fields
 
-from fast import wanted
-from lib.cli import integer
+from cli import integer
 
 CHOICES = {"dtype": ("auto", "bf16", "fp32"), "compile": ("auto", "on", "off"),  # the flags with fixed choices
            "schedule": ("cosine", "wsd"), "fast": ("auto", "on", "off")}
@@ -87,12 +89,13 @@ class TrainConfig:
             self.branch_budgets()  # checks the numbers
 
     def fast_on(self, device):
-        """Whether the run puts fast/'s twins in (the training scripts install them; train() records it)."""
-        return wanted(self.fast, device)
+        """Whether the run puts fast/'s twins in (the training scripts install them; train() records it): on, or
+        auto on a CUDA device, the rule of fast.wanted (eval.py's --fast), which tests/test_train.py holds equal."""
+        return self.fast == "on" or (self.fast == "auto" and str(device).startswith("cuda"))
 
     def warmup_fraction(self):
         """The warmup as a fraction of the budget: warmup_frac, or with --branches warmup_frac of the smallest
-        budget of the family, which every branch then shares (lib/checkpoint.branch_config)."""
+        budget of the family, which every branch then shares (training/branches.branch_config)."""
         if not self.branches:
             return self.warmup_frac
         budget = self.max_tokens or self.max_minutes
@@ -128,3 +131,53 @@ def add_train_args(parser, **defaults):
 
 def train_config_from_args(args):
     return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
+@dataclass
+class DistillConfig:
+    """What distill.py does beyond the training loop's TrainConfig: one field per flag of the same name (see
+    distill.py's --help for each); checked on construction, naming the flag at fault."""
+    teacher: str
+    revision: str = "main"
+    layers: str = "progressive"      # the alignment: progressive | joint | independent | none
+    hyena_layers: str = "all"        # which layers become Hyena: "all" or e.g. "0,2,4"
+    init: str = "teacher"            # Hyena projections' init: teacher | random
+    hyena_order: int = 2
+    hyena_filter_lr: float = 0.0     # own lr for filter parameters (0: the run's)
+    train: str = "mixer"             # alignment trains this: mixer | block
+    e2e_train: str = "all"           # the end-to-end stage trains this: mixer | block | all
+    align_compile: str = ""          # --compile of the alignment stages ("": the run's --compile)
+    e2e_tokens: float = 0
+    e2e_minutes: float = 0.0
+    e2e_lr: float = 3e-4
+    kd_temperature: float = 1.0
+    ce_weight: float = 0.0
+    modal_state: int = 0             # convert the teacher to this many modes per channel (0: no conversion)
+    modal_tol: float = 0.0           # or choose the modes per layer by this relative filter error
+    modal_max_state: int = 64
+    modal_refine_steps: int = 0
+
+    def __post_init__(self):
+        for name, low in (("hyena_order", 1), ("e2e_tokens", 0), ("e2e_minutes", 0), ("hyena_filter_lr", 0),
+                          ("modal_state", 0), ("modal_tol", 0), ("modal_max_state", 1), ("modal_refine_steps", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name):g}")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"--kd-temperature must be > 0, got {self.kd_temperature:g}")
+        if self.modal_state and self.modal_tol:
+            raise ValueError("give --modal-state (d for every layer) or --modal-tol (d per layer), not both")
+        if self.convert and self.hyena_layers != "all":
+            raise ValueError("--hyena-layers does not apply with --modal-state/--modal-tol: every Hyena layer of the "
+                             "teacher is converted")
+        if self.layers == "none" and not (self.e2e or self.convert):
+            raise ValueError("nothing to do: --layers none and no --e2e-tokens/--e2e-minutes")
+
+    @property
+    def convert(self):
+        """Whether the teacher's filters become modal (--modal-state or --modal-tol)."""
+        return bool(self.modal_state or self.modal_tol)
+
+    @property
+    def e2e(self):
+        """Whether an end-to-end KL stage runs (a token or time budget for it)."""
+        return bool(self.e2e_tokens or self.e2e_minutes)

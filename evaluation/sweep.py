@@ -1,9 +1,9 @@
 """eval.py's context sweep (several --context values): every model scores THE SAME tokens at every context.
 
 From the split's documents at least max(C) tokens long, windows of max(C) tokens are cut back from each document's
-end (data.document_windows); at context C a model reads the last C tokens of each window and the last
+end (windows.document_windows); at context C a model reads the last C tokens of each window and the last
 --score-tokens are scored, in one forward per window or, past the model's maximum, as `plan` says (refused,
-extrapolated, or sliding windows: data.context_windows). Each context also records tokens/s read and scored and
+extrapolated, or sliding windows: windows.context_windows). Each context also records tokens/s read and scored and
 peak GPU memory; --compile times the compiled forward.
 """
 import json
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 import fast
-from data import context_windows, document_windows
-from lib.cli import write_atomic
+from cli import write_atomic
+from evaluation.windows import context_windows, document_windows
 from modal.student import load_pretrained
 
 BEYOND = ("refuse", "extrapolate", "window")
@@ -102,9 +102,9 @@ def compiled_forward(model):
 @torch.no_grad()
 def evaluate_context(model, spans, context, score, window=None, stride=None, batch_size=8, max_batch_tokens=65536,
                      forward=None):
-    """NLL of the last `score` tokens of every span (data.document_windows' rows) read with `context` tokens
+    """NLL of the last `score` tokens of every span (windows.document_windows' rows) read with `context` tokens
     before them, in one forward per span, or in sliding windows of `window` tokens `stride` apart
-    (data.context_windows). forward(x, n) -> the last n positions' logits (default: last_logits eagerly; a
+    (windows.context_windows). forward(x, n) -> the last n positions' logits (default: last_logits eagerly; a
     compiled one that fails in the warm-up falls back to eager with a warning). Batches hold up to batch_size
     spans and batch * length <= max_batch_tokens. Every forward shape runs once untimed first (warm-up, compiling).
     Returns {loss, ppl, scored_tokens, windows, read_tokens (through the model), seconds, read_tokens_per_s,

@@ -1,5 +1,5 @@
 #!/bin/bash
-# One GPU call of this session's plan: idempotent, resumes where the last call stopped. usage: bash gpu_plan.sh SECONDS CALL
+# One GPU call of this session's plan: idempotent, resumes where the last call stopped. usage: bash experiment/plans/experiment-sweep-2026-12-03c.sh SECONDS CALL
 T0=$(date +%s); BUDGET=${1:-560}; CALL=${2:-x}
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 mkdir -p data runs "$OUT"

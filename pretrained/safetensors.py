@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from lib.cli import write_atomic
+from cli import write_atomic
 
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
