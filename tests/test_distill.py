@@ -1,4 +1,5 @@
-"""distill.py: every alignment mode lowers what it optimises (its KD loss: test_losses.py)."""
+"""distill.py: every alignment mode lowers what it optimises; what each computes, to its definition, is
+test_distill_semantics.py's (the KD loss's fused twin: test_losses.py)."""
 import json
 import os
 import subprocess

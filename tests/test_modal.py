@@ -12,6 +12,7 @@ from fast import decode
 from hyena import Cache, Config, GPTNeoX, HyenaFilter, HyenaOperator, fftconv, make_student, new_cache
 from modal import fit
 from modal.student import ModalFilter, build, load_pretrained, to_modal
+from triton_interpreter import run_interpreted
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3, vocab_size=64,
             max_position_embeddings=32)
@@ -72,15 +73,7 @@ print(plain, worst)
 def test_prefill_scan_kernel_equals_the_plain_state_in_tritons_interpreter():
     """fast.decode.prefill_state (a Triton scan), run on the CPU by Triton's interpreter, against the plain
     modal.fit.prefill_state in fp64 (GPU agreement: bench.py's check section)."""
-    import os
-    import subprocess
-    import sys
-    pytest.importorskip("triton", reason="Triton is not installed (CUDA builds of torch bring it)")
-    run = subprocess.run([sys.executable, "-c", SCAN_CHECK], env={**os.environ, "TRITON_INTERPRET": "1"},
-                         capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert run.returncode == 0, run.stderr[-2000:]
-    plain, fast_err = map(float, run.stdout.split()[-2:])
+    plain, fast_err = map(float, run_interpreted(SCAN_CHECK).split()[-2:])
     assert fast_err <= max(2 * plain, 1e-6), (plain, fast_err)  # fp32 rounding, no worse than the plain twin's
 
 

@@ -1,0 +1,37 @@
+"""Run a script of fast/decode.py's Triton kernels on the CPU, in Triton's interpreter (TRITON_INTERPRET=1), in a
+fresh process (the interpreter is chosen when triton is imported). requirements-dev.txt installs Triton (the
+version torch's CUDA build pins), so CI runs these checks; only where Triton is absent do they skip.
+
+Triton 3.6's interpreter turns a tensor used as a loop bound (`range(start, end)` over a loaded or program-id
+value: both kernels' loops) into an int by int() of a 1-element array, which NumPy >= 2.4 refuses ("only
+0-dimensional arrays can be converted to Python scalars", triton-lang/triton#9171; Triton 3.7 squeezes first).
+The kernels are right, compiled and interpreted alike: PRELUDE puts Triton 3.7's one-line fix into an older
+interpreter, so a GPU machine whose torch brings Triton 3.6 runs these checks too.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PRELUDE = """
+import triton
+from triton.runtime import interpreter as _interp
+if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):  # triton-lang/triton#9171, fixed in 3.7
+    _patch_lang_tensor = _interp._patch_lang_tensor
+    def _squeezed(tensor, scope):
+        _patch_lang_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    _interp._patch_lang_tensor = _squeezed
+"""
+
+
+def run_interpreted(code, timeout=300):
+    """stdout of `code` run in Triton's interpreter (after PRELUDE), from the repository root; fails on an error."""
+    pytest.importorskip("triton", reason="Triton is not installed: pip install -r requirements-dev.txt (CUDA "
+                                         "builds of torch bring it)")
+    run = subprocess.run([sys.executable, "-c", PRELUDE + code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
