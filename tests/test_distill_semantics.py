@@ -20,6 +20,7 @@ import torch
 import data
 import distill
 import fast.losses
+import modal.student
 from hyena import Config, GPTNeoX, make_student
 from test_distill import TINY, write_tokens
 
@@ -141,7 +142,7 @@ def test_the_teacher_is_frozen_and_in_eval_mode_inside_every_training_step(setup
     (train() switching the objective to training reaches the teacher); the teacher's requires_grad_(False) removed."""
     tmp, common = setup
     calls, teachers = [], []
-    load = distill.load_pretrained
+    load = modal.student.load_pretrained  # distill() imports it when it runs
 
     def load_and_watch(path, revision="main"):
         model = load(path, revision)
@@ -150,7 +151,7 @@ def test_the_teacher_is_frozen_and_in_eval_mode_inside_every_training_step(setup
             m.register_forward_pre_hook(lambda m, args: calls.append(
                 (m.training, any(p.requires_grad for p in m.parameters(recurse=False)))))
         return model
-    monkeypatch.setattr(distill, "load_pretrained", load_and_watch)
+    monkeypatch.setattr(modal.student, "load_pretrained", load_and_watch)
     distill.main(common + ["--layers", "progressive", "--max-tokens", str(3 * 2 * STEP), "--e2e-tokens", str(2 * STEP),
                            "--out-dir", str(tmp / "out")])  # --eval-batches 0: every call is inside a training step
     assert len(teachers) == 1 and len(calls) > 4 * 2 * 3  # 4 stages of 2 steps, several modules each
