@@ -26,6 +26,7 @@ from config import to_hf
 from lib.cli import disk_full, write_atomic
 from hub import HubError, looks_like_path, resolve_file
 from lib.safetensors_io import read_safetensors
+from tokenizer import tokenizer_file_sha256, tokenizer_path
 
 # --resume refuses to change these (or the sequences per step), which would change what a step means. The lr, the
 # budgets and the split of a step into GPUs x micro-batches may change.
@@ -127,13 +128,21 @@ def load_checkpoint(out, model, opt, rng, cfg, dist, stream_seed):
     return state["step"], state["tokens"], state["elapsed"], streams
 
 
-def save_final(model, out, meta):
-    """OUT_DIR/final: the weights, plus the data's tokenizer.json when it is a local file (eval.py uses it)."""
-    tok = Path(meta["tokenizer"])
+def save_final(model, out, meta, cfg=None):
+    """OUT_DIR/final: the weights, the data's tokenizer.json (a local file, or a hub id's cached copy) and, given
+    the run's TrainConfig, training_data.json: the data it trained on (`eval.py --ckpt OUT_DIR` alone scores it)."""
+    try:
+        tok = tokenizer_path(meta["tokenizer"])
+    except (OSError, HubError):  # e.g. offline with a cold cache: the checkpoint goes without it
+        tok = None
     try:
         model.save_pretrained(out)
-        if tok.is_file() and data.tokenizer_sha256(tok) == meta["tokenizer_sha256"]:
+        if tok and tokenizer_file_sha256(tok) == meta["tokenizer_sha256"]:
             write_atomic(out / "tokenizer.json", tok.read_bytes())
+        if cfg is not None:
+            where = data.resolve_data_dir(cfg.data, cfg.data_root)
+            write_atomic(out / "training_data.json", json.dumps({"data": cfg.data, "data_root": cfg.data_root,
+                                                                 "path": str(where.resolve())}, indent=1) + "\n")
     except OSError as e:  # each file is written atomically: nothing partial is left
         full = disk_full(e, out, _nbytes(model.state_dict()))
         if full is None:
@@ -240,6 +249,26 @@ def checkpoint_tokenizer(ckpt):
     """The tokenizer.json a local checkpoint folder carries, else None."""
     path = Path(ckpt) / "tokenizer.json"
     return str(path) if path.is_file() else None
+
+
+def trained_on(labels, ckpts):
+    """(--data names, --data-root) of the data these checkpoints trained on (their training_data.json), for
+    eval.py --ckpt alone; the recorded name under its root where that exists from here, else its absolute path."""
+    dirs = []
+    for label, ckpt in zip(labels, ckpts):
+        path = Path(ckpt) / "training_data.json"
+        if not path.is_file():
+            run = Path(ckpt).parent / "distill_summary.json"  # an older distill run names its data there
+            name = json.loads(run.read_text())["args"]["data"] if run.is_file() else "openwebtext"
+            raise ValueError(f"--ckpt {label}: no record of the data it trained on (no {path.name}: a hub model, or "
+                             "a checkpoint saved before they were recorded); pass --data NAME, a dataset prepare.py "
+                             f"made under --data-root (e.g. --data {name}), and/or --prompt TEXT")
+        rec = json.loads(path.read_text())
+        here = data.resolve_data_dir(rec["data"], rec["data_root"])
+        dirs.append((here if (here / "meta.json").is_file() else Path(rec["path"])).resolve())
+    dirs = list(dict.fromkeys(dirs))  # each dataset once, in order
+    roots = {d.parent for d in dirs}
+    return ([d.name for d in dirs], str(roots.pop())) if len(roots) == 1 else ([str(d) for d in dirs], "data")
 
 
 # ----------------------------------------------------------------------------- --branches (train.py's wsd)
