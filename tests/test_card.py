@@ -130,5 +130,5 @@ def test_eval_ckpt_alone_without_a_record_says_which_data_to_pass(card, capsys):
         with pytest.raises(SystemExit) as e:
             cli.run(ev.main, ["--ckpt", ckpt])
         err = capsys.readouterr().err.splitlines()[-1]
-        assert e.value.code == 2 and err.startswith(f"eval.py: error: --ckpt {ckpt}: no record of the data it trained on")
+        assert e.value.code == 2 and err.startswith(f"eval.py: error: --ckpt {ckpt}: no record of the data")
         assert f"--data {data})" in err
