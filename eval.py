@@ -1,5 +1,6 @@
 """Evaluate checkpoints on prepared data (token perplexity, word perplexity, bits per byte), or sample from them.
 
+    python eval.py --ckpt out/distill          # alone: the validation split of the data it trained on, a sample
     python eval.py --ckpt EleutherAI/pythia-70m out/student --data wikitext2 --stride 512 --json out/eval.json
     python eval.py --ckpt out/student --prompt "The lobster is" --temperature 0
     python eval.py --ckpt out/student --tasks wikitext2_offline,gutenberg_lambada --json out/tasks.json
@@ -46,7 +47,7 @@ from data import check_compatible, load_meta, load_split, resolve_data_dir, toke
 import fast
 from hub import HubError, resolve_file
 from pretrained.config import read_config
-from pretrained.weights import DTYPES, checkpoint_tokenizer, resolve_ckpt
+from pretrained.weights import DTYPES, checkpoint_tokenizer, resolve_ckpt, trained_on
 from tokenizer import DEFAULT_TOKENIZER
 from modal.student import load_pretrained
 from tokenizer import load_tokenizer
@@ -160,7 +161,7 @@ def sample(model, enc, prompt, max_new_tokens, temperature, top_k, seed):
     idx = torch.tensor([ids], device=next(model.parameters()).device)  # (1, T)
     torch.manual_seed(seed)
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k or None, extrapolate=past)
-    return enc.decode(out[0].tolist())
+    return enc.decode([t for t in out[0].tolist() if t < enc.n_vocab])  # the vocabulary's padding has no text
 
 
 def table(results, datasets, tasks=()):
@@ -191,7 +192,9 @@ def table(results, datasets, tasks=()):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", nargs="+", required=True, help="checkpoint folders (a train.py --out-dir: its final/) or hub ids")
-    p.add_argument("--data", nargs="*", default=[], help="prepared datasets: names under --data-root, or folders")
+    p.add_argument("--data", nargs="*", default=[], help="prepared datasets: names under --data-root, or folders "
+                   "(default, with no --tasks or --prompt: the val split of the data the checkpoints trained on, "
+                   "recorded in their training_data.json, and a sample)")
     p.add_argument("--split", choices=("val", "test"), help="default: test where the dataset has one, else val")
     p.add_argument("--context", type=int, nargs="+", default=[2048], metavar="C",
                    help="window length (capped at the model's maximum, with a warning); several: a context sweep (below)")
@@ -230,8 +233,6 @@ def parse_args(argv):
     sweep_check(p, args)
     if args.protocol == "harness" and args.stride is not None:
         p.error("--protocol harness scores back-to-back windows: drop --stride")
-    if not args.data and args.prompt is None and not args.tasks:
-        p.error("nothing to do: give --data to evaluate, --tasks to run and/or --prompt to sample")
     for flag, low in (("stride", 1), ("max_tokens", 2), ("batch_size", 1), ("max_new_tokens", 1),
                       ("temperature", 0), ("top_k", 0)):
         value = getattr(args, flag)
@@ -247,6 +248,8 @@ def run(args):
     if args.json:  # checked before the (long) evaluation, not after it
         writable_dir(Path(args.json).parent, "--json")
     ckpts = [resolve_ckpt(c) for c in args.ckpt]
+    if not args.data and args.prompt is None and not args.tasks:  # --ckpt alone: their data's val, and a sample
+        (args.data, args.data_root), args.split, args.prompt = trained_on(args.ckpt, ckpts), args.split or "val", ""
     data = {}  # everything is checked before the first (long) evaluation
     for name in args.data:
         data_dir = resolve_data_dir(name, args.data_root)

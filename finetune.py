@@ -121,12 +121,12 @@ def run(args, cfg, meta, dist):
     objective = CrossEntropy(model, fast.losses.lm_loss if on else lm_loss)
     objective = fast.install(objective) if on else objective
     summary = train(objective, cfg, dist,  # a --branches budget's model lands in its own final/
-                    on_branch=lambda branch, _: save_final(model, Path(branch.out_dir) / "final", meta))
+                    on_branch=lambda branch, _: save_final(model, Path(branch.out_dir) / "final", meta, branch))
     if dist.master:
         final = Path(cfg.out_dir) / "final"
-        save_final(model, final, meta)
-        print(f"saved {final} after {summary['tokens']:,} tokens; evaluate it with:\n"
-              f"  python eval.py --ckpt {final} --data {cfg.data}", file=sys.stderr)
+        save_final(model, final, meta, cfg)  # cfg: the data it trained on, for eval.py
+        print(f"saved {final} after {summary['tokens']:,} tokens; evaluate it on {cfg.data}'s validation split, "
+              f"with a sample, with:\n  python eval.py --ckpt {cfg.out_dir}", file=sys.stderr)
     return summary
 
 

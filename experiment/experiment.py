@@ -2,7 +2,7 @@
 
     python experiment/experiment.py                           # every GPU here; results/ gets table + plots
     python experiment/experiment.py --teacher EleutherAI/pythia-70m --train-data openwebtext  # real Pythia, real data
-    python experiment/experiment.py --preset tiny             # the whole chain on a CPU in minutes
+    python experiment/experiment.py                           # no GPU: the CPU-sized chain (--preset tiny)
 
 Students, each given the same GPU-minutes (--student-minutes) on one GPU, run in parallel, one per GPU:
   paper    Hyena from random init, `progressive` layer-output MSE transfer, then CE fine-tuning (half each)
@@ -14,7 +14,9 @@ Students, each given the same GPU-minutes (--student-minutes) on one GPU, run in
 (results/harness/HARNESS.md). --sweep SIZES runs the scale and crossover sweep instead of the four students
 (experiment/scaling.py; results/scaling/SCALING.md). Every step is skipped when its output exists, so an interrupted experiment resumes by
 running it again; the console shows each running step's output (its progress lines), and runs/logs/ keeps all of it.
-Without a GPU only `--preset tiny` runs (or `--allow-cpu` to insist on the full sizes).
+Without a GPU the default is `--preset tiny`: a CPU-sized model, data and budgets, whose students get TOKENS
+(--student-tokens), not minutes, so its table does not depend on the machine's load (a loaded 2-core machine once
+gave the minute-budgeted scratch student 10 steps); --full runs the full sizes on a CPU anyway (weeks).
 """
 import argparse
 import json
@@ -31,6 +33,12 @@ from experiment.scaling_report import write_scaling
 from experiment.studies import (add_harness_args, add_long_args, harness_prepare, harness_steps, harness_tasks,
                                 long_context_steps)
 
+# The CPU-sized run (--preset tiny, the default without a GPU): its students' token budget (40 steps of 8 x 128:
+# distilled students reach the teacher, scratch stays far behind), and the whole run's time said in its first line,
+# measured on a 2-core machine: 4.2 and 4.9 minutes at load 1.6-2; other jobs keeping the load at 3.5-4 made it 15
+# minutes, with the same table to the last digit.
+TINY_STUDENT_TOKENS = 40_000
+TINY_MINUTES = 5
 EVAL_SETS = ["gutenberg", "wikitext2", "owt-sample"]  # eval.py scores each one's test split, else its val
 STUDENTS = ("paper", "best", "best-ce", "scratch")  # the student jobs below
 
@@ -77,26 +85,31 @@ def drive(argv):
     p.add_argument("--teacher", default="train", help="'train' (pretrain our own) or a hub id / checkpoint dir")
     p.add_argument("--train-data", default=None, help="prepared dataset to train on (default gutenberg)")
     p.add_argument("--teacher-tokens", type=float, help="teacher pretraining budget (default 160e6; tiny 1.5e5)")
-    p.add_argument("--student-minutes", type=float, help="GPU-minutes per student (default 2; tiny 0.5)")
+    p.add_argument("--student-minutes", type=float, help="GPU-minutes per student (default 2)")
+    p.add_argument("--student-tokens", type=float, help="tokens per student instead of minutes (default with "
+                   f"--preset tiny: {TINY_STUDENT_TOKENS:,}): the same table on any machine, at any load")
     p.add_argument("--batch-size", type=int, help="sequences per GPU per step (default 16; tiny 8)")
     p.add_argument("--block-size", type=int, help="context (default 2048; tiny 128)")
     p.add_argument("--gpus", type=int, default=None, help="default: all visible (0 = CPU)")
-    p.add_argument("--allow-cpu", action="store_true", help="run the full-size comparison without a GPU "
-                   "(weeks on a CPU; --preset tiny is the CPU-sized run)")
-    p.add_argument("--preset", choices=["tiny"], help="tiny: CPU-sized model, data and budgets")
+    p.add_argument("--full", "--allow-cpu", dest="full", action="store_true", help="without a GPU, run the "
+                   "full-size comparison anyway (weeks on a CPU) instead of the default --preset tiny")
+    p.add_argument("--preset", choices=["tiny"], help="tiny: CPU-sized model, data and budgets (the default "
+                   "without a GPU)")
     p.add_argument("--runs", help="checkpoints and logs (default runs/experiment; tiny: runs/tiny)")
     p.add_argument("--data-root", default="data")
     p.add_argument("--results", help="table, JSON and plots (default results; tiny: runs/tiny/results, so a CPU "
                    "try-out never overwrites the committed GPU results)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--eval-interval", type=int, help="every training step's validation interval (default 100; "
-                   "tiny 50): each validation is eager and outside the budgets, but costs device time")
+                   "tiny 10, as its students run 10-40 steps): each validation is eager and outside the budgets, but "
+                   "costs device time")
     p.add_argument("--students", default=",".join(STUDENTS), help="which students to train (comma-separated, "
                    f"from {','.join(STUDENTS)})")
     p.add_argument("--compile", choices=("off", "auto", "on"), default="auto", help="torch.compile in the "
                    "training steps (train.py --compile; auto = on CUDA) and the long-context sweeps")
-    p.add_argument("--dtype-study", action=argparse.BooleanOptionalAction, default=True,
-                   help="evaluate the teacher and `best` at fp64/fp32/bf16/fp16")
+    p.add_argument("--dtype-study", action=argparse.BooleanOptionalAction, help="evaluate the teacher and `best` "
+                   "at fp64/fp32/bf16/fp16 (default: on, but off with --preset tiny, where it would take a CPU "
+                   "run's longest step)")
     p.add_argument("--modal", default="", help="state sizes d (e.g. 4,8,16,32,64): convert `best` to modal filters "
                    "with each (distill.py --modal-state), repair each by KL, and evaluate before and after")
     p.add_argument("--modal-repair-minutes", type=float, default=0.5, help="KL repair budget per modal student")
@@ -119,14 +132,19 @@ def drive(argv):
     if args.gpus is None:
         import torch
         args.gpus = torch.cuda.device_count()
+    if args.student_tokens and args.student_minutes:
+        raise ValueError("give --student-tokens or --student-minutes, not both: a student's budget has one unit")
+    if args.gpus == 0 and not args.full:  # the full comparison would take weeks on a CPU
+        args.preset = "tiny"
     tiny = args.preset == "tiny"
-    if args.gpus == 0 and not tiny and not args.allow_cpu:
-        raise ValueError("no GPU here, and the full comparison (a 160M-token pythia-70m-shaped "
-                         "teacher, then four students) would take weeks on a CPU. Run `python experiment/experiment.py "
-                         "--preset tiny` for the whole chain at CPU size, or pass --allow-cpu to run the full "
-                         "sizes anyway")
-    defaults = dict(teacher_tokens=1.5e5, student_minutes=0.5, batch_size=8, block_size=128) if tiny else \
-        dict(teacher_tokens=160e6, student_minutes=2.0, batch_size=16, block_size=2048)
+    if tiny:  # the first line: what runs, and for how long
+        why = "the default without a GPU" if not args.gpus else "as asked"
+        print(f"experiment.py: the CPU-sized comparison (--preset tiny, {why}): about {TINY_MINUTES} minutes on 2 idle "
+              "CPU cores (longer when busy); --full runs the full sizes", file=sys.stderr, flush=True)
+    defaults = dict(teacher_tokens=1.5e5, batch_size=8, block_size=128, dtype_study=False) if tiny else \
+        dict(teacher_tokens=160e6, batch_size=16, block_size=2048, dtype_study=True)
+    if not (args.student_tokens or args.student_minutes):  # tiny: tokens, the same on any machine; GPU: minutes
+        defaults.update(dict(student_tokens=TINY_STUDENT_TOKENS) if tiny else dict(student_minutes=2.0))
     defaults.update(runs="runs/tiny", results="runs/tiny/results") if tiny else \
         defaults.update(runs="runs/experiment", results="results")
     for k, v in defaults.items():  # explicit flags win over the preset
@@ -154,7 +172,7 @@ def drive(argv):
             raise SystemExit(f"experiment.py: the harness tasks' data failed; see {logs / 'prepare.log'}")
 
     common = ["--data", data, "--data-root", root, "--block-size", args.block_size, "--batch-size",
-              args.batch_size, "--seed", args.seed, "--eval-interval", args.eval_interval or (50 if tiny else 100), "--eval-batches",
+              args.batch_size, "--seed", args.seed, "--eval-interval", args.eval_interval or (10 if tiny else 100), "--eval-batches",
               4 if tiny else 8, "--log-interval", 10, "--compile", args.compile]
     launcher = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.gpus}"] \
         if args.gpus > 1 else [PY]
@@ -179,7 +197,11 @@ def drive(argv):
 
     phase_done("data and teacher")
 
-    M = args.student_minutes
+    T, M = args.student_tokens, args.student_minutes
+
+    def budget(frac, stage="max"):  # a share of a student's budget in its unit, as --max-* or --e2e-* flags
+        return [f"--{stage}-tokens", int(frac * T)] if T else [f"--{stage}-minutes", frac * M]
+
     def distill(name):  # each student reads its own stream of training windows
         return [PY, ROOT / "distill.py", "--teacher", teacher, *common, "--lr", "1e-3", "--data-stream", name]
 
@@ -188,17 +210,19 @@ def drive(argv):
     scratch_cfg = ["--config", "tiny", "--preset", "tiny"] if tiny else ["--config", "pythia-70m"]
     jobs = {
         "paper": todo(distill("paper") + ["--init", "random", "--layers", "progressive", "--train", "block",
-                                 "--max-minutes", M / 2, "--out-dir", runs / "paper"], runs / "paper" / "final")
-        + todo(finetune("paper") + ["--init", runs / "paper" / "final", "--max-minutes", M / 2,
-                           "--out-dir", runs / "paper-ft"], runs / "paper-ft" / "final"),
-        "best": todo(distill("best") + ["--init", "teacher", "--layers", "independent", "--max-minutes", 0.25 * M,
-                                "--e2e-minutes", 0.75 * M, "--out-dir", runs / "best"], runs / "best" / "final"),
-        "best-ce": todo(distill("best-ce") + ["--init", "teacher", "--layers", "progressive", "--max-minutes", 0.25 * M,
-                                   "--e2e-minutes", 0.45 * M, "--out-dir", runs / "best-ce"], runs / "best-ce" / "final")
-        + todo(finetune("best-ce") + ["--init", runs / "best-ce" / "final", "--max-minutes", 0.3 * M, "--lr", "1e-4",
-                           "--out-dir", runs / "best-ce-ft"], runs / "best-ce-ft" / "final"),
+                                          *budget(0.5), "--out-dir", runs / "paper"], runs / "paper" / "final")
+        + todo(finetune("paper") + ["--init", runs / "paper" / "final", *budget(0.5),
+                                    "--out-dir", runs / "paper-ft"], runs / "paper-ft" / "final"),
+        "best": todo(distill("best") + ["--init", "teacher", "--layers", "independent", *budget(0.25),
+                                        *budget(0.75, "e2e"), "--out-dir", runs / "best"], runs / "best" / "final"),
+        "best-ce": todo(distill("best-ce") + ["--init", "teacher", "--layers", "progressive", *budget(0.25),
+                                              *budget(0.45, "e2e"), "--out-dir", runs / "best-ce"],
+                        runs / "best-ce" / "final")
+        + todo(finetune("best-ce") + ["--init", runs / "best-ce" / "final", *budget(0.3), "--lr", "1e-4",
+                                      "--out-dir", runs / "best-ce-ft"], runs / "best-ce-ft" / "final"),
         "scratch": todo([PY, ROOT / "finetune.py", "--init", "scratch", "--mixer", "hyena", *scratch_cfg, *common,
-                         "--lr", "1e-3", "--data-stream", "scratch", "--max-minutes", M, "--out-dir", runs / "scratch"], runs / "scratch" / "final"),
+                         "--lr", "1e-3", "--data-stream", "scratch", *budget(1), "--out-dir", runs / "scratch"],
+                        runs / "scratch" / "final"),
     }
     runner.run_parallel({k: v for k, v in jobs.items() if v and k in students}, args.gpus, logs)
     phase_done("students")
@@ -244,8 +268,8 @@ def drive(argv):
                      args.gpus, logs)
         wall = phase_done("harness tasks")
 
-    report.main(["--runs", str(runs), "--results", args.results, "--paper-minutes", str(M),
-                 "--wall-minutes", f"{wall / 60:.1f}", "--gpus", str(args.gpus)])
+    report.main(["--runs", str(runs), "--results", args.results, *(["--student-tokens", f"{int(T)}"] if T else
+                 ["--paper-minutes", str(M)]), "--wall-minutes", f"{wall / 60:.1f}", "--gpus", str(args.gpus)])
 
 
 if __name__ == "__main__":

@@ -139,7 +139,8 @@ def markdown(res, meta, unit="GPU"):
                       f"{v['word_ppl']:.2f}" if v.get("word_ppl") else "-",
                       f"{v['bits_per_byte']:.4f}" if v.get("bits_per_byte") else "-"]
         ratio = r["datasets"][first]["token_ppl"] / teacher["datasets"][first]["token_ppl"]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio:.3f}x | {r['tokens'] / 1e6:.1f}M | "
+        tokens = f"{r['tokens'] / 1e6:.1f}M" if r["tokens"] >= 1e5 else f"{r['tokens'] / 1e3:.1f}k"  # CPU-sized
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio:.3f}x | {tokens} | "
                      f"{r['gpu_minutes']:.2f} |")
     text = "\n".join(lines) + f"\n\n'vs teacher': token perplexity on {first} over the teacher's. {PAPER}\n"
     if res["dtype"]:
@@ -210,6 +211,7 @@ def main(argv=None):
     p.add_argument("--runs", default="runs/experiment")
     p.add_argument("--results", default="results")
     p.add_argument("--paper-minutes", help="student budget (device-minutes), recorded in the table's notes")
+    p.add_argument("--student-tokens", help="student budget in tokens (the CPU-sized run's), recorded likewise")
     p.add_argument("--wall-minutes", help="the experiment's wall time, recorded in the notes")
     p.add_argument("--gpus", help="GPUs used, recorded in the notes (0: a CPU run, timed in CPU-minutes)")
     args = p.parse_args(argv)
@@ -217,7 +219,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     res = build(runs)
     unit = minutes_label(args.gpus)
-    meta = {k: v for k, v in {f"student budget ({unit}-minutes)": args.paper_minutes, "GPUs": args.gpus,
+    meta = {k: v for k, v in {f"student budget ({unit}-minutes)": args.paper_minutes,
+                              "student budget (tokens)": args.student_tokens, "GPUs": args.gpus,
                               "experiment wall time (minutes)": args.wall_minutes,
                               "training steps": training_mode(runs)}.items() if v}
     res["meta"] = meta

@@ -19,7 +19,8 @@ def add_long_args(p):
     g.add_argument("--long-context", type=int, default=0, help="after the modal students, CE fine-tune runs/modal/dD "
                    "at this many tokens per sequence (same tokens per step as the 2k runs) into runs/long, then sweep "
                    "context, probe passkeys and time training steps (default 0: off; needs --modal)")
-    g.add_argument("--long-minutes", type=float, help="budget of that fine-tuning (default: --student-minutes)")
+    g.add_argument("--long-minutes", type=float, help="budget of that fine-tuning (default: --student-minutes; "
+                   "0.5 with token budgets)")
     g.add_argument("--long-modal", type=int, help="which modal student D to fine-tune (default: the first of --modal)")
 
 
@@ -47,7 +48,8 @@ def long_context_steps(args, modal, teacher, runs, root, data, tok, logs):
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "models.json", json.dumps({"models": models, "block": args.block_size, "long": long,
                                                   "modal": d}, indent=1) + "\n")
-    minutes = args.long_minutes if args.long_minutes is not None else args.student_minutes
+    # A tiny run's students have token budgets (--student-tokens): its long fine-tune takes 0.5 minutes then.
+    minutes = args.long_minutes if args.long_minutes is not None else args.student_minutes or 0.5
     tune = todo([PY, ROOT / "finetune.py", "--init", start, "--data", data, "--data-root", root, "--block-size", long,
                  "--batch-size", tokens // long, "--seed", args.seed, "--eval-interval", 50 if tiny else 100,
                  "--eval-batches", 4 if tiny else 8, "--log-interval", 10, "--lr", "1e-4", "--compile", args.compile,

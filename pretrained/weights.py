@@ -98,3 +98,24 @@ def checkpoint_tokenizer(ckpt):
     """The tokenizer.json a local checkpoint folder carries, else None."""
     path = Path(ckpt) / "tokenizer.json"
     return str(path) if path.is_file() else None
+
+
+def trained_on(labels, ckpts):
+    """(--data names, --data-root) of the data these checkpoints trained on (their training_data.json), for
+    eval.py --ckpt alone; the recorded name under its root where that exists from here, else its absolute path."""
+    import data  # here: reading weights needs no data
+    dirs = []
+    for label, ckpt in zip(labels, ckpts):
+        path = Path(ckpt) / "training_data.json"
+        if not path.is_file():
+            run = Path(ckpt).parent / "distill_summary.json"  # an older distill run names its data there
+            name = json.loads(run.read_text())["args"]["data"] if run.is_file() else "openwebtext"
+            raise ValueError(f"--ckpt {label}: no record of the data it trained on (no {path.name}: a hub model, or "
+                             "a checkpoint saved before they were recorded); pass --data NAME, a dataset prepare.py "
+                             f"made under --data-root (e.g. --data {name}), and/or --prompt TEXT")
+        rec = json.loads(path.read_text())
+        here = data.resolve_data_dir(rec["data"], rec["data_root"])
+        dirs.append((here if (here / "meta.json").is_file() else Path(rec["path"])).resolve())
+    dirs = list(dict.fromkeys(dirs))  # each dataset once, in order
+    roots = {d.parent for d in dirs}
+    return ([d.name for d in dirs], str(roots.pop())) if len(roots) == 1 else ([str(d) for d in dirs], "data")

@@ -106,8 +106,8 @@ def test_clear_errors(setup):
         distill.main(common + ["--hyena-layers", "x", "--max-tokens", "100"])
     with pytest.raises(ValueError, match="--block-size 64 exceeds"):
         distill.main([*common, "--block-size", "64", "--max-tokens", "100"])
-    with pytest.raises(ValueError, match="no budget"):
-        distill.main(common)
+    with pytest.raises(ValueError, match="no budget"):  # an explicit 0 is no budget; none given is the default's
+        distill.main(common + ["--max-tokens", "0"])
     with pytest.raises(ValueError, match="nothing to do"):
         distill.main([*common, "--layers", "none", "--max-tokens", "100"])
 

@@ -3,7 +3,7 @@ tokenizer -> prepare.py -> a tiny attention teacher pretrained from scratch -> d
 transfer, then end-to-end KL) into an all-Hyena student -> finetune.py (CE) -> eval.py's table and a sample ->
 report.py's table; then experiment.py's own logic on stubbed steps (report.py alone: tests/test_report.py).
 
-(experiment.py itself runs ~20 subprocesses and its tiny preset fixes a 0.5-minute budget per student, so a whole run
+(experiment.py itself runs ~20 subprocesses and its tiny preset gives each student 40,000 tokens, so a whole run
 takes minutes on a CPU: too slow for the suite. The chain below is the same sequence of scripts, in process.)"""
 import importlib.util
 import json
@@ -112,21 +112,52 @@ def test_quick_start_chain_teacher_student_finetune_eval_report(tmp_path, capsys
 
 # ---------------------------------------------------------------------------------------- experiment.py's logic
 
-def test_experiment_refuses_the_full_run_without_a_gpu(tmp_path, monkeypatch, capsys):
+def test_experiment_without_a_gpu_runs_the_cpu_size_and_says_so_first(tmp_path, monkeypatch, capsys):
+    """No flags and no GPU: the tiny preset, said (with its time) in the first line, its students budgeted in tokens;
+    --full (or --allow-cpu) insists on the full sizes; --student-tokens and --student-minutes together are refused."""
     from experiment import experiment
-    started = []
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    monkeypatch.setattr(runner, "run", lambda cmd, *a, **kw: started.append(cmd) or pytest.fail("ran a step"))
-    with pytest.raises(ValueError, match=r"no GPU.*python experiment/experiment.py --preset tiny.*--allow-cpu") as e:
-        experiment.main(["--runs", str(tmp_path / "runs")])
-    assert not started and not (tmp_path / "runs").exists() and "Traceback" not in str(e.value)
 
     class Started(Exception):
         pass
-    for flags in (["--allow-cpu"], ["--preset", "tiny"]):  # insisting, or the CPU-sized run: it starts
-        monkeypatch.setattr(runner, "run", lambda cmd, *a, **kw: (_ for _ in ()).throw(Started(cmd)))
-        with pytest.raises(Started):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(runner, "run", lambda cmd, *a, **kw: (_ for _ in ()).throw(Started(cmd)))
+    with pytest.raises(Started) as e:
+        experiment.main(["--runs", str(tmp_path / "runs")])
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("experiment.py: the CPU-sized comparison (--preset tiny, the default without a GPU): "
+                            f"about {experiment.TINY_MINUTES} minutes on 2 idle CPU cores") and "--full" in first
+    assert "shakespeare" in map(str, e.value.args[0])  # the tiny data
+    for flags in (["--full"], ["--allow-cpu"]):
+        with pytest.raises(Started) as e:
             experiment.main(["--runs", str(tmp_path / "runs"), *flags])
+        assert "CPU-sized" not in capsys.readouterr().err and "gutenberg" in map(str, e.value.args[0])
+    with pytest.raises(ValueError, match="--student-tokens or --student-minutes, not both"):
+        experiment.main(["--student-tokens", "1e4", "--student-minutes", "1"])
+
+
+def test_the_cpu_sized_students_get_token_budgets(tmp_path, monkeypatch):
+    """Each student's stages share --student-tokens as the GPU run shares its minutes (paper 1/2 + 1/2, best 1/4
+    alignment + 3/4 KL, best-ce 1/4 + 0.45 + 0.3 CE, scratch all): step counts, not the machine's load, decide."""
+    from experiment import experiment
+    runs, T = tmp_path / "runs", experiment.TINY_STUDENT_TOKENS
+    (runs / "teacher" / "final").mkdir(parents=True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setattr(experiment, "prepare_commands", lambda *a: [])
+    calls = []  # run_parallel's jobs: the students', then the (here empty) modal repairs', then the evaluations'
+    monkeypatch.setattr(runner, "run_parallel", lambda steps, gpus, logs: calls.append(steps))
+    monkeypatch.setattr(report, "main", lambda argv: calls.append(argv))
+    experiment.main(["--runs", str(runs), "--results", str(tmp_path / "res")])
+    jobs, argv = calls[0], calls[-1]
+    assert not any(name.startswith("dtype-") for name in calls[2])  # the precision study: off in a CPU-sized run
+
+    def flags(cmd):
+        return {str(a): float(b) for a, b in zip(cmd, cmd[1:]) if str(a).startswith(("--max-", "--e2e-t", "--e2e-m"))}
+    assert [flags(c) for c in jobs["paper"]] == [{"--max-tokens": T // 2}] * 2
+    assert [flags(c) for c in jobs["best"]] == [{"--max-tokens": T // 4, "--e2e-tokens": int(0.75 * T)}]
+    assert [flags(c) for c in jobs["best-ce"]] == [{"--max-tokens": T // 4, "--e2e-tokens": int(0.45 * T)},
+                                                   {"--max-tokens": int(0.3 * T)}]
+    assert [flags(c) for c in jobs["scratch"]] == [{"--max-tokens": T}]
+    assert argv[argv.index("--student-tokens") + 1] == str(T) and "--paper-minutes" not in argv
 
 
 def test_experiment_shows_the_running_steps_output_on_the_console(tmp_path, capsys):
@@ -211,11 +242,12 @@ def test_experiment_harness_refuses_an_unknown_task_before_any_step(tmp_path, mo
                     "and student budgets): set EXPERIMENT_TINY=1")
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs lm-eval")
 def test_experiment_tiny_with_harness_end_to_end(tmp_path):
-    """The real thing on a CPU: experiment.py --preset tiny --students best --harness gutenberg_lambada, from the
-    repo root (the task YAMLs read data/harness/ there), ends in results/harness/ with the teacher and best."""
+    """The real thing on a CPU: experiment.py --students best --harness gutenberg_lambada (no GPU: the tiny preset
+    by default), from the repo root (the task YAMLs read data/harness/ there), ends in results/harness/ with the
+    teacher and best."""
     root = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, "experiment/experiment.py", "--preset", "tiny", "--students", "best", "--gpus",
-                    "0", "--harness", "gutenberg_lambada", "--shared", str(SHARED), "--runs", str(tmp_path / "runs"),
+    subprocess.run([sys.executable, "experiment/experiment.py", "--students", "best", "--gpus", "0", "--harness",
+                    "gutenberg_lambada", "--shared", str(SHARED), "--runs", str(tmp_path / "runs"),
                     "--results", str(tmp_path / "results")], cwd=root, check=True)
     h = json.loads((tmp_path / "results" / "harness" / "harness.json").read_text())
     assert list(h["models"]) == ["teacher", "best"]

@@ -167,13 +167,23 @@ def note_stream(streams, step, cfg, stage, dist):
     return streams
 
 
-def save_final(model, out, meta):
-    """OUT_DIR/final: the weights, plus the data's tokenizer.json when it is a local file (eval.py uses it)."""
-    tok = Path(meta["tokenizer"])
+def save_final(model, out, meta, cfg=None):
+    """OUT_DIR/final: the weights, the data's tokenizer.json (a local file, or a hub id's cached copy) and, given
+    the run's TrainConfig, training_data.json: the data it trained on (`eval.py --ckpt OUT_DIR` alone scores it)."""
+    from hub import HubError  # here: the hub client and the tokenizer stay off the training loop's imports
+    from tokenizer import tokenizer_file_sha256, tokenizer_path
+    try:
+        tok = tokenizer_path(meta["tokenizer"])
+    except (OSError, HubError):  # e.g. offline with a cold cache: the checkpoint goes without it
+        tok = None
     try:
         model.save_pretrained(out)
-        if tok.is_file() and data.tokenizer_sha256(tok) == meta["tokenizer_sha256"]:
+        if tok and tokenizer_file_sha256(tok) == meta["tokenizer_sha256"]:
             write_atomic(out / "tokenizer.json", tok.read_bytes())
+        if cfg is not None:
+            where = data.resolve_data_dir(cfg.data, cfg.data_root)
+            write_atomic(out / "training_data.json", json.dumps({"data": cfg.data, "data_root": cfg.data_root,
+                                                                 "path": str(where.resolve())}, indent=1) + "\n")
     except OSError as e:  # each file is written atomically: nothing partial is left
         full = disk_full(e, out, _nbytes(model.state_dict()))
         if full is None:
