@@ -3,11 +3,9 @@
     python prepare.py openwebtext && python distill.py --layers progressive    # the defaults below
     torchrun --nproc-per-node 4 distill.py ...                     # same script, any number of GPUs
 
-Defaults: --teacher EleutherAI/pythia-70m, --data openwebtext (data/openwebtext, made by `python prepare.py
-openwebtext`), --out-dir out/distill, and with neither --max-tokens nor --max-minutes a budget of 100M tokens
-(printed in the run's first line; either flag replaces it): ~17M per progressive stage of Pythia-70M's 6 layers,
-about 1-2 minutes of training steps on one H100 (progressive stages measured at 0.9-2.0M tokens/s at batch 16 x
-2048, bf16, compiled), plus each stage's compile and validation: a few minutes in all.
+Defaults: --teacher EleutherAI/pythia-70m, --data openwebtext, --out-dir out/distill and, with neither --max-tokens
+nor --max-minutes, 100M tokens (said in the run's first line): ~17M per progressive stage of Pythia-70M, 1-2 minutes
+of steps on one H100 (0.9-2.0M tokens/s at batch 16 x 2048, bf16, compiled) plus each stage's compile.
 
 Alignment modes (`--layers`), each matching student layer outputs to the teacher's (MSE, "Scavenging Hyena"):
   progressive  stage l trains layer l only, fed the student's own (frozen) lower layers (MobileBERT's
@@ -231,10 +229,7 @@ def main(argv=None):
     p.add_argument("--modal-max-state", type=int, default=64, help="largest d --modal-tol may choose")
     p.add_argument("--modal-refine-steps", type=int, default=0, help="Adam steps on each filter's fit error")
     add_train_args(p, lr=1e-3, out_dir="out/distill", data="openwebtext", batch_size=16, max_tokens=None,
-                   max_minutes=None)  # None: not given (default_budget)
-    for a in (a for a in p._actions if a.dest in ("max_tokens", "max_minutes")):  # (no public argparse API)
-        a.help = a.help.replace("(default: %(default)s)", "(default: 100M tokens when neither budget is given)"
-                                if a.dest == "max_tokens" else "(default: none)")
+                   max_minutes=None)  # None: not given, so default_budget's 100M tokens
     args = p.parse_args(argv)
     default_budget(args)
     dcfg = DistillConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(DistillConfig)})

@@ -126,7 +126,7 @@ def add_train_args(parser, **defaults):
         else:
             parser.add_argument(flag, type=integer if f.type is int else f.type, default=default,
                                 choices=CHOICES.get(f.name),
-                                help=f.metadata["help"] + " (default: %(default)s)")
+                                help=f.metadata["help"] + ("" if default is None else " (default: %(default)s)"))
 
 
 def train_config_from_args(args):
