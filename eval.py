@@ -25,10 +25,9 @@ Several --context values make a context sweep (evaluation/sweep.py), which score
     python eval.py --ckpt A B --data gutenberg --context 512 2048 8192 32768 --beyond window --json out/ctx.json
 From the split's documents at least max(C) tokens long, windows of max(C) tokens are cut back from each document's
 end (document_windows, up to --max-windows); at context C a model reads the last C tokens of each window and
-the last --score-tokens are scored. Past a model's maximum (max_context: max_position_embeddings, a conv Hyena
-filter's l_max; none for an all-modal student) --beyond refuses, extrapolates (RoPE as transformers computes it;
-conv filters cannot: "skipped") or slides windows of that maximum --window-stride apart (context_windows).
-Each context also records tokens/s read and scored and peak GPU memory; --compile times the compiled forward.
+the last --score-tokens are scored. Past a model's maximum (max_position_embeddings, a conv filter's l_max) --beyond
+refuses, extrapolates (RoPE as transformers computes it; conv filters cannot: "skipped") or slides windows of
+that maximum --window-stride apart. Each context records tokens/s and peak GPU memory; --compile times compiled.
 """
 import argparse
 import copy
@@ -145,8 +144,9 @@ def max_context(cfg):
     return cfg.native_context
 
 
-def sample(model, enc, prompt, max_new_tokens, temperature, top_k, seed):
-    """prompt + the model's continuation, as text; an empty prompt starts from <|endoftext|>."""
+def sample(model, enc, prompt, max_new_tokens, temperature, top_k, seed, extrapolate=False):
+    """prompt + the model's continuation, as text; an empty prompt starts from <|endoftext|>. Past a teacher's
+    max_position_embeddings only with extrapolate (--extrapolate): RoPE at positions it never trained at."""
     ids = enc.encode(prompt, allowed_special="all") or [enc.eot_token]
     cfg = model.config
     reach = cfg.filter_context  # conv Hyena filters end at l_max; modal filters and RoPE go on
@@ -156,7 +156,11 @@ def sample(model, enc, prompt, max_new_tokens, temperature, top_k, seed):
         raise ValueError(f"--prompt ({len(ids)} tokens) plus --max-new-tokens {max_new_tokens} is longer than this "
                          f"model's Hyena filters reach (l_max {reach} tokens): {fix}")
     past = "attention" in cfg.mixers and len(ids) + max_new_tokens > cfg.max_position_embeddings
-    if past:  # samples may run on where RoPE extrapolates; perplexities never do (they cap the context)
+    if past and not extrapolate:
+        raise ValueError(f"--prompt ({len(ids)} tokens) plus --max-new-tokens {max_new_tokens} runs past this model's "
+                         f"max_position_embeddings {cfg.max_position_embeddings}: lower --max-new-tokens to "
+                         f"{max(cfg.max_position_embeddings - len(ids), 0)}, or pass --extrapolate to run RoPE past it")
+    if past:  # asked for: samples may run where RoPE extrapolates; perplexities never do (they cap the context)
         print(f"sampling past max_position_embeddings {cfg.max_position_embeddings}: RoPE extrapolates", file=sys.stderr)
     idx = torch.tensor([ids], device=next(model.parameters()).device)  # (1, T)
     torch.manual_seed(seed)
@@ -214,6 +218,8 @@ def parse_args(argv):
                    "faster: FFT convolution, Triton decoding kernels, CUDA-graph sampling): auto = on CUDA")
     p.add_argument("--prompt", help="print a sample from each checkpoint, continuing this text")
     p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--extrapolate", action="store_true", help="let a sample run past an attention model's "
+                   "max_position_embeddings (RoPE at positions it never trained at; refused otherwise)")
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     p.add_argument("--top-k", type=int, default=200, help="0: no top-k")
     p.add_argument("--seed", type=int, default=1337)
@@ -281,7 +287,8 @@ def run(args):
         if args.prompt is not None:
             enc = load_tokenizer(args.tokenizer or checkpoint_tokenizer(ckpt) or DEFAULT_TOKENIZER)
             print(f"--- {label} (temperature {args.temperature}, top_k {args.top_k}, seed {args.seed})")
-            print(sample(model, enc, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+            print(sample(model, enc, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed,
+                         args.extrapolate))
         limit = max_context(cfg)  # None: any length (an all-modal student)
         context = args.context if limit is None else min(args.context, limit)
         if (data or tasks) and context < args.context:

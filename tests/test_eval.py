@@ -192,12 +192,28 @@ def test_prompt_past_the_hyena_l_max_says_what_to_change(ckpts, capsys):
     assert "Config.hyena_l_max" not in err
 
 
+def test_a_teacher_samples_past_its_max_position_only_when_asked(ckpts, capsys):
+    """RoPE past max_position_embeddings is a context the teacher never trained at: refused by name with both fixes,
+    run (with a note) under --extrapolate."""
+    ask = ["--ckpt", ckpts[0], "--prompt", "The lobster is", "--max-new-tokens", "200", "--temperature", "0",
+           "--tokenizer", str(TOKENIZER), "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        cli.run(ev.main, ask)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert "max_position_embeddings 128" in err and "--extrapolate" in err and "--max-new-tokens to 124" in err, err
+    ev.main(ask + ["--extrapolate"])
+    out, err = capsys.readouterr()
+    assert "The lobster is" in out and "RoPE extrapolates" in err
+
+
 def test_a_modal_student_samples_past_its_l_max(ckpts, tmp_path, capsys):
-    """Modal filters are defined at every length: the prompt-length check that guards conv filters lets it run."""
+    """Modal filters are defined at every length: the prompt-length check that guards conv filters lets it run (this
+    hybrid's attention layer past its positions under --extrapolate)."""
     from modal.student import to_modal
     to_modal(GPTNeoX.from_pretrained(ckpts[1]), state_size=4).save_pretrained(tmp_path / "modal")
     ev.main(["--ckpt", str(tmp_path / "modal"), "--prompt", "The lobster is", "--max-new-tokens", "200",
-             "--temperature", "0", "--tokenizer", str(TOKENIZER), "--device", "cpu"])
+             "--temperature", "0", "--tokenizer", str(TOKENIZER), "--device", "cpu", "--extrapolate"])
     assert "The lobster is" in capsys.readouterr().out
 
 
