@@ -132,17 +132,26 @@ def random_batch(tokens, batch_size, block_size, rng, device="cpu"):
     return x.to(device), y.to(device)
 
 
-def windows_seen(n_tokens, sampler):
-    """Which of a split's n_tokens tokens a training run read (a bool mask), replayed from its summary's
-    "sampler": every rank's seed, batch shape and steps per stream, drawing the starts as random_batch does."""
-    seen = np.zeros(n_tokens + 1, dtype=np.int32)  # +1 at a window's start, -1 past its end
-    streams, rngs = sampler["streams"], {}  # a stream resumed with the same seed continues its generator
-    for i, s in enumerate(streams):
-        last = streams[i + 1]["first_step"] if i + 1 < len(streams) else sampler["steps"]
-        draws, width = (last - s["first_step"]) * s["grad_accum"] * s["batch_size"], s["block_size"] + 1
-        for seed in s["seeds"]:
-            rng = rngs.setdefault(tuple(seed), np.random.default_rng(seed))
-            starts = rng.integers(n_tokens - s["block_size"], size=draws)
-            np.add.at(seen, starts, 1)
-            np.add.at(seen, starts + width, -1)
-    return np.cumsum(seen[:-1], dtype=np.int32) > 0
+def unique_tokens(n_tokens, samplers):
+    """How many of a split's n_tokens tokens some training runs read, replayed from their summaries' "sampler" (every
+    rank's seed, batch shape and steps per stream), drawing the starts as random_batch does: the union of the windows,
+    in memory per window drawn. None where a run's streams do not start at step 0 (resumed from older code)."""
+    starts, ends = [], []
+    for sampler in samplers:
+        streams, rngs = sampler["streams"], {}  # a stream resumed with the same seed continues its generator
+        if not streams or streams[0]["first_step"] != 0:
+            return None
+        for i, s in enumerate(streams):
+            last = streams[i + 1]["first_step"] if i + 1 < len(streams) else sampler["steps"]
+            draws = (last - s["first_step"]) * s["grad_accum"] * s["batch_size"]
+            for seed in s["seeds"]:
+                rng = rngs.setdefault(tuple(seed), np.random.default_rng(seed))
+                starts.append(rng.integers(n_tokens - s["block_size"], size=draws))
+                ends.append(starts[-1] + s["block_size"] + 1)  # a window reads block_size + 1 tokens
+    if not starts:
+        return 0
+    order = np.argsort(np.concatenate(starts), kind="stable")
+    lo, hi = np.concatenate(starts)[order], np.concatenate(ends)[order]
+    reach = np.maximum.accumulate(hi)  # the furthest token read by any window starting at or before this one
+    before = np.concatenate([[0], reach[:-1]])
+    return int(np.maximum(0, reach - np.maximum(lo, before)).sum())

@@ -19,17 +19,12 @@ Then `--e2e-tokens`/`--e2e-minutes` > 0 adds an end-to-end stage: tau^2 KL(teach
 The MSE of a layer is divided by the mean square of the teacher's output there ("relative MSE"): GPT-NeoX's
 residual stream grows with depth, and without this the deepest layers would dominate the joint sum.
 
-Modal conversion (`--modal-state D` or `--modal-tol TOL`): the teacher is a distilled (convolutional) student;
-every Hyena filter becomes D decaying complex modes (to_modal in modal/student.py, Laughing Hyena
-Distillery), the per-layer filter errors go to OUT_DIR/modal_fit.json, and the conv student is the teacher of the
-optional stages (e.g. a short `--layers none --e2e-tokens N` KL repair, in which poles and residues train). With
-no stage it only converts and saves OUT_DIR/final.
+Modal conversion (`--modal-state D` or `--modal-tol TOL`, docs/modal.md): the teacher is a distilled conv student;
+every Hyena filter becomes D decaying complex modes (modal/), the fit errors go to OUT_DIR/modal_fit.json, and the
+conv student teaches the optional stages (e.g. a short `--layers none --e2e-tokens N` KL repair).
 
-    python distill.py --teacher out/student/final --modal-state 16 --layers none --e2e-tokens 2e6 --out-dir out/modal
-
-Which parameters train (`--train`, alignment; `--e2e-train`, end-to-end): `mixer` (Hyena operators only: the
-default for alignment, since the MLPs and LayerNorms are the teacher's and already fit teacher-like inputs),
-`block` (whole Hyena blocks) or `all` (everything, the default end to end, where the network must re-adapt).
+What trains (`--train` aligning, `--e2e-train` end to end): `mixer` (the Hyena operators: alignment's default, the
+MLPs and norms being the teacher's), `block` (whole Hyena blocks) or `all` (end to end's default: all re-adapts).
 """
 import argparse
 import dataclasses
@@ -39,7 +34,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -183,23 +177,19 @@ def plan_stages(dcfg, cfg, layers):
     return stages
 
 
-def modal_student(teacher, dcfg, out, master):
-    """to_modal (modal/student.py) of the teacher (a Hyena student); the per-layer filter errors logged and
-    in modal_fit.json."""
-    from modal.student import to_modal  # Laughing Hyena (modal/, an extra): only for --modal-state / --modal-tol
-    try:
-        student = to_modal(teacher, state_size=dcfg.modal_state or None, tol=dcfg.modal_tol or None,
-                           max_state=dcfg.modal_max_state, refine_steps=dcfg.modal_refine_steps)
-    except ValueError as e:
-        raise ValueError(f"--teacher {dcfg.teacher}: {e}") from None
-    if master:
-        for f in student.modal_fit:
-            print(f"distill: modal layer {f['layer']}: d={f['state_size']}, filter rel error {f['rel_error']:.2e} "
-                  f"(worst channel {f['max_channel_error']:.2e})", file=sys.stderr)
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / "modal_fit.json", json.dumps({"teacher": str(dcfg.teacher), "layers": student.modal_fit},
-                                                       indent=2))
-    return student
+def check_branches(cfg, stages):
+    """--branches are budgets of the last stage, checked before any stage trains, naming that stage's flag."""
+    if not cfg.branches:
+        return
+    if not stages or (last := stages[-1]).mode == "progressive":
+        raise ValueError(f"--branches {cfg.branches}: progressive alignment ends in one layer's stage, whose budget is "
+                         "not the run's: add an end-to-end stage (--e2e-tokens/--e2e-minutes) to branch it, or "
+                         "branch finetune.py after it")
+    budget, unit = (last.cfg.max_tokens, "tokens") if last.cfg.max_tokens else (last.cfg.max_minutes, "minutes")
+    flag = f"--e2e-{unit}" if last.name == "e2e" else f"--max-{unit}"
+    if max(cfg.branch_budgets()) >= budget:
+        raise ValueError(f"--branches {cfg.branches}: every budget must be below the {last.name} stage's {flag} "
+                         f"{budget:g}, which the run itself finishes")
 
 
 def main(argv=None):
@@ -269,7 +259,9 @@ def distill(dcfg, cfg, dist):
     layers = parse_layers(dcfg.hyena_layers, n)
     torch.manual_seed(cfg.seed)  # the Hyena filters (and --init random projections) are drawn here
     if dcfg.convert:
-        student = modal_student(teacher, dcfg, Path(cfg.out_dir), dist.master)
+        from modal.student import convert  # Laughing Hyena (modal/, an extra): only for --modal-state / --modal-tol
+        student = convert(teacher, dcfg.teacher, dcfg.modal_state, dcfg.modal_tol, dcfg.modal_max_state,
+                          dcfg.modal_refine_steps, Path(cfg.out_dir) if dist.master else None)
         layers = [i for i, m in enumerate(student.config.mixers) if m == "hyena"]
     else:
         student = make_student(teacher, layers, init=dcfg.init, order=dcfg.hyena_order,
@@ -280,6 +272,7 @@ def distill(dcfg, cfg, dist):
 
     out = Path(cfg.out_dir)
     stages = plan_stages(dcfg, cfg, layers)
+    check_branches(cfg, stages)
     if dcfg.convert and stages and dist.master and not (out / "converted").exists():
         save_final(student, out / "converted", meta)  # the modal student before its repair, for comparison
     summaries = {}
@@ -301,8 +294,8 @@ def distill(dcfg, cfg, dist):
                             fast.losses.kd_loss if on else kd_loss)
         objective = fast.install(objective) if on else objective
         summaries[stage.name] = train(objective, stage_cfg, dist, stage=stage.name,
-                                      on_branch=lambda branch, last:
-                                      finish(student, dcfg, branch, {**summaries, stage.name: last}, meta))
+                                      on_branch=lambda branch, last: finish(student, *branch_run(dcfg, cfg, stage, branch),
+                                                                            {**summaries, stage.name: last}, meta))
     if dist.master:
         finish(student, dcfg, cfg, summaries, meta)
         print(f"distill: student saved to {out / 'final'}; evaluate it on {cfg.data}'s validation split, with a "
@@ -315,14 +308,21 @@ def finish(student, dcfg, cfg, summaries, meta):
     distill_summary.json: every flag's value, each stage's summary, and the unique training tokens all stages read."""
     out = Path(cfg.out_dir)
     save_final(student, out / "final", meta, cfg)  # cfg: the data it trained on, for eval.py
-    n = meta["splits"]["train"]["tokens"]
-    seen = np.zeros(n, dtype=bool)
     known = all("sampler" in s for s in summaries.values())  # a stage finished by older code did not record it
-    for s in summaries.values() if known else []:
-        seen |= data.windows_seen(n, s["sampler"])
+    unique = data.unique_tokens(meta["splits"]["train"]["tokens"], [s["sampler"] for s in summaries.values()])
     settings = {**dataclasses.asdict(dcfg), **dataclasses.asdict(cfg)}
     write_atomic(out / "distill_summary.json", json.dumps({"args": settings, "stages": summaries,
-                                                           "unique_tokens": int(seen.sum()) if known else None}, indent=2))
+                                                           "unique_tokens": unique if known else None}, indent=2))
+
+
+def branch_run(dcfg, cfg, stage, branch):
+    """A --branches budget's run as its settings say: the run's own, in the branch's folder, with the branch's budget
+    on the flags of the stage that branched (the end-to-end stage's, or a joint / independent alignment's)."""
+    if stage.name == "e2e":
+        dcfg = dataclasses.replace(dcfg, e2e_tokens=branch.max_tokens, e2e_minutes=branch.max_minutes)
+    else:
+        cfg = dataclasses.replace(cfg, max_tokens=branch.max_tokens, max_minutes=branch.max_minutes)
+    return dcfg, dataclasses.replace(cfg, out_dir=branch.out_dir, branches="")
 
 
 if __name__ == "__main__":

@@ -134,8 +134,8 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
     objective.to(dist.device)
     opt = build_optimizer(model, cfg, fused=cuda)
     rng = np.random.default_rng(stream_seed(cfg, stage, dist.rank))  # each rank its own stream of batches
-    # step 0, or (--resume) exactly where the checkpoint left off; the sampler's streams data.windows_seen replays
-    step, tokens, elapsed0, streams = start_or_resume(out, model, opt, rng, cfg, dist, stage)
+    # step 0, or (--resume) exactly where the checkpoint left off; the sampler's streams data.unique_tokens replays
+    step, tokens, elapsed0, streams, forking = start_or_resume(out, model, opt, rng, cfg, dist, stage)
     bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and cuda)
     amp = torch.autocast(torch.device(dist.device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
     t_compile = time.perf_counter()  # the compile's trial step: reported, outside the budget
@@ -174,11 +174,11 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
             f"{tag}step {step} | val " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
-    def checkpoint(folder, run_cfg):
+    def checkpoint(folder, run_cfg, forking=None):  # forking: the branch it is saved to fork into
         t0 = time.perf_counter()
         state = {"config": asdict(run_cfg), "world": dist.world, "step": step, "tokens": tokens,
                  "elapsed": elapsed(), "optimizer": opt.state_dict(), "rng": rng_states(rng, dist),
-                 "streams": streams}
+                 "streams": streams, "forking": forking}
         if dist.master:
             save_checkpoint(folder, model, state)
         if dist.world > 1:
@@ -187,7 +187,7 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
 
     def train_step(run_cfg, folder, now, tag=""):
         """One optimizer step at run_cfg's lr schedule (now: elapsed() before it); logs it into folder/log.jsonl."""
-        nonlocal step, tokens, window_t
+        nonlocal step, tokens
         factor = lr_factor(progress(tokens + step_tokens, now, run_cfg), run_cfg)  # progress at the step's end
         for g in opt.param_groups:
             g["lr"] = g["base_lr"] * factor
@@ -225,20 +225,20 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
         if cuda:
             record["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         recent.append(metrics)
-        line = None
+        line, window["steps"] = None, window["steps"] + 1
         if step % cfg.log_interval == 0:
-            rate = len(recent) * step_tokens / (now_t - window_t)  # over this log window, evals included
+            rate = window["steps"] * step_tokens / (now_t - window["t"])  # over this log window, evals included
             left = ([(run_cfg.max_tokens - tokens) / rate] if run_cfg.max_tokens else []) + \
                 ([60 * run_cfg.max_minutes - record["elapsed_s"]] if run_cfg.max_minutes else [])
             eta = max(0.0, min(left))
             line = (f"{tag}step {step} | {tokens / 1e6:.2f}M tok | loss {metrics['loss']:.4f} | "
                     f"{rate / 1e3:.1f}k tok/s | ETA {int(eta // 3600)}h{int(eta % 3600 // 60):02d}m{int(eta % 60):02d}s")
-            window_t = now_t
+            window.update(t=now_t, steps=0)
         log(folder, record, line)
         if on_step is not None:
             on_step(step)
 
-    def summarize(folder, run_cfg, val, extra=None):
+    def summarize(folder, run_cfg, val, extra=None, before=None):  # before(summary): called before it is written
         seconds = elapsed()
         summary = {"stage": stage, "out_dir": str(folder), "world": dist.world, "compiled": compiled is not objective,
                    "compile_s": compile_s, "fast": cfg.fast, "fast_on": cfg.fast_on(dist.device),
@@ -247,8 +247,10 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
                    "train": {k: sum(m[k] for m in recent) / len(recent) for k in recent[0]} if recent else {},
                    "data_stream": run_cfg.data_stream, "sampler": {"steps": step, "streams": streams},
                    **(extra or {})}
-        if dist.master:
-            summary["unique_tokens"] = int(data.windows_seen(len(train_tokens), summary["sampler"]).sum())
+        if dist.master:  # summary.json last: a branch folder holding one is finished
+            summary["unique_tokens"] = data.unique_tokens(len(train_tokens), [summary["sampler"]])
+            if before is not None:
+                before(summary)
             write_atomic(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
@@ -257,14 +259,15 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
         state back: one process pays for the stable phase once and compiles once."""
         nonlocal step, tokens, recent
         from training.branches import budget_label, open_branch, put_back, set_aside
-        checkpoint(out, cfg)  # a crash inside the branch resumes right here
-        t_fork = time.perf_counter()
+        checkpoint(out, cfg, budget_label(branch))  # a crash inside the branch resumes right here, into it
+        t_fork, fork_elapsed = time.perf_counter(), elapsed()
         saved = {**set_aside(model, opt, rng, cuda), "step": step, "tokens": tokens, "recent": recent,
                  "clock": dict(clock)}
         folder = Path(branch.out_dir) / stage
         if dist.master:
             open_branch(out, branch, stage)
-        clock.update(start=time.perf_counter(), aside=0.0, elapsed0=elapsed())
+        clock.update(start=time.perf_counter(), aside=0.0, elapsed0=fork_elapsed)  # setting up is not the branch's
+        window.update(t=time.perf_counter(), steps=0)
         recent, tag = deque(recent, maxlen=cfg.log_interval), f"[{budget_label(branch)}] "
         while progress(tokens, now := elapsed(), branch) < 1:
             train_step(branch, folder, now, tag)
@@ -273,9 +276,8 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
         if not stop:
             b_val = validate(folder, tag) if val_tokens is not None else {}
             checkpoint(folder, branch)
-            summary = summarize(folder, branch, b_val, {"branch_of": str(out), "forked_at_step": saved["step"]})
-            if dist.master and on_branch is not None:
-                on_branch(branch, summary)
+            summarize(folder, branch, b_val, {"branch_of": str(out), "forked_at_step": saved["step"]},
+                      before=on_branch and (lambda summary: on_branch(branch, summary)))  # final/ before summary.json
             if dist.master:
                 print(f"{prefix}branch {budget_label(branch)}: finished at step {step} in {branch.out_dir}",
                       file=sys.stderr)
@@ -287,15 +289,15 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
     branches = []  # --branches: the TrainConfig of each shorter budget still to finish, here (training/branches.py)
     if cfg.branches:
         from training.branches import pending_branches
-        branches = pending_branches(cfg, stage, step, lambda branch: progress(tokens, elapsed0, branch))
+        branches = pending_branches(cfg, stage, step, lambda branch: progress(tokens, elapsed0, branch), forking)
     objective.train()
-    window_t = time.perf_counter()
+    window = {"t": time.perf_counter(), "steps": 0}  # the progress line's rate: steps since its last line
     while progress(tokens, now := elapsed(), cfg) < 1:
         for branch in [b for b in branches if progress(tokens + step_tokens, now, b) > 1 - cfg.decay_frac]:
             finish_branch(branch)  # the next step would decay in a run of budget B: B's run goes its own way here
             branches.remove(branch)
             ckpt_step = step
-            window_t = time.perf_counter()
+            window.update(t=time.perf_counter(), steps=0)
             if stop:
                 break
         if stop:

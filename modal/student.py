@@ -12,12 +12,15 @@ hyena.py knows none of it: a ModalFilter takes a HyenaFilter's place in the oper
 
 The mathematics (the convention, the fit, the prefill state) is modal/fit.py's; this module is the model side.
 """
+import json
 import math
+import sys
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 
+from cli import write_atomic
 from pretrained.config import read_config
 from hub import resolve_file
 from hyena import GPTNeoX, tail_of
@@ -160,3 +163,21 @@ def to_modal(model, state_size=16, tol=None, max_state=64, refine_steps=0):
     out.modal_fit = [{"layer": i, "state_size": f.state_size, "rel_error": f.rel_error,
                       "max_channel_error": f.channel_error.max().item()} for i, f in fits.items()]
     return out.train(model.training)
+
+
+def convert(teacher, label, state_size, tol, max_state, refine_steps, out=None):
+    """distill.py --modal-state / --modal-tol: to_modal of the teacher (a conv Hyena student, `label` as the user
+    named it); the per-layer filter errors printed and written to out/modal_fit.json (out: None on other ranks)."""
+    try:
+        student = to_modal(teacher, state_size=state_size or None, tol=tol or None, max_state=max_state,
+                           refine_steps=refine_steps)
+    except ValueError as e:
+        raise ValueError(f"--teacher {label}: {e}") from None
+    if out is not None:
+        for f in student.modal_fit:
+            print(f"distill: modal layer {f['layer']}: d={f['state_size']}, filter rel error {f['rel_error']:.2e} "
+                  f"(worst channel {f['max_channel_error']:.2e})", file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "modal_fit.json", json.dumps({"teacher": str(label), "layers": student.modal_fit},
+                                                       indent=2))
+    return student

@@ -84,20 +84,27 @@ def test_end_to_end_stage_lowers_kl(setup):
 
 
 def test_a_branch_shares_the_alignment_and_finishes_only_the_end_to_end_stage(setup):
-    """--branches belong to the last stage: the branch folder starts with a copy of the finished alignment stage,
-    and --resume there finishes the end-to-end stage with the branch's budget."""
+    """--branches belong to the last stage: the run finishes the end-to-end stage of each branch in its folder, which
+    starts with the finished alignment stage; the branch's final/ and distill_summary.json are written by distill
+    itself, its settings the run's with the branch's end-to-end budget. A budget the last stage cannot branch is
+    refused before any stage trains, naming that stage's flag."""
     tmp, common = setup
     step = 4 * 32
     args = common + ["--init", "teacher", "--layers", "independent", "--max-tokens", str(2 * step),
                      "--schedule", "wsd", "--warmup-frac", "0", "--lr", "3e-3"]
     distill.main(args + ["--e2e-tokens", str(10 * step), "--branches", str(5 * step), "--out-dir", str(tmp / "b")])
     branch = tmp / f"b@{5 * step}"
-    assert (branch / "independent" / "summary.json").exists() and (branch / "e2e" / "ckpt").exists()
-    distill.main(args + ["--e2e-tokens", str(5 * step), "--out-dir", str(branch), "--resume"])
     assert [r["step"] for r in log(branch / "e2e" / "log.jsonl")] == [1, 2, 3, 4, 5]
-    assert len(log(branch / "independent" / "log.jsonl")) == 2  # not trained again
+    assert len(log(branch / "independent" / "log.jsonl")) == 2  # shared, not trained again
     summary = json.loads((branch / "distill_summary.json").read_text())
-    assert summary["stages"]["e2e"]["tokens"] == 5 * step and (branch / "final").exists()
+    assert summary["stages"]["e2e"]["tokens"] == 5 * step and (branch / "final" / "training_data.json").exists()
+    assert summary["args"]["e2e_tokens"] == 5 * step and summary["args"]["max_tokens"] == 2 * step
+    assert summary["args"]["lr"] == 3e-3 and summary["args"]["out_dir"] == str(branch)
+    for bad, flag in (([str(10 * step)], "--e2e-tokens 1280"), ([str(3 * step), "--e2e-tokens", "0"], "progressive")):
+        with pytest.raises(ValueError, match=flag):
+            distill.main(common + ["--max-tokens", str(6 * step), "--schedule", "wsd", "--e2e-tokens",
+                                   str(10 * step), "--branches", *bad, "--out-dir", str(tmp / "bad")])
+        assert not (tmp / "bad" / "stage-00").exists()
 
 
 def test_clear_errors(setup):

@@ -240,3 +240,26 @@ def test_each_stage_and_each_data_stream_draws_its_own_windows_and_summaries_cou
         assert json.loads((tmp / "a" / s / "summary.json").read_text())["unique_tokens"] == covered(drawn["a"][s])
     total = json.loads((tmp / "a" / "distill_summary.json").read_text())["unique_tokens"]
     assert total == covered(np.concatenate(list(drawn["a"].values())))
+
+
+def test_unique_tokens_are_counted_in_memory_per_window_not_per_token_of_the_split():
+    """OpenWebText's 9B training tokens must not cost a mask of 9B: the union is taken over the windows drawn."""
+    sampler = {"steps": 3, "streams": [{"first_step": 0, "world": 1, "batch_size": 2, "block_size": 4,
+                                        "grad_accum": 1, "seeds": [[1, 0, 7]]}]}
+    assert 6 <= data.unique_tokens(10 ** 13, [sampler]) <= 30  # 6 windows of 5 tokens in 10^13
+    assert data.unique_tokens(10 ** 13, [{**sampler, "streams": []}]) is None  # nothing recorded: unknown
+
+
+def test_a_resume_on_as_many_gpus_keeps_the_generators_it_had_even_restarted_ones():
+    """Streams record each rank's seed: a change of GPU count restarts them (seeded with the step), and a later
+    resume on the same count with another batch shape continues those same generators, as the sampler does."""
+    from types import SimpleNamespace
+
+    from training.checkpoint import note_stream
+    cfg = SimpleNamespace(seed=1, data_stream="", batch_size=2, block_size=8, grad_accum=1)
+    streams = note_stream([], 0, cfg, "", SimpleNamespace(world=2))
+    streams = note_stream(streams, 4, SimpleNamespace(**{**vars(cfg), "batch_size": 4}), "", SimpleNamespace(world=1))
+    restarted = streams[-1]["seeds"]
+    assert restarted[0][-1] == 4 and len(restarted) == 1
+    streams = note_stream(streams, 6, SimpleNamespace(**{**vars(cfg), "grad_accum": 2}), "", SimpleNamespace(world=1))
+    assert streams[-1]["seeds"] == restarted and streams[-1]["grad_accum"] == 2

@@ -56,3 +56,10 @@ def test_the_readme_is_a_short_door_whose_links_resolve():
     assert len(text.splitlines()) <= 250
     for target in re.findall(r"\]\(((?!https?:)[^)#]+)", text):
         assert (ROOT / target).exists(), f"README.md links to {target}, which is not in the tree"
+
+
+def test_the_reading_orders_line_counts_are_the_files():
+    counts = re.findall(r"\*\*`([\w/.]+\.py)`\*\* \[(\d+)\]", (ROOT / "README.md").read_text())
+    assert len(counts) >= 7
+    for name, n in counts:
+        assert len((ROOT / name).read_text().splitlines()) == int(n), f"README.md says {name} has {n} lines"

@@ -1,6 +1,7 @@
 """train.py's learning-rate schedules: warmup + cosine, warmup-stable-decay, and --branches, each finished inside a
 wsd run where its decay starts, bitwise the run of that budget (the loop's other behaviour:
 test_train.py, whose tiny dataset and model these tests share)."""
+import json
 import shutil
 
 import pytest
@@ -80,3 +81,50 @@ def test_branches_are_checked_and_a_passed_branch_point_is_refused(tmp_path, dat
     with pytest.raises(ValueError, match="budget 640's decay began before step 6"):
         train(CrossEntropy(tiny_model()), config(run, data_dir, max_tokens=10 * STEP_TOKENS, resume=True,
                                                  branches="640", **wsd))
+
+
+def test_a_minutes_branch_is_charged_only_its_steps_and_resumes_into_itself(tmp_path, data_dir, monkeypatch):
+    """A time-budgeted branch's minutes count its own steps from the fork, not the setting up of its folder (made
+    slow here); a run stopped inside the branch resumes from the checkpoint saved at the fork and finishes that
+    branch, though its decay began before the step resumed (the fork's checkpoint says so)."""
+    import time
+
+    from training import branches
+    opened = branches.open_branch
+
+    def slow_open(*a):
+        time.sleep(1.0)  # longer than the branch's whole budget
+        opened(*a)
+    monkeypatch.setattr(branches, "open_branch", slow_open)
+    wsd = dict(schedule="wsd", decay_frac=0.5, max_tokens=0, max_minutes=0.03, branches="0.015", eval_batches=0,
+               ckpt_interval=10_000)
+    branch = tmp_path / "main@0.015"
+
+    def stop_inside_the_branch(step):
+        if (branch / "log.jsonl").exists() and len(read_log(branch)[0]) > forked[0] + 1:
+            raise Interrupt
+    forked = []
+    monkeypatch.setattr(branches, "set_aside", lambda *a, f=branches.set_aside: forked.append(
+        len(read_log(tmp_path / "main")[0])) or f(*a))
+    with pytest.raises(Interrupt):
+        train(CrossEntropy(tiny_model()), config(tmp_path / "main", data_dir, **wsd), on_step=stop_inside_the_branch)
+    summary = train(CrossEntropy(tiny_model()), config(tmp_path / "main", data_dir, resume=True, **wsd))
+    done = json.loads((branch / "summary.json").read_text())
+    assert done["steps"] > done["forked_at_step"] + 1  # decay steps ran: the slow set-up was not the branch's
+    assert done["minutes"] == pytest.approx(0.015, rel=0.5) and summary["minutes"] >= 0.03
+
+
+def test_a_branch_whose_final_weights_failed_is_finished_again(tmp_path, data_dir):
+    """The script's on_branch (its final/) runs before the branch's summary.json, which marks it finished: a failure
+    there (a full disk) leaves the branch to be redone by --resume."""
+    wsd = dict(schedule="wsd", decay_frac=0.2, max_tokens=10 * STEP_TOKENS, branches=str(5 * STEP_TOKENS))
+
+    def fail(branch, summary):
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        train(CrossEntropy(tiny_model()), config(tmp_path / "main", data_dir, **wsd), on_branch=fail)
+    assert not (tmp_path / f"main@{5 * STEP_TOKENS}" / "summary.json").exists()
+    called = []
+    train(CrossEntropy(tiny_model()), config(tmp_path / "main", data_dir, resume=True, **wsd),
+          on_branch=lambda branch, summary: called.append(summary["steps"]))
+    assert called == [5]

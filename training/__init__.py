@@ -36,9 +36,9 @@ class TrainConfig:
                         "decay: constant lr, then a linear decay over the last --decay-frac of the budget)")
     decay_frac: float = arg(0.2, "wsd: the fraction of the budget spent decaying")
     branches: str = arg("", "wsd: shorter budgets B (comma-separated, in the budget's unit: minutes with "
-                        "--max-minutes, else tokens) at which the run also saves itself, where B's decay starts, "
-                        "into OUT_DIR@B; the same command with --out-dir OUT_DIR@B, the budget B and --resume then "
-                        "finishes B's run: one stable phase pays for every budget")
+                        "--max-minutes, else tokens) that the run also finishes, each from where B's decay starts "
+                        "(in this process, then the run goes on), into OUT_DIR@B as a run of its own: one stable "
+                        "phase pays for every budget")
     weight_decay: float = arg(0.1, "AdamW decay of matrices and embeddings (never biases, norms, Hyena filters)")
     beta1: float = arg(0.9, "AdamW beta1")
     beta2: float = arg(0.95, "AdamW beta2")

@@ -3,6 +3,7 @@ starts, into OUT_DIR@B as a run of its own (train.py runs each branch's decay in
 flag). Only a run given --branches needs this module.
 """
 import copy
+import os
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -27,10 +28,11 @@ def branch_folder(out_dir, budget):
     return Path(f"{out_dir}@{budget_name(budget)}")
 
 
-def pending_branches(cfg, stage, step=0, used=lambda branch: 0.0):
+def pending_branches(cfg, stage, step=0, used=lambda branch: 0.0, forking=None):
     """The TrainConfig (branch_config) of each --branches budget not yet finished (its folder's stage has no
     summary.json); refuses one not below the budget, and one whose decay began before `step`, where this run
-    resumed (used(branch): the fraction of the branch's budget the run had used then)."""
+    resumed (used(branch): the fraction of the branch's budget the run had used then), unless the checkpoint
+    resumed was the one saved to fork into it (`forking`, its budget's name)."""
     if not cfg.branches:
         return []
     budget = cfg.max_tokens or cfg.max_minutes
@@ -44,7 +46,7 @@ def pending_branches(cfg, stage, step=0, used=lambda branch: 0.0):
         if not (folder / stage / "summary.json").exists():
             todo.append(branch_config(cfg, folder, b))
     for branch in todo:
-        if used(branch) > 1 - cfg.decay_frac:
+        if used(branch) > 1 - cfg.decay_frac and budget_label(branch) != forking:
             raise ValueError(f"--branches {cfg.branches}: budget {budget_label(branch)}'s decay began before step "
                              f"{step}, where this run resumed, so its branch can no longer be taken; drop it from "
                              "--branches and run that budget on its own")
@@ -67,7 +69,15 @@ def copy_finished_stages(out, folder, stage):
     if stage:
         for d in out.parent.iterdir():
             if d.is_dir() and d.name != stage and (d / "summary.json").exists():
-                shutil.copytree(d, folder / d.name, dirs_exist_ok=True)
+                shutil.copytree(d, folder / d.name, dirs_exist_ok=True, copy_function=link_or_copy)
+
+
+def link_or_copy(src, dst):
+    """A hard link where the file system allows one (a stage's checkpoint is hundreds of MB), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def set_aside(model, opt, rng, cuda):

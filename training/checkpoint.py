@@ -82,10 +82,11 @@ def rng_states(rng, dist):
 def start_or_resume(out, model, opt, rng, cfg, dist, stage=""):
     """Where train() starts: step 0 (refusing a folder that holds a checkpoint already), or with --resume exactly
     where out's checkpoint left off (load_checkpoint); returns (step, tokens, elapsed_s, the sampler's streams:
-    note_stream). Rank 0 begins out/log.jsonl, or trims it to the resumed step."""
-    step, tokens, elapsed, streams = 0, 0, 0.0, []
+    note_stream, the --branches budget the checkpoint was forking into, if any). Rank 0 begins out/log.jsonl, or
+    trims it to the resumed step."""
+    step, tokens, elapsed, streams, forking = 0, 0, 0.0, [], None
     if cfg.resume:
-        step, tokens, elapsed, streams = load_checkpoint(out, model, opt, rng, cfg, dist, stage)
+        step, tokens, elapsed, streams, forking = load_checkpoint(out, model, opt, rng, cfg, dist, stage)
     elif find_checkpoint(out):
         raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue that run, or choose "
                               "another --out-dir (or delete that folder) to start afresh")
@@ -95,12 +96,12 @@ def start_or_resume(out, model, opt, rng, cfg, dist, stage=""):
             trim_log(out / "log.jsonl", step)
         else:
             write_atomic(out / "log.jsonl", "")
-    return step, tokens, elapsed, note_stream(streams, step, cfg, stage, dist)
+    return step, tokens, elapsed, note_stream(streams, step, cfg, stage, dist), forking
 
 
 def load_checkpoint(out, model, opt, rng, cfg, dist, stage=""):
     """Restore weights, optimizer and RNGs from out/ckpt (or ckpt.old); returns (step, tokens, elapsed_s, the
-    sampler's streams so far: note_stream)."""
+    sampler's streams so far: note_stream, the branch budget it was saved to fork into or None)."""
     from pretrained.config import to_hf  # HF's config.json and safetensors, read back on the resume path only
     from pretrained.safetensors import read_safetensors
     ckpt = find_checkpoint(out)
@@ -138,13 +139,13 @@ def load_checkpoint(out, model, opt, rng, cfg, dist, stage=""):
         if dist.master:
             print(f"--resume: {state['world']} -> {dist.world} GPUs: the data sampler continues with new streams "
                   "(a correct continuation, but not the batches the original run would have seen)", file=sys.stderr)
-        return state["step"], state["tokens"], state["elapsed"], streams
+        return state["step"], state["tokens"], state["elapsed"], streams, state.get("forking")
     mine = state["rng"][dist.rank]
     rng.bit_generator.state = mine["numpy"]
     torch.set_rng_state(mine["torch"])
     if mine["cuda"] is not None and dist.device.startswith("cuda"):
         torch.cuda.set_rng_state(mine["cuda"])
-    return state["step"], state["tokens"], state["elapsed"], streams
+    return state["step"], state["tokens"], state["elapsed"], streams, state.get("forking")
 
 
 def stream_seed(cfg, stage, rank, restart=None):
@@ -156,14 +157,15 @@ def stream_seed(cfg, stage, rank, restart=None):
 
 
 def note_stream(streams, step, cfg, stage, dist):
-    """The sampler's streams (what data.windows_seen replays, one entry per change of GPU count or batch shape), with
+    """The sampler's streams (what data.unique_tokens replays, one entry per change of GPU count or batch shape), with
     one more from `step` where this run starts one: every rank's seed, fresh ones where the GPU count changed."""
     if not streams or (streams[-1]["world"], streams[-1]["batch_size"], streams[-1]["grad_accum"]) != \
             (dist.world, cfg.batch_size, cfg.grad_accum):
-        restart = None if not streams or streams[-1]["world"] == dist.world else step
+        same = streams and streams[-1]["world"] == dist.world  # the same generators go on (restarted ones too)
+        seeds = streams[-1]["seeds"] if same else [stream_seed(cfg, stage, r, step if streams else None)
+                                                   for r in range(dist.world)]
         streams.append({"first_step": step, "world": dist.world, "batch_size": cfg.batch_size,
-                        "block_size": cfg.block_size, "grad_accum": cfg.grad_accum,
-                        "seeds": [stream_seed(cfg, stage, r, restart) for r in range(dist.world)]})
+                        "block_size": cfg.block_size, "grad_accum": cfg.grad_accum, "seeds": seeds})
     return streams
 
 
