@@ -15,10 +15,18 @@ SCRIPTS = ["prepare.py", "distill.py", "finetune.py", "eval.py", "experiment/exp
 
 
 @functools.cache
+def helps():
+    """Every script's --help, the processes started together (each imports torch: seconds)."""
+    procs = {s: subprocess.Popen([sys.executable, str(ROOT / s), "--help"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, cwd=ROOT) for s in SCRIPTS}
+    out = {s: p.communicate() + (p.returncode,) for s, p in procs.items()}
+    for s, (_, err, rc) in out.items():
+        assert rc == 0, f"{s} --help failed: {err[-500:]}"
+    return {s: text for s, (text, _, _) in out.items()}
+
+
 def help_text(script):
-    out = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert out.returncode == 0, f"{script} --help failed: {out.stderr[-500:]}"
-    return out.stdout
+    return helps()[script]
 
 
 def commands(page):
