@@ -198,3 +198,15 @@ class _Server(ThreadingHTTPServer):
         # A client hanging up mid-body is expected (resume tests); anything else is a fakehub bug: show it.
         if not isinstance(sys.exc_info()[1], ConnectionError):
             super().handle_error(request, client_address)
+
+
+def serve(fake, tmp_path, monkeypatch):
+    """Point the hub client at `fake` for one test: HF_ENDPOINT, a fresh cache under tmp_path, no token, online,
+    and quick retries."""
+    import hub
+    monkeypatch.setenv("HF_ENDPOINT", fake.url)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    for var in ("HF_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hub, "RETRY_BASE_S", 0.01)
+    return fake

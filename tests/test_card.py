@@ -21,9 +21,8 @@ import torch
 
 import distill
 import eval as ev
-import hub
 import prepare
-from fakehub import FakeHub
+from fakehub import FakeHub, serve
 from hyena import Config, GPTNeoX
 import cli
 from tokenizer import _byte_of_char
@@ -47,11 +46,7 @@ def card(tmp_path, monkeypatch):
     if not OWT.is_file():
         pytest.skip(f"needs the shared offline data ({OWT})")
     with FakeHub() as fake:
-        monkeypatch.setenv("HF_ENDPOINT", fake.url)
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-        for var in ("HF_TOKEN", "HF_HUB_OFFLINE"):
-            monkeypatch.delenv(var, raising=False)
-        monkeypatch.setattr(hub, "RETRY_BASE_S", 0.01)
+        serve(fake, tmp_path, monkeypatch)
         torch.manual_seed(0)
         teacher = GPTNeoX(Config(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2,
                                  vocab_size=264, max_position_embeddings=2048))

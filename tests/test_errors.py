@@ -25,7 +25,7 @@ import eval as ev
 import finetune
 import hub
 from cli import out_dir_lock
-from fakehub import FakeHub
+from fakehub import FakeHub, serve
 from hyena import Config, GPTNeoX
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository
@@ -260,11 +260,7 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_resume_works_once_sp
 @pytest.fixture
 def fake(tmp_path, monkeypatch):
     with FakeHub() as fake_hub:
-        monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-        for var in ("HF_TOKEN", "HF_HUB_OFFLINE"):
-            monkeypatch.delenv(var, raising=False)
-        monkeypatch.setattr(hub, "RETRY_BASE_S", 0.01)
+        serve(fake_hub, tmp_path, monkeypatch)
         yield fake_hub
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hub
-from fakehub import FakeHub
+from fakehub import FakeHub, serve
 from hub import HubError
 
 MB = 1 << 20
@@ -19,11 +19,7 @@ MB = 1 << 20
 def fake(tmp_path, monkeypatch):
     """A FakeHub as HF_ENDPOINT, a fresh cache under tmp_path, no token, online, and quick retries."""
     with FakeHub() as fake_hub:
-        monkeypatch.setenv("HF_ENDPOINT", fake_hub.url)
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-        for var in ("HF_TOKEN", "HF_HUB_OFFLINE"):
-            monkeypatch.delenv(var, raising=False)
-        monkeypatch.setattr(hub, "RETRY_BASE_S", 0.01)
+        serve(fake_hub, tmp_path, monkeypatch)
         yield fake_hub
 
 

@@ -214,6 +214,24 @@ def test_the_model_imports_only_torch_and_the_standard_library():
                     "save_pretrained": {"pretrained.config", "cli", "pretrained.safetensors"}}, lazy
 
 
+def cycles_of(graph):
+    """The import cycles of {module: {modules it imports}}, each as the path that closes it (depth-first)."""
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    return cycles
+
+
 def test_no_import_circles():
     """Imports flow one way: the modules the project's files import at their top form no cycle (hyena.py imports
     none; fast/ and modal/ import hyena; the scripts import them all). Imports inside a function are exempt."""
@@ -225,20 +243,7 @@ def test_no_import_circles():
              for p in ROOT.glob("**/*.py") if not {"tests", "data", "runs"} & set(p.relative_to(ROOT).parts)
              and not p.name.startswith("test_") and p.name != "conftest.py"}
     graph = {name: {m for m, _ in imports(path, True) if module_file(m) and m != name} for name, path in files.items()}
-    state, cycles = {}, []
-
-    def visit(node, stack):
-        state[node] = "open"
-        for nxt in sorted(graph.get(node, set())):
-            if state.get(nxt) == "open":
-                cycles.append(stack[stack.index(nxt):] + [nxt])
-            elif nxt not in state:
-                visit(nxt, stack + [nxt])
-        state[node] = "done"
-    for name in sorted(graph):
-        if name not in state:
-            visit(name, [name])
-    assert not cycles, cycles
+    assert not cycles_of(graph), cycles_of(graph)
 
 
 FAST_HELPERS = {  # fast/'s public names that are not a fast path themselves, but parts of one
@@ -354,20 +359,7 @@ def test_no_import_circles_with_lazy_imports_too():
         top = name.split(".")[0]
         folders.setdefault(top, set()).update(d.split(".")[0] for d in deps if d.split(".")[0] != top)
     for g in (graph, folders):
-        state, cycles = {}, []
-
-        def visit(node, stack):
-            state[node] = "open"
-            for nxt in sorted(g.get(node, ())):
-                if state.get(nxt) == "open":
-                    cycles.append(stack[stack.index(nxt):] + [nxt])
-                elif nxt not in state:
-                    visit(nxt, stack + [nxt])
-            state[node] = "done"
-        for name in sorted(g):
-            if name not in state:
-                visit(name, [name])
-        assert not cycles, cycles
+        assert not cycles_of(g), cycles_of(g)
 
 
 READING_PATH = {"modules": 8, "lines": 2200}  # what `import distill` may load of the project (issue 26)
