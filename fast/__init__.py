@@ -9,6 +9,8 @@ of the training objectives, not attributes of a model: a script passes fast.loss
 fast.losses.lm_loss, distill.kd_loss -> fast.losses.kd_loss). `wanted` reads the scripts' --fast flag.
 
   fftconv.py  the FFT long convolution with a hand-written backward      twin of hyena.fftconv
+  toeplitz.py the long convolution as block-Toeplitz products (Triton)   twin of hyena.fftconv
+              for training lengths; not in TWINS until GPU timings choose
   losses.py   the head's loss fused with its gradient, chunk by chunk     twins of train.lm_loss, distill.kd_loss
   decode.py   a Triton kernel for Hyena's decoding step; CUDA graphs;     twins of hyena.history_conv,
               a Triton scan for a modal prefill's state                          hyena.eager_step, modal.fit.prefill_state

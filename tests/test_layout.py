@@ -293,7 +293,8 @@ def project_modules():
     found = {}
     for p in ROOT.glob("**/*.py"):
         rel = p.relative_to(ROOT)
-        if {"tests", "data", "runs"} & set(rel.parts) or rel.name.startswith("test_") or rel.name == "conftest.py":
+        if {"tests", "data", "runs"} & set(rel.parts) or rel.name.startswith("test_") or rel.name == "conftest.py" \
+                or any(part.startswith(".") for part in rel.parts):  # hidden folders (.carry/, .ci/) are no modules
             continue
         found[str(rel.with_suffix("")).replace("/", ".").removesuffix(".__init__")] = p
     return found

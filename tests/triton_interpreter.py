@@ -1,4 +1,4 @@
-"""Run a script of fast/decode.py's Triton kernels on the CPU, in Triton's interpreter (TRITON_INTERPRET=1), in a
+"""Run a script of fast/'s Triton kernels on the CPU, in Triton's interpreter (TRITON_INTERPRET=1), in a
 fresh process (the interpreter is chosen when triton is imported). requirements-dev.txt installs Triton (the
 version torch's CUDA build pins), so CI runs these checks; only where Triton is absent do they skip.
 
@@ -7,6 +7,12 @@ value: both kernels' loops) into an int by int() of a 1-element array, which Num
 0-dimensional arrays can be converted to Python scalars", triton-lang/triton#9171; Triton 3.7 squeezes first).
 The kernels are right, compiled and interpreted alike: PRELUDE puts Triton 3.7's one-line fix into an older
 interpreter, so a GPU machine whose torch brings Triton 3.6 runs these checks too.
+
+The interpreter keeps bfloat16 values as their uint16 bit patterns and its tl.dot multiplies those patterns
+(triton-lang/triton#11584: bf16 is not supported there yet). PRELUDE widens bf16 operands of tl.dot to fp32 first,
+exactly (a bf16 is an fp32 with 16 zero low bits): products of bf16 values are exact in fp32 and the sums fp32,
+as on tensor cores, so fast/toeplitz.py's kernel runs here as written. Casts to bf16 truncate in the interpreter
+(the GPU rounds to nearest): an ulp, not half of one.
 """
 import os
 import subprocess
@@ -24,6 +30,15 @@ if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7):  # triton-
         _patch_lang_tensor(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
     _interp._patch_lang_tensor = _squeezed
+import numpy as _np
+_create_dot = _interp.InterpreterBuilder.create_dot
+def _dot_of_fp32(self, a, b, *rest):  # triton-lang/triton#11584
+    def widen(x):
+        if x.dtype.scalar != triton.language.bfloat16:
+            return x
+        return _interp.TensorHandle((x.data.astype(_np.uint32) << 16).view(_np.float32), triton.language.float32)
+    return _create_dot(self, widen(a), widen(b), *rest)
+_interp.InterpreterBuilder.create_dot = _dot_of_fp32
 """
 
 
