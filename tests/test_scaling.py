@@ -181,4 +181,5 @@ def test_the_driver_writes_each_sizes_planned_points_before_its_runs_start(tmp_p
     assert {p["eval"] for p in points} == {"sweep/tiny/eval.json"} and plan["budgets"] == [0.5, 1.0]
     [best] = jobs["tiny-best-s1"]
     assert flag(best, "--max-minutes") == f"{0.25 * scale:g}" and flag(best, "--e2e-minutes") == f"{0.75 * scale:g}"
+    assert flag(best, "--e2e-lr") == "1e-3"  # the measured rate (results/claim/TUNED.md), not distill.py's default
     assert plan["budget_unit"] == ("teacher" if scale == 4.0 else "minutes")

@@ -1,6 +1,8 @@
 """Issue 27's recipe search, one device call at a time: idempotent, it resumes where the last call stopped.
     python experiment/plans/recipe-2026-12-07b.py search SECONDS     # teacher, then the greedy search at 1/4
     python experiment/plans/recipe-2026-12-07b.py final SECONDS      # the winner at 1x, branches at 1/8, 1/4, 1/2
+    python experiment/plans/recipe-2026-12-07b.py report RUNS CLAIM  # here: RUNS the runs/ brought back, CLAIM the
+                                                                     # claim's results folder (scaling.json)
 Carried: .carry/ (small.tar.xz: tokenizer, VAL.txt, WikiText-2, the OpenWebText sample; gutenberg.tar.xz).
 
 The teacher is claim-2026-12-07.sh's (70m, 160M Gutenberg tokens, seed 1337). Every candidate is `best` (teacher
@@ -115,20 +117,23 @@ def trial(s, teacher, minutes):
     return ppl
 
 
-def moves(s):
-    """The next candidates from incumbent s, in order: one change each (later ones read the kept ones)."""
-    yield "e2e_lr", 1e-3
-    if s["e2e_lr"] == 1e-3:
-        yield "e2e_lr", 2e-3
-    yield "train", "mixer"
-    yield "align", s["align"] / 2
+# The candidates, in order: one change each to the incumbent of its turn (None: skip it). The run of 2026-12-07
+# read every move from the control (a generator over the first incumbent's dict), so it never tried e2e lr 2e-3
+# and halved the control's alignment; the winner's 1/16 -> 1/32 was the same change either way.
+MOVES = [lambda s: ("e2e_lr", 1e-3),
+         lambda s: ("e2e_lr", 2e-3) if s["e2e_lr"] == 1e-3 else None,
+         lambda s: ("train", "mixer"),
+         lambda s: ("align", s["align"] / 2)]
 
 
 def search(teacher, minutes):
     best, tried = dict(BASE), []
     best_ppl = trial(best, teacher, minutes)
     tried.append((name_of(best), best_ppl, "control"))
-    for key, value in moves(best):
+    for move in MOVES:
+        if move(best) is None:
+            continue
+        key, value = move(best)
         cand = {**best, key: value}
         if name_of(cand) in [t[0] for t in tried]:
             continue
@@ -152,7 +157,72 @@ def final(teacher, minutes):
     print(json.dumps(score([teacher, *finals], RUNS / "final" / "eval.json"), indent=1))
 
 
+def report(runs, claim):
+    """CLAIM/TUNED.md and tuned_vs_budget.png: the search's trials, and the winner's points beside the claim run's
+    recipes, each as a ratio to its own run's teacher (the two teachers: the same command and seed)."""
+    from experiment.runner import spent
+    won = json.loads((runs / "search/winner.json").read_text())
+    s, name = won["settings"], name_of(won["settings"])
+    claim_s = json.loads((claim / "scaling.json").read_text())
+    ppl = json.loads((runs / "final/eval.json").read_text())["results"]
+    ppl = {r["path"]: r["datasets"]["gutenberg"]["token_ppl"] for r in ppl}
+    teacher = ppl["runs/exp/teacher/final"]
+    minutes = json.loads((runs / "exp/teacher/summary.json").read_text())["minutes"]
+    align = float(budget_name(s["align"] * minutes))
+    tuned = {}
+    for b in (0.125, 0.25, 0.5, 1.0):
+        folder = RUNS / "final" / (name if b == 1.0 else f"{name}@{budget_name(float(budget_name(b * minutes - align)))}")
+        tokens, used = spent(runs.parent, [Path("runs") / folder.relative_to(RUNS)])
+        tuned[b] = dict(ppl=ppl[str(folder / "final")], tokens=tokens, minutes=used)
+    old = {(r["recipe"], r["budget"]): r for r in claim_s["rows"]}
+    ans = next(iter(claim_s["answers"].values()))
+    lines = ["# `best`, tuned: issue 27's recipe search", "",
+             "Made by `experiment/plans/recipe-2026-12-07b.py` (commit b222372) on one H100; logs and every run's JSON "
+             "in `results/gpu-logs-2026-12-07b/`. The claim run beside it: `SCALING.md` (commit b4c8eb5).", "",
+             f"Teacher: the claim's command and seed, retrained: {teacher:.2f} Gutenberg-val ppl after {minutes:.3f} "
+             f"GPU-minutes (the claim's: {ans['teacher_ppl']:.2f} after {ans['teacher_minutes']:.3f}).", "",
+             "## The search (every candidate at 1/4 of the teacher's GPU-time, seed 1337)", "",
+             "| candidate | e2e lr | alignment (x teacher's time) | e2e trains | ppl | x teacher | decision |",
+             "|---|---:|---:|---|---:|---:|---|"]
+    for n, p_, what in won["tried"]:
+        c = json.loads(json.dumps(n.split("-")))
+        lines.append(f"| `{n}` | {c[0][2:]} | {c[1][1:]} | {c[2]} | {p_:.2f} | {p_ / teacher:.3f} | {what} |")
+    lines += ["", f"Winner: `--e2e-lr {s['e2e_lr']:g}`, alignment {s['align']:g}x of the teacher's time, "
+              f"`--e2e-train {s['train']}`, tau {s['tau']:g}.", "",
+              "## The winner at every budget (one wsd run at 1x, branches at 1/8, 1/4, 1/2)", "",
+              "| budget | tuned best | x its teacher | claim's best (x) | paper (x) | scratch (x) | tuned / scratch |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for b, t in tuned.items():
+        o = {r: old.get((r, b)) for r in ("best", "paper", "scratch")}
+        lines.append(f"| {b:g}x | **{t['ppl']:.2f}** | {t['ppl'] / teacher:.3f} | "
+                     + " | ".join(f"{o[r]['ppl']:.2f} ({o[r]['ratio']:.3f})" for r in o)
+                     + f" | {(t['ppl'] / teacher) / o['scratch']['ratio']:.3f} |")
+    lines += ["", "Tokens and GPU-minutes the tuned runs spent (alignment + end to end): "
+              + "; ".join(f"{b:g}x {t['tokens'] / 1e6:.1f}M in {t['minutes']:.2f} min" for b, t in tuned.items()), ""]
+    write_atomic(claim / "TUNED.md", "\n".join(lines))
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for r in ("best", "paper", "scratch"):
+        rs = sorted((x for x in claim_s["rows"] if x["recipe"] == r), key=lambda x: x["budget"])
+        ax.plot([x["budget"] for x in rs], [x["ratio"] for x in rs], marker="o", label=f"{r} (claim run)")
+    ax.plot(list(tuned), [t["ppl"] / teacher for t in tuned.values()], marker="s", color="k", label="best, tuned")
+    ax.axhline(1.10, color="gray", ls=":", lw=1, label="targets: 1.10 at 1/4, 1.05 at 1")
+    ax.axhline(1.05, color="gray", ls=":", lw=1)
+    ax.set(xscale="log", xlabel="student budget (x the teacher's training GPU-time)",
+           ylabel="ppl / teacher's ppl", title="Gutenberg-val, 1M tokens, context 2048 (one H100)")
+    ax.set_xticks(list(tuned), [f"{b:g}" for b in tuned])
+    ax.minorticks_off()
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(claim / "tuned_vs_budget.png", dpi=120)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "report":
+        report(Path(sys.argv[2]), Path(sys.argv[3]))
+        raise SystemExit(0)
     MODE, DEADLINE = sys.argv[1], float(sys.argv[2])
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
