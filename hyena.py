@@ -553,6 +553,8 @@ class GPTNeoX(nn.Module):
         cache = new_cache(self, T)
         logits, _ = self(idx, cache=cache)  # (B, 1, V)
         step = self.make_step(self, cache, idx.shape[0])
+        out, n = idx.new_empty(idx.shape[0], T), idx.shape[1]  # (B, T): the prompt, then each token in its place
+        out[:, :n] = idx
         for _ in range(max_new_tokens):
             logits = logits[:, -1].float()  # (B, V)
             if temperature == 0:
@@ -563,12 +565,12 @@ class GPTNeoX(nn.Module):
                     kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, -float("inf"))
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)  # (B, 1)
-            idx = torch.cat([idx, nxt], dim=1)  # (B, T')
-            if stop is not None and stop(idx):
+            out[:, n], n = nxt[:, 0], n + 1  # no sequence regrown by a copy per token
+            if stop is not None and stop(out[:, :n]):
                 break
-            if idx.shape[1] < cache.max_len:
+            if n < T:
                 logits = step(nxt)  # (B, 1, V)
-        return idx
+        return out[:, :n]
 
     @classmethod
     def from_pretrained(cls, name_or_path, revision="main", dtype=torch.float32):
