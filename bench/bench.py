@@ -1,12 +1,15 @@
 """Speed and memory, side by side in one run: Hyena vs attention, our GPT-NeoX vs transformers, distillation.
 
-    python bench/bench.py [--quick] [--out results/bench] [--only check,mixer,model,train,decode,kd]
-                          [--compile on|off|both]
+    python bench/bench.py [--quick] [--out results/bench] [--only check,mixer,conv,model,train,decode,kd]
+                          [--compile on|off|both] [--conv-tiles]
     python bench/bench.py --cpu-smoke --out /tmp/benchsmoke   # every code path at tiny sizes on the CPU, ~1 minute
 
 Sections (one GPU, bf16 autocast; B*L constant across L within a section):
   check   each fast path against its reference on this device, as relative errors (bench_check.py)
   mixer   HyenaOperator (order 2) vs causal SDPA `Attention`: forward (no_grad) and forward+backward
+  conv    the long convolution alone, FFTConv vs the block-Toeplitz kernels (fast/toeplitz.py), L <= 8192: forward
+          and forward+backward, useful TFLOP/s and their share of the GPU's bf16 peak; --conv-tiles first times
+          each product at every fast.toeplitz.TILE_SWEEP configuration and runs with the fastest (bench_conv.py)
   model   full-model forward (no_grad): all-Hyena student (make_student, l_max=L) vs the teacher
   train   one optimizer step (forward, backward, clip, fused AdamW) at L=2048: our GPT-NeoX vs
           transformers.GPTNeoXForCausalLM; distill.Distill "e2e" (trains all; teacher forward included) and
@@ -22,7 +25,8 @@ in between; `ms` is the median, `spread` (max-min)/median. `peak_gb`: max_memory
 models included. Each case records its own OOM/error and the run goes on; bench.json and bench.md are rewritten
 after every case, bench.png after every section; with --only, the other sections' rows of the last run at the
 same sizes in --out are kept (env.kept says from when). The targets table (each goal against its measurement) is
-printed last; bench_report.py holds the targets, tables and plot, bench_train.py the train and kd sections.
+printed last; bench_report.py holds the targets, tables and plot, bench_train.py the train and kd sections,
+bench_conv.py the conv section.
 """
 import argparse
 import gc
@@ -37,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench.py`: import from the repo root
 from bench.bench_check import Checks
+from bench.bench_conv import ConvCases
 from bench.bench_report import MODES, SECTIONS, fmt, keep_previous, table, targets, write
 from bench.bench_train import TrainCases
 import fast
@@ -70,9 +75,10 @@ SMOKE = Sizes(dict(hidden_size=32, num_attention_heads=4, intermediate_size=128,
 MODAL_STATE = 16  # modes per channel of the decode section's modal student
 
 
-class Bench(Checks, TrainCases):
-    def __init__(self, sizes, dev, modes, out, env):
+class Bench(Checks, TrainCases, ConvCases):
+    def __init__(self, sizes, dev, modes, out, env, conv_tiles=False):
         self.s, self.dev, self.modes, self.out, self.cuda = sizes, dev, modes, out, dev.type == "cuda"
+        self.conv_tiles = conv_tiles  # the conv section sweeps fast.toeplitz.TILE_SWEEP first
         self.cfg = Config(**sizes.model)
         self.res = {"env": env, "errors": {}, **{name: [] for name in SECTIONS}}
 
@@ -134,7 +140,8 @@ class Bench(Checks, TrainCases):
         except Exception as e:  # noqa: BLE001 (one broken case must not cost the others)
             traceback.print_exc()
             row["error"] = f"{type(e).__name__}: {e}"[:400]
-        gc.collect()  # the failed case's tensors die with its traceback: free them before the next case
+        if self.cuda or "error" in row:  # a failed case's tensors die with its traceback: free them before the
+            gc.collect()                  # next case (on the CPU nothing else is measured that they would skew)
         if self.cuda:
             torch.cuda.empty_cache()
         self.res[section].append(row)
@@ -230,6 +237,9 @@ def main(argv=None):
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections from {','.join(SECTIONS)}")
     p.add_argument("--compile", choices=["on", "off", "both"], default=None,
                    help="torch.compile the train and kd cases (default on; off with --cpu-smoke)")
+    p.add_argument("--conv-tiles", action="store_true",
+                   help="the conv section first times each Toeplitz product at every fast.toeplitz.TILE_SWEEP "
+                        "configuration at L=2048 and 8192, prints the fastest, and runs with it")
     args = p.parse_args(argv)
     args.out = args.out or ("runs/bench-smoke" if args.cpu_smoke else "results/bench")
     only = args.only.split(",")
@@ -246,7 +256,7 @@ def main(argv=None):
     env = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "cuda": torch.version.cuda, "args": vars(args), "sizes": asdict(sizes),
            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    bench = Bench(sizes, dev, modes, Path(args.out), env)
+    bench = Bench(sizes, dev, modes, Path(args.out), env, args.conv_tiles)
     keep_previous(bench.res, bench.out, only)  # --only reruns a part: the other sections' rows stay
     for name in (n for n in SECTIONS if n in only):
         t0 = time.perf_counter()

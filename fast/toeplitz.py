@@ -1,18 +1,33 @@
 """The Hyena long convolution at training lengths as block-Toeplitz products on tensor cores (issue 29).
 
-Cut time into chunks of C positions. For one channel, output chunk i of the causal convolution is
-sum_m T_m X_{i-m}, T_m the C x C Toeplitz block of lags m C + q - p (zero below lag 0): a dense product per chunk
-pair, which tensor cores run in bf16/fp16 with fp32 sums: ~L^2 / 2 + L C multiply-adds per channel, where the FFT
-does ~L log L work in several passes over memory (which wins at which L is for GPU timings). The backward is the
-same product anticausally: du is g correlated with k, dk is g correlated with u (summed over the batch), and
-dbias = sum g u is dk's lag 0.
+For one channel the causal convolution of all B batch rows is one matrix product, Y (B, L) = U (B, L) @ T (L, L),
+T the upper-triangular Toeplitz matrix of the filter (T[s, t] = k[t - s]); the backward is du = G @ T^T and
+dk[l] = sum_b sum_t g[b, t] u[b, t - l]; dbias = sum g u is dk's lag 0. About B L^2 / 2 multiply-adds per channel
+and product, on tensor cores in bf16/fp16 with fp32 sums, where the FFT does ~B L log L work in several passes
+over memory (which wins at which L is for GPU timings: bench/bench.py's conv section).
 
-One Triton kernel does all three (`toeplitz_products`): a program owns BLOCK_I output chunks of one channel
-(M = BLOCK_I rows of C positions, a contiguous stretch of time), and for each block lag m multiplies the input's
-chunks shifted by m, (BLOCK_I, C), by the filter's Toeplitz block, (C, C), gathered from a window of 2C - 1
-filter values. Channels-first copies (B, D, L) make both loads contiguous along time: in (B, L, D) one channel's
-positions lie D apart, a sector per value. Channels cannot share a tile's K dimension (each has its own filter),
-so a channel-spanning tile would need a batched dot; the copies cost a pass each, as FFTConv's do.
+y and du (`toeplitz_products`, kernel _toeplitz): the filter is the same for every batch row, so a program takes
+one channel, `batch` batch rows and `rows` output spans of `width` positions, and stacks the (batch row, span)
+pairs on the dot's M: for each input chunk of `chunk` positions it multiplies the chunks (M, chunk) by ONE
+Toeplitz block (chunk, width) of the filter, loaded once and used by all M rows. Why this orientation (rows of
+(batch, span) on M, positions on N) and not the block's transpose on M with the batch on N: M is the side that
+must grow to share the block, and stacking gives any multiple of 64 at any B (B = 16 at L = 8192 takes 8 spans);
+the streamed operand (the activations) is then a K-contiguous tile, and the result rows store contiguously along
+time. Few spans per program keep the causal waste small: rows of one program share the loop over input chunks,
+which runs to the latest row's need (~ rows * width / L of extra work, plus the diagonal block's masked half,
+~ width / L); chunks wholly before time 0 (after L) are never visited. Row p of a Toeplitz block is a window of
+the filter starting at lag m C + const - p; `vec` shifted copies of the filter, zero-padded on both sides
+(`_shifted_filter`), let every row start at a multiple of vec elements (16-byte loads, async copies) and need no
+mask.
+
+dk (`batch_correlation`, kernel _correlation): no filter is shared, but u and g are both plain data. A program takes
+one channel and `width` lags blk W .. blk W + W - 1; its dot's K runs over (batch row b, chunk a) pairs, `rows` a
+step, with A^T = u's chunk a (C positions p on M) and B = g from position a C + blk W on (W offsets e on N): every
+operand row is an aligned contiguous load, the sum over the batch is the dot's own, and no pair is masked out by
+causality. The product's (p, e) entry holds lag blk W + e - p: the epilogue sums its diagonals into W + C - 1 lags
+(through a scratch slot of the program's own: tl.gather does it in registers but spills), and the first C - 1 (the
+previous block's last lags) are added there outside the kernel. The programs are persistent (4 per SM), so that the
+slots are few; each takes (block, channel) items in turn, heaviest first.
 
 Precision: the filter is rounded to u's dtype (tensor cores multiply like types), where FFTConv keeps it fp32;
 products of bf16/fp16 values are exact in fp32, sums are fp32, bias u is added in fp32. `toeplitz_conv` serves
@@ -32,10 +47,36 @@ except ImportError:  # CPU-only installs: FFTConv serves
     triton = None
 
 TOEPLITZ_MAX_L = 8192  # long_conv's crossover to FFTConv: a placeholder until GPU measurements set it
-# Tiles per product, tuned on the GPU: chunk C (the Toeplitz block's side), rows (BLOCK_I chunks per program).
-TILES = {"y": dict(chunk=64, rows=32, warps=4, stages=2),   # forward: causal, filter k
-         "du": dict(chunk=64, rows=32, warps=4, stages=2),  # anticausal, filter k
-         "dk": dict(chunk=64, rows=32, warps=4, stages=2)}  # anticausal, "filter" u, summed over the batch
+# Tiles per product, to be tuned on the GPU (python bench/bench.py --only conv --conv-tiles sweeps TILE_SWEEP).
+# y, du: chunk C (the dot's K), width W (N: output positions a program owns per span), rows x batch (M: spans x
+# batch rows per program; where B < batch, batch drops to B's next power of two and rows grow to keep M), vec
+# (filter copies: a Toeplitz row starts at a multiple of vec). dk: chunk C (M), width W (N: lags per program),
+# rows (K: (batch row, chunk) pairs per step). warps, stages: Triton's num_warps, num_stages.
+TILES = {"y": dict(chunk=64, width=128, rows=2, batch=64, vec=8, warps=8, stages=3),   # causal, filter k
+         "du": dict(chunk=64, width=128, rows=2, batch=64, vec=8, warps=8, stages=3),  # anticausal, filter k
+         "dk": dict(chunk=64, width=128, rows=32, warps=4, stages=3)}                  # g against u, batch summed
+# Candidates worth timing on an H100 (reasoning: wgmma takes M in multiples of 64 per warpgroup, N 8..256, K in
+# 16s; a dot's operands sit in shared memory, stages x (M K + K N) x 2 bytes of the 227 KB a block may use; the
+# streamed operand's L2 traffic per FLOP falls as 1 / N (the filter is a few KB per channel, cached), so N = 128
+# or 256; the Toeplitz block is loaded once per M rows, so M >= 128; the accumulator, M N / (32 x warps) fp32
+# registers a thread, must leave room: M N <= 128 x 256 at 8 warps). Each compiles for sm_90 with no register
+# spills (triton.compile for an H100 target runs on a CPU); which is fastest is for the GPU.
+TILE_SWEEP = {p: [dict(TILES[p]),                                         # the classic 128 x 128 x 64 tile
+                  {**TILES[p], "rows": 1, "warps": 4},                    # M = 64: one warpgroup, twice the programs
+                  {**TILES[p], "width": 256},                             # N = 256: half the L2 traffic per FLOP
+                  {**TILES[p], "chunk": 128, "stages": 2},                # K = 128 a step, fewer steps
+                  {**TILES[p], "chunk": 32, "stages": 4},                 # K = 32, deeper pipeline
+                  {**TILES[p], "rows": 4},                                # M = 256: the block shared by twice the rows
+                  {**TILES[p], "width": 64, "warps": 4, "stages": 4},     # less diagonal waste, small tiles
+                  {**TILES[p], "vec": 1}]                                 # the filter itself: do the copies pay?
+              for p in ("y", "du")}
+TILE_SWEEP["dk"] = [dict(TILES["dk"]),                                    # M = 64, N = 128, K = 32
+                    {**TILES["dk"], "rows": 64},                          # K = 64 a step
+                    {**TILES["dk"], "rows": 16, "stages": 4},             # K = 16: wgmma's least, deeper pipeline
+                    dict(chunk=128, width=128, rows=32, warps=8, stages=3),  # M = 128: the tile of a GEMM
+                    dict(chunk=64, width=256, rows=32, warps=8, stages=3),   # N = 256
+                    dict(chunk=128, width=256, rows=32, warps=8, stages=2),  # 128 x 256 with 2 stages
+                    dict(chunk=64, width=64, rows=32, warps=4, stages=4)]    # small tiles, more programs
 
 
 def available(u):
@@ -47,76 +88,146 @@ def available(u):
 
 if triton is not None:
     @triton.jit
-    def _toeplitz(x_ptr, h_ptr, bias_ptr, out_ptr, L, D, NB, sx_b, sx_d, sx_t, sh_b, sh_d, sh_t, so_b, so_d, so_t,
-                  CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, C: tl.constexpr, BLOCK_I: tl.constexpr):
-        """out[o, d, chunks i0 .. i0+BLOCK_I) for row (o, d) = program_id(0): sum over NB batch rows
-        b = o NB + n of the products below (see toeplitz_products)."""
-        row = tl.program_id(0)
-        o, d = row // D, row % D
-        n_chunks = tl.cdiv(L, C)
-        # heaviest tiles first: causal rows see all earlier chunks, anticausal ones all later chunks
-        blk = tl.num_programs(1) - 1 - tl.program_id(1) if CAUSAL else tl.program_id(1)
-        i0 = blk * BLOCK_I
-        i = i0 + tl.arange(0, BLOCK_I)  # (BLOCK_I,) output chunks
-        c = tl.arange(0, C)  # (C,) position in a chunk
-        p, q = c[:, None], c[None, :]  # (C, 1) input, (1, C) output: the Toeplitz block's rows and columns
-        t_out = i[:, None] * C + q  # (BLOCK_I, C)
-        if CAUSAL:
-            n_m = tl.minimum(i0 + BLOCK_I, n_chunks)  # block lags m reaching a source chunk >= 0
-            lag_pq = q - p  # (C, C): lag of output q from input p within the block
-        else:
-            n_m = n_chunks - i0  # block lags m reaching a source chunk < n_chunks
-            lag_pq = p - q
-        acc = tl.zeros((BLOCK_I, C), dtype=tl.float32)
-        for n in range(0, NB):
-            b = (o * NB + n).to(tl.int64)
-            x_row = x_ptr + b * sx_b + d.to(tl.int64) * sx_d
-            h_row = h_ptr + b * sh_b + d.to(tl.int64) * sh_d
-            for m in range(0, n_m):
-                src = i - m if CAUSAL else i + m  # (BLOCK_I,) source chunks
-                t_in = src[:, None] * C + c[None, :]  # (BLOCK_I, C)
-                a = tl.load(x_row + t_in * sx_t, mask=(t_in >= 0) & (t_in < L), other=0.0)
-                lag = m * C + lag_pq  # (C, C)
-                hm = tl.load(h_row + lag * sh_t, mask=(lag >= 0) & (lag < L), other=0.0)  # the Toeplitz block
-                acc = tl.dot(a, hm, acc)  # (BLOCK_I, C) += (BLOCK_I, C) @ (C, C), fp32 sums
-        if HAS_BIAS:  # bias x, in fp32 (only with NB = 1: then b = o)
-            x_row = x_ptr + o.to(tl.int64) * sx_b + d.to(tl.int64) * sx_d
-            xt = tl.load(x_row + t_out * sx_t, mask=t_out < L, other=0.0).to(tl.float32)
+    def _toeplitz(x_ptr, kh_ptr, bias_ptr, out_ptr, B, L, sx_b, sx_d, sx_t, sk_v, sk_d, so_b, so_d, so_t,
+                  CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, C: tl.constexpr, W: tl.constexpr,
+                  BI: tl.constexpr, BB: tl.constexpr, VEC: tl.constexpr, Z: tl.constexpr):
+        """out[b, d, t] for batch rows b of block program_id(0), spans i of block program_id(1) (t in
+        [i W, i W + W)), channel d = program_id(2); see toeplitz_products."""
+        d = tl.program_id(2).to(tl.int64)
+        n_spans = tl.cdiv(L, W)
+        # heaviest programs first: a causal span sees all earlier positions, an anticausal one all later ones
+        i0 = (tl.num_programs(1) - 1 - tl.program_id(1) if CAUSAL else tl.program_id(1)) * BI
+        r = tl.arange(0, BB * BI)  # the dot's rows: (batch row, span) pairs, span fastest
+        b, i = tl.program_id(0) * BB + r // BI, i0 + r % BI  # (M,) each
+        rows_ok = (b < B) & (i < n_spans)
+        x_rows = x_ptr + b.to(tl.int64) * sx_b + d * sx_d  # (M,)
+        p, q = tl.arange(0, C), tl.arange(0, W)  # input position in a chunk, output position in a span
+        kh = kh_ptr + d * sk_d  # filter copies: kh[v, d, j] = k[d, j - Z - v], zero outside [0, L)
+        if CAUSAL:  # step m: input chunk i W + W - (m + 1) C + p, block T[p, q] = k[(m + 1) C - W + q - p]
+            s0 = i * W + W - C  # (M,) input chunk at m = 0
+            n_m = tl.cdiv(tl.minimum(i0 + BI, n_spans) * W, C)  # until the latest row's chunk passes time 0
+            # row p from copy v = p % VEC, so that it starts at a multiple of VEC: (C, W) offsets at m = 0
+            t_off = (p % VEC)[:, None] * sk_v + (Z + C - W - VEC * (p // VEC))[:, None] + q[None, :]
+        else:  # step m: input chunk i W + m C + p, block T[p, q] = k[m C + p - q], loaded transposed (W, C)
+            s0 = i * W
+            n_m = tl.cdiv(L - i0 * W, C)  # until the earliest row's chunk passes L
+            t_off = (q % VEC)[:, None] * sk_v + (Z - VEC * (q // VEC))[:, None] + p[None, :]
+        acc = tl.zeros((BB * BI, W), dtype=tl.float32)
+        for m in range(0, n_m):
+            s = s0[:, None] + (-m * C if CAUSAL else m * C) + p[None, :]  # (M, C) input positions
+            a = tl.load(x_rows[:, None] + s * sx_t, mask=rows_ok[:, None] & (s >= 0) & (s < L), other=0.0)
+            t = tl.load(kh + t_off + m * C)  # the Toeplitz block, shared by all M rows
+            acc = tl.dot(a, t if CAUSAL else tl.trans(t), acc)  # (M, W) += (M, C) @ (C, W), fp32 sums
+        t_out = i[:, None] * W + q[None, :]  # (M, W) output positions
+        ok = rows_ok[:, None] & (t_out < L)
+        if HAS_BIAS:  # bias x, in fp32
+            xt = tl.load(x_rows[:, None] + t_out * sx_t, mask=ok, other=0.0).to(tl.float32)
             acc += tl.load(bias_ptr + d).to(tl.float32) * xt
-        out_row = out_ptr + o.to(tl.int64) * so_b + d.to(tl.int64) * so_d
-        tl.store(out_row + t_out * so_t, acc.to(out_ptr.dtype.element_ty), mask=t_out < L)
+        out_rows = out_ptr + b.to(tl.int64) * so_b + d * so_d
+        tl.store(out_rows[:, None] + t_out * so_t, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _correlation(g_ptr, u_ptr, out_ptr, scratch_ptr, B, L, D, sg_b, sg_d, sg_t, su_b, su_d, su_t, so_d, so_j,
+                     C: tl.constexpr, W: tl.constexpr, K: tl.constexpr, R: tl.constexpr):
+        """out[d, blk, r] = sum over b, a, p, e with e - p = r - (C - 1) of u[b, d, a C + p] g[b, d, a C + blk W + e]
+        (e in [0, W)), for every lag block blk and channel d, items taken in turn by the programs (heaviest blocks
+        first), each program skewing its items through its own scratch slot (C, W); see batch_correlation."""
+        n_blk = tl.cdiv(L, W)
+        p, e, k, r = tl.arange(0, C), tl.arange(0, W), tl.arange(0, K), tl.arange(0, R)
+        slot = scratch_ptr + tl.program_id(0).to(tl.int64) * (C * W) + p[:, None] * W  # (C, 1) row starts
+        col = r[None, :] - (C - 1) + p[:, None]  # (C, R): the entry of row p on diagonal r
+        for item in range(tl.program_id(0), n_blk * D, tl.num_programs(0)):
+            blk, d = item // D, (item % D).to(tl.int64)
+            n_a = tl.cdiv(L - blk * W, C)  # chunks a of u whose partner in g starts before L
+            acc = tl.zeros((C, W), dtype=tl.float32)
+            for j in range(0, tl.cdiv(B * n_a, K)):  # K (batch row, chunk) pairs a step: the dot sums the batch too
+                pair = j * K + k
+                b, a = pair // n_a, pair % n_a  # (K,)
+                su = a[:, None] * C + p[None, :]  # (K, C) positions in u
+                uk = tl.load(u_ptr + b[:, None].to(tl.int64) * su_b + d * su_d + su * su_t,
+                             mask=(b[:, None] < B) & (su < L), other=0.0)
+                sg = a[:, None] * C + blk * W + e[None, :]  # (K, W) positions in g
+                gk = tl.load(g_ptr + b[:, None].to(tl.int64) * sg_b + d * sg_d + sg * sg_t,
+                             mask=(b[:, None] < B) & (sg < L), other=0.0)
+                acc = tl.dot(tl.trans(uk), gk, acc)  # (C, W) += (C, K) @ (K, W): entry (p, e) is lag blk W + e - p
+            # the diagonal sums, through the slot (a register tile cannot shift its rows; tl.gather spills)
+            tl.store(slot + e[None, :], acc)
+            tl.debug_barrier()  # the slot written by all threads before any reads it skewed
+            skewed = tl.load(slot + col, mask=(col >= 0) & (col < W), other=0.0)  # (C, R): row p shifted by p
+            tl.store(out_ptr + d * so_d + blk * so_j + r, tl.sum(skewed, axis=0), mask=r < W + C - 1)
+            tl.debug_barrier()  # the slot read by all threads before the next item overwrites it
 
 
-def toeplitz_products(x, h, bias, out, causal, tiles):
-    """The kernel's one product, into `out` (returned): x (B, D, L); h (B, D, L), or (1, D, L) for a filter shared
-    by the batch; out (B, D, L), or (1, D, L) to sum over the batch; bias (D,) or None (not with a batch sum).
-      causal:     out[b, d, t] = sum_{s <= t} h[b, d, t - s] x[b, d, s]  (+ bias[d] x[b, d, t])
-      anticausal: out[b, d, s] = sum_{t >= s} h[b, d, t - s] x[b, d, t]  (+ bias[d] x[b, d, s])
-    Any strides (channels-first contiguous loads best); x and h in one dtype, sums in fp32, out in its own dtype.
-    `tiles`: a TILES entry. The forward is (u, k, causal), du (g, k, anticausal), dk (g, u, anticausal, summed).
-    Plain twins: hyena.fftconv (causal: its output, channels first), torch.autograd.grad (anticausal: fftconv's du,
-    dk); held equal, in Triton's CPU interpreter, by
+def _shifted_filter(k, vec, margin, length):
+    """(vec, D, length) copies of the filter k (D, L): copy v holds k[d, j - margin - v] at j, zeros elsewhere, so
+    that a window of k starting anywhere (margin before 0 at most) is one starting at a multiple of vec in some
+    copy, and lags outside [0, L) read zeros."""
+    D, L = k.shape
+    kh = k.new_zeros(vec, D, length)
+    for v in range(vec):
+        kh[v, :, margin + v:margin + v + L] = k
+    return kh
+
+
+def toeplitz_products(x, k, bias, out, causal, tiles):
+    """The filter products, into `out` (returned): x (B, D, L), k (D, L) in x's dtype (one filter for the batch),
+    out (B, D, L) in any dtype, bias (D,) or None:
+      causal:     out[b, d, t] = sum_{s <= t} k[d, t - s] x[b, d, s]  (+ bias[d] x[b, d, t])
+      anticausal: out[b, d, s] = sum_{t >= s} k[d, t - s] x[b, d, t]  (+ bias[d] x[b, d, s])
+    Any strides (channels-first contiguous loads best); sums in fp32. The forward is (u, k, causal), du (g, k,
+    anticausal). `tiles`: a TILES entry ("y" or "du").
+    Plain twins: hyena.fftconv (causal: its output, channels first), torch.autograd.grad (anticausal: fftconv's du);
+    held equal, in Triton's CPU interpreter, by
     tests/test_toeplitz.py::test_products_equal_the_fp64_convolution_and_its_gradients_in_fp32."""
     B, D, L = x.shape
-    Bo = out.shape[0]
-    if x.dtype != h.dtype or h.shape[0] not in (1, B) or Bo not in (1, B) or out.shape[1:] != x.shape[1:] \
-            or h.shape[1:] != x.shape[1:] or (bias is not None and Bo != B):
-        raise ValueError(f"toeplitz_products: x {tuple(x.shape)} {x.dtype}, h {tuple(h.shape)} {h.dtype}, "
-                         f"out {tuple(out.shape)}, bias {'given' if bias is not None else 'none'}")
-    C, rows = tiles["chunk"], tiles["rows"]
-    sh_b = h.stride(0) if h.shape[0] > 1 else 0  # a shared filter: every batch row reads row 0
-    grid = (Bo * D, triton.cdiv(triton.cdiv(L, C), rows))
-    _toeplitz[grid](x, h, x if bias is None else bias, out, L, D, B // Bo, *x.stride(), sh_b, *h.stride()[1:],
-                    *out.stride(), CAUSAL=causal, HAS_BIAS=bias is not None, C=C, BLOCK_I=rows,
-                    num_warps=tiles["warps"], num_stages=tiles["stages"])
+    if x.dtype != k.dtype or k.shape != (D, L) or out.shape != x.shape or (bias is not None and bias.shape != (D,)):
+        raise ValueError(f"toeplitz_products: x {tuple(x.shape)} {x.dtype}, k {tuple(k.shape)} {k.dtype}, "
+                         f"out {tuple(out.shape)}, bias {None if bias is None else tuple(bias.shape)}")
+    C, W, vec = tiles["chunk"], tiles["width"], tiles["vec"]
+    if W % C or C % vec:
+        raise ValueError(f"toeplitz_products: tiles {tiles}: width must be a multiple of chunk, chunk of vec")
+    batch = min(tiles["batch"], triton.next_power_of_2(B))
+    rows = tiles["rows"] * tiles["batch"] // batch  # the dot's M kept where B is smaller than batch
+    n_spans = triton.cdiv(L, W)
+    # margin W: lags down to 1 - W read zeros; length: lags up to n_spans W + vec, rounded for aligned rows
+    kh = _shifted_filter(k, vec, W, (W + n_spans * W + vec + 63) // 64 * 64)
+    grid = (triton.cdiv(B, batch), triton.cdiv(n_spans, rows), D)
+    _toeplitz[grid](x, kh, x if bias is None else bias, out, B, L, *x.stride(), kh.stride(0), kh.stride(1),
+                    *out.stride(), CAUSAL=causal, HAS_BIAS=bias is not None, C=C, W=W, BI=rows, BB=batch, VEC=vec,
+                    Z=W, num_warps=tiles["warps"], num_stages=tiles["stages"])
     return out
 
 
+def batch_correlation(g, u, tiles):
+    """dk (D, L) fp32: dk[d, l] = sum_b sum_{t >= l} g[b, d, t] u[b, d, t - l], for g, u (B, D, L) of one dtype,
+    any strides; sums in fp32. `tiles`: TILES["dk"] (chunk <= width).
+    Plain twin: torch.autograd.grad (fftconv's dk); held equal, in Triton's CPU interpreter, by
+    tests/test_toeplitz.py::test_products_equal_the_fp64_convolution_and_its_gradients_in_fp32."""
+    B, D, L = g.shape
+    if u.shape != g.shape or u.dtype != g.dtype:
+        raise ValueError(f"batch_correlation: g {tuple(g.shape)} {g.dtype}, u {tuple(u.shape)} {u.dtype}")
+    C, W = tiles["chunk"], tiles["width"]
+    if C > W:
+        raise ValueError(f"batch_correlation: tiles {tiles}: chunk must not exceed width")
+    n_blk = triton.cdiv(L, W)
+    part = g.new_empty(D, n_blk, triton.next_power_of_2(W + C - 1), dtype=torch.float32)  # lags blk W - C + 1 + r
+    # persistent programs, 4 per SM (4 in all off CUDA), each with its own scratch slot
+    sms = torch.cuda.get_device_properties(g.device).multi_processor_count if g.is_cuda else 1
+    programs = min(n_blk * D, 4 * sms)
+    scratch = g.new_empty(programs, C, W, dtype=torch.float32)
+    _correlation[(programs,)](g, u, part, scratch, B, L, D, *g.stride(), *u.stride(), part.stride(0), part.stride(1),
+                              C=C, W=W, K=tiles["rows"], R=part.shape[2], num_warps=tiles["warps"],
+                              num_stages=tiles["stages"])
+    dk = part[:, :, C - 1:C - 1 + W].clone()  # lags blk W .. blk W + W - 1
+    dk[:, :-1, W - C + 1:] += part[:, 1:, :C - 1]  # a block's first C - 1 diagonals: the previous block's last lags
+    return dk.view(D, n_blk * W)[:, :L]  # block 0's first C - 1 (lags < 0) dropped
+
+
 class ToeplitzConv(torch.autograd.Function):
-    """hyena.fftconv as block-Toeplitz products (toeplitz_products) for bf16/fp16 activations u (B, L, D), the
-    filter k (L, D) rounded to u's dtype, bias (D,); y in u's dtype, dk and dbias fp32. Saves channels-first
-    copies of u and k for the backward:
-      du = anticausal(g, k) + bias g,  dk = anticausal(g, u) summed over the batch,  dbias = dk[lag 0].
+    """hyena.fftconv as block-Toeplitz products (toeplitz_products, batch_correlation) for bf16/fp16 activations
+    u (B, L, D), the filter k (L, D) rounded to u's dtype, bias (D,); y in u's dtype, dk and dbias fp32. Saves
+    channels-first copies of u and k for the backward:
+      du = anticausal(g, k) + bias g,  dk = batch_correlation(g, u),  dbias = dk[lag 0].
     Plain twin: hyena.fftconv (autograd's backward); held equal, in Triton's CPU interpreter, by
     tests/test_toeplitz.py::test_toeplitz_conv_equals_the_fp64_convolution_and_its_gradients."""
 
@@ -124,7 +235,7 @@ class ToeplitzConv(torch.autograd.Function):
     def forward(ctx, u, k, bias):
         B, L, D = u.shape
         u_t = channels_first(u, L, u.dtype)  # (B, D, L)
-        k_t = channels_first(k[None], L, u.dtype)  # (1, D, L), rounded to u's dtype
+        k_t = channels_first(k[None], L, u.dtype)[0]  # (D, L), rounded to u's dtype
         y_t = toeplitz_products(u_t, k_t, bias, torch.empty_like(u_t), True, TILES["y"])  # (B, D, L)
         ctx.save_for_backward(u_t, k_t, bias)
         return y_t.transpose(1, 2).contiguous()  # (B, L, D)
@@ -139,8 +250,7 @@ class ToeplitzConv(torch.autograd.Function):
             du = toeplitz_products(g_t, k_t, bias, torch.empty_like(g_t), False, TILES["du"])
             du = du.transpose(1, 2).contiguous()  # (B, L, D)
         if ctx.needs_input_grad[1]:
-            dk_t = toeplitz_products(g_t, u_t, None, g_t.new_empty(1, D, L, dtype=torch.float32), False,
-                                     TILES["dk"])[0]  # (D, L)
+            dk_t = batch_correlation(g_t, u_t, TILES["dk"])  # (D, L)
             dk = dk_t.t()  # (L, D); autograd casts to k's dtype
             dbias = dk_t[:, 0].clone() if ctx.needs_input_grad[2] else None  # lag 0: sum_{b,t} g u
         elif ctx.needs_input_grad[2]:

@@ -4,12 +4,14 @@ import json
 
 import pytest
 
-from bench import bench, bench_report
+from bench import bench, bench_conv, bench_report
+from fast import toeplitz
 
 
 def test_cpu_smoke_writes_rows_targets_and_report(tmp_path):
-    res = bench.main(["--cpu-smoke", "--out", str(tmp_path), "--only", "decode,kd"])
+    res = bench.main(["--cpu-smoke", "--out", str(tmp_path), "--only", "decode,kd,conv", "--conv-tiles"])
     assert not res["errors"]
+    check_conv_section(res, tmp_path)
     rows = res["decode"]
     assert {(r["model"], r["ctx"], r["B"]) for r in rows} == {(m, c, b) for m in ("student", "teacher", "modal")
                                                               for c in (16, 64, 256) for b in (1, 2)}
@@ -32,7 +34,8 @@ def test_cpu_smoke_writes_rows_targets_and_report(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))  # written atomically
     # --only reruns a part and keeps the other sections of the last run at the same sizes
     res2 = bench.main(["--cpu-smoke", "--out", str(tmp_path), "--only", "kd"])
-    assert res2["decode"] == saved["decode"] and set(res2["env"]["kept"]) == {"check", "mixer", "model", "train", "decode"}
+    assert res2["decode"] == saved["decode"] and set(res2["env"]["kept"]) == {"check", "mixer", "conv", "model", "train",
+                                                                             "decode"}
     bench_report.main([str(tmp_path)])  # the report redraws from bench.json alone
     assert "## targets" in (tmp_path / "bench.md").read_text()
 
@@ -43,4 +46,36 @@ def test_unknown_section_is_named(capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "--only 'decode,warp': unknown section(s) ['warp']; choose from (" in err, err
     valid = err.split("choose from (")[1]
-    assert all(f"'{name}'" in valid for name in ("check", "mixer", "model", "train", "decode", "kd")), err
+    assert all(f"'{name}'" in valid for name in ("check", "mixer", "conv", "model", "train", "decode", "kd")), err
+
+
+def check_conv_section(res, tmp_path):
+    """The conv section on the CPU (run by the smoke test above, which it shares to spare CI a run): FFTConv forward
+    and forward+backward at every mixer length up to 8192, with useful TFLOP/s (B D L^2 FLOPs a product, 3 products
+    forward+backward) and no peak share (no known GPU); the Toeplitz rows, and --conv-tiles' sweep (one row a sweep
+    length), skipped with the reason (the kernels need CUDA and Triton); the TILES they would run with recorded."""
+    rows, sizes = res["conv"], bench.SMOKE
+    D, ls = sizes.model["hidden_size"], [L for L in sizes.ls if L <= bench_conv.CONV_MAX_L]
+    assert {(r["op"], r["run"], r["L"]) for r in rows} == {(op, run, L) for op in ("fftconv", "toeplitz")
+                                                          for run in ("fwd", "fwd+bwd") for L in ls} \
+        | {("toeplitz", "sweep", L) for L in (sizes.ls[0], sizes.ls[2])}
+    for r in rows:
+        assert r["B"] == max(1, sizes.mixer_tokens // r["L"]) and r["D"] == D and "error" not in r, r
+        if r["op"] == "fftconv":
+            flops = r["B"] * D * r["L"] ** 2 * (1 if r["run"] == "fwd" else 3)
+            assert r["ms"] > 0 and r["tflops"] == pytest.approx(flops / r["ms"] / 1e9) and r["peak_share"] is None
+        else:
+            assert r["skipped"] == bench_conv.UNSERVED and "ms" not in r, r
+    assert res["env"]["conv_tiles"] == toeplitz.TILES
+    assert "## conv" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_peak_share_is_of_the_device_s_dense_bf16_peak_and_empty_for_unknown_ones():
+    """H100 SXM and H200: 989 dense bf16 TFLOP/s; a GPU not in the table gets no share."""
+    class Fake:
+        res = {"env": {"device": "NVIDIA H100 80GB HBM3"}}
+    row = bench_conv.ConvCases.useful(Fake(), {"ms": 2.0}, 989e9 * 2)
+    assert row["tflops"] == pytest.approx(989) and row["peak_share"] == pytest.approx(1.0)
+    for device, share in (("NVIDIA H200", 0.5), ("NVIDIA A100-SXM4-80GB", None), ("cpu", None)):
+        Fake.res = {"env": {"device": device}}
+        assert bench_conv.ConvCases.useful(Fake(), {"ms": 2.0}, 989e9)["peak_share"] == (share and pytest.approx(share))
