@@ -553,7 +553,8 @@ class GPTNeoX(nn.Module):
         cache = new_cache(self, T)
         logits, _ = self(idx, cache=cache)  # (B, 1, V)
         step = self.make_step(self, cache, idx.shape[0])
-        out, n = idx.new_empty(idx.shape[0], T), idx.shape[1]  # (B, T): the prompt, then each token in its place
+        # (B, T): the prompt, then each new token in its place; int64, the sampled tokens' dtype
+        out, n = idx.new_empty(idx.shape[0], T, dtype=torch.long), idx.shape[1]
         out[:, :n] = idx
         for _ in range(max_new_tokens):
             logits = logits[:, -1].float()  # (B, V)
@@ -570,7 +571,7 @@ class GPTNeoX(nn.Module):
                 break
             if n < T:
                 logits = step(nxt)  # (B, 1, V)
-        return out[:, :n]
+        return out[:, :n].contiguous()  # a copy only where stop() ended it early
 
     @classmethod
     def from_pretrained(cls, name_or_path, revision="main", dtype=torch.float32):

@@ -272,9 +272,9 @@ def toeplitz_conv(u, k, bias):
 
 
 def long_conv(u, k, bias):
-    """hyena.fftconv by the faster path for its length: toeplitz_conv up to TOEPLITZ_MAX_L positions (where its
-    ~L^2 work on tensor cores should beat the FFT's passes over memory), FFTConv beyond. Not yet in fast.TWINS:
-    the crossover waits for GPU measurements.
+    """hyena.fftconv by the faster path for its length: toeplitz_conv up to TOEPLITZ_MAX_L positions, FFTConv
+    beyond. Not yet in fast.TWINS: whether and where the kernels win waits for GPU measurements (v1 only tied
+    FFTConv at 2k and lost 3.6x at 8k: docs/performance.md).
     Plain twin: hyena.fftconv; held equal by
     tests/test_toeplitz.py::test_toeplitz_conv_hands_what_the_kernel_does_not_serve_to_fftconv and
     tests/test_toeplitz.py::test_toeplitz_conv_equals_the_fp64_convolution_and_its_gradients."""

@@ -7,10 +7,10 @@ Carried: .carry/ (small.tar.xz: tokenizer, VAL.txt, WikiText-2, the OpenWebText 
 
 The teacher is claim-2026-12-07.sh's (70m, 160M Gutenberg tokens, seed 1337). Every candidate is `best` (teacher
 init, independent alignment of the mixers for a fixed share, then end-to-end KL, wsd) at 1/4 of the teacher's
-training GPU-minutes, seed 1337, data stream "best": the control is bitwise the sweep's best@1/4. A greedy
-coordinate search changes one setting of the incumbent at a time and keeps a change that lowers Gutenberg-val
-perplexity (1M tokens, context 2048: the table's protocol) by more than KEEP (the two seeds of best@1/4 differed
-by 0.16 %). Each move is decided from the results of the moves before it, all cached in runs/search/, so a call
+training GPU-minutes, seed 1337, data stream "best": the control is the sweep's best at 1/4 (same command and
+settings, this run's teacher, a run of its own rather than a branch). A greedy coordinate search changes one
+setting of the incumbent at a time and keeps a change that lowers Gutenberg-val perplexity (1M tokens, context
+2048: the table's protocol) by more than KEEP (the two seeds of the claim's best@1/4 differed by 0.25 %). Each move is decided from the results of the moves before it, all cached in runs/search/, so a call
 replays the decisions and runs the first candidate without a score.
 """
 import json
@@ -31,7 +31,7 @@ from experiment.scaling import teacher_minutes  # noqa: E402
 from training.branches import branch_folder, budget_name  # noqa: E402
 from cli import write_atomic  # noqa: E402
 
-KEEP = 0.003  # a change is kept when it lowers the perplexity by more than 0.3 %
+KEEP = 0.003  # a change is kept when it lowers the perplexity by more than 0.3 % (seed noise: ~0.25 %)
 BASE = dict(e2e_lr=3e-4, align=0.0625, train="all", tau=1.0, ce=0.0)  # the sweep's `best`
 SHARED, DATA, RUNS, LOGS = Path("data/shared"), Path("data"), Path("runs"), Path("runs/logs")
 TOK = SHARED / "tokenizer/20B_tokenizer.json"
@@ -59,6 +59,8 @@ def step(cmd, log):
             proc.wait(timeout=35)
         except subprocess.TimeoutExpired:
             proc.kill()
+            runner.finish(proc)
+            raise SystemExit(f"deadline: {log} killed before its checkpoint; call again (it resumes from the last one)")
         runner.finish(proc)
         raise SystemExit(f"deadline: {log} stopped with a checkpoint; call again")
     if runner.finish(proc):
@@ -224,6 +226,8 @@ if __name__ == "__main__":
         report(Path(sys.argv[2]), Path(sys.argv[3]))
         raise SystemExit(0)
     MODE, DEADLINE = sys.argv[1], float(sys.argv[2])
+    if MODE not in ("search", "final"):
+        raise SystemExit(f"{sys.argv[0]}: mode {MODE!r}: choose search, final or report")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:
         teacher, minutes = setup()
