@@ -10,17 +10,13 @@ With --conv-tiles the section first times each product of the kernels alone (y, 
 fast.toeplitz.TILE_SWEEP configuration, at the sweep lengths (the mixer's first and third: 2048 and 8192), prints
 the fastest correct one per product and length, and times its rows with the fastest at the first length (TILES
 for the file: env.conv_tiles). Where the kernels do not serve (no CUDA, no Triton) the Toeplitz rows record why
-instead. A mixin of bench.Bench: it uses the bench's device, sizes, timer and `case` recorder."""
+instead. A mixin of bench.Bench: it uses the bench's device, sizes, timer, `case` recorder and `rel` error."""
 import torch
 
 CONV_MAX_L = 8192  # the longest length timed: the Toeplitz kernel's range (fast.toeplitz.TOEPLITZ_MAX_L's ceiling)
 PEAK_TFLOPS = {"H100 80GB HBM3": 989, "H100 SXM": 989, "H200": 989}  # dense bf16 tensor cores, by device name
 UNSERVED = "the Toeplitz kernels need Triton and CUDA (fast.toeplitz.available)"
 SWEEP_TOL = 1e-2  # a sweep configuration counts only within this relative error of FFTConv (bf16 outputs: ~2e-3)
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 class ConvCases:
@@ -63,7 +59,7 @@ class ConvCases:
             return (y, *torch.autograd.grad(y, args, g))
         res = self.useful(self.timed(lambda: outputs(conv), B * L), B * D * L * L * (1 if run == "fwd" else 3))
         if op == "toeplitz":
-            res["rel_err"] = max(rel(x, r) for x, r in zip(outputs(conv), outputs(fftconv)))
+            res["rel_err"] = max(self.rel(x, r) for x, r in zip(outputs(conv), outputs(fftconv)))
         return res
 
     def conv_sweep(self, toeplitz):
@@ -106,5 +102,5 @@ class ConvCases:
                 "du": lambda: toeplitz.toeplitz_products(g_t, k_t, bias, out, False, tiles),
                 "dk": lambda: toeplitz.batch_correlation(g_t, u_t, tiles)}[product]
         got = step()
-        err = rel(got.transpose(-1, -2), ref)  # (B, L, D) or (L, D), as FFTConv's
+        err = self.rel(got.transpose(-1, -2), ref)  # (B, L, D) or (L, D), as FFTConv's
         return {**self.useful(self.timed(step, B * L), B * D * L * L), "rel_err": err}
