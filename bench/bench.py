@@ -6,7 +6,8 @@
 
 Sections (one GPU, bf16 autocast; B*L constant across L within a section):
   check   each fast path against its reference on this device, as relative errors (bench_check.py)
-  mixer   HyenaOperator (order 2) vs causal SDPA `Attention`: forward (no_grad) and forward+backward
+  mixer   HyenaOperator (order 2) vs causal SDPA `Attention`: forward (no_grad) and forward+backward; compiled,
+          also "hyena-fftconv", the operator with FFTConv where fast.install gives the Toeplitz kernels
   conv    the long convolution alone, FFTConv vs the block-Toeplitz kernels (fast/toeplitz.py), L <= 8192: forward
           and forward+backward, useful TFLOP/s and their share of the GPU's bf16 peak; --conv-tiles first times
           each product at every fast.toeplitz.TILE_SWEEP configuration and runs with the fastest (bench_conv.py)
@@ -41,11 +42,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench.py`: import from the repo root
 from bench.bench_check import Checks
-from bench.bench_conv import ConvCases
+from bench.bench_conv import CONV_MAX_L, ConvCases
 from bench.bench_report import MODES, SECTIONS, fmt, keep_previous, table, targets, write
 from bench.bench_train import TrainCases
 import fast
 from fast.decode import decode_step
+from fast.fftconv import fftconv
 from hyena import Attention, Config, HyenaOperator, make_student, new_cache
 from modal.student import build
 
@@ -154,17 +156,22 @@ class Bench(Checks, TrainCases, ConvCases):
         ls = self.s.ls
         for L in ls:
             B = max(1, self.s.mixer_tokens // L)
-            for op in ("hyena", "sdpa"):
+            for op in ("hyena", "hyena-fftconv", "sdpa"):
                 for backward in (False, True) if L != ls[-1] else (False,):
-                    # eager everywhere; compiled too (fused elementwise work) at the target lengths, fwd+bwd
-                    for compiled in {False, backward and L in (ls[2], ls[5]) and max(self.modes)}:
+                    # eager everywhere; compiled too (fused elementwise work) at the target lengths, fwd+bwd;
+                    # hyena-fftconv (the FFT path where fast.install would give the Toeplitz kernels) only there
+                    for compiled in {False, backward and L in (ls[0], ls[2], ls[5]) and max(self.modes)}:
+                        if op == "hyena-fftconv" and (not compiled or L > CONV_MAX_L):
+                            continue
                         self.case("mixer", dict(op=op, run="fwd+bwd" if backward else "fwd", L=L, B=B,
                                                 compiled=compiled),
                                   lambda: self.mixer_case(op, B, L, backward, compiled))
 
     def mixer_case(self, op, B, L, backward, compiled):
         D = self.cfg.hidden_size
-        m = fast.install(HyenaOperator(D, L, order=2) if op == "hyena" else Attention(self.cfg), self.cuda).to(self.dev)
+        m = fast.install(Attention(self.cfg) if op == "sdpa" else HyenaOperator(D, L, order=2), self.cuda).to(self.dev)
+        if op == "hyena-fftconv":
+            m.long_conv = fftconv
         m = torch.compile(m) if compiled else m
         x = torch.randn(B, L, D, device=self.dev, requires_grad=backward)  # (B, L, D)
         g = torch.randn(B, L, D, device=self.dev, dtype=torch.bfloat16 if self.cuda else None)  # dLoss/dy

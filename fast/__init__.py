@@ -10,7 +10,7 @@ fast.losses.lm_loss, distill.kd_loss -> fast.losses.kd_loss). `wanted` reads the
 
   fftconv.py  the FFT long convolution with a hand-written backward      twin of hyena.fftconv
   toeplitz.py the long convolution as block-Toeplitz products (Triton)   twin of hyena.fftconv
-              for training lengths; not in TWINS until GPU timings choose
+              up to TOEPLITZ_MAX_L positions, fftconv.py's beyond (long_conv)
   losses.py   the head's loss fused with its gradient, chunk by chunk     twins of train.lm_loss, distill.kd_loss
   decode.py   a Triton kernel for Hyena's decoding step; CUDA graphs;     twins of hyena.history_conv,
               a Triton scan for a modal prefill's state                          hyena.eager_step, modal.fit.prefill_state
@@ -18,11 +18,11 @@ fast.losses.lm_loss, distill.kd_loss -> fast.losses.kd_loss). `wanted` reads the
 import inspect
 
 import hyena
-from fast import decode, fftconv
+from fast import decode, toeplitz
 from modal import fit
 
 TWINS = {  # plain function -> its fast twin, wherever a module holds it as an attribute
-    hyena.fftconv: fftconv.fftconv,             # HyenaOperator.long_conv
+    hyena.fftconv: toeplitz.long_conv,          # HyenaOperator.long_conv (FFTConv where Toeplitz does not serve)
     hyena.history_conv: decode.long_conv_step,  # HyenaFilter.history_conv (the decoding step's long convolution)
     fit.prefill_state: decode.prefill_state,    # ModalFilter.prefill_state (a modal prefill's recurrence state)
     hyena.eager_step: decode.cuda_graph_step,   # GPTNeoX.make_step (generate's step: a CUDA graph's replay)

@@ -223,6 +223,38 @@ def batch_correlation(g, u, tiles):
     return dk.view(D, n_blk * W)[:, :L]  # block 0's first C - 1 (lags < 0) dropped
 
 
+# The kernels as custom ops: torch.compile sees each as one opaque call (its shape from the fake) and does not trace
+# the launch code; the tiles are read from TILES when the op runs.
+@torch.library.custom_op("fast::toeplitz_y", mutates_args=())
+def _y_op(u_t: torch.Tensor, k_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return toeplitz_products(u_t, k_t, bias, torch.empty_like(u_t), True, TILES["y"])  # (B, D, L)
+
+
+@torch.library.custom_op("fast::toeplitz_du", mutates_args=())
+def _du_op(g_t: torch.Tensor, k_t: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return toeplitz_products(g_t, k_t, bias, torch.empty_like(g_t), False, TILES["du"])  # (B, D, L)
+
+
+@torch.library.custom_op("fast::toeplitz_dk", mutates_args=())
+def _dk_op(g_t: torch.Tensor, u_t: torch.Tensor) -> torch.Tensor:
+    return batch_correlation(g_t, u_t, TILES["dk"]).contiguous()  # (D, L) fp32
+
+
+@_y_op.register_fake
+def _(u_t, k_t, bias):
+    return torch.empty_like(u_t)
+
+
+@_du_op.register_fake
+def _(g_t, k_t, bias):
+    return torch.empty_like(g_t)
+
+
+@_dk_op.register_fake
+def _(g_t, u_t):
+    return g_t.new_empty(g_t.shape[1:], dtype=torch.float32)
+
+
 class ToeplitzConv(torch.autograd.Function):
     """hyena.fftconv as block-Toeplitz products (toeplitz_products, batch_correlation) for bf16/fp16 activations
     u (B, L, D), the filter k (L, D) rounded to u's dtype, bias (D,); y in u's dtype, dk and dbias fp32. Saves
@@ -236,7 +268,7 @@ class ToeplitzConv(torch.autograd.Function):
         B, L, D = u.shape
         u_t = channels_first(u, L, u.dtype)  # (B, D, L)
         k_t = channels_first(k[None], L, u.dtype)[0]  # (D, L), rounded to u's dtype
-        y_t = toeplitz_products(u_t, k_t, bias, torch.empty_like(u_t), True, TILES["y"])  # (B, D, L)
+        y_t = _y_op(u_t, k_t, bias)  # (B, D, L)
         ctx.save_for_backward(u_t, k_t, bias)
         return y_t.transpose(1, 2).contiguous()  # (B, L, D)
 
@@ -247,10 +279,9 @@ class ToeplitzConv(torch.autograd.Function):
         g_t = channels_first(g, L, u_t.dtype)  # (B, D, L)
         du = dk = dbias = None
         if ctx.needs_input_grad[0]:
-            du = toeplitz_products(g_t, k_t, bias, torch.empty_like(g_t), False, TILES["du"])
-            du = du.transpose(1, 2).contiguous()  # (B, L, D)
+            du = _du_op(g_t, k_t, bias).transpose(1, 2).contiguous()  # (B, L, D)
         if ctx.needs_input_grad[1]:
-            dk_t = batch_correlation(g_t, u_t, TILES["dk"])  # (D, L)
+            dk_t = _dk_op(g_t, u_t)  # (D, L)
             dk = dk_t.t()  # (L, D); autograd casts to k's dtype
             dbias = dk_t[:, 0].clone() if ctx.needs_input_grad[2] else None  # lag 0: sum_{b,t} g u
         elif ctx.needs_input_grad[2]:
@@ -273,8 +304,8 @@ def toeplitz_conv(u, k, bias):
 
 def long_conv(u, k, bias):
     """hyena.fftconv by the faster path for its length: toeplitz_conv up to TOEPLITZ_MAX_L positions, FFTConv
-    beyond. Not yet in fast.TWINS: whether and where the kernels win waits for GPU measurements (v1 only tied
-    FFTConv at 2k and lost 3.6x at 8k: docs/performance.md).
+    beyond (and wherever the kernels do not serve: the CPU, fp32). fast.install puts it in a HyenaOperator's
+    `long_conv`; the crossover comes from bench/bench.py's conv section (docs/performance.md).
     Plain twin: hyena.fftconv; held equal by
     tests/test_toeplitz.py::test_toeplitz_conv_hands_what_the_kernel_does_not_serve_to_fftconv and
     tests/test_toeplitz.py::test_toeplitz_conv_equals_the_fp64_convolution_and_its_gradients."""
