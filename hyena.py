@@ -25,6 +25,7 @@ What this file leaves out, and where it is:
                length), tied embeddings, RoPE scalings other than linear and dynamic (NTK).
 """
 import math
+from functools import partial
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -491,9 +492,26 @@ def new_cache(model, max_len):
     return Cache(max_len, pos, [None] * len(model.gpt_neox.layers))
 
 
-def eager_step(model, cache, batch):
-    """generate's decoding step after a prefill: tokens (B, 1) -> logits (B, 1, V) (fast/ replays a CUDA graph)."""
-    return lambda tokens: model(tokens, cache=cache)[0]
+def sample(logits, temperature=1.0, top_k=None):
+    """The next tokens (B, 1) from logits (B, V): the argmax at temperature 0, else a draw from softmax(logits /
+    temperature) over the top_k. It draws as torch.multinomial(probs, 1) does (argmax of probs / Exp(1) noise: the
+    same tokens from the same generator state) minus its check of probs on the host: nothing reads the device
+    back, so a CUDA graph can capture it with the step."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, -float("inf"))
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    return (probs / torch.empty_like(probs).exponential_()).argmax(-1, keepdim=True)  # (B, 1)
+
+
+def eager_step(model, cache, batch, pick):
+    """generate's decoding step after a prefill: tokens (B, 1) -> pick(the next logits (B, V)), e.g. the next
+    tokens (fast/ replays it from a CUDA graph)."""
+    return lambda tokens: pick(model(tokens, cache=cache)[0][:, -1])
 
 
 class GPTNeoX(nn.Module):
@@ -542,8 +560,9 @@ class GPTNeoX(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop=None, extrapolate=False):
-        """Sample max_new_tokens after idx (B, T); temperature 0 is greedy. Caches make each step O(T D).
-        stop(idx) -> True ends it early (called after every new token with everything so far). Attention layers
+        """Sample max_new_tokens after idx (B, T) (`sample`; temperature 0 is greedy). Caches make each step O(T D).
+        stop(idx) -> True ends it early (called after every new token with everything so far; the one part that
+        reads the device back each token). Attention layers
         run up to max_position_embeddings; extrapolate=True lets RoPE run past it (a context it never trained at)."""
         T, limit = idx.shape[1] + max_new_tokens, self.config.max_position_embeddings
         if "attention" in self.config.mixers and T > limit and not extrapolate:
@@ -552,25 +571,17 @@ class GPTNeoX(nn.Module):
                              "at; shorten the prompt or max_new_tokens, or pass extrapolate=True to run RoPE past it")
         cache = new_cache(self, T)
         logits, _ = self(idx, cache=cache)  # (B, 1, V)
-        step = self.make_step(self, cache, idx.shape[0])
+        pick = partial(sample, temperature=temperature, top_k=top_k)
+        nxt, step = pick(logits[:, -1]), None  # (B, 1)
         # (B, T): the prompt, then each new token in its place; int64, the sampled tokens' dtype
         out, n = idx.new_empty(idx.shape[0], T, dtype=torch.long), idx.shape[1]
         out[:, :n] = idx
-        for _ in range(max_new_tokens):
-            logits = logits[:, -1].float()  # (B, V)
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, -float("inf"))
-                nxt = torch.multinomial(F.softmax(logits, dim=-1), 1)  # (B, 1)
-            out[:, n], n = nxt[:, 0], n + 1  # no sequence regrown by a copy per token
-            if stop is not None and stop(out[:, :n]):
+        while n < T:
+            out[:, n], n = nxt[:, 0], n + 1  # no sequence regrown by a copy per token, no read of the device
+            if n == T or (stop is not None and stop(out[:, :n])):
                 break
-            if n < T:
-                logits = step(nxt)  # (B, 1, V)
+            step = step or self.make_step(self, cache, idx.shape[0], pick)
+            nxt = step(nxt)  # (B, 1): the model's step and the draw
         return out[:, :n].contiguous()  # a copy only where stop() ended it early
 
     @classmethod

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pretrained.config import from_hf, to_hf
-from hyena import Config, GPTNeoX, HyenaOperator, make_student, new_cache
+from hyena import Config, GPTNeoX, HyenaOperator, make_student, new_cache, sample
 
 TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=160, num_hidden_layers=3, vocab_size=211,
             max_position_embeddings=64)
@@ -366,6 +366,30 @@ def test_sampling_respects_top_k():
     logits = model(prompt)[0][0, -1]
     out = model.generate(prompt, max_new_tokens=1, temperature=1.0, top_k=1)
     assert out[0, -1] == logits.argmax()
+
+
+def test_sample_draws_what_multinomial_draws_without_reading_the_device_back():
+    """hyena.sample is torch.multinomial's own draw for one sample (probs / Exp(1) noise, argmax), minus its host
+    check: from the same generator state, the same tokens, with top_k and temperature applied first."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoHostReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            assert func not in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default), func
+            return func(*args, **(kwargs or {}))
+
+    logits = torch.randn(64, 300) * 3
+    for temperature, top_k in ((1.0, None), (0.7, 20)):
+        scaled = logits / temperature
+        if top_k:
+            scaled = scaled.masked_fill(scaled < scaled.topk(top_k).values[:, -1:], -float("inf"))
+        torch.manual_seed(3)
+        want = torch.multinomial(scaled.softmax(-1), 1)
+        torch.manual_seed(3)
+        with NoHostReads():
+            got = sample(logits, temperature, top_k)
+        assert got.shape == (64, 1) and torch.equal(got, want)
+    assert torch.equal(sample(logits, 0), logits.argmax(-1, keepdim=True))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 autocast check needs CUDA")

@@ -231,7 +231,7 @@ class Bench(Checks, TrainCases, ConvCases):
             # again; Hyena's short-conv tails are not restored, which changes values, not the work
             with self.autocast():
                 for i in range(steps):
-                    one(nxt[:, i:i + 1])  # (B, 1) -> logits (B, 1, V)
+                    one(nxt[:, i:i + 1])  # (B, 1) -> logits (B, V)
         return {"prefill_s": prefill_s, "cache_bytes_per_seq": per_seq, **self.timed(step, B * steps)}
 
 

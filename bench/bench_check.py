@@ -152,7 +152,7 @@ class Checks:
             with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=graph):
                 logits = [m(idx[:, :ctx], cache=cache)[0]]
                 one = decode_step(m, cache, B, graph=mode == "graph")
-                logits += [one(idx[:, i:i + 1]).clone() for i in range(ctx, ctx + steps - 1)]
+                logits += [one(idx[:, i:i + 1])[:, None].clone() for i in range(ctx, ctx + steps - 1)]
             runs.append(torch.cat(logits, 1))  # (B, steps, V)
         ref = runs[1] if graph else m(idx)[0][:, ctx - 1:-1]  # the full forward's logits at the same positions
         return self.rel(runs[0], ref)

@@ -139,15 +139,17 @@ def prefill_state(z, log_decay, angle):
 
 
 @torch.no_grad()
-def graphed_step(model, cache, batch):
-    """One cached decoding step of a hyena.Cache captured as a CUDA graph, after a prefill:
-    step(tokens (B, 1)) -> logits (B, 1, V) (one static tensor, overwritten by the next call). Replaying the captured kernels skips
-    the ~100 small launches per token that otherwise cost more than their work. Runs under the caller's
-    autocast (with its weight-cast cache off, as graphs need).
+def graphed_step(model, cache, batch, pick=lambda logits: logits):
+    """One cached decoding step of a hyena.Cache and the `pick` of its logits (hyena.sample: the draw of the next
+    tokens), captured together as a CUDA graph after a prefill: step(tokens (B, 1)) -> pick(logits (B, V)) (one
+    static tensor, overwritten by the next call). Replaying the captured kernels skips the ~100 small launches
+    per token that otherwise cost more than their work; with the draw inside, nothing reads the device back.
+    Runs under the caller's autocast (with its weight-cast cache off, as graphs need). The warm-up runs pick
+    twice (random draws move the generator: sampled tokens are the eager step's distribution, not its stream).
     Plain twin: hyena.eager_step (one eager cached step); the CPU holds the step capturable, in
     test_hyena.py::test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_them and
     tests/test_modal.py::test_modal_decoding_steps_never_read_the_device_back; bench/bench.py's check section
-    holds replayed and eager logits equal on the GPU."""
+    holds replayed and eager logits, and greedy tokens, equal on the GPU."""
     pos = cache.pos
     if int(pos) + 2 > cache.max_len:  # a host read, before any capture
         raise ValueError(f"graphed_step warms up on the next two positions, but the cache ends at "
@@ -157,34 +159,35 @@ def graphed_step(model, cache, batch):
     saved = [t.clone() for t in moving]  # (a modal layer's recurrence state must come back exactly)
     amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
                          cache_enabled=False)
+    one = eager_step(model, cache, batch, pick)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), amp:
         for _ in range(2):  # warm-up off the capture: cuBLAS handles, allocator pools
-            model(tok, cache=cache)
+            one(tok)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), amp:
-        logits, _ = model(tok, cache=cache)  # captured, not run
+        out = one(tok)  # captured, not run
     for t, now in zip(saved, moving):
         now.copy_(t)  # undo the warm-up (its history writes lie at positions the real steps overwrite first)
 
     def step(tokens):
         tok.copy_(tokens)
         graph.replay()
-        return logits
+        return out
     return step
 
 
-def cuda_graph_step(model, cache, batch):
+def cuda_graph_step(model, cache, batch, pick):
     """generate's decoding step (GPTNeoX.make_step) replayed from a CUDA graph (graphed_step) where the cache is on
-    CUDA with room for the graph's warm-up, else launched eagerly: step(tokens (B, 1)) -> logits (B, 1, V).
+    CUDA with room for the graph's warm-up, else launched eagerly: step(tokens (B, 1)) -> pick(logits (B, V)).
     Plain twin: hyena.eager_step; held equal on the GPU by bench/bench.py's check section, and capturable by
     test_hyena.py::test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_them."""
     graph = cache.pos.is_cuda and int(cache.pos) + 2 <= cache.max_len  # (a host read, before any capture)
-    return graphed_step(model, cache, batch) if graph else eager_step(model, cache, batch)
+    return graphed_step(model, cache, batch, pick) if graph else eager_step(model, cache, batch, pick)
 
 
-def decode_step(model, cache, batch, graph):
-    """step(tokens (B, 1)) -> logits (B, 1, V) after a prefill: replayed from a CUDA graph, or launched eagerly."""
-    return graphed_step(model, cache, batch) if graph else eager_step(model, cache, batch)
+def decode_step(model, cache, batch, graph, pick=lambda logits: logits):
+    """step(tokens (B, 1)) -> pick(logits (B, V)) after a prefill: replayed from a CUDA graph, or launched eagerly."""
+    return graphed_step(model, cache, batch, pick) if graph else eager_step(model, cache, batch, pick)
