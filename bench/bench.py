@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench.py`: import from the repo root
 from bench.bench_check import Checks
 from bench.bench_conv import CONV_MAX_L, ConvCases
-from bench.bench_report import MODES, SECTIONS, fmt, keep_previous, table, targets, write
+from bench.bench_report import MODAL_STATE, MODES, SECTIONS, fmt, keep_previous, table, targets, write
 from bench.bench_train import TrainCases
 import fast
 from fast.decode import decode_step
@@ -74,7 +74,6 @@ SMOKE = Sizes(dict(hidden_size=32, num_attention_heads=4, intermediate_size=128,
               [16 << i for i in range(7)], 512, 256, 2, 32, 512, [16, 64, 256], [1, 2], 4, 1, 2)
 
 
-MODAL_STATE = 16  # modes per channel of the decode section's modal student
 
 
 class Bench(Checks, TrainCases, ConvCases):

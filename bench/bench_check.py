@@ -8,6 +8,7 @@ import torch
 
 import fast
 import fast.losses
+from bench.bench_report import MODAL_STATE
 from fast.decode import decode_step
 from hyena import HyenaOperator, new_cache
 
@@ -41,7 +42,10 @@ class Checks:
                               ("student CUDA-graph steps vs eager steps, bf16: logits", 1e-2,
                                lambda: self.check_decode(0, graph=True)),
                               ("teacher CUDA-graph steps vs eager steps, bf16: logits", 1e-2,
-                               lambda: self.check_decode(1, graph=True))):
+                               lambda: self.check_decode(1, graph=True)),
+                              *((f"{name} greedy generate, CUDA graph vs eager, fp32, 256 tokens: share differing",
+                                 0.0, lambda which=which: self.check_greedy(which))
+                                for which, name in ((2, "modal student"), (1, "teacher")))):
             if ("graph" in name or "Triton" in name or "training step" in name) and not self.cuda:
                 continue
             self.case("check", dict(check=name), lambda: (lambda e: {"rel_err": e, "tol": tol,
@@ -140,6 +144,20 @@ class Checks:
         with fp32_matmuls():  # the plain twin's bmm in true fp32
             plain = fit.prefill_state(z, w, th)
         return fast_err / self.rel(torch.view_as_real(plain), ref)  # fp32's phases k theta round both
+
+    @torch.no_grad()
+    def check_greedy(self, which, ctx=256, steps=256, B=2):
+        """generate(temperature=0) with fast.install's CUDA-graph step against the eager step, in fp32: the share
+        of the new tokens that differ (0 when the graph replays the same computation)."""
+        n = self.cfg.num_hidden_layers
+        cfg = replace(self.cfg, max_position_embeddings=ctx + steps)
+        m = (None, self.build(cfg), self.build(replace(cfg, mixers=["hyena"] * n,
+                                                        hyena_modal_state=[MODAL_STATE] * n)))[which]
+        prompt, runs = self.tokens(B, ctx), []
+        for on in (True, False):
+            fast.install(m, on)
+            runs.append(m.generate(prompt, steps, temperature=0)[:, ctx:])  # (B, steps)
+        return (runs[0] != runs[1]).float().mean().item()
 
     @torch.no_grad()
     def check_decode(self, which, graph=False, ctx=256, steps=16, B=2):
