@@ -377,9 +377,23 @@ class HyenaState:
         return [self.tail]  # updated in place at every step (the history is written at the step's own position)
 
 
+def mix_step(op, state, p, pos):
+    """A Hyena decoding step between the projections: p (B, (N+1)D) this token's in_proj output -> x0 ⊙ v (B, D),
+    what out_proj takes. The short conv sees the layer state's tail (then keeps p in it), each long conv its
+    state (state.long_conv: the history, or a modal recurrence). fast/ fuses it into one kernel for modal states."""
+    D = op.d_model
+    window = torch.cat([state.tail, p[:, None].to(state.tail.dtype)], dim=1)  # (B, K, (N+1)D)
+    state.tail.copy_(window[:, 1:])
+    pc = short_conv(window, op.short_filter.weight, op.short_filter.bias)[:, -1]  # (B, (N+1)D)
+    *x, v = pc.split(D, dim=-1)  # (B, D) each
+    for o, x_i in enumerate(reversed(x[1:])):
+        v = state.long_conv(o, v * x_i, pos)  # (B, D)
+    return v * x[0]  # (B, D)
+
+
 class HyenaOperator(nn.Module):
     """The Hyena operator of order N: u (B, L, D) -> (B, L, D). `long_conv` is the long convolution, fftconv by
-    default (fast.install swaps in its twin); `filter_fn` the long filter, a HyenaFilter (modal/ swaps in a
+    default, and `mix_step` decoding's step (fast.install swaps in their twins); `filter_fn` the long filter, a HyenaFilter (modal/ swaps in a
     ModalFilter)."""
     def __init__(self, d_model, l_max, order=2, filter_order=64, emb_dim=33, short_filter_order=3, filter_lr=0.0):
         super().__init__()
@@ -394,6 +408,7 @@ class HyenaOperator(nn.Module):
         self.short_filter = nn.Conv1d(width, width, short_filter_order, groups=width, padding=short_filter_order - 1)
         self.filter_fn = HyenaFilter(d_model * (order - 1), l_max, emb_dim, filter_order)
         self.long_conv = fftconv
+        self.mix_step = mix_step  # decoding's step between the projections (fast.install: a fused kernel)
 
     def filters(self, L):
         k = self.filter_fn(L).view(L, self.order - 1, self.d_model)  # (L, N-1, D)
@@ -421,18 +436,11 @@ class HyenaOperator(nn.Module):
 
     def step(self, u, cache, layer):
         """One token at position cache.pos (a device tensor; fixed shapes, so a CUDA graph can capture it): the
-        short conv from the cached tail, then each long conv from the layer's decoding state."""
-        B, L, D = u.shape
-        if L != 1:
-            raise ValueError(f"Hyena decoding takes one token at a time after the prefill, got {L}")
-        state = cache.layers[layer]
-        window = torch.cat([state.tail, self.in_proj(u).to(state.tail.dtype)], dim=1)  # (B, K, (N+1)D)
-        state.tail.copy_(window[:, 1:])
-        pc = short_conv(window, self.short_filter.weight, self.short_filter.bias)[:, -1]  # (B, (N+1)D)
-        *x, v = pc.split(D, dim=-1)  # (B, D) each
-        for o, x_i in enumerate(reversed(x[1:])):
-            v = state.long_conv(o, v * x_i, cache.pos)  # (B, D)
-        return self.out_proj(v * x[0])[:, None]  # (B, 1, D)
+        short conv from the cached tail, then each long conv from the layer's decoding state (mix_step)."""
+        if u.shape[1] != 1:
+            raise ValueError(f"Hyena decoding takes one token at a time after the prefill, got {u.shape[1]}")
+        gated = self.mix_step(self, cache.layers[layer], self.in_proj(u)[:, 0], cache.pos)  # (B, D)
+        return self.out_proj(gated)[:, None]  # (B, 1, D)
 
 
 # ----------------------------------------------------------------------------- the network
