@@ -378,9 +378,8 @@ class HyenaState:
 
 
 def mix_step(op, state, p, pos):
-    """A Hyena decoding step between the projections: p (B, (N+1)D) this token's in_proj output -> x0 ⊙ v (B, D),
-    what out_proj takes. The short conv sees the layer state's tail (then keeps p in it), each long conv its
-    state (state.long_conv: the history, or a modal recurrence). fast/ fuses it into one kernel for modal states."""
+    """Decoding between the projections: p (B, (N+1)D) the token's in_proj -> x0 ⊙ v (B, D), for out_proj. The
+    short conv reads the state's tail (then keeps p), each long conv its state (history or modal recurrence)."""
     D = op.d_model
     window = torch.cat([state.tail, p[:, None].to(state.tail.dtype)], dim=1)  # (B, K, (N+1)D)
     state.tail.copy_(window[:, 1:])
@@ -392,9 +391,8 @@ def mix_step(op, state, p, pos):
 
 
 class HyenaOperator(nn.Module):
-    """The Hyena operator of order N: u (B, L, D) -> (B, L, D). `long_conv` is the long convolution, fftconv by
-    default, and `mix_step` decoding's step (fast.install swaps in their twins); `filter_fn` the long filter, a HyenaFilter (modal/ swaps in a
-    ModalFilter)."""
+    """The Hyena operator of order N: u (B, L, D) -> (B, L, D). `long_conv` (fftconv) and `mix_step` are plain
+    functions fast.install swaps for twins; `filter_fn` the long filter, a HyenaFilter (modal/: a ModalFilter)."""
     def __init__(self, d_model, l_max, order=2, filter_order=64, emb_dim=33, short_filter_order=3, filter_lr=0.0):
         super().__init__()
         if order < 2:
@@ -501,10 +499,9 @@ def new_cache(model, max_len):
 
 
 def sample(logits, temperature=1.0, top_k=None):
-    """The next tokens (B, 1) from logits (B, V): the argmax at temperature 0, else a draw from softmax(logits /
-    temperature) over the top_k. It draws as torch.multinomial(probs, 1) does (argmax of probs / Exp(1) noise: the
-    same tokens from the same generator state) minus its check of probs on the host: nothing reads the device
-    back, so a CUDA graph can capture it with the step."""
+    """Next tokens (B, 1) from logits (B, V): argmax at temperature 0, else drawn from softmax(logits / temperature)
+    over the top_k as torch.multinomial(probs, 1) draws (probs / Exp(1) noise, argmax: the same tokens from the
+    same generator) minus its host check: nothing reads the device back, so a CUDA graph captures it."""
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
@@ -517,8 +514,7 @@ def sample(logits, temperature=1.0, top_k=None):
 
 
 def eager_step(model, cache, batch, pick):
-    """generate's decoding step after a prefill: tokens (B, 1) -> pick(the next logits (B, V)), e.g. the next
-    tokens (fast/ replays it from a CUDA graph)."""
+    """generate's step after a prefill: tokens (B, 1) -> pick(next logits (B, V)) (fast/: a CUDA graph's replay)."""
     return lambda tokens: pick(model(tokens, cache=cache)[0][:, -1])
 
 
@@ -569,9 +565,8 @@ class GPTNeoX(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, stop=None, extrapolate=False):
         """Sample max_new_tokens after idx (B, T) (`sample`; temperature 0 is greedy). Caches make each step O(T D).
-        stop(idx) -> True ends it early (called after every new token with everything so far; the one part that
-        reads the device back each token). Attention layers
-        run up to max_position_embeddings; extrapolate=True lets RoPE run past it (a context it never trained at)."""
+        stop(idx) -> True ends it early (called after each new token with all so far: a host read per token).
+        Attention runs up to max_position_embeddings; extrapolate=True lets RoPE run past it (never trained at)."""
         T, limit = idx.shape[1] + max_new_tokens, self.config.max_position_embeddings
         if "attention" in self.config.mixers and T > limit and not extrapolate:
             raise ValueError(f"generate: {idx.shape[1]} prompt tokens + {max_new_tokens} new = {T} positions, past "

@@ -13,7 +13,8 @@ fast.losses.lm_loss, distill.kd_loss -> fast.losses.kd_loss). `wanted` reads the
               up to TOEPLITZ_MAX_L positions, fftconv.py's beyond (long_conv)
   losses.py   the head's loss fused with its gradient, chunk by chunk     twins of train.lm_loss, distill.kd_loss
   decode.py   a Triton kernel for Hyena's decoding step; CUDA graphs;     twins of hyena.history_conv,
-              a Triton scan for a modal prefill's state                          hyena.eager_step, modal.fit.prefill_state
+              a Triton scan for a modal prefill's state; a modal             hyena.eager_step, modal.fit.prefill_state,
+              layer's step between its projections in one kernel             hyena.mix_step
 """
 import inspect
 
@@ -26,6 +27,7 @@ TWINS = {  # plain function -> its fast twin, wherever a module holds it as an a
     hyena.history_conv: decode.long_conv_step,  # HyenaFilter.history_conv (the decoding step's long convolution)
     fit.prefill_state: decode.prefill_state,    # ModalFilter.prefill_state (a modal prefill's recurrence state)
     hyena.eager_step: decode.cuda_graph_step,   # GPTNeoX.make_step (generate's step: a CUDA graph's replay)
+    hyena.mix_step: decode.mix_step,            # HyenaOperator.mix_step (a modal layer's step: one kernel)
 }
 
 

@@ -26,8 +26,10 @@ import os
 
 import torch
 
+import hyena
 from hyena import eager_step, history_conv
 from modal import fit
+from modal.student import ModalState
 
 try:
     import triton
@@ -86,6 +88,49 @@ if triton is not None:
         tl.store(out_ptr + off, sr, mask=mc[:, None])
         tl.store(out_ptr + off + DM, si, mask=mc[:, None])
 
+    @triton.jit
+    def _modal_mix(p_ptr, tail_ptr, w_ptr, sb_ptr, st_ptr, lam_ptr, res_ptr, dir_ptr, out_ptr, D, d,
+                   N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, DM: tl.constexpr, BLOCK_D: tl.constexpr):
+        """x0 ⊙ v for batch row program_id(0), channels program_id(1) * BLOCK_D + [0, BLOCK_D); see modal_mix_step."""
+        b = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) channels of one group
+        j, n = tl.arange(0, KP), tl.arange(0, DM)  # the tail's rows (K-1 of KP), the modes (d of DM)
+        ok, rows = c < D, j < K - 1
+        W = (N + 1) * D
+        v = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        x0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for step in tl.static_range(N + 1):  # group N (the value v) first, then the gates N-1 .. 1, then 0
+            g = N - step
+            ch = g * D + c  # (BLOCK_D,) columns of the projections
+            m2 = rows[:, None] & ok[None, :]
+            tail = tl.load(tail_ptr + b * (K - 1) * W + j[:, None] * W + ch[None, :], mask=m2, other=0.0)  # (KP, BD)
+            pn = tl.load(p_ptr + b * W + ch, mask=ok, other=0.0).to(tail_ptr.dtype.element_ty)  # rounded as kept
+            w = tl.load(w_ptr + ch[None, :] * K + j[:, None], mask=m2, other=0.0).to(tl.float32)  # taps 0..K-2
+            pc = tl.sum(w * tail.to(tl.float32), axis=0) + tl.load(w_ptr + ch * K + K - 1, mask=ok, other=0.0) * \
+                pn.to(tl.float32) + tl.load(sb_ptr + ch, mask=ok, other=0.0)  # (BLOCK_D,) the short conv
+            # the tail moves on: rows 1.. up one, this token's projections last (all loads of it above)
+            tl.store(tail_ptr + b * (K - 1) * W + (j[:, None] - 1) * W + ch[None, :], tail, mask=m2 & (j[:, None] >= 1))
+            tl.store(tail_ptr + b * (K - 1) * W + (K - 2) * W + ch, pn, mask=ok)
+            if g == N:
+                v = pc
+            elif g == 0:
+                x0 = pc
+            else:  # long conv o = N - 1 - g through its recurrence: y = 2 Re(R . s) + direct z; s = lam s + z
+                o = N - 1 - g
+                z = v * pc  # (BLOCK_D,)
+                cm = o * D + c  # the long conv's channels
+                mm = ok[:, None] & (n[None, :] < d)
+                at = (b * (N - 1) * D + cm)[:, None] * (2 * d) + 2 * n[None, :]  # (BLOCK_D, DM) (re, im) pairs
+                sr, si = tl.load(st_ptr + at, mask=mm, other=0.0), tl.load(st_ptr + at + 1, mask=mm, other=0.0)
+                ap = cm[:, None] * (2 * d) + 2 * n[None, :]
+                lr, li = tl.load(lam_ptr + ap, mask=mm, other=0.0), tl.load(lam_ptr + ap + 1, mask=mm, other=0.0)
+                rr, ri = tl.load(res_ptr + ap, mask=mm, other=0.0), tl.load(res_ptr + ap + 1, mask=mm, other=0.0)
+                y = 2 * tl.sum(rr * sr - ri * si, axis=1) + tl.load(dir_ptr + cm, mask=ok, other=0.0) * z
+                tl.store(st_ptr + at, lr * sr - li * si + z[:, None], mask=mm)
+                tl.store(st_ptr + at + 1, lr * si + li * sr, mask=mm)
+                v = y
+        tl.store(out_ptr + b * D + c, (v * x0).to(out_ptr.dtype.element_ty), mask=ok)
+
 
 def long_conv_step(z, k_rev, pos):
     """z (B, D, T) history (positions > pos ignored), k_rev (D, >= T) with k_rev[d, T-1-j] = k[j, d] (the
@@ -106,6 +151,31 @@ def long_conv_step(z, k_rev, pos):
     _long_conv_step[(B, triton.cdiv(D, BLOCK_D), splits)](z, k_rev, pos.reshape(1), out, B, D, T, k_rev.stride(0),
                                                          chunk, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S)
     return out.sum(0) if splits > 1 else out[0]  # (B, D)
+
+MIX_BLOCK_D = 64  # channels per program of the fused modal step
+
+
+def mix_step(op, state, p, pos):
+    """hyena.mix_step for a modal layer (modal.student.ModalState) in one kernel: the short conv from the tail
+    (which moves on, in place), each long conv's recurrence (its state updated in place) and the gates, in fp32
+    for each channel, where the plain step runs some twenty small kernels in the model's dtype. Other states
+    (a convolutional student's history), fp64 states, or no kernel (`available`): the plain step.
+    Plain twin: hyena.mix_step; held equal, in Triton's CPU interpreter, by
+    tests/test_modal.py::test_fused_modal_step_equals_the_plain_step_in_tritons_interpreter."""
+    if not (isinstance(state, ModalState) and available(p) and state.state.dtype == torch.complex64):
+        return hyena.mix_step(op, state, p, pos)
+    B, W = p.shape
+    D, N, K = op.d_model, op.order, op.short_filter.kernel_size[0]
+    d = state.state.shape[-1]
+    parts = (p, state.tail, op.short_filter.weight, state.state, state.lam, state.res, state.direct)
+    if not all(t.is_contiguous() for t in parts):
+        raise ValueError("fast.decode.mix_step needs contiguous projections, tail, filter and modal state")
+    out = p.new_empty(B, D)
+    _modal_mix[(B, triton.cdiv(D, MIX_BLOCK_D))](
+        p, state.tail, op.short_filter.weight, op.short_filter.bias, torch.view_as_real(state.state),
+        torch.view_as_real(state.lam), torch.view_as_real(state.res), state.direct, out, D, d,
+        N=N, K=K, KP=triton.next_power_of_2(K - 1), DM=triton.next_power_of_2(d), BLOCK_D=MIX_BLOCK_D)
+    return out  # (B, D)
 
 SCAN_CHUNK, SCAN_C = 256, 32  # positions and channels per program of the prefill's scan
 

@@ -77,6 +77,50 @@ def test_prefill_scan_kernel_equals_the_plain_state_in_tritons_interpreter():
     assert fast_err <= max(2 * plain, 1e-6), (plain, fast_err)  # fp32 rounding, no worse than the plain twin's
 
 
+MIX_CHECK = """
+import copy, torch
+import hyena
+from fast import decode
+from hyena import Cache, HyenaOperator
+from modal.student import ModalFilter
+torch.manual_seed(0)
+D, d, B, steps = 40, 5, 3, 6  # channels not a multiple of the program's block, modes not a power of 2
+for order in (2, 3):
+    op = HyenaOperator(D, l_max=16, order=order)
+    op.filter_fn = ModalFilter(D * (order - 1), d)
+    u = torch.randn(B, 9 + steps, D)
+    errs = {}
+    for dtype in (torch.float32, torch.bfloat16):  # the tail (projections) in the model's dtype
+        runs = []
+        for mix, prec in ((hyena.mix_step, torch.float64), (hyena.mix_step, torch.float32), (decode.mix_step, torch.float32)):
+            m = copy.deepcopy(op).to(prec)
+            cache = Cache(max_len=9 + steps, pos=torch.tensor(9), layers=[None])
+            with torch.no_grad():
+                m(u[:, :9].to(prec), cache)  # the prefill fills the state
+                state = cache.layers[0]
+                state.tail = state.tail.to(dtype if prec == torch.float32 else prec)
+                outs = [mix(m, state, m.in_proj(u[:, t].to(prec)).to(state.tail.dtype), cache.pos).double()
+                        for t in range(9, 9 + steps)]
+            runs.append((torch.stack(outs), state.tail.double(), torch.view_as_real(state.state).double()))
+        ref = runs[0]
+        rel = lambda x, r: ((x - r).norm() / r.norm()).item()
+        errs[dtype] = [[rel(x, r) for x, r in zip(run, ref)] for run in runs[1:]]  # plain, fused: out, tail, state
+        print(order, dtype, errs[dtype])
+        (plain_out, plain_tail, plain_state), (out, tail, state) = errs[dtype]
+        assert out <= max(2 * plain_out, 1e-6) and state <= max(2 * plain_state, 1e-6), errs[dtype]
+        assert tail <= max(plain_tail, 1e-7), errs[dtype]  # the same rounding of the kept projections
+print("ok")
+"""
+
+
+def test_fused_modal_step_equals_the_plain_step_in_tritons_interpreter():
+    """fast.decode.mix_step (the short conv, each recurrence and the gates in one Triton kernel), run on the CPU by
+    Triton's interpreter, against hyena.mix_step in fp64, over several steps (the tail and the states move in
+    place): its outputs and states no further from fp64 than the plain step's in fp32, with projections kept
+    in fp32 or bf16."""
+    assert run_interpreted(MIX_CHECK).split()[-1] == "ok"
+
+
 @pytest.mark.parametrize("order", [2, 3])
 def test_recurrent_decoding_equals_the_fft_convolution_with_the_materialised_filter(order):
     """Prefill (FFT + exact state) then one-token recurrence steps = the full forward, whose long convolutions
