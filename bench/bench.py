@@ -1,6 +1,6 @@
 """Speed and memory, side by side in one run: Hyena vs attention, our GPT-NeoX vs transformers, distillation.
 
-    python bench/bench.py [--quick] [--out results/bench] [--only check,mixer,conv,model,train,decode,kd]
+    python bench/bench.py [--quick] [--out results/bench] [--only check,mixer,conv,model,train,decode,kd,serve]
                           [--compile on|off|both] [--conv-tiles]
     python bench/bench.py --cpu-smoke --out /tmp/benchsmoke   # every code path at tiny sizes on the CPU, ~1 minute
 
@@ -21,6 +21,8 @@ Sections (one GPU, bf16 autocast; B*L constant across L within a section):
           replayed from a CUDA graph (decode.graphed_step, what generate uses on a GPU); also the prefill's
           time and the cache's bytes per sequence
   kd      distill.kd_loss forward+backward alone on the train batch's tokens, and its share of an e2e step
+  serve   the teacher against a modal student as a server sees them: generate() against the raw step, and
+          tokens/s against the batch at 64k context up to each one's memory limit (bench_serve.py)
 Timing: warm-up calls first (compilation happens there: `warmup_s`), then CUDA events around each call, no sync
 in between; `ms` is the median, `spread` (max-min)/median. `peak_gb`: max_memory_allocated since the case began,
 models included. Each case records its own OOM/error and the run goes on; bench.json and bench.md are rewritten
@@ -44,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 from bench.bench_check import Checks
 from bench.bench_conv import CONV_MAX_L, ConvCases
 from bench.bench_report import MODAL_STATE, MODES, SECTIONS, fmt, keep_previous, table, targets, write
+from bench.bench_serve import ServeCases
 from bench.bench_train import TrainCases
 import fast
 from fast.decode import decode_step
@@ -66,17 +69,22 @@ class Sizes:
     decode_steps: int
     warmup: int
     repeats: int
+    serve_ctx: int               # the serve section's context
+    serve_batch: dict            # its batches per model ("modal", "teacher"), each swept up to its first OOM
+    serve_short: int             # the context of its generate rows
+    serve_generate_batch: list   # their batches
 
 
 H200 = Sizes({}, [2048 << i for i in range(7)], 131072, 65536, 16, 2048, 65536, [2048, 16384, 65536, 131072], [1, 16], 64,
-             3, 10)
+             3, 10, 65536, dict(modal=[1, 16, 64, 256, 1024, 4096, 16384], teacher=[1, 16, 64, 128, 256]), 2048, [1, 64])
 SMOKE = Sizes(dict(hidden_size=32, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2, vocab_size=256),
-              [16 << i for i in range(7)], 512, 256, 2, 32, 512, [16, 64, 256], [1, 2], 4, 1, 2)
+              [16 << i for i in range(7)], 512, 256, 2, 32, 512, [16, 64, 256], [1, 2], 4, 1, 2, 256,
+              dict(modal=[1, 4], teacher=[1, 4]), 16, [1, 2])
 
 
 
 
-class Bench(Checks, TrainCases, ConvCases):
+class Bench(Checks, TrainCases, ConvCases, ServeCases):
     def __init__(self, sizes, dev, modes, out, env, conv_tiles=False):
         self.s, self.dev, self.modes, self.out, self.cuda = sizes, dev, modes, out, dev.type == "cuda"
         self.conv_tiles = conv_tiles  # the conv section sweeps fast.toeplitz.TILE_SWEEP first

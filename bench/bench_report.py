@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 from cli import write_atomic
 
 MODAL_STATE = 16  # modes per channel of the decode section's (and checks') modal student
-SECTIONS = ("check", "mixer", "conv", "model", "train", "decode", "kd")
+SECTIONS = ("check", "mixer", "conv", "model", "train", "decode", "kd", "serve")
 MODES = {"on": [True], "off": [False], "both": [True, False]}  # --compile: which of compiled / eager run
 
 
@@ -67,7 +67,13 @@ def targets(res, s, modes):
                 res, "decode", "tok_s", dict(model="student", ctx=ctx, B=B, graph=g),
                 dict(model="teacher", ctx=ctx, B=B, graph=g)), ">=", 1.0)
               for g in (False, True) for B in s["decode_batch"]),
-            (f"kd_loss share of a distill e2e step ({tag})", get(res, "kd", "share", dict(compiled=c)), "<=", 0.25)]
+            (f"kd_loss share of a distill e2e step ({tag})", get(res, "kd", "share", dict(compiled=c)), "<=", 0.25),
+            *((f"modal student decode tok/s, ctx={s['serve_ctx']}, B={B}, CUDA graph (H100 goal)",
+               get(res, "serve", "tok_s", dict(model="modal", run="serve", B=B)), ">=", goal)
+              for B, goal in ((1, 10000), (64, 500000))),
+            *((f"{m} generate tok/s / raw step's, ctx={s['serve_short']}, B={B}",
+               get(res, "serve", "share_of_step", dict(model=m, run="generate", B=B)), ">=", 0.9)
+              for m in ("modal", "teacher") for B in s["serve_generate_batch"])]
     return [{"target": t, "measured": v, "goal": f"{op} {g:g}",
              "ok": "n/a" if v is None else "PASS" if (v >= g if op == ">=" else v <= g) else "FAIL"}
             for t, v, op, g in rows]
@@ -75,13 +81,15 @@ def targets(res, s, modes):
 
 def keep_previous(res, out, only):
     """Sections not in `only` take their rows (and errors) from the last bench.json in `out`, if it was measured
-    at the same sizes; env.kept says when each kept section ran."""
+    at the same sizes (sizes added since, which its sections did not use, aside); env.kept says when each kept
+    section ran."""
     last = out / "bench.json"
     try:
         old = json.loads(last.read_text()) if last.exists() else None
     except ValueError as e:
         raise ValueError(f"{last}: not JSON ({e}); delete it, or pass another --out") from None
-    if not old or old["env"]["sizes"] != res["env"]["sizes"] or not set(SECTIONS) - set(only):
+    if not old or old["env"]["sizes"] != {k: v for k, v in res["env"]["sizes"].items() if k in old["env"]["sizes"]} \
+            or not set(SECTIONS) - set(only):
         return
     res["env"]["kept"] = {n: old["env"].get("kept", {}).get(n, old["env"]["started"]) for n in SECTIONS if n not in only}
     for name in res["env"]["kept"]:

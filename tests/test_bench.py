@@ -8,10 +8,27 @@ from bench import bench, bench_conv, bench_report
 from fast import toeplitz
 
 
+def check_serve_section(res):
+    """generate against the raw step at the short context; the serving sweep per model; no row failed."""
+    rows = res["serve"]
+    assert not [r for r in rows if "error" in r]
+    assert {(r["model"], r["run"], r["B"]) for r in rows} == {
+        *((m, run, B) for m in ("modal", "teacher") for run in ("step", "generate") for B in (1, 2)),
+        *((m, "serve", B) for m in ("modal", "teacher") for B in (1, 4))}
+    for r in rows:
+        assert r["tok_s"] > 0
+        if r["run"] == "generate":
+            step = next(s for s in rows if (s["model"], s["run"], s["B"]) == (r["model"], "step", r["B"]))
+            assert r["share_of_step"] == pytest.approx(r["tok_s"] / step["tok_s"])
+    serve = {(r["model"], r["B"]): r["cache_gb"] for r in rows if r["run"] == "serve"}
+    assert serve["teacher", 4] > 3 * serve["teacher", 1] and serve["modal", 1] < serve["teacher", 1]
+
+
 def test_cpu_smoke_writes_rows_targets_and_report(tmp_path):
-    res = bench.main(["--cpu-smoke", "--out", str(tmp_path), "--only", "decode,kd,conv", "--conv-tiles"])
+    res = bench.main(["--cpu-smoke", "--out", str(tmp_path), "--only", "decode,kd,conv,serve", "--conv-tiles"])
     assert not res["errors"]
     check_conv_section(res, tmp_path)
+    check_serve_section(res)
     rows = res["decode"]
     assert {(r["model"], r["ctx"], r["B"]) for r in rows} == {(m, c, b) for m in ("student", "teacher", "modal")
                                                               for c in (16, 64, 256) for b in (1, 2)}
@@ -35,7 +52,7 @@ def test_cpu_smoke_writes_rows_targets_and_report(tmp_path):
     # --only reruns a part and keeps the other sections of the last run at the same sizes
     res2 = bench.main(["--cpu-smoke", "--out", str(tmp_path), "--only", "kd"])
     assert res2["decode"] == saved["decode"] and set(res2["env"]["kept"]) == {"check", "mixer", "conv", "model", "train",
-                                                                             "decode"}
+                                                                             "decode", "serve"}
     bench_report.main([str(tmp_path)])  # the report redraws from bench.json alone
     assert "## targets" in (tmp_path / "bench.md").read_text()
 

@@ -1,0 +1,110 @@
+"""bench.py's serve section (issue 30): cached decoding as a server sees it, the teacher (KV cache) against a modal
+student (every filter MODAL_STATE modes: a recurrence, O(1) per token at any context), both with fast.install's
+twins, each step replayed from a CUDA graph.
+
+  generate  at a short context (serve_short), B in serve_generate_batch: the raw step (tokens -> logits) and
+            generate()'s tokens/s per new token (its step, the draw, the sequence it keeps), from two generate calls
+            of different lengths (their difference: no prefill, no graph capture), and the share of the raw
+            step's tokens/s generate keeps
+  serve     at serve_ctx context, raw-step tokens/s against the batch, each model up to its memory limit (its first OOM
+            ends its sweep; the rows past it are not tried): cache GB, tokens/s per GB of cache; the modal
+            student's bandwidth floor (its weights read once a step at the GPU's HBM bandwidth: the most a step
+            could do at that batch) and the share reached
+
+A step's work does not depend on what the cache holds: the teacher's step attends over its whole preallocated
+cache (positions past `pos` masked), a modal step reads only its states. So the serving rows prefill a short
+prompt into a cache of serve_ctx + steps positions and move the position to serve_ctx: the same work as after a
+real serve_ctx prefill, without its cost (a B = 4096 prefill of 64k tokens would take minutes). A mixin of
+bench.Bench: it uses the bench's device, sizes, model builder, timer and `case` recorder."""
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+
+from bench.bench_report import MODAL_STATE, get
+from fast.decode import decode_step
+from hyena import new_cache
+
+HBM_TBS = {"H100": 3.35, "H200": 4.8}  # HBM bandwidth, TB/s, by device name (SXM parts)
+PROMPT = 16  # the serving rows' prefill
+
+
+class ServeCases:
+    def serving_models(self, ctx):
+        n = self.cfg.num_hidden_layers
+        cfg = replace(self.cfg, max_position_embeddings=ctx)
+        return (("modal", self.build(replace(cfg, mixers=["hyena"] * n, hyena_modal_state=[MODAL_STATE] * n))),
+                ("teacher", self.build(cfg)))
+
+    def serve(self):
+        s = self.s
+        gen = 4 * s.decode_steps  # generate's longer call: the per-token rate is the difference of two calls
+        for name, m in self.serving_models(s.serve_short + gen + s.decode_steps + 2):
+            for B in s.serve_generate_batch:
+                for run in ("step", "generate"):
+                    self.case("serve", dict(model=name, run=run, ctx=s.serve_short, B=B),
+                              lambda: self.generate_case(m, name, B, run, gen))
+        for name, m in self.serving_models(s.serve_ctx + s.decode_steps + 2):
+            for B in s.serve_batch[name]:
+                row = dict(model=name, run="serve", ctx=s.serve_ctx, B=B)
+                self.case("serve", row, lambda: self.serve_case(m, name, B))
+                if row.get("error") == "OOM":
+                    break  # its memory limit: larger batches are not tried
+            del m
+
+    @torch.no_grad()
+    def generate_case(self, m, name, B, run, gen):
+        s, prompt = self.s, self.tokens(B, self.s.serve_short)
+        if run == "step":  # the raw step after a prefill to the same context
+            cache = new_cache(m, s.serve_short + s.decode_steps + 2)
+            with self.autocast():
+                m(prompt, cache=cache)
+            return self.timed_steps(m, cache, B, s.serve_short)
+        times = {}
+        with self.autocast():
+            m.generate(prompt, 2, temperature=1.0)  # warm-up
+            for n in (gen // 4, gen):
+                runs = []
+                for _ in range(3):
+                    self.sync()
+                    t0 = time.perf_counter()
+                    m.generate(prompt, n, temperature=1.0)
+                    self.sync()
+                    runs.append(time.perf_counter() - t0)
+                times[n] = statistics.median(runs)
+        tok_s = B * (gen - gen // 4) / (times[gen] - times[gen // 4])
+        step = get(self.res, "serve", "tok_s", dict(model=name, run="step", ctx=s.serve_short, B=B))
+        return {"tok_s": tok_s, "ms": 1e3 * B / tok_s, "share_of_step": tok_s / step if step else None,
+                "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None}
+
+    @torch.no_grad()
+    def serve_case(self, m, name, B):
+        s = self.s
+        cache = new_cache(m, s.serve_ctx + s.decode_steps + 2)
+        with self.autocast():
+            m(self.tokens(B, PROMPT), cache=cache)  # the states, allocated for the whole context
+        res = self.timed_steps(m, cache, B, s.serve_ctx)
+        gb = cache.nbytes() / 1e9
+        res.update(cache_gb=gb, tok_s_per_cache_gb=res["tok_s"] / gb)
+        bw = next((v for name, v in HBM_TBS.items() if name in self.res["env"]["device"]), None)
+        if bw and name == "modal":
+            weights = sum(p.numel() for p in m.parameters()) * 2  # bf16 under autocast, read once a step
+            weights -= m.gpt_neox.embed_in.weight.numel() * 2  # the embedding: B rows, not the table
+            floor_tok_s = B / (weights / (bw * 1e12))
+            res.update(floor_tok_s=floor_tok_s, floor_share=res["tok_s"] / floor_tok_s)
+        return res
+
+    def timed_steps(self, m, cache, B, at):
+        """tokens/s of decode_steps raw steps (tokens -> logits), CUDA graphs (eager off CUDA), from position at."""
+        steps, nxt = self.s.decode_steps, self.tokens(B, self.s.decode_steps)
+        cache.pos.fill_(at)
+        with self.autocast():
+            one = decode_step(m, cache, B, self.cuda)
+
+        def step():
+            cache.pos.fill_(at)  # rewind to time the same steps again (the work does not depend on the states)
+            with self.autocast():
+                for i in range(steps):
+                    one(nxt[:, i:i + 1])  # (B, 1) -> logits (B, V)
+        return self.timed(step, B * steps)
