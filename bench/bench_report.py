@@ -81,15 +81,15 @@ def targets(res, s, modes):
 
 def keep_previous(res, out, only):
     """Sections not in `only` take their rows (and errors) from the last bench.json in `out`, if it was measured
-    at the same sizes (sizes added since, which its sections did not use, aside); env.kept says when each kept
-    section ran."""
+    on the same device at the same sizes (sizes added since, which its sections did not use, aside); env.kept says
+    when each kept section ran."""
     last = out / "bench.json"
     try:
         old = json.loads(last.read_text()) if last.exists() else None
     except ValueError as e:
         raise ValueError(f"{last}: not JSON ({e}); delete it, or pass another --out") from None
     if not old or old["env"]["sizes"] != {k: v for k, v in res["env"]["sizes"].items() if k in old["env"]["sizes"]} \
-            or not set(SECTIONS) - set(only):
+            or old["env"]["device"] != res["env"]["device"] or not set(SECTIONS) - set(only):
         return
     res["env"]["kept"] = {n: old["env"].get("kept", {}).get(n, old["env"]["started"]) for n in SECTIONS if n not in only}
     for name in res["env"]["kept"]:
