@@ -46,6 +46,7 @@ try:
 except ImportError:  # CPU-only installs: FFTConv serves
     triton = None
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once: torch.compile then sees a constant
 TOEPLITZ_MAX_L = 8192  # long_conv's crossover to FFTConv: a placeholder until GPU measurements set it
 # Tiles per product, to be tuned on the GPU (python bench/bench.py --only conv --conv-tiles sweeps TILE_SWEEP).
 # y, du: chunk C (the dot's K), width W (N: output positions a program owns per span), rows x batch (M: spans x
@@ -82,8 +83,7 @@ TILE_SWEEP["dk"] = [dict(TILES["dk"]),                                    # M = 
 def available(u):
     """Whether the kernel serves activations u: Triton installed, on CUDA (or in Triton's interpreter, for tests),
     in bf16 or fp16 (tensor cores' inputs; fp32 and fp64 keep FFTConv's precision)."""
-    return (triton is not None and u.dtype in (torch.bfloat16, torch.float16)
-            and (u.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"))
+    return triton is not None and u.dtype in (torch.bfloat16, torch.float16) and (u.is_cuda or INTERPRETED)
 
 
 if triton is not None:
