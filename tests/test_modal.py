@@ -1,5 +1,6 @@
 """Modal filters (Laughing Hyena, modal/): the fit (modal/fit.py), ModalFilter's recurrence in a HyenaOperator,
 to_modal, modal students built and loaded (modal/student.py), and fast/'s twin of the prefill's state."""
+import functools
 import json
 import math
 
@@ -73,7 +74,7 @@ print(plain, worst)
 def test_prefill_scan_kernel_equals_the_plain_state_in_tritons_interpreter():
     """fast.decode.prefill_state (a Triton scan), run on the CPU by Triton's interpreter, against the plain
     modal.fit.prefill_state in fp64 (GPU agreement: bench.py's check section)."""
-    plain, fast_err = map(float, run_interpreted(SCAN_CHECK).split()[-2:])
+    plain, fast_err = map(float, interpreted()[0].split()[-2:])
     assert fast_err <= max(2 * plain, 1e-6), (plain, fast_err)  # fp32 rounding, no worse than the plain twin's
 
 
@@ -118,7 +119,13 @@ def test_fused_modal_step_equals_the_plain_step_in_tritons_interpreter():
     Triton's interpreter, against hyena.mix_step in fp64, over several steps (the tail and the states move in
     place): its outputs and states no further from fp64 than the plain step's in fp32, with projections kept
     in fp32 or bf16."""
-    assert run_interpreted(MIX_CHECK).split()[-1] == "ok"
+    assert interpreted()[1].split()[-1] == "ok"
+
+
+@functools.cache
+def interpreted():
+    """The outputs of SCAN_CHECK and MIX_CHECK, run in one interpreter process (one start of torch and Triton)."""
+    return tuple(run_interpreted(SCAN_CHECK + "\nprint('=' * 8)\n" + MIX_CHECK).split("=" * 8))
 
 
 @pytest.mark.parametrize("order", [2, 3])
