@@ -1,16 +1,17 @@
 """Speed and memory, side by side in one run: Hyena vs attention, our GPT-NeoX vs transformers, distillation.
 
-    python bench/bench.py [--quick] [--out results/bench] [--only check,mixer,conv,model,train,decode,kd,serve]
+    python bench/bench.py [--quick] [--out results/bench] [--only check,conv,mixer,model,train,decode,kd,serve]
                           [--compile on|off|both] [--conv-tiles]
     python bench/bench.py --cpu-smoke --out /tmp/benchsmoke   # every code path at tiny sizes on the CPU, ~1 minute
 
 Sections (one GPU, bf16 autocast; B*L constant across L within a section):
   check   each fast path against its reference on this device, as relative errors (bench_check.py)
-  mixer   HyenaOperator (order 2) vs causal SDPA `Attention`: forward (no_grad) and forward+backward; compiled,
-          also "hyena-fftconv", the operator with FFTConv where fast.install gives the Toeplitz kernels
   conv    the long convolution alone, FFTConv vs the block-Toeplitz kernels (fast/toeplitz.py), L <= 8192: forward
           and forward+backward, useful TFLOP/s and their share of the GPU's bf16 peak; --conv-tiles first times
-          each product at every fast.toeplitz.TILE_SWEEP configuration and runs with the fastest (bench_conv.py)
+          each product at every fast.toeplitz.TILE_SWEEP configuration and runs this section and the later
+          ones with the fastest (bench_conv.py)
+  mixer   HyenaOperator (order 2) vs causal SDPA `Attention`: forward (no_grad) and forward+backward; compiled,
+          also "hyena-fftconv", the operator with FFTConv where fast.install gives the Toeplitz kernels
   model   full-model forward (no_grad): all-Hyena student (make_student, l_max=L) vs the teacher
   train   one optimizer step (forward, backward, clip, fused AdamW) at L=2048: our GPT-NeoX vs
           transformers.GPTNeoXForCausalLM; distill.Distill "e2e" (trains all; teacher forward included) and

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 from cli import write_atomic
 
 MODAL_STATE = 16  # modes per channel of the decode section's (and checks') modal student
-SECTIONS = ("check", "mixer", "conv", "model", "train", "decode", "kd", "serve")
+SECTIONS = ("check", "conv", "mixer", "model", "train", "decode", "kd", "serve")  # the order they run in
 MODES = {"on": [True], "off": [False], "both": [True, False]}  # --compile: which of compiled / eager run
 
 
