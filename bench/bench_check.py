@@ -9,8 +9,9 @@ import torch
 import fast
 import fast.losses
 from bench.bench_report import MODAL_STATE
+from fast import decode
 from fast.decode import decode_step
-from hyena import HyenaOperator, new_cache
+from hyena import HyenaOperator, eager_step, new_cache
 
 
 @contextmanager
@@ -39,11 +40,13 @@ class Checks:
                                2.0, self.check_scan),
                               ("student decode steps vs full forward, fp32: logits", 5e-3, lambda: self.check_decode(0)),
                               ("teacher decode steps vs full forward, fp32: logits", 5e-3, lambda: self.check_decode(1)),
+                              ("modal student decode steps (fused step) vs full forward, fp32: logits", 5e-3,
+                               lambda: self.check_decode(2)),
                               ("student CUDA-graph steps vs eager steps, bf16: logits", 1e-2,
                                lambda: self.check_decode(0, graph=True)),
                               ("teacher CUDA-graph steps vs eager steps, bf16: logits", 1e-2,
                                lambda: self.check_decode(1, graph=True)),
-                              *((f"{name} greedy generate, CUDA graph vs eager, fp32, 256 tokens: share differing",
+                              *((f"{name} greedy generate, CUDA graph vs eager step, fp32, 256 tokens: share differing",
                                  0.0, lambda which=which: self.check_greedy(which))
                                 for which, name in ((2, "modal student"), (1, "teacher")))):
             if ("graph" in name or "Triton" in name or "training step" in name) and not self.cuda:
@@ -147,22 +150,24 @@ class Checks:
 
     @torch.no_grad()
     def check_greedy(self, which, ctx=256, steps=256, B=2):
-        """generate(temperature=0) with fast.install's CUDA-graph step against the eager step, in fp32: the share
-        of the new tokens that differ (0 when the graph replays the same computation)."""
+        """generate(temperature=0) with fast.install's CUDA-graph step against its eager step (fast's kernels in
+        both), in fp32: the share of the new tokens that differ (0 when the graph replays the same computation)."""
         n = self.cfg.num_hidden_layers
         cfg = replace(self.cfg, max_position_embeddings=ctx + steps)
         m = (None, self.build(cfg), self.build(replace(cfg, mixers=["hyena"] * n,
                                                         hyena_modal_state=[MODAL_STATE] * n)))[which]
         prompt, runs = self.tokens(B, ctx), []
-        for on in (True, False):
-            fast.install(m, on)
+        for step in (decode.cuda_graph_step, eager_step):  # fast's kernels in both: the graph is the difference
+            m.make_step = step
             runs.append(m.generate(prompt, steps, temperature=0)[:, ctx:])  # (B, steps)
         return (runs[0] != runs[1]).float().mean().item()
 
     @torch.no_grad()
     def check_decode(self, which, graph=False, ctx=256, steps=16, B=2):
         teacher = self.build(replace(self.cfg, max_position_embeddings=ctx + steps))
-        m = (self.student(teacher, l_max=ctx + steps), teacher)[which]
+        n = self.cfg.num_hidden_layers
+        m = (lambda: self.student(teacher, l_max=ctx + steps), lambda: teacher, lambda: self.build(replace(
+            teacher.config, mixers=["hyena"] * n, hyena_modal_state=[MODAL_STATE] * n)))[which]()
         idx = self.tokens(B, ctx + steps)
         runs = []
         for mode in ("graph", "eager") if graph else ("eager",):

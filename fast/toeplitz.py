@@ -68,8 +68,7 @@ TILE_SWEEP = {p: [dict(TILES[p]),                                         # the 
                   {**TILES[p], "chunk": 128, "stages": 2},                # K = 128 a step, fewer steps
                   {**TILES[p], "chunk": 32, "stages": 4},                 # K = 32, deeper pipeline
                   {**TILES[p], "rows": 4},                                # M = 256: the block shared by twice the rows
-                  {**TILES[p], "width": 64, "warps": 4, "stages": 4},     # less diagonal waste, small tiles
-                  {**TILES[p], "vec": 1}]                                 # the filter itself: do the copies pay?
+                  {**TILES[p], "width": 64, "warps": 4, "stages": 4}]     # less diagonal waste, small tiles
               for p in ("y", "du")}
 TILE_SWEEP["dk"] = [dict(TILES["dk"]),                                    # M = 64, N = 128, K = 32
                     {**TILES["dk"], "rows": 64},                          # K = 64 a step
@@ -184,8 +183,9 @@ def toeplitz_products(x, k, bias, out, causal, tiles):
         raise ValueError(f"toeplitz_products: x {tuple(x.shape)} {x.dtype}, k {tuple(k.shape)} {k.dtype}, "
                          f"out {tuple(out.shape)}, bias {None if bias is None else tuple(bias.shape)}")
     C, W, vec = tiles["chunk"], tiles["width"], tiles["vec"]
-    if W % C or C % vec:
-        raise ValueError(f"toeplitz_products: tiles {tiles}: width must be a multiple of chunk, chunk of vec")
+    if W % C or C % vec or vec % 8:
+        raise ValueError(f"toeplitz_products: tiles {tiles}: width must be a multiple of chunk, chunk of vec, vec of 8 "
+                         "(16-byte rows: vec=1 faulted with a misaligned address on an H100, Triton 3.6)")
     batch = min(tiles["batch"], triton.next_power_of_2(B))
     rows = tiles["rows"] * tiles["batch"] // batch  # the dot's M kept where B is smaller than batch
     n_spans = triton.cdiv(L, W)

@@ -23,7 +23,7 @@ from fast.fftconv import fftconv as fast_fftconv
 from triton_interpreter import run_interpreted
 
 # name: (tiles for y and du, tiles for dk, L, dtype); B = 3 throughout
-CASES = {"tiny": (dict(chunk=4, width=8, rows=2, batch=2, vec=2), dict(chunk=4, width=8, rows=4), 29, "bfloat16"),
+CASES = {"tiny": (dict(chunk=8, width=16, rows=2, batch=2, vec=8), dict(chunk=4, width=8, rows=4), 29, "bfloat16"),
          "batch>B": (dict(chunk=16, width=32, rows=1, batch=8, vec=8), dict(chunk=16, width=16, rows=16), 49,
                      "bfloat16"),
          "chunk32": (dict(chunk=32, width=64, rows=1, batch=2, vec=8), dict(chunk=32, width=64, rows=16), 97,
