@@ -123,8 +123,8 @@ def draw(out, res):
     except ImportError:
         res["errors"]["plot"] = "matplotlib not installed: no bench.png"
         return
-    fig = Figure(figsize=(17, 4.8), layout="constrained")
-    lat, mem, dec = fig.subplots(1, 3)
+    fig = Figure(figsize=(22, 4.8), layout="constrained")
+    lat, mem, dec, srv = fig.subplots(1, 4)
     series = {}
     for r in res["mixer"] + res["model"]:
         key = f"mixer {r['op']} {r['run']}" if "op" in r else f"model {r['model']} fwd"
@@ -145,10 +145,21 @@ def draw(out, res):
         dec.plot([r["ctx"] for r in rows], [r["tok_s"] for r in rows], marker="o", linestyle="--" if graph else "-",
                  color={"student": "C0", "teacher": "C1"}.get(model, "C2"), alpha=1.0 if B > 1 else 0.55,
                  label=f"{model} B={B}{' CUDA graph' if graph else ''}")
+    for ax, rows in ((dec, decoding), (srv, res.get("serve"))):
+        if not rows:
+            ax.text(0.5, 0.5, "section not in this run", ha="center", transform=ax.transAxes)
+    serving = {}
+    for r in res.get("serve", []):
+        if r.get("run") == "serve" and "tok_s" in r:
+            serving.setdefault(r["model"], []).append(r)
+    for model, rows in sorted(serving.items()):
+        srv.plot([r["B"] for r in rows], [r["tok_s"] for r in rows], marker="o", label=model)
+    ctx = next((rows[0]["ctx"] for rows in serving.values()), "")
+    srv.set(yscale="log", xlabel="batch", ylabel="tokens/s", title=f"serving at {ctx} context (each to its memory limit)")
     lat.set(yscale="log", xlabel="L", ylabel="ns per token", title="latency (B*L constant)")
     mem.set(xlabel="L", ylabel="peak GB", title="peak memory (B*L constant)")
     dec.set(yscale="log", xlabel="context", ylabel="tokens/s", title="cached decoding")
-    for ax in (lat, mem, dec):
+    for ax in (lat, mem, dec, srv):
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
         if ax.lines:  # the memory panel stays empty on the CPU

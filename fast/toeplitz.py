@@ -4,7 +4,7 @@ For one channel the causal convolution of all B batch rows is one matrix product
 T the upper-triangular Toeplitz matrix of the filter (T[s, t] = k[t - s]); the backward is du = G @ T^T and
 dk[l] = sum_b sum_t g[b, t] u[b, t - l]; dbias = sum g u is dk's lag 0. About B L^2 / 2 multiply-adds per channel
 and product, on tensor cores in bf16/fp16 with fp32 sums, where the FFT does ~B L log L work in several passes
-over memory (which wins at which L is for GPU timings: bench/bench.py's conv section).
+over memory (measured: bench/bench.py's conv section; the kernels win up to TOEPLITZ_MAX_L).
 
 y and du (`toeplitz_products`, kernel _toeplitz): the filter is the same for every batch row, so a program takes
 one channel, `batch` batch rows and `rows` output spans of `width` positions, and stacks the (batch row, span)
@@ -32,7 +32,7 @@ slots are few; each takes (block, channel) items in turn, heaviest first.
 Precision: the filter is rounded to u's dtype (tensor cores multiply like types), where FFTConv keeps it fp32;
 products of bf16/fp16 values are exact in fp32, sums are fp32, bias u is added in fp32. `toeplitz_conv` serves
 where `available` (Triton; CUDA or its interpreter; bf16/fp16 activations); elsewhere it hands the call to
-FFTConv (fast.fftconv.fftconv), the same function. `long_conv` picks by length (TOEPLITZ_MAX_L, to be measured).
+FFTConv (fast.fftconv.fftconv), the same function. `long_conv` picks by length (TOEPLITZ_MAX_L).
 """
 import os
 
@@ -47,14 +47,17 @@ except ImportError:  # CPU-only installs: FFTConv serves
     triton = None
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once: torch.compile then sees a constant
-TOEPLITZ_MAX_L = 8192  # long_conv's crossover to FFTConv: a placeholder until GPU measurements set it
-# Tiles per product, to be tuned on the GPU (python bench/bench.py --only conv --conv-tiles sweeps TILE_SWEEP).
+# long_conv's crossover to FFTConv: the kernels' range. They win at every length measured up to it (one H100, fwd+bwd,
+# B L = 128k, D = 512: 3.61 ms against FFTConv's 8.48 at 2k, 7.65 against 8.97 at 8k; results/bench/).
+TOEPLITZ_MAX_L = 8192
+# Tiles per product: the fastest of TILE_SWEEP at 2k and at 8k on one H100 (python bench/bench.py --only conv
+# --conv-tiles; results/bench/): y and du 0.444 ms at 2k (309 TFLOP/s useful), dk 0.822 ms (167 TFLOP/s).
 # y, du: chunk C (the dot's K), width W (N: output positions a program owns per span), rows x batch (M: spans x
 # batch rows per program; where B < batch, batch drops to B's next power of two and rows grow to keep M), vec
 # (filter copies: a Toeplitz row starts at a multiple of vec). dk: chunk C (M), width W (N: lags per program),
 # rows (K: (batch row, chunk) pairs per step). warps, stages: Triton's num_warps, num_stages.
-TILES = {"y": dict(chunk=64, width=128, rows=2, batch=64, vec=8, warps=8, stages=3),   # causal, filter k
-         "du": dict(chunk=64, width=128, rows=2, batch=64, vec=8, warps=8, stages=3),  # anticausal, filter k
+TILES = {"y": dict(chunk=64, width=128, rows=4, batch=64, vec=8, warps=8, stages=3),   # causal, filter k
+         "du": dict(chunk=64, width=128, rows=4, batch=64, vec=8, warps=8, stages=3),  # anticausal, filter k
          "dk": dict(chunk=64, width=128, rows=32, warps=4, stages=3)}                  # g against u, batch summed
 # Candidates worth timing on an H100 (reasoning: wgmma takes M in multiples of 64 per warpgroup, N 8..256, K in
 # 16s; a dot's operands sit in shared memory, stages x (M K + K N) x 2 bytes of the 227 KB a block may use; the
@@ -62,13 +65,13 @@ TILES = {"y": dict(chunk=64, width=128, rows=2, batch=64, vec=8, warps=8, stages
 # or 256; the Toeplitz block is loaded once per M rows, so M >= 128; the accumulator, M N / (32 x warps) fp32
 # registers a thread, must leave room: M N <= 128 x 256 at 8 warps). Each compiles for sm_90 with no register
 # spills (triton.compile for an H100 target runs on a CPU); which is fastest is for the GPU.
-TILE_SWEEP = {p: [dict(TILES[p]),                                         # the classic 128 x 128 x 64 tile
+TILE_SWEEP = {p: [{**TILES[p], "rows": 2},                                # the classic 128 x 128 x 64 tile
                   {**TILES[p], "rows": 1, "warps": 4},                    # M = 64: one warpgroup, twice the programs
-                  {**TILES[p], "width": 256},                             # N = 256: half the L2 traffic per FLOP
-                  {**TILES[p], "chunk": 128, "stages": 2},                # K = 128 a step, fewer steps
-                  {**TILES[p], "chunk": 32, "stages": 4},                 # K = 32, deeper pipeline
-                  {**TILES[p], "rows": 4},                                # M = 256: the block shared by twice the rows
-                  {**TILES[p], "width": 64, "warps": 4, "stages": 4}]     # less diagonal waste, small tiles
+                  {**TILES[p], "rows": 2, "width": 256},                  # N = 256: half the L2 traffic per FLOP
+                  {**TILES[p], "rows": 2, "chunk": 128, "stages": 2},     # K = 128 a step, fewer steps
+                  {**TILES[p], "rows": 2, "chunk": 32, "stages": 4},      # K = 32, deeper pipeline
+                  dict(TILES[p]),                                         # M = 256: the block shared by more rows
+                  {**TILES[p], "rows": 2, "width": 64, "warps": 4, "stages": 4}]  # less diagonal waste, small tiles
               for p in ("y", "du")}
 TILE_SWEEP["dk"] = [dict(TILES["dk"]),                                    # M = 64, N = 128, K = 32
                     {**TILES["dk"], "rows": 64},                          # K = 64 a step
@@ -305,7 +308,7 @@ def toeplitz_conv(u, k, bias):
 def long_conv(u, k, bias):
     """hyena.fftconv by the faster path for its length: toeplitz_conv up to TOEPLITZ_MAX_L positions, FFTConv
     beyond (and wherever the kernels do not serve: the CPU, fp32). fast.install puts it in a HyenaOperator's
-    `long_conv`; the crossover comes from bench/bench.py's conv section (docs/performance.md).
+    `long_conv`; the timings behind the choice: bench/bench.py's conv section (docs/performance.md).
     Plain twin: hyena.fftconv; held equal by
     tests/test_toeplitz.py::test_toeplitz_conv_hands_what_the_kernel_does_not_serve_to_fftconv and
     tests/test_toeplitz.py::test_toeplitz_conv_equals_the_fp64_convolution_and_its_gradients."""
