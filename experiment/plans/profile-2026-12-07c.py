@@ -1,0 +1,107 @@
+"""Issues 29 and 30: where the time goes, kernel by kernel (torch.profiler, CUDA time), on one GPU.
+
+    PYTHONPATH=. python experiment/plans/profile-2026-12-07c.py OUT_DIR
+
+1. The compiled Hyena mixer fwd+bwd (fast.install: Toeplitz kernels) at L = 2048 (B 64) and 8192 (B 16), and
+   the same with FFTConv: the top kernels by CUDA time, and their sum against the step's time.
+2. The modal student's decoding step (fast.install: the fused mix_step) at B = 1 and 64, replayed from a CUDA
+   graph: the kernels a replay runs, their count and CUDA time against the step's wall time; and the eager step's
+   kernel count.
+Writes OUT_DIR/profile.md (tables) and prints it."""
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import fast
+from fast.decode import graphed_step
+from fast.fftconv import fftconv
+from hyena import Config, HyenaOperator, new_cache
+from modal.student import build
+
+out = Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
+lines = [f"# profile: {torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
+
+
+def log(*rows):
+    lines.extend(rows)
+    print(*rows, sep="\n", flush=True)
+    (out / "profile.md").write_text("\n".join(lines) + "\n")
+
+
+def wall(step, n=20):
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / n
+
+
+def kernels(step, n=5, top=25):
+    """(table rows of the top kernels by CUDA time per call, kernel launches per call, CUDA ms per call)"""
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    ev = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.device_time_total for e in ev) / n / 1e3
+    count = sum(e.count for e in ev) / n
+    ev.sort(key=lambda e: -e.device_time_total)
+    rows = ["| kernel | calls/step | ms/step | share |", "|---|---:|---:|---:|"]
+    rows += [f"| {e.key[:90]} | {e.count / n:g} | {e.device_time_total / n / 1e3:.3f} | "
+             f"{e.device_time_total / n / 1e3 / total:.1%} |" for e in ev[:top]]
+    return rows, count, total
+
+
+D = 512
+for L, B in ((2048, 64), (8192, 16)):
+    for conv in ("toeplitz", "fftconv"):
+        m = fast.install(HyenaOperator(D, L, order=2)).cuda()
+        if conv == "fftconv":
+            m.long_conv = fftconv
+        mc = torch.compile(m)
+        x = torch.randn(B, L, D, device="cuda", requires_grad=True)
+        g = torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = mc(x)
+            y.backward(g)
+        ms = wall(step)
+        rows, count, total = kernels(step)
+        log(f"## compiled mixer fwd+bwd, {conv}, L={L}, B={B}: {ms:.2f} ms wall, {total:.2f} ms of kernels, "
+            f"{count:g} kernels", "", *rows, "")
+
+cfg = Config()
+n = cfg.num_hidden_layers
+modal = fast.install(build(replace(cfg, mixers=["hyena"] * n, hyena_modal_state=[16] * n,
+                                   max_position_embeddings=4096)).cuda().eval())
+for B in (1, 64):
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        cache = new_cache(modal, 4096)
+        modal(torch.randint(cfg.vocab_size, (B, 16), device="cuda"), cache=cache)
+        tok = torch.randint(cfg.vocab_size, (B, 1), device="cuda")
+
+        def eager():
+            cache.pos.fill_(16)
+            modal(tok, cache=cache)
+        rows_e, count_e, total_e = kernels(eager, top=0)
+        one = graphed_step(modal, cache, B)
+
+        def replay():
+            cache.pos.fill_(16)
+            one(tok)
+        ms = wall(replay, n=200)
+        rows, count, total = kernels(replay, n=20, top=30)
+    log(f"## modal decode step, B={B}, CUDA graph: {1e3 * ms:.0f} us wall a step (fill_ of pos included), "
+        f"{1e3 * total:.0f} us of kernels, {count:g} kernels (eager: {count_e:g} kernels, {1e3 * total_e:.0f} us)",
+        "", *rows, "")
