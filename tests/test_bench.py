@@ -55,6 +55,13 @@ def test_cpu_smoke_writes_rows_targets_and_report(tmp_path):
                                                                              "decode", "serve"}
     bench_report.main([str(tmp_path)])  # the report redraws from bench.json alone
     assert "## targets" in (tmp_path / "bench.md").read_text()
+    # ... but never rows of another device, nor of other sizes (timings compare only within one machine)
+    for field, value in (("device", "NVIDIA H200"), ("sizes", {**saved["env"]["sizes"], "decode_steps": 5})):
+        other = json.loads((tmp_path / "bench.json").read_text())
+        other["env"][field] = value
+        (tmp_path / "bench.json").write_text(json.dumps(other))
+        res3 = bench.main(["--cpu-smoke", "--out", str(tmp_path), "--only", "kd"])
+        assert "kept" not in res3["env"] and res3["decode"] == [], field
 
 
 def test_unknown_section_is_named(capsys):
