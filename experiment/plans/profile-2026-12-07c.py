@@ -4,7 +4,9 @@
 
 1. The compiled Hyena mixer fwd+bwd (fast.install: Toeplitz kernels) at L = 2048 (B 64) and 8192 (B 16), and
    the same with FFTConv: the top kernels by CUDA time, and their sum against the step's time.
-2. The modal student's decoding step (fast.install: the fused mix_step) at B = 1 and 64, replayed from a CUDA
+2. A variant to weigh: the Toeplitz outputs as channels-first views (no transposing copy), conv alone (eager)
+   and in the compiled mixer.
+3. The modal student's decoding step (fast.install: the fused mix_step) at B = 1 and 64, replayed from a CUDA
    graph: the kernels a replay runs, their count and CUDA time against the step's wall time; and the eager step's
    kernel count.
 Writes OUT_DIR/profile.md (tables) and prints it."""
@@ -80,6 +82,55 @@ for L, B in ((2048, 64), (8192, 16)):
         rows, count, total = kernels(step)
         log(f"## compiled mixer fwd+bwd, {conv}, L={L}, B={B}: {ms:.2f} ms wall, {total:.2f} ms of kernels, "
             f"{count:g} kernels", "", *rows, "")
+
+# A variant to weigh (not in fast/): ToeplitzConv returning its outputs as channels-first views, not transposed
+# copies, leaving the layout to the next op (fused by inductor under compile).
+from fast import toeplitz
+
+
+class ViewsOut(toeplitz.ToeplitzConv):
+    @staticmethod
+    def forward(ctx, u, k, bias):
+        B, L, D = u.shape
+        u_t = toeplitz.channels_first(u, L, u.dtype)
+        k_t = toeplitz.channels_first(k[None], L, u.dtype)[0]
+        ctx.save_for_backward(u_t, k_t, bias)
+        return toeplitz._y_op(u_t, k_t, bias).transpose(1, 2)  # (B, L, D) view
+
+    @staticmethod
+    def backward(ctx, g):
+        u_t, k_t, bias = ctx.saved_tensors
+        g_t = toeplitz.channels_first(g, u_t.shape[2], u_t.dtype)
+        dk_t = toeplitz._dk_op(g_t, u_t)
+        return toeplitz._du_op(g_t, k_t, bias).transpose(1, 2), dk_t.t(), dk_t[:, 0].clone()
+
+
+def views_conv(u, k, bias):
+    with torch.autocast("cuda", enabled=False):
+        return ViewsOut.apply(u, k, bias)
+
+
+for L, B in ((2048, 64), (8192, 16)):
+    u = torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(L, D, device="cuda", requires_grad=True)
+    bias = torch.randn(D, device="cuda", requires_grad=True)
+    g = torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16)
+    res = {}
+    for name, conv in (("toeplitz", toeplitz.toeplitz_conv), ("views", views_conv)):
+        res[name, "conv"] = wall(lambda: torch.autograd.grad(conv(u, k, bias), (u, k, bias), g))
+        m = fast.install(HyenaOperator(D, L, order=2)).cuda()
+        m.long_conv = conv
+        mc = torch.compile(m)
+        x = torch.randn(B, L, D, device="cuda", requires_grad=True)
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = mc(x)
+            y.backward(g)
+        res[name, "mixer"] = wall(step)
+    log(f"## outputs as views, L={L}, B={B}: conv fwd+bwd eager {res['toeplitz', 'conv']:.2f} -> "
+        f"{res['views', 'conv']:.2f} ms; compiled mixer fwd+bwd {res['toeplitz', 'mixer']:.2f} -> "
+        f"{res['views', 'mixer']:.2f} ms", "")
 
 cfg = Config()
 n = cfg.num_hidden_layers
