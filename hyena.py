@@ -502,6 +502,8 @@ def sample(logits, temperature=1.0, top_k=None):
     """Next tokens (B, 1) from logits (B, V): argmax at temperature 0, else drawn from softmax(logits / temperature)
     over the top_k as torch.multinomial(probs, 1) draws (probs / Exp(1) noise, argmax: the same tokens from the
     same generator) minus its host check: nothing reads the device back, so a CUDA graph captures it."""
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"sample: top_k {top_k}: keep at least 1 token, or None for all")
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
@@ -575,13 +577,13 @@ class GPTNeoX(nn.Module):
         cache = new_cache(self, T)
         logits, _ = self(idx, cache=cache)  # (B, 1, V)
         pick = partial(sample, temperature=temperature, top_k=top_k)
-        nxt, step = pick(logits[:, -1]), None  # (B, 1)
+        nxt, step = pick(logits[:, -1]) if max_new_tokens else None, None  # (B, 1)
         # (B, T): the prompt, then each new token in its place; int64, the sampled tokens' dtype
         out, n = idx.new_empty(idx.shape[0], T, dtype=torch.long), idx.shape[1]
         out[:, :n] = idx
         while n < T:
             out[:, n], n = nxt[:, 0], n + 1  # no sequence regrown by a copy per token, no read of the device
-            if n == T or (stop is not None and stop(out[:, :n])):
+            if (stop is not None and stop(out[:, :n])) or n == T:
                 break
             step = step or self.make_step(self, cache, idx.shape[0], pick)
             nxt = step(nxt)  # (B, 1): the model's step and the draw

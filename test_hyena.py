@@ -368,6 +368,22 @@ def test_sampling_respects_top_k():
     assert out[0, -1] == logits.argmax()
 
 
+def test_generate_asks_stop_after_every_new_token_and_zero_new_tokens_draw_nothing():
+    """stop sees the sequence after each new token, the last included, and ends it where it says; asking for no
+    new tokens returns the prompt and leaves the generator alone."""
+    model = make_student(randomized(Config(**TINY)), layers=[1]).eval()
+    prompt = torch.randint(0, 211, (2, 5))
+    seen = []
+    out = model.generate(prompt, 3, temperature=0, stop=lambda seq: seen.append(seq.shape[1]) or False)
+    assert seen == [6, 7, 8] and out.shape == (2, 8)
+    seen.clear()
+    assert model.generate(prompt, 3, temperature=0, stop=lambda seq: seen.append(seq.shape[1]) or
+                          seq.shape[1] == 6).shape == (2, 6) and seen == [6]
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    assert torch.equal(model.generate(prompt, 0), prompt) and torch.equal(torch.get_rng_state(), state)
+
+
 def test_sample_draws_what_multinomial_draws_without_reading_the_device_back():
     """hyena.sample is torch.multinomial's own draw for one sample (probs / Exp(1) noise, argmax), minus its host
     check: from the same generator state, the same tokens, with top_k and temperature applied first."""

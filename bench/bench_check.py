@@ -154,8 +154,7 @@ class Checks:
         both), in fp32: the share of the new tokens that differ (0 when the graph replays the same computation)."""
         n = self.cfg.num_hidden_layers
         cfg = replace(self.cfg, max_position_embeddings=ctx + steps)
-        m = (None, self.build(cfg), self.build(replace(cfg, mixers=["hyena"] * n,
-                                                        hyena_modal_state=[MODAL_STATE] * n)))[which]
+        m = self.build(cfg if which == 1 else replace(cfg, mixers=["hyena"] * n, hyena_modal_state=[MODAL_STATE] * n))
         prompt, runs = self.tokens(B, ctx), []
         for step in (decode.cuda_graph_step, eager_step):  # fast's kernels in both: the graph is the difference
             m.make_step = step

@@ -5,11 +5,13 @@ twins, each step replayed from a CUDA graph.
   generate  at a short context (serve_short), B in serve_generate_batch: the raw step (tokens -> logits) and
             generate()'s tokens/s per new token (its step, the draw, the sequence it keeps), from two generate calls
             of different lengths (their difference: no prefill, no graph capture), and the share of the raw
-            step's tokens/s generate keeps
+            step's tokens/s generate keeps. generate sizes its cache to its call, so the teacher's longer call
+            attends over 3 decode_steps more positions a step: its share is slightly understated
   serve     at serve_ctx context, raw-step tokens/s against the batch, each model up to its memory limit (its first OOM
             ends its sweep; the rows past it are not tried): cache GB, tokens/s per GB of cache; the modal
-            student's bandwidth floor (its weights read once a step at the GPU's HBM bandwidth: the most a step
-            could do at that batch) and the share reached
+            student's weight-bandwidth floor (its bf16 weights read once a step at the GPU's HBM bandwidth: the
+            most a step could do at that batch, its states and activations aside) and the share reached
+Both rows hold their weights in bf16, as a server does.
 
 A step's work does not depend on what the cache holds: the teacher's step attends over its whole preallocated
 cache (positions past `pos` masked), a modal step reads only its states. So the serving rows prefill a short
@@ -31,21 +33,24 @@ PROMPT = 16  # the serving rows' prefill
 
 
 class ServeCases:
-    def serving_models(self, ctx):
-        n = self.cfg.num_hidden_layers
-        cfg = replace(self.cfg, max_position_embeddings=ctx)
-        return (("modal", self.build(replace(cfg, mixers=["hyena"] * n, hyena_modal_state=[MODAL_STATE] * n))),
-                ("teacher", self.build(cfg)))
+    def serving_model(self, name, ctx):
+        """The modal student or the teacher, its weights in bf16 as a server holds them (the other sections keep
+        fp32 weights under bf16 autocast, which casts every weight again at every step)."""
+        n, cfg = self.cfg.num_hidden_layers, replace(self.cfg, max_position_embeddings=ctx)
+        if name == "modal":
+            cfg = replace(cfg, mixers=["hyena"] * n, hyena_modal_state=[MODAL_STATE] * n)
+        return self.build(cfg).to(torch.bfloat16 if self.cuda else torch.float32)
 
     def serve(self):
         s = self.s
         gen = 4 * s.decode_steps  # generate's longer call: the per-token rate is the difference of two calls
-        for name, m in self.serving_models(s.serve_short + gen + s.decode_steps + 2):
+        for name in ("modal", "teacher"):
+            m = self.serving_model(name, s.serve_short + gen + s.decode_steps + 2)
             for B in s.serve_generate_batch:
                 for run in ("step", "generate"):
                     self.case("serve", dict(model=name, run=run, ctx=s.serve_short, B=B),
                               lambda: self.generate_case(m, name, B, run, gen))
-        for name, m in self.serving_models(s.serve_ctx + s.decode_steps + 2):
+            m = self.serving_model(name, s.serve_ctx + s.decode_steps + 2)  # (the short one freed)
             for B in s.serve_batch[name]:
                 row = dict(model=name, run="serve", ctx=s.serve_ctx, B=B)
                 self.case("serve", row, lambda: self.serve_case(m, name, B))
@@ -75,7 +80,7 @@ class ServeCases:
                 times[n] = statistics.median(runs)
         tok_s = B * (gen - gen // 4) / (times[gen] - times[gen // 4])
         step = get(self.res, "serve", "tok_s", dict(model=name, run="step", ctx=s.serve_short, B=B))
-        return {"tok_s": tok_s, "ms": 1e3 * B / tok_s, "share_of_step": tok_s / step if step else None,
+        return {"tok_s": tok_s, "ms_per_step": 1e3 * B / tok_s, "share_of_step": tok_s / step if step else None,
                 "peak_gb": torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None}
 
     @torch.no_grad()
@@ -87,16 +92,16 @@ class ServeCases:
         res = self.timed_steps(m, cache, B, s.serve_ctx)
         gb = cache.nbytes() / 1e9
         res.update(cache_gb=gb, tok_s_per_cache_gb=res["tok_s"] / gb)
-        bw = next((v for name, v in HBM_TBS.items() if name in self.res["env"]["device"]), None)
-        if bw and name == "modal":
-            weights = sum(p.numel() for p in m.parameters()) * 2  # bf16 under autocast, read once a step
-            weights -= m.gpt_neox.embed_in.weight.numel() * 2  # the embedding: B rows, not the table
+        bw = next((v for gpu, v in HBM_TBS.items() if gpu in self.res["env"]["device"]), None)
+        if bw and name == "modal":  # the weights' bytes, read once a step; the embedding: B rows, not the table
+            weights = sum(p.nbytes for p in m.parameters()) - m.gpt_neox.embed_in.weight.nbytes
             floor_tok_s = B / (weights / (bw * 1e12))
             res.update(floor_tok_s=floor_tok_s, floor_share=res["tok_s"] / floor_tok_s)
         return res
 
     def timed_steps(self, m, cache, B, at):
-        """tokens/s of decode_steps raw steps (tokens -> logits), CUDA graphs (eager off CUDA), from position at."""
+        """tokens/s of decode_steps raw steps (tokens -> logits), CUDA graphs (eager off CUDA), from position at;
+        ms is per call of decode_steps steps, ms_per_step per step."""
         steps, nxt = self.s.decode_steps, self.tokens(B, self.s.decode_steps)
         cache.pos.fill_(at)
         with self.autocast():
@@ -107,4 +112,5 @@ class ServeCases:
             with self.autocast():
                 for i in range(steps):
                     one(nxt[:, i:i + 1])  # (B, 1) -> logits (B, V)
-        return self.timed(step, B * steps)
+        res = self.timed(step, B * steps)
+        return {**res, "ms_per_step": res["ms"] / steps}

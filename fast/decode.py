@@ -13,7 +13,8 @@ holds the two equal in Triton's CPU interpreter (where Triton is installed), ben
 the GPU. fast.install puts `long_conv_step` in a HyenaFilter's place of history_conv.
 
 `prefill_state` computes a modal student's recurrence states after the prompt (modal/fit.py's prefill_state, its plain
-twin) by a chunked scan that reads the prompt's activations once, in place.
+twin) by a chunked scan that reads the prompt's activations once, in place. `mix_step` runs a modal layer's decoding
+step between its projections (hyena.mix_step: short conv, recurrences, gates) as one kernel.
 
 `graphed_step` captures a whole cached step of a model (attention or Hyena, any mix) as a CUDA graph, which
 `GPTNeoX.generate` replays per token on a GPU once fast.install put `cuda_graph_step` in the model's make_step:
@@ -91,7 +92,7 @@ if triton is not None:
     @triton.jit
     def _modal_mix(p_ptr, tail_ptr, w_ptr, sb_ptr, st_ptr, lam_ptr, res_ptr, dir_ptr, out_ptr, D, d,
                    N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, DM: tl.constexpr, BLOCK_D: tl.constexpr):
-        """x0 ⊙ v for batch row program_id(0), channels program_id(1) * BLOCK_D + [0, BLOCK_D); see modal_mix_step."""
+        """x0 ⊙ v for batch row program_id(0), channels program_id(1) * BLOCK_D + [0, BLOCK_D); see mix_step."""
         b = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) channels of one group
         j, n = tl.arange(0, KP), tl.arange(0, DM)  # the tail's rows (K-1 of KP), the modes (d of DM)
@@ -108,7 +109,8 @@ if triton is not None:
             w = tl.load(w_ptr + ch[None, :] * K + j[:, None], mask=m2, other=0.0).to(tl.float32)  # taps 0..K-2
             pc = tl.sum(w * tail.to(tl.float32), axis=0) + tl.load(w_ptr + ch * K + K - 1, mask=ok, other=0.0) * \
                 pn.to(tl.float32) + tl.load(sb_ptr + ch, mask=ok, other=0.0)  # (BLOCK_D,) the short conv
-            # the tail moves on: rows 1.. up one, this token's projections last (all loads of it above)
+            # the tail moves on: rows 1.. up one, this token's projections last (every thread's loads of it first)
+            tl.debug_barrier()
             tl.store(tail_ptr + b * (K - 1) * W + (j[:, None] - 1) * W + ch[None, :], tail, mask=m2 & (j[:, None] >= 1))
             tl.store(tail_ptr + b * (K - 1) * W + (K - 2) * W + ch, pn, mask=ok)
             if g == N:
@@ -174,7 +176,7 @@ def mix_step(op, state, p, pos):
     _modal_mix[(B, triton.cdiv(D, MIX_BLOCK_D))](
         p, state.tail, op.short_filter.weight, op.short_filter.bias, torch.view_as_real(state.state),
         torch.view_as_real(state.lam), torch.view_as_real(state.res), state.direct, out, D, d,
-        N=N, K=K, KP=triton.next_power_of_2(K - 1), DM=triton.next_power_of_2(d), BLOCK_D=MIX_BLOCK_D)
+        N=N, K=K, KP=max(1, triton.next_power_of_2(K - 1)), DM=triton.next_power_of_2(d), BLOCK_D=MIX_BLOCK_D)
     return out  # (B, D)
 
 SCAN_CHUNK, SCAN_C = 256, 32  # positions and channels per program of the prefill's scan

@@ -4,7 +4,7 @@ For one channel the causal convolution of all B batch rows is one matrix product
 T the upper-triangular Toeplitz matrix of the filter (T[s, t] = k[t - s]); the backward is du = G @ T^T and
 dk[l] = sum_b sum_t g[b, t] u[b, t - l]; dbias = sum g u is dk's lag 0. About B L^2 / 2 multiply-adds per channel
 and product, on tensor cores in bf16/fp16 with fp32 sums, where the FFT does ~B L log L work in several passes
-over memory (measured: bench/bench.py's conv section; the kernels win up to TOEPLITZ_MAX_L).
+over memory (measured: bench/bench.py's conv section; the kernels won at every length timed, up to TOEPLITZ_MAX_L).
 
 y and du (`toeplitz_products`, kernel _toeplitz): the filter is the same for every batch row, so a program takes
 one channel, `batch` batch rows and `rows` output spans of `width` positions, and stacks the (batch row, span)
@@ -47,8 +47,9 @@ except ImportError:  # CPU-only installs: FFTConv serves
     triton = None
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once: torch.compile then sees a constant
-# long_conv's crossover to FFTConv: the kernels' range. They win at every length measured up to it (one H100, fwd+bwd,
-# B L = 128k, D = 512: 3.61 ms against FFTConv's 8.48 at 2k, 7.65 against 8.97 at 8k; results/bench/).
+# long_conv's hand-over to FFTConv: the longest length timed. The kernels alone win at every length timed up to it
+# (one H100, fwd+bwd, B L = 128k, D = 512: 3.61 ms against FFTConv's 8.48 at 2k, 7.65 against 8.97 at 8k;
+# results/bench/); where they stop winning is not measured, and the compiled mixer at 8k ties either way.
 TOEPLITZ_MAX_L = 8192
 # Tiles per product: the fastest of TILE_SWEEP at 2k and at 8k on one H100 (python bench/bench.py --only conv
 # --conv-tiles; results/bench/): y and du 0.444 ms at 2k (309 TFLOP/s useful), dk 0.822 ms (167 TFLOP/s).

@@ -101,6 +101,11 @@ for case, (tiles_conv, tiles_dk, L, dtype) in json.loads(CASES).items():
                              (du2.transpose(1, 2)[:, t0:] - du32[:, t0:]).abs().max().item()]
 out["served"] = [toeplitz.available(torch.zeros(1, dtype=d)) for d in (torch.bfloat16, torch.float16, torch.float32,
                                                                       torch.float64)]
+# the custom ops torch.compile sees: their schemas, and fakes (shapes, dtypes, strides) that match the kernels
+u_t, k_t = torch.randn(3, 2, 29).bfloat16(), torch.randn(2, 29).bfloat16()
+out["opcheck"] = [torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+                  for op, args in ((toeplitz._y_op, (u_t, k_t, torch.randn(2))),
+                                   (toeplitz._du_op, (u_t, k_t, torch.randn(2))), (toeplitz._dk_op, (u_t, u_t)))]
 print(json.dumps(out))
 """
 
@@ -154,6 +159,12 @@ def test_the_kernel_serves_bf16_and_fp16_activations_only(interpreted):
     assert interpreted["served"] == [True, True, False, False]
 
 
+def test_the_custom_ops_fakes_match_their_kernels(interpreted):
+    """torch.compile traces fast::toeplitz_y, _du and _dk by their fakes: torch.library.opcheck runs each op and
+    its fake on the same inputs (schema, and the fake's shape, dtype and strides against the real output's)."""
+    assert interpreted["opcheck"] == [{"test_schema": "SUCCESS", "test_faketensor": "SUCCESS"}] * 3
+
+
 def test_toeplitz_conv_hands_what_the_kernel_does_not_serve_to_fftconv(monkeypatch):
     """Off CUDA and the interpreter, or for fp32/fp64 activations, toeplitz_conv is FFTConv, bitwise; so is
     long_conv past TOEPLITZ_MAX_L, even where the kernel would serve."""
@@ -170,7 +181,7 @@ def test_toeplitz_conv_hands_what_the_kernel_does_not_serve_to_fftconv(monkeypat
 
 def test_every_tile_configuration_is_one_the_kernels_take_on_a_gpu():
     """TILES and every TILE_SWEEP candidate (timed by bench.py --conv-tiles on the GPU) have their product's keys
-    and shapes the kernels accept: powers of two; y, du: width a multiple of chunk, chunk of vec; dk: chunk <=
+    and shapes the kernels accept: powers of two; y, du: width a multiple of chunk, chunk of vec, vec of 8; dk: chunk <=
     width; each dot's M, N, K at least 16 (tl.dot's least) and its pipelined operands, stages x (M K + K N) bf16,
     within the 227 KB of shared memory an H100 block may use. (Each also compiles for sm_90 with no register
     spills: checked when the list was made, with triton.compile on a CPU; not rerun here.)"""
@@ -187,5 +198,13 @@ def test_every_tile_configuration_is_one_the_kernels_take_on_a_gpu():
                 assert t["chunk"] <= t["width"], (product, t)
             else:
                 m, n, k = t["rows"] * t["batch"], t["width"], t["chunk"]
-                assert t["width"] % t["chunk"] == 0 and t["chunk"] % t["vec"] == 0, (product, t)
+                assert t["width"] % t["chunk"] == 0 and t["chunk"] % t["vec"] == 0 and t["vec"] % 8 == 0, (product, t)
             assert min(m, n, k) >= 16 and t["stages"] * (m * k + k * n) * 2 <= 227 * 1024, (product, t)
+
+
+def test_a_tile_whose_rows_are_not_16_byte_aligned_is_refused_by_name():
+    """vec (the filter's shifted copies) below 8 leaves the Toeplitz rows unaligned: on an H100 vec=1 faulted with a
+    misaligned address, which poisons the CUDA context. toeplitz_products refuses it before any launch."""
+    x = torch.zeros(1, 2, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="vec of 8"):
+        toeplitz.toeplitz_products(x, x[0], None, torch.empty_like(x), True, {**toeplitz.TILES["y"], "vec": 4})

@@ -19,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fast
+from cli import write_atomic
 from fast.decode import graphed_step
 from fast.fftconv import fftconv
 from hyena import Config, HyenaOperator, new_cache
@@ -32,7 +33,7 @@ lines = [f"# profile: {torch.cuda.get_device_name()}, torch {torch.__version__}"
 def log(*rows):
     lines.extend(rows)
     print(*rows, sep="\n", flush=True)
-    (out / "profile.md").write_text("\n".join(lines) + "\n")
+    write_atomic(out / "profile.md", "\n".join(lines) + "\n")
 
 
 def wall(step, n=20):
