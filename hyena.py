@@ -136,6 +136,7 @@ class Attention(nn.Module):
         if self.rope_type == "linear":
             inv_freq = inv_freq / self.factor
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # (ceil(rot/2),)
+        self.cached_attention = cached_attention  # decoding's attention (fast.install: one Triton kernel)
 
     def frequencies(self, seq_len):
         """The rotary frequencies of a call whose last position is seq_len - 1 (an int or a device tensor)."""
@@ -166,7 +167,7 @@ class Attention(nn.Module):
             if cache is not None:
                 cache.layers[layer] = AttentionState.prefill(k, v, cache.max_len)
         else:  # decoding: fixed shapes, no host sync, so a CUDA graph can capture it
-            y = state.attend(q, k, v, pos)  # (B, H, L, hd)
+            y = self.cached_attention(state, q, k, v, pos)  # (B, H, L, hd)
         return self.dense(y.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
 
 
@@ -183,17 +184,18 @@ class AttentionState:
         state.k[:, :, :L], state.v[:, :, :L] = k, v
         return state
 
-    def attend(self, q, k, v, pos):
-        """q, k, v (B, H, L, hd) at positions pos.. (a device tensor): written into the cache, then each query
-        against the past and itself -> (B, H, L, hd)."""
-        at = pos + torch.arange(q.shape[2], device=q.device)  # (L,) positions written
-        self.k.index_copy_(2, at, k.to(self.k.dtype))
-        self.v.index_copy_(2, at, v.to(self.v.dtype))
-        mask = torch.arange(self.k.shape[2], device=q.device) <= at[:, None]  # (L, max_len): the past only
-        return F.scaled_dot_product_attention(q, self.k.to(q.dtype), self.v.to(q.dtype), attn_mask=mask)
-
     def carried(self):
         return []  # what a step moves besides the positions it writes (a CUDA graph's warm-up restores it)
+
+
+def cached_attention(state, q, k, v, pos):
+    """q, k, v (B, H, L, hd) at positions pos.. (a device tensor): written into the AttentionState's cache, then
+    each query against the past and itself -> (B, H, L, hd). Reads the whole preallocated cache (masked)."""
+    at = pos + torch.arange(q.shape[2], device=q.device)  # (L,) positions written
+    state.k.index_copy_(2, at, k.to(state.k.dtype))
+    state.v.index_copy_(2, at, v.to(state.v.dtype))
+    mask = torch.arange(state.k.shape[2], device=q.device) <= at[:, None]  # (L, max_len): the past only
+    return F.scaled_dot_product_attention(q, state.k.to(q.dtype), state.v.to(q.dtype), attn_mask=mask)
 
 
 # ----------------------------------------------------------------------------- the implicit filter (section 3.3)

@@ -15,11 +15,12 @@ fast.losses.lm_loss, distill.kd_loss -> fast.losses.kd_loss). `wanted` reads the
   decode.py   a Triton kernel for Hyena's decoding step; CUDA graphs;     twins of hyena.history_conv,
               a Triton scan for a modal prefill's state; a modal             hyena.eager_step, modal.fit.prefill_state,
               layer's step between its projections in one kernel             hyena.mix_step
+  attention.py a teacher's decoding attention up to pos only (Triton)      twin of hyena.cached_attention
 """
 import inspect
 
 import hyena
-from fast import decode, toeplitz
+from fast import attention, decode, toeplitz
 from modal import fit
 
 TWINS = {  # plain function -> its fast twin, wherever a module holds it as an attribute
@@ -28,6 +29,7 @@ TWINS = {  # plain function -> its fast twin, wherever a module holds it as an a
     fit.prefill_state: decode.prefill_state,    # ModalFilter.prefill_state (a modal prefill's recurrence state)
     hyena.eager_step: decode.cuda_graph_step,   # GPTNeoX.make_step (generate's step: a CUDA graph's replay)
     hyena.mix_step: decode.mix_step,            # HyenaOperator.mix_step (a modal layer's step: one kernel)
+    hyena.cached_attention: attention.cached_attention,  # Attention.cached_attention (decoding's attention)
 }
 
 

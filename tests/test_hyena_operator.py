@@ -1,5 +1,6 @@
 """Behaviour of the Hyena operator (hyena.py): the long convolution and its fast twin (fast/fftconv.py), causality,
 the implicit filter, the decoding kernel (fast/decode.py) and fast.install, which puts the twins in."""
+import functools
 import math
 
 import pytest
@@ -159,14 +160,72 @@ for use_kernel in (True, False):
         student(idx[:, :40], cache=cache)
         runs.append(torch.cat([student(idx[:, i:i + 1], cache=cache)[0] for i in range(40, 48)], 1).float())
 worst = max(worst, ((runs[0] - runs[1]).norm() / runs[1].norm()).item() / 100)  # bf16: within 1e-3
+decode.available = kernel
 print(worst)
 """
+
+
+ATTEND_CHECK = """
+import torch
+import fast
+import hyena
+from fast import attention, decode
+from hyena import AttentionState, Config, GPTNeoX, new_cache
+assert decode.available(torch.zeros(1))  # Triton's interpreter: the kernels serve CPU tensors
+torch.manual_seed(0)
+B, H, T, hd = 1, 2, 300, 16  # T over several splits of ATTEND_BLOCK positions
+excess = 0.0
+for dtype, bound in ((torch.float32, None), (torch.bfloat16, torch.finfo(torch.bfloat16).eps)):
+    for pos in (0, 63, 64, T - 1):  # the new token alone, a split's edges, the last position
+        kc, vc = torch.randn(B, H, T, hd).to(dtype), torch.randn(B, H, T, hd).to(dtype)
+        q, k = (torch.randn(B, H, 1, hd).to(dtype) for _ in range(2))
+        v = torch.randn(B, H, 1, 3 * hd).to(dtype)[..., hd:2 * hd]  # a strided view, as the model's v
+        ref = hyena.cached_attention(AttentionState(kc.double(), vc.double()), q.double(), k.double(), v.double(),
+                                     torch.tensor(pos))
+        runs = []
+        for f in (hyena.cached_attention, attention.cached_attention):
+            state = AttentionState(kc.clone(), vc.clone())
+            runs.append((f(state, q, k, v, torch.tensor(pos)), state))
+        (plain, plain_state), (got, state) = runs
+        assert got.dtype == dtype and torch.equal(state.k, plain_state.k) and torch.equal(state.v, plain_state.v)
+        err = lambda y: ((y.double() - ref).norm() / ref.norm()).item()
+        excess = max(excess, err(got) / (bound or max(2 * err(plain), 1e-6)))  # fp32: as the plain; bf16: an ulp
+# a teacher decoding through it (fast.install) gives the plain teacher's greedy tokens and logits
+cfg = Config(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2, vocab_size=97,
+             max_position_embeddings=40)
+teacher, idx = GPTNeoX(cfg).eval(), torch.randint(97, (2, 28))
+runs = []
+for on in (True, False):
+    fast.install(teacher, on)
+    out = teacher.generate(idx, 12, temperature=0)
+    cache = new_cache(teacher, 40)
+    with torch.no_grad():
+        teacher(out[:, :28], cache=cache)
+        runs.append((out, torch.cat([teacher(out[:, i:i + 1], cache=cache)[0] for i in range(28, 39)], 1)))
+assert torch.equal(runs[0][0], runs[1][0])
+excess = max(excess, ((runs[0][1] - runs[1][1]).norm() / runs[1][1].norm()).item() / 1e-5)
+print(excess)
+"""
+
+
+@functools.cache
+def interpreted():
+    """The outputs of KERNEL_CHECK and ATTEND_CHECK, run in one interpreter process (one start of torch, Triton)."""
+    return tuple(run_interpreted(KERNEL_CHECK + "\nprint('=' * 8)\n" + ATTEND_CHECK).split("=" * 8))
 
 
 def test_decode_kernel_equals_the_definition_in_tritons_interpreter():
     """The Triton decode kernel, run on the CPU by Triton's interpreter, against sum_{s<=pos} z_s k_{pos-s}
     (GPU agreement with the PyTorch step is bench.py's check section)."""
-    assert float(run_interpreted(KERNEL_CHECK).split()[-1]) <= 1e-5
+    assert float(interpreted()[0].split()[-1]) <= 1e-5
+
+
+def test_decoding_attention_kernel_equals_the_plain_attention_in_tritons_interpreter():
+    """fast.attention.cached_attention (the new token's k, v written, the positions up to pos scored in splits, then
+    combined), in Triton's interpreter, against hyena.cached_attention in fp64: no further than the plain one in
+    fp32 (2x), an ulp in bf16, the same cache written; and a teacher decoding through it generates the plain
+    teacher's greedy tokens, its logits within 1e-5."""
+    assert float(interpreted()[1].split()[-1]) <= 1
 
 
 # ----------------------------------------------------------------------------- the filter = the paper's definition
