@@ -6,9 +6,10 @@
    the same with FFTConv: the top kernels by CUDA time, and their sum against the step's time.
 2. A variant to weigh: the Toeplitz outputs as channels-first views (no transposing copy), conv alone (eager)
    and in the compiled mixer.
-3. The modal student's decoding step (fast.install: the fused mix_step) at B = 1 and 64, replayed from a CUDA
-   graph: the kernels a replay runs, their count and CUDA time against the step's wall time; and the eager step's
-   kernel count.
+3. Decoding steps at a 2k context, B = 1 and 64, replayed from a CUDA graph (fast.install: the fused mix_step,
+   the decoding attention): the modal student with fp32 weights under autocast (as bench.py's decode section),
+   then in bf16 (as its serve section), and the teacher in bf16. The kernels a replay runs, their count and
+   CUDA time against the step's wall time; and the eager step's kernel count.
 Writes OUT_DIR/profile.md (tables) and prints it."""
 import sys
 import time
@@ -135,25 +136,30 @@ for L, B in ((2048, 64), (8192, 16)):
 
 cfg = Config()
 n = cfg.num_hidden_layers
-modal = fast.install(build(replace(cfg, mixers=["hyena"] * n, hyena_modal_state=[16] * n,
-                                   max_position_embeddings=4096)).cuda().eval())
-for B in (1, 64):
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        cache = new_cache(modal, 4096)
-        modal(torch.randint(cfg.vocab_size, (B, 16), device="cuda"), cache=cache)
-        tok = torch.randint(cfg.vocab_size, (B, 1), device="cuda")
+modal_cfg = replace(cfg, mixers=["hyena"] * n, hyena_modal_state=[16] * n, max_position_embeddings=4096)
+for name, model in (("modal, fp32 weights under autocast", build(modal_cfg)),
+                    ("modal, bf16 weights", build(modal_cfg).to(torch.bfloat16)),
+                    ("teacher, bf16 weights", build(replace(cfg, max_position_embeddings=4096)).to(torch.bfloat16))):
+    model = fast.install(model.cuda().eval())
+    for B in (1, 64):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            cache = new_cache(model, 4096)
+            model(torch.randint(cfg.vocab_size, (B, 16), device="cuda"), cache=cache)
+            tok = torch.randint(cfg.vocab_size, (B, 1), device="cuda")
 
-        def eager():
-            cache.pos.fill_(16)
-            modal(tok, cache=cache)
-        rows_e, count_e, total_e = kernels(eager, top=0)
-        one = graphed_step(modal, cache, B)
+            def eager():
+                cache.pos.fill_(2048)  # the teacher's attention reads up to pos: a 2k context
+                model(tok, cache=cache)
+            rows_e, count_e, total_e = kernels(eager, top=0)
+            cache.pos.fill_(2048)
+            one = graphed_step(model, cache, B)
 
-        def replay():
-            cache.pos.fill_(16)
-            one(tok)
-        ms = wall(replay, n=200)
-        rows, count, total = kernels(replay, n=20, top=30)
-    log(f"## modal decode step, B={B}, CUDA graph: {1e3 * ms:.0f} us wall a step (fill_ of pos included), "
-        f"{1e3 * total:.0f} us of kernels, {count:g} kernels (eager: {count_e:g} kernels, {1e3 * total_e:.0f} us)",
-        "", *rows, "")
+            def replay():
+                cache.pos.fill_(2048)
+                one(tok)
+            ms = wall(replay, n=200)
+            rows, count, total = kernels(replay, n=20, top=30)
+        log(f"## {name}, decode step at 2k context, B={B}, CUDA graph: {1e3 * ms:.0f} us wall a step (fill_ of pos "
+            f"included), {1e3 * total:.0f} us of kernels, {count:g} kernels (eager: {count_e:g} kernels, "
+            f"{1e3 * total_e:.0f} us)", "", *rows, "")
+    del model
