@@ -11,18 +11,20 @@ twins, each step replayed from a CUDA graph.
             ends its sweep; the rows past it are not tried): cache GB, tokens/s per GB of cache; the modal
             student's weight-bandwidth floor (its bf16 weights read once a step at the GPU's HBM bandwidth: the
             most a step could do at that batch, its states and activations aside) and the share reached
-Both rows hold their weights in bf16, as a server does.
+Both hold their weights in bf16, as a server does (serving_model).
 
-A step's work does not depend on what the cache holds: the teacher's step attends over its whole preallocated
-cache (positions past `pos` masked), a modal step reads only its states. So the serving rows prefill a short
-prompt into a cache of serve_ctx + steps positions and move the position to serve_ctx: the same work as after a
-real serve_ctx prefill, without its cost (a B = 4096 prefill of 64k tokens would take minutes). A mixin of
+A step's work does not depend on what the cache holds: the teacher's step attends over the positions up to `pos`
+(fast.attention; the plain step, over its whole preallocated cache), a modal step reads only its states. So the
+serving rows prefill a short prompt into a cache of serve_ctx + steps positions and move the position to
+serve_ctx: the same work as after a real serve_ctx prefill, without its cost (a B = 4096 prefill of 64k tokens
+would take minutes). A mixin of
 bench.Bench: it uses the bench's device, sizes, model builder, timer and `case` recorder."""
 import statistics
 import time
 from dataclasses import replace
 
 import torch
+import torch.nn as nn
 
 from bench.bench_report import MODAL_STATE, get
 from fast.decode import decode_step
@@ -34,12 +36,17 @@ PROMPT = 16  # the serving rows' prefill
 
 class ServeCases:
     def serving_model(self, name, ctx):
-        """The modal student or the teacher, its weights in bf16 as a server holds them (the other sections keep
-        fp32 weights under bf16 autocast, which casts every weight again at every step)."""
+        """The modal student or the teacher, its Linear, Embedding and LayerNorm weights in bf16 as a server holds
+        them (the other sections keep fp32 weights under bf16 autocast, which casts every weight again at every
+        step); the filters' poles and residues and RoPE's frequencies stay fp32 (in bf16 they drift)."""
         n, cfg = self.cfg.num_hidden_layers, replace(self.cfg, max_position_embeddings=ctx)
         if name == "modal":
             cfg = replace(cfg, mixers=["hyena"] * n, hyena_modal_state=[MODAL_STATE] * n)
-        return self.build(cfg).to(torch.bfloat16 if self.cuda else torch.float32)
+        m = self.build(cfg)
+        for module in m.modules():
+            if self.cuda and isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+                module.to(torch.bfloat16)
+        return m
 
     def serve(self):
         s = self.s

@@ -17,7 +17,7 @@ except ImportError:  # CPU-only installs: the PyTorch path serves
 
 if triton is not None:
     @triton.jit
-    def _attend_split(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, part_ptr, H, chunk, scale,
+    def _attend_split(q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, pos_ptr, part_ptr, H, T, chunk, scale,
                       sq_b, sq_h, sk_b, sk_h, sv_b, sv_h, sc_b, sc_h, sc_t,
                       HD: tl.constexpr, BLOCK_S: tl.constexpr):
         """For query row program_id(0) = (b, h) and split program_id(1): the new token's k, v written at pos (split
@@ -30,11 +30,11 @@ if triton is not None:
         q = tl.load(q_ptr + b * sq_b + h * sq_h + d).to(tl.float32) * scale  # (HD,)
         kn = tl.load(k_ptr + b * sk_b + h * sk_h + d).to(kc_ptr.dtype.element_ty)  # as the cache keeps it
         vn = tl.load(v_ptr + b * sv_b + h * sv_h + d).to(vc_ptr.dtype.element_ty)
-        rows = b.to(tl.int64) * sc_b + h * sc_h  # this (b, h)'s cache
+        rows = b.to(tl.int64) * sc_b + h.to(tl.int64) * sc_h  # this (b, h)'s cache
         first = split == 0
-        if first:
-            tl.store(kc_ptr + rows + pos * sc_t + d, kn)
-            tl.store(vc_ptr + rows + pos * sc_t + d, vn)
+        if first:  # (a position past the cache is not written: the plain index_copy_ raises there)
+            tl.store(kc_ptr + rows + pos * sc_t + d, kn, mask=(d < HD) & (pos < T))
+            tl.store(vc_ptr + rows + pos * sc_t + d, vn, mask=(d < HD) & (pos < T))
         m = tl.where(first, tl.sum(q * kn.to(tl.float32)), -float("inf"))  # the running max of the scores
         l = tl.where(first, 1.0, 0.0)  # the running sum of exp(score - m)
         acc = tl.where(first, vn.to(tl.float32), 0.0)  # (HD,) the running sum of exp(score - m) v
@@ -70,24 +70,27 @@ if triton is not None:
 
 
 ATTEND_BLOCK = 64  # cached positions a step of the decoding attention scores
+MAX_SPLITS = 128  # the combine holds (splits, head dim) partials in one program
 
 
 def cached_attention(state, q, k, v, pos):
     """hyena.cached_attention for one new token (L = 1) in two kernels: the first writes its k, v into the cache
     and scores only the positions up to pos (the plain one reads the whole preallocated cache, masked), split
     across programs as an online softmax in fp32; the second combines the splits. Several new tokens, a head size
-    that is not a power of two, strided head dims, or no kernel (fp64, `available`): the plain function.
+    that is not a power of two, strided head dims, a cache not contiguous or not (B, H, ...), or no kernel (fp64,
+    `available`): the plain function.
     Plain twin: hyena.cached_attention; held equal, in Triton's CPU interpreter, by
     tests/test_hyena_operator.py::test_decoding_attention_kernel_equals_the_plain_attention_in_tritons_interpreter."""
     B, H, L, hd = q.shape
-    if L != 1 or hd & (hd - 1) or not available(q) or any(t.stride(-1) != 1 for t in (q, k, v, state.k, state.v)) \
-            or state.k.stride() != state.v.stride():
+    if L != 1 or hd & (hd - 1) or not available(q) or any(t.stride(-1) != 1 for t in (q, k, v)) \
+            or state.k.shape[:2] != (B, H) or not (state.k.is_contiguous() and state.v.is_contiguous()):
         return hyena.cached_attention(state, q, k, v, pos)
     T = state.k.shape[2]
-    splits = triton.next_power_of_2(max(1, min(triton.cdiv(PROGRAMS, B * H), triton.cdiv(T, ATTEND_BLOCK))))
+    splits = min(MAX_SPLITS, triton.next_power_of_2(max(1, min(triton.cdiv(PROGRAMS, B * H),
+                                                                triton.cdiv(T, ATTEND_BLOCK)))))
     chunk = triton.cdiv(triton.cdiv(T, splits), ATTEND_BLOCK) * ATTEND_BLOCK
     part = torch.empty(splits, B * H, hd + 2, device=q.device, dtype=torch.float32)
-    _attend_split[(B * H, splits)](q, k, v, state.k, state.v, pos.reshape(1), part, H, chunk, hd ** -0.5,
+    _attend_split[(B * H, splits)](q, k, v, state.k, state.v, pos.reshape(1), part, H, T, chunk, hd ** -0.5,
                                    q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                                    state.k.stride(0), state.k.stride(1), state.k.stride(2), HD=hd,
                                    BLOCK_S=ATTEND_BLOCK)
