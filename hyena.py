@@ -25,7 +25,6 @@ What this file leaves out, and where it is:
                length), tied embeddings, RoPE scalings other than linear and dynamic (NTK).
 """
 import math
-from functools import partial
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -80,8 +79,7 @@ class Config:
                              f"num_attention_heads {self.num_attention_heads}")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"rope_type {self.rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
-        number = isinstance(self.rope_factor, (int, float))
-        if self.rope_type != "default" and not (number and self.rope_factor >= 1):
+        if self.rope_type != "default" and not (isinstance(self.rope_factor, (int, float)) and self.rope_factor >= 1):
             raise ValueError(f"the RoPE factor must be a number >= 1 for {self.rope_type} RoPE, got {self.rope_factor!r}")
         head_dim = self.hidden_size // self.num_attention_heads
         rot = int(head_dim * self.rotary_pct)
@@ -189,8 +187,7 @@ class AttentionState:
 
 
 def cached_attention(state, q, k, v, pos):
-    """q, k, v (B, H, L, hd) at positions pos.. (a device tensor): written into the AttentionState's cache, then
-    each query against the past and itself -> (B, H, L, hd). Reads the whole preallocated cache (masked)."""
+    """q, k, v (B, H, L, hd) at pos.. (a device tensor) into the state's cache, each query against its past."""
     at = pos + torch.arange(q.shape[2], device=q.device)  # (L,) positions written
     state.k.index_copy_(2, at, k.to(state.k.dtype))
     state.v.index_copy_(2, at, v.to(state.v.dtype))
@@ -380,13 +377,12 @@ class HyenaState:
 
 
 def mix_step(op, state, p, pos):
-    """Decoding between the projections: p (B, (N+1)D) the token's in_proj -> x0 ⊙ v (B, D), for out_proj. The
-    short conv reads the state's tail (then keeps p), each long conv its state (history or modal recurrence)."""
-    D = op.d_model
+    """A decoding step at pos (a device tensor: a CUDA graph captures it) from p (B, (N+1)D) the token's in_proj
+    to x0 ⊙ v (B, D): the short conv from the state's tail (which keeps p), each long conv from its state."""
     window = torch.cat([state.tail, p[:, None].to(state.tail.dtype)], dim=1)  # (B, K, (N+1)D)
     state.tail.copy_(window[:, 1:])
     pc = short_conv(window, op.short_filter.weight, op.short_filter.bias)[:, -1]  # (B, (N+1)D)
-    *x, v = pc.split(D, dim=-1)  # (B, D) each
+    *x, v = pc.split(op.d_model, dim=-1)  # (B, D) each
     for o, x_i in enumerate(reversed(x[1:])):
         v = state.long_conv(o, v * x_i, pos)  # (B, D)
     return v * x[0]  # (B, D)
@@ -417,10 +413,12 @@ class HyenaOperator(nn.Module):
     def forward(self, u, cache=None, layer=0):
         """For n = N-1 down to 1: v <- h_n * (x_n ⊙ v) + D_n (x_n ⊙ v) (a long convolution and its skip term);
         then y = out_proj(x0 ⊙ v). With a decoding `cache`: the prefill from position 0 while cache.layers[layer]
-        is None (it fills it), then one token at a time (`step`)."""
+        is None (it fills it), then one token at a time (`mix_step`)."""
         B, L, D = u.shape
         if cache is not None and cache.layers[layer] is not None:
-            return self.step(u, cache, layer)
+            if L != 1:
+                raise ValueError(f"Hyena decoding takes one token at a time after the prefill, got {L}")
+            return self.out_proj(self.mix_step(self, cache.layers[layer], self.in_proj(u)[:, 0], cache.pos))[:, None]
         p = self.in_proj(u)  # (B, L, (N+1)D)
         pc = short_conv(p, self.short_filter.weight, self.short_filter.bias)  # (B, L, (N+1)D) sees t-2..t
         *x, v = pc.split(D, dim=-1)  # N gates x (B, L, D), value v (B, L, D)
@@ -433,14 +431,6 @@ class HyenaOperator(nn.Module):
         if cache is not None:  # the prefill: the filter makes the layer's decoding state
             cache.layers[layer] = self.filter_fn.new_state(self, p, zs, k, bias, cache.max_len)
         return self.out_proj(v * x[0])  # (B, L, D)
-
-    def step(self, u, cache, layer):
-        """One token at position cache.pos (a device tensor; fixed shapes, so a CUDA graph can capture it): the
-        short conv from the cached tail, then each long conv from the layer's decoding state (mix_step)."""
-        if u.shape[1] != 1:
-            raise ValueError(f"Hyena decoding takes one token at a time after the prefill, got {u.shape[1]}")
-        gated = self.mix_step(self, cache.layers[layer], self.in_proj(u)[:, 0], cache.pos)  # (B, D)
-        return self.out_proj(gated)[:, None]  # (B, 1, D)
 
 
 # ----------------------------------------------------------------------------- the network
@@ -501,15 +491,13 @@ def new_cache(model, max_len):
 
 
 def sample(logits, temperature=1.0, top_k=None):
-    """Next tokens (B, 1) from logits (B, V): argmax at temperature 0, else drawn from softmax(logits / temperature)
-    over the top_k as torch.multinomial(probs, 1) draws (probs / Exp(1) noise, argmax: the same tokens from the
-    same generator) minus its host check: nothing reads the device back, so a CUDA graph captures it."""
+    """Next tokens (B, 1) from logits (B, V): argmax at temperature 0, else drawn from softmax(logits / T) over the
+    top_k as torch.multinomial(probs, 1) draws (probs / Exp(1) noise, argmax) minus its host check: graph-safe."""
     if top_k is not None and top_k < 1:
         raise ValueError(f"sample: top_k {top_k}: keep at least 1 token, or None for all")
-    logits = logits.float()
     if temperature == 0:
         return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
+    logits = logits.float() / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, -float("inf"))
@@ -578,18 +566,15 @@ class GPTNeoX(nn.Module):
                              "at; shorten the prompt or max_new_tokens, or pass extrapolate=True to run RoPE past it")
         cache = new_cache(self, T)
         logits, _ = self(idx, cache=cache)  # (B, 1, V)
-        pick = partial(sample, temperature=temperature, top_k=top_k)
-        nxt, step = pick(logits[:, -1]) if max_new_tokens else None, None  # (B, 1)
-        # (B, T): the prompt, then each new token in its place; int64, the sampled tokens' dtype
-        out, n = idx.new_empty(idx.shape[0], T, dtype=torch.long), idx.shape[1]
-        out[:, :n] = idx
-        while n < T:
-            out[:, n], n = nxt[:, 0], n + 1  # no sequence regrown by a copy per token, no read of the device
-            if (stop is not None and stop(out[:, :n])) or n == T:
-                break
-            step = step or self.make_step(self, cache, idx.shape[0], pick)
-            nxt = step(nxt)  # (B, 1): the model's step and the draw
-        return out[:, :n].contiguous()  # a copy only where stop() ended it early
+        pick = lambda logits: sample(logits, temperature, top_k)  # noqa: E731
+        step = self.make_step(self, cache, idx.shape[0], pick)  # tokens (B, 1) -> the next ones: step and draw
+        out = torch.cat([idx.long(), idx.new_empty(idx.shape[0], max_new_tokens, dtype=torch.long)], 1)  # new in place
+        for n in range(idx.shape[1], T):
+            nxt = pick(logits[:, -1]) if n == idx.shape[1] else step(nxt)  # (B, 1); no read of the device
+            out[:, n] = nxt[:, 0]
+            if stop is not None and stop(out[:, :n + 1]):
+                return out[:, :n + 1].contiguous()
+        return out
 
     @classmethod
     def from_pretrained(cls, name_or_path, revision="main", dtype=torch.float32):
@@ -604,7 +589,6 @@ class GPTNeoX(nn.Module):
         """config.json + model.safetensors, readable by from_pretrained and (pure attention) transformers."""
         import json
         from pathlib import Path
-
         from pretrained.config import to_hf  # the project's writers (atomic: a file is whole or absent)
         from cli import write_atomic
         from pretrained.safetensors import write_safetensors
