@@ -229,18 +229,26 @@ class Bench(Checks, TrainCases, ConvCases, ServeCases):
                 m(prompt, cache=cache)
             self.sync()
             times.append(time.perf_counter() - t0)
-        prefill_s, nxt = statistics.fmean(times[1:]), self.tokens(B, steps)
         per_seq = cache.nbytes() / B  # filter copies shared by the batch counted in
+        return {"prefill_s": statistics.fmean(times[1:]), "cache_bytes_per_seq": per_seq,
+                **self.timed_steps(m, cache, B, ctx, graph)}
+
+    def timed_steps(self, m, cache, B, at, graph):
+        """tokens/s of decode_steps raw steps (tokens -> logits) from position `at`, replayed from a CUDA graph or
+        launched eagerly; ms is per call of decode_steps steps, ms_per_step per step."""
+        steps, nxt = self.s.decode_steps, self.tokens(B, self.s.decode_steps)
+        cache.pos.fill_(at)
         with self.autocast():
             one = decode_step(m, cache, B, graph)
 
         def step():
-            cache.pos.fill_(ctx)  # rewind the position (shared by all layers) to time the same steps
-            # again; Hyena's short-conv tails are not restored, which changes values, not the work
+            cache.pos.fill_(at)  # rewind the position (shared by all layers) to time the same steps again;
+            # Hyena's short-conv tails (and modal states) are not restored, which changes values, not the work
             with self.autocast():
                 for i in range(steps):
                     one(nxt[:, i:i + 1])  # (B, 1) -> logits (B, V)
-        return {"prefill_s": prefill_s, "cache_bytes_per_seq": per_seq, **self.timed(step, B * steps)}
+        res = self.timed(step, B * steps)
+        return {**res, "ms_per_step": res["ms"] / steps}
 
 
 def main(argv=None):

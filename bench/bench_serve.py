@@ -18,7 +18,7 @@ A step's work does not depend on what the cache holds: the teacher's step attend
 serving rows prefill a short prompt into a cache of serve_ctx + steps positions and move the position to
 serve_ctx: the same work as after a real serve_ctx prefill, without its cost (a B = 4096 prefill of 64k tokens
 would take minutes). A mixin of
-bench.Bench: it uses the bench's device, sizes, model builder, timer and `case` recorder."""
+bench.Bench: it uses the bench's device, sizes, model builder, timers and `case` recorder."""
 import statistics
 import time
 from dataclasses import replace
@@ -27,7 +27,6 @@ import torch
 import torch.nn as nn
 
 from bench.bench_report import MODAL_STATE, get
-from fast.decode import decode_step
 from hyena import new_cache
 
 HBM_TBS = {"H100": 3.35, "H200": 4.8}  # HBM bandwidth, TB/s, by device name (SXM parts)
@@ -49,21 +48,27 @@ class ServeCases:
         return m
 
     def serve(self):
+        for name in ("modal", "teacher"):  # each phase builds its own model, freed when it returns
+            self.serve_generate(name)
+            self.serve_sweep(name)
+
+    def serve_generate(self, name):
         s = self.s
         gen = 4 * s.decode_steps  # generate's longer call: the per-token rate is the difference of two calls
-        for name in ("modal", "teacher"):
-            m = self.serving_model(name, s.serve_short + gen + s.decode_steps + 2)
-            for B in s.serve_generate_batch:
-                for run in ("step", "generate"):
-                    self.case("serve", dict(model=name, run=run, ctx=s.serve_short, B=B),
-                              lambda: self.generate_case(m, name, B, run, gen))
-            m = self.serving_model(name, s.serve_ctx + s.decode_steps + 2)  # (the short one freed)
-            for B in s.serve_batch[name]:
-                row = dict(model=name, run="serve", ctx=s.serve_ctx, B=B)
-                self.case("serve", row, lambda: self.serve_case(m, name, B))
-                if row.get("error") == "OOM":
-                    break  # its memory limit: larger batches are not tried
-            del m
+        m = self.serving_model(name, s.serve_short + gen + s.decode_steps + 2)
+        for B in s.serve_generate_batch:
+            for run in ("step", "generate"):
+                self.case("serve", dict(model=name, run=run, ctx=s.serve_short, B=B),
+                          lambda: self.generate_case(m, name, B, run, gen))
+
+    def serve_sweep(self, name):
+        s = self.s
+        m = self.serving_model(name, s.serve_ctx + s.decode_steps + 2)
+        for B in s.serve_batch[name]:
+            row = dict(model=name, run="serve", ctx=s.serve_ctx, B=B)
+            self.case("serve", row, lambda: self.serve_case(m, name, B))
+            if row.get("error") == "OOM":
+                break  # its memory limit: larger batches are not tried
 
     @torch.no_grad()
     def generate_case(self, m, name, B, run, gen):
@@ -72,7 +77,7 @@ class ServeCases:
             cache = new_cache(m, s.serve_short + s.decode_steps + 2)
             with self.autocast():
                 m(prompt, cache=cache)
-            return self.timed_steps(m, cache, B, s.serve_short)
+            return self.timed_steps(m, cache, B, s.serve_short, self.cuda)
         times = {}
         with self.autocast():
             m.generate(prompt, 2, temperature=1.0)  # warm-up
@@ -96,7 +101,7 @@ class ServeCases:
         cache = new_cache(m, s.serve_ctx + s.decode_steps + 2)
         with self.autocast():
             m(self.tokens(B, PROMPT), cache=cache)  # the states, allocated for the whole context
-        res = self.timed_steps(m, cache, B, s.serve_ctx)
+        res = self.timed_steps(m, cache, B, s.serve_ctx, self.cuda)
         gb = cache.nbytes() / 1e9
         res.update(cache_gb=gb, tok_s_per_cache_gb=res["tok_s"] / gb)
         bw = next((v for gpu, v in HBM_TBS.items() if gpu in self.res["env"]["device"]), None)
@@ -105,19 +110,3 @@ class ServeCases:
             floor_tok_s = B / (weights / (bw * 1e12))
             res.update(floor_tok_s=floor_tok_s, floor_share=res["tok_s"] / floor_tok_s)
         return res
-
-    def timed_steps(self, m, cache, B, at):
-        """tokens/s of decode_steps raw steps (tokens -> logits), CUDA graphs (eager off CUDA), from position at;
-        ms is per call of decode_steps steps, ms_per_step per step."""
-        steps, nxt = self.s.decode_steps, self.tokens(B, self.s.decode_steps)
-        cache.pos.fill_(at)
-        with self.autocast():
-            one = decode_step(m, cache, B, self.cuda)
-
-        def step():
-            cache.pos.fill_(at)  # rewind to time the same steps again (the work does not depend on the states)
-            with self.autocast():
-                for i in range(steps):
-                    one(nxt[:, i:i + 1])  # (B, 1) -> logits (B, V)
-        res = self.timed(step, B * steps)
-        return {**res, "ms_per_step": res["ms"] / steps}
