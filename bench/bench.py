@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench.py`: import from the repo root
 from bench.bench_check import Checks
 from bench.bench_conv import CONV_MAX_L, ConvCases
-from bench.bench_report import MODAL_STATE, MODES, SECTIONS, fmt, keep_previous, table, targets, write
+from bench.bench_report import MODES, SECTIONS, fmt, keep_previous, modal_cfg, table, targets, write
 from bench.bench_serve import ServeCases
 from bench.bench_train import TrainCases
 import fast
@@ -206,8 +206,8 @@ class Bench(Checks, TrainCases, ConvCases, ServeCases):
             m(idx)  # logits (B, L, V)
 
     def decode(self):
-        s, n = self.s, self.cfg.num_hidden_layers
-        modal = self.build(replace(self.cfg, mixers=["hyena"] * n, hyena_modal_state=[MODAL_STATE] * n))
+        s = self.s
+        modal = self.build(modal_cfg(self.cfg))
         for ctx in s.decode_ctx:
             teacher = self.build(replace(self.cfg, max_position_embeddings=ctx + s.decode_steps))
             models = (("student", self.student(teacher, l_max=ctx + s.decode_steps)), ("teacher", teacher),

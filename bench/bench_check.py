@@ -8,7 +8,7 @@ import torch
 
 import fast
 import fast.losses
-from bench.bench_report import MODAL_STATE
+from bench.bench_report import modal_cfg
 from fast import decode
 from fast.decode import decode_step
 from hyena import HyenaOperator, eager_step, new_cache
@@ -152,9 +152,8 @@ class Checks:
     def check_greedy(self, which, ctx=256, steps=256, B=2):
         """generate(temperature=0) with fast.install's CUDA-graph step against its eager step (fast's kernels in
         both), in fp32: the share of the new tokens that differ (0 when the graph replays the same computation)."""
-        n = self.cfg.num_hidden_layers
         cfg = replace(self.cfg, max_position_embeddings=ctx + steps)
-        m = self.build(cfg if which == 1 else replace(cfg, mixers=["hyena"] * n, hyena_modal_state=[MODAL_STATE] * n))
+        m = self.build(cfg if which == 1 else modal_cfg(cfg))
         prompt, runs = self.tokens(B, ctx), []
         for step in (decode.cuda_graph_step, eager_step):  # fast's kernels in both: the graph is the difference
             m.make_step = step
@@ -163,10 +162,9 @@ class Checks:
 
     @torch.no_grad()
     def check_decode(self, which, graph=False, ctx=256, steps=16, B=2):
-        teacher = self.build(replace(self.cfg, max_position_embeddings=ctx + steps))
-        n = self.cfg.num_hidden_layers
-        m = (lambda: self.student(teacher, l_max=ctx + steps), lambda: teacher, lambda: self.build(replace(
-            teacher.config, mixers=["hyena"] * n, hyena_modal_state=[MODAL_STATE] * n)))[which]()
+        cfg = replace(self.cfg, max_position_embeddings=ctx + steps)
+        teacher = self.build(cfg)
+        m = self.build(modal_cfg(cfg)) if which == 2 else teacher if which == 1 else self.student(teacher, l_max=ctx + steps)
         idx = self.tokens(B, ctx + steps)
         runs = []
         for mode in ("graph", "eager") if graph else ("eager",):

@@ -3,15 +3,22 @@ bench.md / bench.png, each written atomically (a killed run leaves the last good
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python bench/bench_report.py`: import from the repo root
 
 from cli import write_atomic
 
-MODAL_STATE = 16  # modes per channel of the decode section's (and checks') modal student
+MODAL_STATE = 16  # modes per channel of the decode and serve sections' (and checks') modal student
 SECTIONS = ("check", "conv", "mixer", "model", "train", "decode", "kd", "serve")  # the order they run in
 MODES = {"on": [True], "off": [False], "both": [True, False]}  # --compile: which of compiled / eager run
+
+
+def modal_cfg(cfg):
+    """cfg with every layer a Hyena layer of MODAL_STATE modes (a modal student, built by modal.student.build)."""
+    n = cfg.num_hidden_layers
+    return replace(cfg, mixers=["hyena"] * n, hyena_modal_state=[MODAL_STATE] * n)
 
 
 def fmt(v):

@@ -26,7 +26,7 @@ from dataclasses import replace
 import torch
 import torch.nn as nn
 
-from bench.bench_report import MODAL_STATE, get
+from bench.bench_report import get, modal_cfg
 from hyena import new_cache
 
 HBM_TBS = {"H100": 3.35, "H200": 4.8}  # HBM bandwidth, TB/s, by device name (SXM parts)
@@ -38,10 +38,8 @@ class ServeCases:
         """The modal student or the teacher, its Linear, Embedding and LayerNorm weights in bf16 as a server holds
         them (the other sections keep fp32 weights under bf16 autocast, which casts every weight again at every
         step); the filters' poles and residues and RoPE's frequencies stay fp32 (in bf16 they drift)."""
-        n, cfg = self.cfg.num_hidden_layers, replace(self.cfg, max_position_embeddings=ctx)
-        if name == "modal":
-            cfg = replace(cfg, mixers=["hyena"] * n, hyena_modal_state=[MODAL_STATE] * n)
-        m = self.build(cfg)
+        cfg = replace(self.cfg, max_position_embeddings=ctx)
+        m = self.build(modal_cfg(cfg) if name == "modal" else cfg)
         for module in m.modules():
             if self.cuda and isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
                 module.to(torch.bfloat16)
