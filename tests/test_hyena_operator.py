@@ -8,7 +8,7 @@ import torch
 
 from fast.fftconv import cmul, fftconv as fast_fftconv
 from hyena import HyenaOperator, fftconv
-from triton_interpreter import run_interpreted
+from triton_interpreter import run_interpreted_each
 
 
 def direct_causal_conv(u, k, bias):
@@ -213,8 +213,8 @@ print(excess)
 
 @functools.cache
 def interpreted():
-    """The outputs of KERNEL_CHECK and ATTEND_CHECK, run in one interpreter process (one start of torch, Triton)."""
-    return tuple(run_interpreted(KERNEL_CHECK + "\nprint('=' * 8)\n" + ATTEND_CHECK).split("=" * 8))
+    """The outputs of KERNEL_CHECK and ATTEND_CHECK, run in one interpreter process."""
+    return run_interpreted_each(KERNEL_CHECK, ATTEND_CHECK)
 
 
 def test_decode_kernel_equals_the_definition_in_tritons_interpreter():

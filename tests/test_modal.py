@@ -13,7 +13,7 @@ from fast import decode
 from hyena import Cache, Config, GPTNeoX, HyenaFilter, HyenaOperator, fftconv, make_student, new_cache
 from modal import fit
 from modal.student import ModalFilter, build, load_pretrained, to_modal
-from triton_interpreter import run_interpreted
+from triton_interpreter import run_interpreted_each
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3, vocab_size=64,
             max_position_embeddings=32)
@@ -129,8 +129,8 @@ def test_fused_modal_step_equals_the_plain_step_in_tritons_interpreter():
 
 @functools.cache
 def interpreted():
-    """The outputs of SCAN_CHECK and MIX_CHECK, run in one interpreter process (one start of torch and Triton)."""
-    return tuple(run_interpreted(SCAN_CHECK + "\nprint('=' * 8)\n" + MIX_CHECK).split("=" * 8))
+    """The outputs of SCAN_CHECK and MIX_CHECK, run in one interpreter process."""
+    return run_interpreted_each(SCAN_CHECK, MIX_CHECK)
 
 
 @pytest.mark.parametrize("order", [2, 3])

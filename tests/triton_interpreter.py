@@ -50,3 +50,12 @@ def run_interpreted(code, timeout=300):
                          capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout
+
+
+SEPARATOR = "=" * 8 + " next script " + "=" * 8
+
+
+def run_interpreted_each(*codes):
+    """The stdout of each of `codes`, run one after another in ONE interpreter process (one start of torch and
+    Triton, seconds each); a later script sees what an earlier one left patched, so each restores what it patches."""
+    return tuple(run_interpreted(f"\nprint({SEPARATOR!r})\n".join(codes)).split(SEPARATOR))
