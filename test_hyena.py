@@ -448,7 +448,7 @@ def test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_t
 
 
 def test_graphed_step_refuses_a_cache_without_room_for_its_warm_up():
-    from fast.decode import graphed_step
+    from fast.step import graphed_step
     model = make_student(randomized(Config(**TINY)), layers=[0])
     cache = new_cache(model, 12)
     cache.advance(11)

@@ -19,7 +19,7 @@ Sections (one GPU, bf16 autocast; B*L constant across L within a section):
           student training step at L=64k (eager), whose peak memory is a target
   decode  tokens/s of N single-token cached steps after a prefill to the context, student vs teacher vs a modal
           student (every filter MODAL_STATE modes, random poles: recurrent decoding), each launched eagerly and
-          replayed from a CUDA graph (decode.graphed_step, what generate uses on a GPU); also the prefill's
+          replayed from a CUDA graph (step.graphed_step, what generate uses on a GPU); also the prefill's
           time and the cache's bytes per sequence
   kd      distill.kd_loss forward+backward alone on the train batch's tokens, and its share of an e2e step
   serve   the teacher against a modal student as a server sees them: generate() against the raw step, and
@@ -50,7 +50,7 @@ from bench.bench_report import MODES, SECTIONS, fmt, keep_previous, modal_cfg, t
 from bench.bench_serve import ServeCases
 from bench.bench_train import TrainCases
 import fast
-from fast.decode import decode_step
+from fast.step import decode_step
 from fast.fftconv import fftconv
 from hyena import Attention, Config, HyenaOperator, make_student, new_cache
 from modal.student import build

@@ -10,7 +10,7 @@ import fast
 import fast.losses
 from bench.bench_report import modal_cfg
 from fast import decode
-from fast.decode import decode_step
+from fast.step import decode_step
 from hyena import HyenaOperator, eager_step, new_cache
 
 
@@ -42,11 +42,10 @@ class Checks:
                               ("teacher decode steps vs full forward, fp32: logits", 5e-3, lambda: self.check_decode(1)),
                               ("modal student decode steps (fused step) vs full forward, fp32: logits", 5e-3,
                                lambda: self.check_decode(2)),
-                              ("student CUDA-graph steps vs eager steps, bf16: logits", 1e-2,
-                               lambda: self.check_decode(0, graph=True)),
-                              ("teacher CUDA-graph steps vs eager steps, bf16: logits", 1e-2,
-                               lambda: self.check_decode(1, graph=True)),
-                              *((f"{name} greedy generate, CUDA graph vs eager step, fp32, 256 tokens: share differing",
+                              *((f"{name} fused step's CUDA graph vs eager steps, bf16: logits", 1e-2,
+                                 lambda which=which: self.check_decode(which, graph=True))
+                                for which, name in ((0, "student"), (1, "teacher"), (2, "modal student"))),
+                              *((f"{name} greedy generate, fused CUDA graph vs eager step, fp32, 256 tokens: share differing",
                                  0.0, lambda which=which: self.check_greedy(which))
                                 for which, name in ((2, "modal student"), (1, "teacher")))):
             if ("graph" in name or "Triton" in name or "training step" in name) and not self.cuda:
@@ -155,8 +154,8 @@ class Checks:
         cfg = replace(self.cfg, max_position_embeddings=ctx + steps)
         m = self.build(cfg if which == 1 else modal_cfg(cfg))
         prompt, runs = self.tokens(B, ctx), []
-        for step in (decode.cuda_graph_step, eager_step):  # fast's kernels in both: the graph is the difference
-            m.make_step = step
+        for make in (fast.step.cuda_graph_step, eager_step):  # fast's kernels in both: the graph is the difference
+            m.make_step = make
             runs.append(m.generate(prompt, steps, temperature=0)[:, ctx:])  # (B, steps)
         return (runs[0] != runs[1]).float().mean().item()
 

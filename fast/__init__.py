@@ -12,22 +12,24 @@ fast.losses.lm_loss, distill.kd_loss -> fast.losses.kd_loss). `wanted` reads the
   toeplitz.py the long convolution as block-Toeplitz products (Triton)   twin of hyena.fftconv
               up to TOEPLITZ_MAX_L positions, fftconv.py's beyond (long_conv)
   losses.py   the head's loss fused with its gradient, chunk by chunk     twins of train.lm_loss, distill.kd_loss
-  decode.py   a Triton kernel for Hyena's decoding step; CUDA graphs;     twins of hyena.history_conv,
-              a Triton scan for a modal prefill's state; a modal             hyena.eager_step, modal.fit.prefill_state,
-              layer's step between its projections in one kernel             hyena.mix_step
+  decode.py   a Triton kernel for Hyena's decoding step; a Triton scan    twins of hyena.history_conv,
+              for a modal prefill's state; a modal layer's step between      modal.fit.prefill_state,
+              its projections in one kernel                                  hyena.mix_step
+  step.py     a whole decoding step in ~3 kernels a block, replayed        twin of hyena.eager_step
+              from a CUDA graph
   attention.py a teacher's decoding attention up to pos only (Triton)      twin of hyena.cached_attention
 """
 import inspect
 
 import hyena
-from fast import attention, decode, toeplitz
+from fast import attention, decode, step, toeplitz
 from modal import fit
 
 TWINS = {  # plain function -> its fast twin, wherever a module holds it as an attribute
     hyena.fftconv: toeplitz.long_conv,          # HyenaOperator.long_conv (FFTConv where Toeplitz does not serve)
     hyena.history_conv: decode.long_conv_step,  # HyenaFilter.history_conv (the decoding step's long convolution)
     fit.prefill_state: decode.prefill_state,    # ModalFilter.prefill_state (a modal prefill's recurrence state)
-    hyena.eager_step: decode.cuda_graph_step,   # GPTNeoX.make_step (generate's step: a CUDA graph's replay)
+    hyena.eager_step: step.cuda_graph_step,     # GPTNeoX.make_step (generate's step: a CUDA graph's replay)
     hyena.mix_step: decode.mix_step,            # HyenaOperator.mix_step (a modal layer's step: one kernel)
     hyena.cached_attention: attention.cached_attention,  # Attention.cached_attention (decoding's attention)
 }

@@ -16,9 +16,7 @@ the GPU. fast.install puts `long_conv_step` in a HyenaFilter's place of history_
 twin) by a chunked scan that reads the prompt's activations once, in place. `mix_step` runs a modal layer's decoding
 step between its projections (hyena.mix_step: short conv, recurrences, gates) as one kernel.
 
-`graphed_step` captures a whole cached step of a model (attention or Hyena, any mix) as a CUDA graph, which
-`GPTNeoX.generate` replays per token on a GPU once fast.install put `cuda_graph_step` in the model's make_step:
-at these model sizes launches, not bytes, bound decoding. Its plain twin is the eager step (hyena.eager_step).
+A whole step in few kernels, and its CUDA graph, are fast/step.py's.
 
 Each twin serves where its kernel can (`available`: CUDA, or Triton's interpreter for tests) and hands anything
 else to its plain twin, so an installed model runs on any device.
@@ -28,7 +26,7 @@ import os
 import torch
 
 import hyena
-from hyena import eager_step, history_conv
+from hyena import history_conv
 from modal import fit
 from modal.student import ModalState
 
@@ -90,49 +88,57 @@ if triton is not None:
         tl.store(out_ptr + off + DM, si, mask=mc[:, None])
 
     @triton.jit
-    def _modal_mix(p_ptr, tail_ptr, w_ptr, sb_ptr, st_ptr, lam_ptr, res_ptr, dir_ptr, out_ptr, D, d,
-                   N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, DM: tl.constexpr, BLOCK_D: tl.constexpr):
-        """x0 ⊙ v for batch row program_id(0), channels program_id(1) * BLOCK_D + [0, BLOCK_D); see mix_step."""
+    def _row(t, g, i):
+        """Row i of t (R, ...) whose row indices are g (R,) broadcast to t: a slice Triton can take of a register
+        block."""
+        return tl.sum(tl.where(g == i, t, 0.0), axis=0)
+
+    @triton.jit
+    def _modal_mix(p_ptr, p_stride, tail_ptr, w_ptr, sb_ptr, st_ptr, lam_ptr, res_ptr, dir_ptr, out_ptr, D, d,
+                   N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, GP: tl.constexpr, OP: tl.constexpr,
+                   DM: tl.constexpr, BLOCK_D: tl.constexpr):
+        """x0 ⊙ v for batch row program_id(0), channels program_id(1) * BLOCK_D + [0, BLOCK_D); see mix_step.
+        Every load is issued before the first store (one barrier between): a step's latency is one round trip
+        to memory, not one per group."""
         b = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # (BLOCK_D,) channels of one group
-        j, n = tl.arange(0, KP), tl.arange(0, DM)  # the tail's rows (K-1 of KP), the modes (d of DM)
-        ok, rows = c < D, j < K - 1
+        j, g, o, n = tl.arange(0, KP), tl.arange(0, GP), tl.arange(0, OP), tl.arange(0, DM)
+        ok = c < D
         W = (N + 1) * D
-        v = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        x0 = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        for step in tl.static_range(N + 1):  # group N (the value v) first, then the gates N-1 .. 1, then 0
-            g = N - step
-            ch = g * D + c  # (BLOCK_D,) columns of the projections
-            m2 = rows[:, None] & ok[None, :]
-            tail = tl.load(tail_ptr + b * (K - 1) * W + j[:, None] * W + ch[None, :], mask=m2, other=0.0)  # (KP, BD)
-            pn = tl.load(p_ptr + b * W + ch, mask=ok, other=0.0).to(tail_ptr.dtype.element_ty)  # rounded as kept
-            w = tl.load(w_ptr + ch[None, :] * K + j[:, None], mask=m2, other=0.0).to(tl.float32)  # taps 0..K-2
-            pc = tl.sum(w * tail.to(tl.float32), axis=0) + tl.load(w_ptr + ch * K + K - 1, mask=ok, other=0.0) * \
-                pn.to(tl.float32) + tl.load(sb_ptr + ch, mask=ok, other=0.0)  # (BLOCK_D,) the short conv
-            # the tail moves on: rows 1.. up one, this token's projections last (every thread's loads of it first)
-            tl.debug_barrier()
-            tl.store(tail_ptr + b * (K - 1) * W + (j[:, None] - 1) * W + ch[None, :], tail, mask=m2 & (j[:, None] >= 1))
-            tl.store(tail_ptr + b * (K - 1) * W + (K - 2) * W + ch, pn, mask=ok)
-            if g == N:
-                v = pc
-            elif g == 0:
-                x0 = pc
-            else:  # long conv o = N - 1 - g through its recurrence: y = 2 Re(R . s) + direct z; s = lam s + z
-                o = N - 1 - g
-                z = v * pc  # (BLOCK_D,)
-                cm = o * D + c  # the long conv's channels
-                mm = ok[:, None] & (n[None, :] < d)
-                at = (b * (N - 1) * D + cm)[:, None] * (2 * d) + 2 * n[None, :]  # (BLOCK_D, DM) (re, im) pairs
-                sr, si = tl.load(st_ptr + at, mask=mm, other=0.0), tl.load(st_ptr + at + 1, mask=mm, other=0.0)
-                ap = cm[:, None] * (2 * d) + 2 * n[None, :]
-                lr, li = tl.load(lam_ptr + ap, mask=mm, other=0.0), tl.load(lam_ptr + ap + 1, mask=mm, other=0.0)
-                rr, ri = tl.load(res_ptr + ap, mask=mm, other=0.0), tl.load(res_ptr + ap + 1, mask=mm, other=0.0)
-                y = 2 * tl.sum(rr * sr - ri * si, axis=1) + tl.load(dir_ptr + cm, mask=ok, other=0.0) * z
-                tl.store(st_ptr + at, lr * sr - li * si + z[:, None], mask=mm)
-                tl.store(st_ptr + at + 1, lr * si + li * sr, mask=mm)
-                v = y
-        tl.store(out_ptr + b * D + c, (v * x0).to(out_ptr.dtype.element_ty), mask=ok)
-
+        ch = g[:, None] * D + c[None, :]  # (GP, BLOCK_D) columns of the projections, one row per group
+        mg = (g[:, None] < N + 1) & ok[None, :]
+        j3 = j[:, None, None]  # the tail's rows (K-1 of KP)
+        m3 = (j3 < K - 1) & mg[None, :, :]
+        tail_at = tail_ptr + b * (K - 1) * W + j3 * W + ch[None, :, :]  # (KP, GP, BLOCK_D)
+        tail = tl.load(tail_at, mask=m3, other=0.0)
+        pn = tl.load(p_ptr + b * p_stride + ch, mask=mg, other=0.0).to(tail_ptr.dtype.element_ty)  # rounded as kept
+        w = tl.load(w_ptr + ch[None, :, :] * K + j3, mask=m3, other=0.0).to(tl.float32)  # taps 0..K-2
+        pc = tl.sum(w * tail.to(tl.float32), axis=0) + tl.load(w_ptr + ch * K + K - 1, mask=mg, other=0.0) * \
+            pn.to(tl.float32) + tl.load(sb_ptr + ch, mask=mg, other=0.0)  # (GP, BLOCK_D) the short conv, per group
+        cm = o[:, None] * D + c[None, :]  # (OP, BLOCK_D) the long convs' channels
+        mm = ((o[:, None] < N - 1) & ok[None, :])[:, :, None] & (n < d)[None, None, :]  # (OP, BLOCK_D, DM)
+        at = (b * (N - 1) * D + cm)[:, :, None] * (2 * d) + 2 * n[None, None, :]  # (re, im) pairs of the states
+        ap = cm[:, :, None] * (2 * d) + 2 * n[None, None, :]
+        sr, si = tl.load(st_ptr + at, mask=mm, other=0.0), tl.load(st_ptr + at + 1, mask=mm, other=0.0)
+        lr, li = tl.load(lam_ptr + ap, mask=mm, other=0.0), tl.load(lam_ptr + ap + 1, mask=mm, other=0.0)
+        rr, ri = tl.load(res_ptr + ap, mask=mm, other=0.0), tl.load(res_ptr + ap + 1, mask=mm, other=0.0)
+        direct = tl.load(dir_ptr + cm, mask=(o[:, None] < N - 1) & ok[None, :], other=0.0)  # (OP, BLOCK_D)
+        # every thread's loads before any store: the tail moves on (rows 1.. up one, this token's projections last)
+        tl.debug_barrier()
+        tl.store(tail_at - W, tail, mask=m3 & (j3 >= 1))
+        tl.store(tail_ptr + b * (K - 1) * W + (K - 2) * W + ch, pn, mask=mg)
+        g2, o3 = g[:, None], o[:, None, None]
+        v = _row(pc, g2, N)  # the value, then the gates N-1 .. 1 with long conv o = N - 1 - g after each
+        for k in tl.static_range(N - 1):  # y = 2 Re(R . s) + direct z; s = lam s + z
+            z = v * _row(pc, g2, N - 1 - k)  # (BLOCK_D,)
+            s_r, s_i = _row(sr, o3, k), _row(si, o3, k)  # (BLOCK_D, DM)
+            l_r, l_i = _row(lr, o3, k), _row(li, o3, k)
+            v = 2 * tl.sum(_row(rr, o3, k) * s_r - _row(ri, o3, k) * s_i, axis=1) + _row(direct, o[:, None], k) * z
+            at_k = (b * (N - 1) * D + k * D + c)[:, None] * (2 * d) + 2 * n[None, :]  # (BLOCK_D, DM)
+            mk = ok[:, None] & (n[None, :] < d)
+            tl.store(st_ptr + at_k, l_r * s_r - l_i * s_i + z[:, None], mask=mk)
+            tl.store(st_ptr + at_k + 1, l_r * s_i + l_i * s_r, mask=mk)
+        tl.store(out_ptr + b * D + c, (v * _row(pc, g2, 0)).to(out_ptr.dtype.element_ty), mask=ok)
 
 def long_conv_step(z, k_rev, pos):
     """z (B, D, T) history (positions > pos ignored), k_rev (D, >= T) with k_rev[d, T-1-j] = k[j, d] (the
@@ -154,7 +160,7 @@ def long_conv_step(z, k_rev, pos):
                                                          chunk, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S)
     return out.sum(0) if splits > 1 else out[0]  # (B, D)
 
-MIX_BLOCK_D = 64  # channels per program of the fused modal step
+MIX_BLOCK_D = 32  # channels per program of the fused modal step
 
 
 def mix_step(op, state, p, pos):
@@ -169,14 +175,16 @@ def mix_step(op, state, p, pos):
     B, W = p.shape
     D, N, K = op.d_model, op.order, op.short_filter.kernel_size[0]
     d = state.state.shape[-1]
-    parts = (p, state.tail, op.short_filter.weight, state.state, state.lam, state.res, state.direct)
-    if not all(t.is_contiguous() for t in parts):
-        raise ValueError("fast.decode.mix_step needs contiguous projections, tail, filter and modal state")
+    parts = (state.tail, op.short_filter.weight, state.state, state.lam, state.res, state.direct)
+    if not all(t.is_contiguous() for t in parts) or p.stride(1) != 1:
+        raise ValueError("fast.decode.mix_step needs row-contiguous projections, and a contiguous tail, filter and "
+                         "modal state")
     out = p.new_empty(B, D)
     _modal_mix[(B, triton.cdiv(D, MIX_BLOCK_D))](
-        p, state.tail, op.short_filter.weight, op.short_filter.bias, torch.view_as_real(state.state),
+        p, p.stride(0), state.tail, op.short_filter.weight, op.short_filter.bias, torch.view_as_real(state.state),
         torch.view_as_real(state.lam), torch.view_as_real(state.res), state.direct, out, D, d,
-        N=N, K=K, KP=max(1, triton.next_power_of_2(K - 1)), DM=triton.next_power_of_2(d), BLOCK_D=MIX_BLOCK_D)
+        N=N, K=K, KP=max(1, triton.next_power_of_2(K - 1)), GP=triton.next_power_of_2(N + 1),
+        OP=triton.next_power_of_2(N - 1), DM=triton.next_power_of_2(d), BLOCK_D=MIX_BLOCK_D)
     return out  # (B, D)
 
 SCAN_CHUNK, SCAN_C = 256, 32  # positions and channels per program of the prefill's scan
@@ -209,57 +217,3 @@ def prefill_state(z, log_decay, angle):
         qr, qi = fit.powers(w, th, L - ends)  # (C, a, d): lambda^(L - end_j)
         return (s * torch.complex(qr, qi).transpose(0, 1)).sum(1)  # (B, C, d) complex64
 
-
-@torch.no_grad()
-def graphed_step(model, cache, batch, pick=lambda logits: logits):
-    """One cached decoding step of a hyena.Cache and the `pick` of its logits (hyena.sample: the draw of the next
-    tokens), captured together as a CUDA graph after a prefill: step(tokens (B, 1)) -> pick(logits (B, V)) (one
-    static tensor, overwritten by the next call). Replaying the captured kernels skips the ~100 small launches
-    per token that otherwise cost more than their work; with the draw inside, nothing reads the device back.
-    Runs under the caller's autocast (with its weight-cast cache off, as graphs need). The warm-up runs pick
-    twice (random draws move the generator: sampled tokens are the eager step's distribution, not its stream).
-    Plain twin: hyena.eager_step (one eager cached step); the CPU holds the step capturable, in
-    test_hyena.py::test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_them and
-    tests/test_modal.py::test_modal_decoding_steps_never_read_the_device_back; bench/bench.py's check section
-    holds replayed and eager logits, and greedy tokens, equal on the GPU."""
-    pos = cache.pos
-    if int(pos) + 2 > cache.max_len:  # a host read, before any capture
-        raise ValueError(f"graphed_step warms up on the next two positions, but the cache ends at "
-                         f"{cache.max_len} with pos {int(pos)}: make max_len at least pos + 2")
-    tok = torch.zeros(batch, 1, dtype=torch.long, device=pos.device)
-    moving = [pos] + [t for state in cache.layers for t in state.carried()]  # what warm-up steps move
-    saved = [t.clone() for t in moving]  # (a modal layer's recurrence state must come back exactly)
-    amp = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"),
-                         cache_enabled=False)
-    one = eager_step(model, cache, batch, pick)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), amp:
-        for _ in range(2):  # warm-up off the capture: cuBLAS handles, allocator pools
-            one(tok)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), amp:
-        out = one(tok)  # captured, not run
-    for t, now in zip(saved, moving):
-        now.copy_(t)  # undo the warm-up (its history writes lie at positions the real steps overwrite first)
-
-    def step(tokens):
-        tok.copy_(tokens)
-        graph.replay()
-        return out
-    return step
-
-
-def cuda_graph_step(model, cache, batch, pick):
-    """generate's decoding step (GPTNeoX.make_step) replayed from a CUDA graph (graphed_step) where the cache is on
-    CUDA with room for the graph's warm-up, else launched eagerly: step(tokens (B, 1)) -> pick(logits (B, V)).
-    Plain twin: hyena.eager_step; held equal on the GPU by bench/bench.py's check section, and capturable by
-    test_hyena.py::test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_them."""
-    graph = cache.pos.is_cuda and int(cache.pos) + 2 <= cache.max_len  # (a host read, before any capture)
-    return graphed_step(model, cache, batch, pick) if graph else eager_step(model, cache, batch, pick)
-
-
-def decode_step(model, cache, batch, graph, pick=lambda logits: logits):
-    """step(tokens (B, 1)) -> pick(logits (B, V)) after a prefill: replayed from a CUDA graph, or launched eagerly."""
-    return graphed_step(model, cache, batch, pick) if graph else eager_step(model, cache, batch, pick)

@@ -175,10 +175,11 @@ assert decode.available(torch.zeros(1))  # Triton's interpreter: the kernels ser
 torch.manual_seed(0)
 B, H, T, hd = 1, 2, 300, 16
 excess = 0.0
-for dtype, bound, programs in ((torch.float32, None, attention.PROGRAMS), (torch.bfloat16, torch.finfo(torch.bfloat16).eps,
-                                                                          attention.PROGRAMS), (torch.float32, None, 4)):
-    attention.PROGRAMS = programs  # 8 splits of one ATTEND_BLOCK; at 4 programs, 2 splits of 3 blocks
-    for pos in (0, 63, 64, 200, T - 1):  # the new token alone, a block's and a split's edges, the last position
+n, blk = attention.ATTEND_PROGRAMS, attention.ATTEND_BLOCK
+for dtype, bound, programs in ((torch.float32, None, n), (torch.bfloat16, torch.finfo(torch.bfloat16).eps, n),
+                               (torch.float32, None, 4)):
+    attention.ATTEND_PROGRAMS = programs  # splits of one ATTEND_BLOCK each; at 4 programs, 2 splits of 2 blocks
+    for pos in (0, blk - 1, blk, 200, T - 1):  # the new token alone, a block's and a split's edges, the last
         kc, vc = torch.randn(B, H, T, hd).to(dtype), torch.randn(B, H, T, hd).to(dtype)
         q, k = (torch.randn(B, H, 1, hd).to(dtype) for _ in range(2))
         v = torch.randn(B, H, 1, 3 * hd).to(dtype)[..., hd:2 * hd]  # a strided view, as the model's v
@@ -192,7 +193,7 @@ for dtype, bound, programs in ((torch.float32, None, attention.PROGRAMS), (torch
         assert got.dtype == dtype and torch.equal(state.k, plain_state.k) and torch.equal(state.v, plain_state.v)
         err = lambda y: ((y.double() - ref).norm() / ref.norm()).item()
         excess = max(excess, err(got) / (bound or max(2 * err(plain), 1e-6)))  # fp32: as the plain; bf16: an ulp
-attention.PROGRAMS = decode.PROGRAMS
+attention.ATTEND_PROGRAMS = n
 # a teacher decoding through it (fast.install) gives the plain teacher's greedy tokens and logits
 cfg = Config(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=2, vocab_size=97,
              max_position_embeddings=40)

@@ -21,7 +21,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fast
 from cli import write_atomic
-from fast.decode import graphed_step
+from fast.step import graphed_step
 from fast.fftconv import fftconv
 from hyena import Config, HyenaOperator, new_cache
 from modal.student import build
