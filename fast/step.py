@@ -107,9 +107,10 @@ if triton is not None:
 # (BM, BN of A, BN of C, K splits of C, BK, BN of the head): short batches spread the weights over more programs
 # (a step reads them once), long ones re-read the residual rows less
 SMALL_BATCH_TILES = (16, 32, 16, 4, 128, 128)
-# past this batch the eager step's kernels (cuBLAS) ran faster than these (64: fused 1.33x, 256: 0.94x, one H100)
-FUSED_MAX_BATCH = 128
 LARGE_BATCH_TILES = (32, 64, 32, 2, 64, 128)
+# past this batch the eager step's kernels (cuBLAS) ran faster than these: the fused step's graph gave 1.35x the
+# eager step's at B = 64, 0.84x at 256 (bench.py serve, one H100, results/gpu-logs-2026-12-07d)
+FUSED_MAX_BATCH = 128
 
 
 def _tiles(batch):
@@ -163,7 +164,8 @@ def _bias_of(linear):
 @torch.no_grad()
 def fused_step(model, cache, batch, pick):
     """generate's step after a prefill, tokens (B, 1) -> pick(logits (B, V)), in ~3 kernels a block (see the
-    module's docstring) where `serves` says the kernels take the model, else hyena.eager_step. Logits come in
+    module's docstring) where `serves` says the kernels take the model and batch <= FUSED_MAX_BATCH, else
+    hyena.eager_step. Logits come in
     the step's dtype, as the eager step's; a step moves the cache as the eager one does.
     Plain twin: hyena.eager_step; held equal, in Triton's CPU interpreter, by
     tests/test_step.py::test_fused_step_equals_the_eager_step_in_tritons_interpreter (and on the GPU by

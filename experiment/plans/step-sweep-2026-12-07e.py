@@ -1,0 +1,106 @@
+"""Issue 30, ready for the next GPU session: the fused decoding step's tiles, wider than step-2026-12-07d.py's sweep.
+
+    PYTHONPATH=. python experiment/plans/step-sweep-2026-12-07e.py OUT_DIR
+
+That sweep's profile (results/gpu-logs-2026-12-07d/step.md) put a modal B = 1 step's A matmuls at 13 us each,
+latency-bound: a longer K chunk (BK 64 -> 128) was its best single change. This one tries BK up to the whole D
+(one load of a row, one dot), more C splits, wider head blocks and narrower modal-core blocks, at B = 1, 16, 64,
+and 128 / 256 (where FUSED_MAX_BATCH hands the step to the eager kernels). Then `generate`'s draw: the replayed
+step with the draw (temperature 1, and greedy) against the raw step, which is what generate's share loses.
+Writes OUT_DIR/sweep.md (one row per variant, as measured) and prints it."""
+import itertools
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import fast
+from cli import write_atomic
+from fast import decode, step as fstep
+from hyena import Config, new_cache, sample
+from modal.student import build
+
+out = Path(sys.argv[1])
+out.mkdir(parents=True, exist_ok=True)
+lines = [f"# fused step sweep: {torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
+
+
+def log(*rows):
+    lines.extend(rows)
+    print(*rows, sep="\n", flush=True)
+    write_atomic(out / "sweep.md", "\n".join(lines) + "\n")
+
+
+def wall(fn, n=200):
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n
+
+
+cfg = Config()
+n = cfg.num_hidden_layers
+MODELS = {"modal": replace(cfg, mixers=["hyena"] * n, hyena_modal_state=[16] * n, max_position_embeddings=4096),
+          "teacher": replace(cfg, max_position_embeddings=4096)}
+
+
+def serving(c):
+    m = build(c)
+    for module in m.modules():
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
+            module.to(torch.bfloat16)
+    return fast.install(m.cuda().eval())
+
+
+def timed(m, B, pick=lambda logits: logits, fused=True):
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        cache = new_cache(m, 4096)
+        m(torch.randint(cfg.vocab_size, (B, 16), device="cuda"), cache=cache)
+        cache.pos.fill_(2048)  # attention reads up to pos: a 2k context
+        tok = torch.randint(cfg.vocab_size, (B, 1), device="cuda")
+        one = fstep.graphed_step(m, cache, B, pick, fused=fused)
+        return wall(lambda: one(tok))
+
+
+SMALL = [(16, bn, bnc, ks, bk, 128)
+         for bn, bnc, ks, bk in itertools.product((32, 64), (16, 32), (4, 8), (128, 256, 512))]
+SMALL += [(16, 32, 16, 4, bk, 256) for bk in (128, 512)]  # a wider head block
+LARGE = [(bm, bn, 32, ks, bk, 128) for bm, bn, ks, bk in itertools.product((32, 64), (64, 128), (2, 4), (64, 128, 512))]
+defaults = fstep.SMALL_BATCH_TILES, fstep.LARGE_BATCH_TILES, fstep.FUSED_MAX_BATCH, decode.MIX_BLOCK_D
+log("## tiles: one replayed step at a 2k context", "", "| model | B | tiles | mix block | us/step | tok/s |",
+    "|---|---:|---|---:|---:|---:|")
+for name, c in MODELS.items():
+    m = serving(c)
+    for B in (1, 16, 64, 128, 256):
+        fstep.FUSED_MAX_BATCH = 256
+        base = timed(m, B, fused=False)
+        log(f"| {name} | {B} | eager step's graph | | {1e6 * base:.1f} | {B / base:,.0f} |")
+        for tiles in (SMALL if B <= 16 else LARGE):
+            for blk in ((16, 32, 64) if name == "modal" and tiles == (SMALL if B <= 16 else LARGE)[0] else (32,)):
+                fstep.SMALL_BATCH_TILES = fstep.LARGE_BATCH_TILES = tiles
+                decode.MIX_BLOCK_D = blk
+                try:
+                    s = timed(m, B)
+                    log(f"| {name} | {B} | {tiles} | {blk} | {1e6 * s:.1f} | {B / s:,.0f} |")
+                except Exception as e:  # a tile a GPU refuses (shared memory): say so, go on
+                    log(f"| {name} | {B} | {tiles} | {blk} | error: {type(e).__name__}: {str(e)[:80]} | |")
+        fstep.SMALL_BATCH_TILES, fstep.LARGE_BATCH_TILES, fstep.FUSED_MAX_BATCH, decode.MIX_BLOCK_D = defaults
+    del m
+log("")
+
+log("## generate's draw: the replayed step with and without it (default tiles)", "",
+    "| model | B | raw us | greedy us | temperature 1 us |", "|---|---:|---:|---:|---:|")
+for name, c in MODELS.items():
+    m = serving(c)
+    for B in (1, 64):
+        raw, greedy, hot = (timed(m, B, pick) for pick in (lambda logits: logits, lambda logits: sample(logits, 0),
+                                                           lambda logits: sample(logits, 1.0)))
+        log(f"| {name} | {B} | {1e6 * raw:.1f} | {1e6 * greedy:.1f} | {1e6 * hot:.1f} |")
+    del m
