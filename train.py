@@ -286,6 +286,12 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
         clock.update(saved["clock"])
         clock["aside"] += time.perf_counter() - t_fork  # the branch's time is not the main run's
 
+    def halt():
+        """A signal asked to stop: the finished step's checkpoint, then `stopped` (cli.run: exit 128 + its number)."""
+        if ckpt_step != step:
+            checkpoint(out, cfg)
+        raise stopped(stop[0], step, out)
+
     branches = []  # --branches: the TrainConfig of each shorter budget still to finish, here (training/branches.py)
     if cfg.branches:
         from training.branches import pending_branches
@@ -300,8 +306,8 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
             window.update(t=time.perf_counter(), steps=0)
             if stop:
                 break
-        if stop:
-            raise stopped(stop[0], step, out)  # cli.run: exit 128 + the signal's number
+        if stop:  # (a signal that came after the last step's check below, or during a branch)
+            halt()
         train_step(cfg, out, now)
         if val_tokens is not None and step % cfg.eval_interval == 0:
             val, eval_step = validate(out), step
@@ -309,9 +315,7 @@ def _train(objective, cfg, dist, stage, on_step, on_branch, stop):
             checkpoint(out, cfg)
             ckpt_step = step
         if stop:
-            if ckpt_step != step:
-                checkpoint(out, cfg)
-            raise stopped(stop[0], step, out)  # cli.run: exit 128 + the signal's number
+            halt()
     if val_tokens is not None and eval_step != step:
         val = validate(out)
     if ckpt_step != step:
