@@ -56,6 +56,7 @@ from modal import fit
 assert decode.available(torch.zeros(1))  # Triton's interpreter: the kernel serves CPU tensors
 g = torch.Generator().manual_seed(0)
 C, d = 40, 5  # channels not a multiple of the program's block, modes not a power of 2
+chunk, decode.SCAN_CHUNK = decode.SCAN_CHUNK, 16  # short chunks: the interpreter runs each position in turn
 w = torch.empty(C, d).uniform_(math.log(1e-4), math.log(0.5), generator=g)
 th = torch.rand(C, d, generator=g) * math.pi
 worst = plain = 0.0
@@ -67,6 +68,7 @@ for L in (1, 7, decode.SCAN_CHUNK, 2 * decode.SCAN_CHUNK + 3):  # one, part of o
         assert out.shape == ref.shape and out.dtype == torch.complex64
         worst = max(worst, ((out - ref).abs().max() / ref.abs().max()).item())
         plain = max(plain, ((fit.prefill_state(z, w, th) - ref).abs().max() / ref.abs().max()).item())
+decode.SCAN_CHUNK = chunk
 print(plain, worst)
 """
 
