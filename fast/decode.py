@@ -1,4 +1,5 @@
-"""Fast cached decoding on CUDA: one Triton kernel for Hyena's long convolution, and CUDA-graph capture of a step.
+"""Fast cached decoding on CUDA: Triton kernels for a Hyena layer's step (its long convolution; a modal layer's
+whole step between its projections) and for a modal prefill's state.
 
 The kernel computes a Hyena long convolution's output for the token being decoded,
 

@@ -20,6 +20,8 @@ concatenated, when the step is made (as generate does at each call).
 tokens as a CUDA graph, which GPTNeoX.generate replays once fast.install put `cuda_graph_step` in its make_step.
 Plain twin of all three: hyena.eager_step.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -104,10 +106,20 @@ if triton is not None:
         tl.store(part_ptr + (ps * M + rm)[:, None] * D + rn[None, :], acc, mask=mm & (rn < D)[None, :])
 
 
-# (BM, BN of A, BN of C, K splits of C, BK, BN of the head): short batches spread the weights over more programs
-# (a step reads them once), long ones re-read the residual rows less
-SMALL_BATCH_TILES = (16, 32, 16, 4, 128, 128)
-LARGE_BATCH_TILES = (32, 64, 32, 2, 64, 128)
+class Tiles(NamedTuple):
+    """A fused step's blocks (each a power of two; the matmuls' M, N and K tiles)."""
+    bm: int       # batch rows a program takes (tl.dot needs 16 or more)
+    bn: int       # A's output columns a program takes
+    bn_c: int     # C's output columns a program takes
+    splits: int   # C's K splits: partial sums the next A adds
+    bk: int       # the K chunk of every matmul
+    bn_head: int  # the head's vocabulary columns a program takes
+
+
+# Short batches spread the weights over more programs (a step reads them once); long ones re-read the residual
+# rows less. Chosen by the sweep in results/gpu-logs-2026-12-07d/step.md.
+SMALL_BATCH_TILES = Tiles(16, 32, 16, 4, 128, 128)
+LARGE_BATCH_TILES = Tiles(32, 64, 32, 2, 64, 128)
 # past this batch the eager step's kernels (cuBLAS) ran faster than these: the fused step's graph gave 1.35x the
 # eager step's at B = 64, 0.84x at 256 (bench.py serve, one H100, results/gpu-logs-2026-12-07d)
 FUSED_MAX_BATCH = 128
@@ -135,9 +147,10 @@ def serves(model, cache):
             return False
         if block.mixer == "attention":
             att, hd = block.attention, block.attention.head_dim
+            if not isinstance(state, AttentionState) or att.rope_type == "dynamic":
+                return False
             q = state.k.new_empty(state.k.shape[0], att.n_head, hd, dtype=x.dtype)
-            if not isinstance(state, AttentionState) or att.rope_type == "dynamic" or \
-                    not attention_serves(state, q, q, q):
+            if not attention_serves(state, q, q, q):
                 return False
     return True
 
@@ -164,9 +177,9 @@ def _bias_of(linear):
 @torch.no_grad()
 def fused_step(model, cache, batch, pick):
     """generate's step after a prefill, tokens (B, 1) -> pick(logits (B, V)), in ~3 kernels a block (see the
-    module's docstring) where `serves` says the kernels take the model and batch <= FUSED_MAX_BATCH, else
-    hyena.eager_step. Logits come in
-    the step's dtype, as the eager step's; a step moves the cache as the eager one does.
+    module's docstring) where `serves` says the kernels take the model, batch <= FUSED_MAX_BATCH and every
+    mixer's input width is a multiple of A's column block; else hyena.eager_step. Logits come in the step's
+    dtype, as the eager step's; a step moves the cache as the eager one does.
     Plain twin: hyena.eager_step; held equal, in Triton's CPU interpreter, by
     tests/test_step.py::test_fused_step_equals_the_eager_step_in_tritons_interpreter (and on the GPU by
     bench/bench.py's check section)."""
@@ -196,7 +209,7 @@ def fused_step(model, cache, batch, pick):
                 layer.split, layer.eps,
                 KS=ks, WRITE_X=True, HAS_BIAS=True, PREC=prec, BM=BM, BN=BN, BK=BK)
             x, nxt = nxt, x
-            y = _mixer_step(layer, cache.layers[i], h[:, :layer.split], cache.pos)  # (B, D) in dt
+            y = _mixer_step(layer, cache.layers[i], h[:, :layer.split], cache.pos)  # (B, D) rows contiguous
             slice_k = triton.cdiv(triton.cdiv(layer.w_out.shape[1], KS), BK) * BK
             _matmul_parts[(triton.cdiv(M, BM), triton.cdiv(D, BNC), KS)](
                 y, h[:, layer.split:], layer.w_out, part, M, D, D, layer.w_out.shape[1] - D, h.stride(0), slice_k,
@@ -213,14 +226,14 @@ def fused_step(model, cache, batch, pick):
 
 def _mixer_step(layer, state, p, pos):
     """A block's mixer between its projections for the token at pos: p (B, W) its input projections (rows
-    strided) -> (B, D) in p's dtype."""
+    strided) -> (B, D), contiguous as C reads it (the plain history convolution returns a transposed view),
+    in p's dtype or, from a plain Hyena step under autocast, fp32 (C casts it)."""
     mix = layer.mixer
     if layer.block.mixer != "attention":
-        return mix.mix_step(mix, state, p, pos)  # fast.decode.mix_step for a modal layer once installed
+        return mix.mix_step(mix, state, p, pos).contiguous()  # fast.decode.mix_step for a modal layer, installed
     B, H, hd = p.shape[0], mix.n_head, mix.head_dim
     qkv = p.view(B, H, 3 * hd)  # per head [q | k | v]
-    return attend(state, qkv[..., :hd], qkv[..., hd:2 * hd], qkv[..., 2 * hd:], pos,
-                            mix.inv_freq).view(B, H * hd)
+    return attend(state, qkv[..., :hd], qkv[..., hd:2 * hd], qkv[..., 2 * hd:], pos, mix.inv_freq).view(B, H * hd)
 
 
 @torch.no_grad()
@@ -273,7 +286,7 @@ def cuda_graph_step(model, cache, batch, pick):
     Plain twin: hyena.eager_step; held equal on the GPU by bench/bench.py's check section, and capturable by
     test_hyena.py::test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_them."""
     graph = cache.pos.is_cuda and int(cache.pos) + 2 <= cache.max_len  # (a host read, before any capture)
-    return graphed_step(model, cache, batch, pick) if graph else eager_step(model, cache, batch, pick)
+    return decode_step(model, cache, batch, graph, pick)
 
 
 def decode_step(model, cache, batch, graph, pick=lambda logits: logits, fused=True):

@@ -247,7 +247,7 @@ def test_no_import_circles():
 
 
 FAST_HELPERS = {  # fast/'s public names that are not a fast path themselves, but parts of one
-    "install", "wanted", "channels_first", "rfft", "chunk_fn", "default_chunk", "available", "decode_step", "serves"}
+    "install", "wanted", "channels_first", "rfft", "chunk_fn", "default_chunk", "available", "decode_step", "serves", "Tiles"}
 
 
 def test_every_fast_path_names_its_plain_twin_and_the_test_holding_them_equal():

@@ -301,7 +301,7 @@ def test_config_refuses_bad_modal_states():
 
 
 def test_modal_decoding_steps_never_read_the_device_back():
-    """Fixed shapes and no .item() in a modal step: what decode.graphed_step needs to capture it."""
+    """Fixed shapes and no .item() in a modal step: what fast.step.graphed_step needs to capture it."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class NoHostReads(TorchDispatchMode):
