@@ -1,6 +1,5 @@
 """Behaviour of the Hyena operator (hyena.py): the long convolution and its fast twin (fast/fftconv.py), causality,
 the implicit filter, the decoding kernel (fast/decode.py) and fast.install, which puts the twins in."""
-import functools
 import math
 
 import pytest
@@ -8,7 +7,7 @@ import torch
 
 from fast.fftconv import cmul, fftconv as fast_fftconv
 from hyena import HyenaOperator, fftconv
-from triton_interpreter import run_interpreted_each
+from triton_interpreter import output, register
 
 
 def direct_causal_conv(u, k, bias):
@@ -146,7 +145,7 @@ for pos in (0, 1, 511, 512, 700, T - 1):
     worst = max(worst, ((out - ref).abs().max() / ref.abs().max()).item())
 # a bf16 student decoding through the kernel (fast.install) matches the PyTorch step (and keeps its dtype)
 from fast import toeplitz
-toeplitz.TOEPLITZ_MAX_L = 0  # its prefill's convolution by FFTConv: the Toeplitz kernels are not this check's (3 s)
+max_l, toeplitz.TOEPLITZ_MAX_L = toeplitz.TOEPLITZ_MAX_L, 0  # its prefill by FFTConv: Toeplitz is not this check's
 from hyena import Config, GPTNeoX, make_student, new_cache
 cfg = Config(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=2, vocab_size=97,
              max_position_embeddings=48)
@@ -160,7 +159,7 @@ for use_kernel in (True, False):
         student(idx[:, :40], cache=cache)
         runs.append(torch.cat([student(idx[:, i:i + 1], cache=cache)[0] for i in range(40, 48)], 1).float())
 worst = max(worst, ((runs[0] - runs[1]).norm() / runs[1].norm()).item() / 100)  # bf16: within 1e-3
-decode.available = kernel
+decode.available, toeplitz.TOEPLITZ_MAX_L = kernel, max_l
 print(worst)
 """
 
@@ -212,16 +211,14 @@ print(excess)
 """
 
 
-@functools.cache
-def interpreted():
-    """The outputs of KERNEL_CHECK and ATTEND_CHECK, run in one interpreter process."""
-    return run_interpreted_each(KERNEL_CHECK, ATTEND_CHECK)
+register("decode kernel", KERNEL_CHECK)
+register("decoding attention", ATTEND_CHECK)
 
 
 def test_decode_kernel_equals_the_definition_in_tritons_interpreter():
     """The Triton decode kernel, run on the CPU by Triton's interpreter, against sum_{s<=pos} z_s k_{pos-s}
     (GPU agreement with the PyTorch step is bench.py's check section)."""
-    assert float(interpreted()[0].split()[-1]) <= 1e-5
+    assert float(output("decode kernel").split()[-1]) <= 1e-5
 
 
 def test_decoding_attention_kernel_equals_the_plain_attention_in_tritons_interpreter():
@@ -229,7 +226,7 @@ def test_decoding_attention_kernel_equals_the_plain_attention_in_tritons_interpr
     combined), in Triton's interpreter, against hyena.cached_attention in fp64: no further than the plain one in
     fp32 (2x), an ulp in bf16, the same cache written; and a teacher decoding through it generates the plain
     teacher's greedy tokens, its logits within 1e-5."""
-    assert float(interpreted()[1].split()[-1]) <= 1
+    assert float(output("decoding attention").split()[-1]) <= 1
 
 
 # ----------------------------------------------------------------------------- the filter = the paper's definition

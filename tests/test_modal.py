@@ -1,6 +1,5 @@
 """Modal filters (Laughing Hyena, modal/): the fit (modal/fit.py), ModalFilter's recurrence in a HyenaOperator,
 to_modal, modal students built and loaded (modal/student.py), and fast/'s twin of the prefill's state."""
-import functools
 import json
 import math
 
@@ -13,7 +12,7 @@ from fast import decode
 from hyena import Cache, Config, GPTNeoX, HyenaFilter, HyenaOperator, fftconv, make_student, new_cache
 from modal import fit
 from modal.student import ModalFilter, build, load_pretrained, to_modal
-from triton_interpreter import run_interpreted_each
+from triton_interpreter import output, register
 
 TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_hidden_layers=3, vocab_size=64,
             max_position_embeddings=32)
@@ -71,12 +70,13 @@ for L in (1, 7, decode.SCAN_CHUNK, 2 * decode.SCAN_CHUNK + 3):  # one, part of o
 decode.SCAN_CHUNK = chunk
 print(plain, worst)
 """
+register("modal scan", SCAN_CHECK)
 
 
 def test_prefill_scan_kernel_equals_the_plain_state_in_tritons_interpreter():
     """fast.decode.prefill_state (a Triton scan), run on the CPU by Triton's interpreter, against the plain
     modal.fit.prefill_state in fp64 (GPU agreement: bench.py's check section)."""
-    plain, fast_err = map(float, interpreted()[0].split()[-2:])
+    plain, fast_err = map(float, output("modal scan").split()[-2:])
     assert fast_err <= max(2 * plain, 1e-6), (plain, fast_err)  # fp32 rounding, no worse than the plain twin's
 
 
@@ -119,6 +119,7 @@ for order in (2, 3):
         assert tail <= max(plain_tail, 1e-7), errs[dtype]  # the same rounding of the kept projections
 print("ok")
 """
+register("modal mix", MIX_CHECK)
 
 
 def test_fused_modal_step_equals_the_plain_step_in_tritons_interpreter():
@@ -126,13 +127,7 @@ def test_fused_modal_step_equals_the_plain_step_in_tritons_interpreter():
     Triton's interpreter, against hyena.mix_step in fp64, over several steps (the tail and the states move in
     place): its outputs and states no further from fp64 than the plain step's in fp32, with projections kept
     in fp32 or bf16."""
-    assert interpreted()[1].split()[-1] == "ok"
-
-
-@functools.cache
-def interpreted():
-    """The outputs of SCAN_CHECK and MIX_CHECK, run in one interpreter process."""
-    return run_interpreted_each(SCAN_CHECK, MIX_CHECK)
+    assert output("modal mix").split()[-1] == "ok"
 
 
 @pytest.mark.parametrize("order", [2, 3])

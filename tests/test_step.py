@@ -3,7 +3,7 @@ import torch
 
 from fast import step as fstep
 from hyena import Config, GPTNeoX, new_cache
-from triton_interpreter import run_interpreted
+from triton_interpreter import output, register
 
 FUSED_CHECK = """
 import copy
@@ -25,7 +25,7 @@ with torch.no_grad():  # norms and biases away from their init (1, 0), so a swap
         if "layernorm" in name or "layer_norm" in name or (name.endswith(".bias") and "filter_fn" not in name):
             p.add_(torch.randn_like(p) * 0.1)
 installed = fast.install(copy.deepcopy(plain))
-fstep.SMALL_BATCH_TILES = fstep.Tiles(16, 64, 32, 2, 128, 128)  # fewer programs (the interpreter runs each in
+tiles, fstep.SMALL_BATCH_TILES = fstep.SMALL_BATCH_TILES, fstep.Tiles(16, 64, 32, 2, 128, 128)  # fewer programs (the interpreter runs each in
 # turn); still a K chunk across the [mixer | MLP] boundary and past D, a C split across it, masked vocabulary
 
 
@@ -69,7 +69,9 @@ for change in (dict(use_parallel_residual=False), dict(rope_type="dynamic", rope
     cache = new_cache(other, T)
     other(idx[:, :4], cache=cache)
     print("served", *change, fstep.serves(other, cache))
+fstep.SMALL_BATCH_TILES = tiles
 """
+register("fused step", FUSED_CHECK)
 
 
 def test_fused_step_equals_the_eager_step_in_tritons_interpreter():
@@ -80,7 +82,7 @@ def test_fused_step_equals_the_eager_step_in_tritons_interpreter():
     layer's history) within fp32 rounding in fp32; within bf16's in bf16 (the interpreter truncates to bf16,
     and the fused step keeps the residual stream in fp32 where the eager step rounds it). No step reads the
     device back (what a CUDA graph could not capture)."""
-    out = run_interpreted(FUSED_CHECK).splitlines()
+    out = output("fused step").splitlines()
     errs = {line.split()[0]: tuple(map(float, line.split()[1:])) for line in out if not line.startswith("served")}
     assert max(errs["float32"]) <= 2e-6, errs
     assert max(errs["bfloat16"]) <= 3e-2, errs

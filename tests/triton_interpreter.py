@@ -53,9 +53,29 @@ def run_interpreted(code, timeout=300):
 
 
 SEPARATOR = "=" * 8 + " next script " + "=" * 8
+FAILED = "=" * 8 + " script failed " + "=" * 8
+SCRIPTS = {}  # name -> script, registered by the test modules at import
+OUTPUTS = {}  # name -> its stdout, once run
 
 
-def run_interpreted_each(*codes):
-    """The stdout of each of `codes`, run one after another in ONE interpreter process (one start of torch and
-    Triton, seconds each); a later script sees what an earlier one left patched, so each restores what it patches."""
-    return tuple(run_interpreted(f"\nprint({SEPARATOR!r})\n".join(codes)).split(SEPARATOR))
+def register(name, code):
+    """Add a script to the session's interpreter run. Test modules register theirs when imported, which is before
+    any test runs, so the first `output` runs them all in one process (one start of torch and Triton: seconds)."""
+    SCRIPTS[name] = code
+
+
+def output(name):
+    """The stdout of the registered script `name`. The first call runs every registered script not yet run, one
+    after another in ONE interpreter process, each in its own namespace; a script that raises fails only the tests
+    that read it. A later script sees what an earlier one left patched, so each restores what it patches."""
+    if name not in OUTPUTS:
+        todo = [n for n in SCRIPTS if n not in OUTPUTS]
+        wrapped = [f"import sys, traceback\ntry:\n    exec(compile({SCRIPTS[n]!r}, {n!r}, 'exec'), {{'__name__': {n!r}}})\n"
+                   f"except BaseException:\n    print({FAILED!r})\n    traceback.print_exc(file=sys.stdout)\n"
+                   for n in todo]
+        OUTPUTS.update(zip(todo, run_interpreted(f"\nprint({SEPARATOR!r})\n".join(wrapped), timeout=600)
+                           .split(SEPARATOR)))
+    out = OUTPUTS[name].lstrip("\n")  # (what the separator's print left)
+    if FAILED in out:
+        pytest.fail(f"the interpreter script {name!r} raised:\n{out.split(FAILED)[1][-3000:]}", pytrace=False)
+    return out
