@@ -183,6 +183,10 @@ def fused_step(model, cache, batch, pick):
     Plain twin: hyena.eager_step; held equal, in Triton's CPU interpreter, by
     tests/test_step.py::test_fused_step_equals_the_eager_step_in_tritons_interpreter (and on the GPU by
     bench/bench.py's check section)."""
+    rows = {(s.k if isinstance(s, AttentionState) else s.tail).shape[0] for s in cache.layers if s is not None}
+    if rows and rows != {batch}:  # the kernels would read past the cache's rows where the eager step raises
+        raise ValueError(f"fused_step: batch {batch}, but the cache holds {sorted(rows)} sequences: pass the batch "
+                         "the prefill ran with")
     if not serves(model, cache) or batch > FUSED_MAX_BATCH:
         return eager_step(model, cache, batch, pick)
     embed, head = model.gpt_neox.embed_in.weight, model.embed_out.weight

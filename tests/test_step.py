@@ -1,4 +1,5 @@
 """The whole decoding step in few kernels (fast/step.py) against the eager step it replaces."""
+import pytest
 import torch
 
 from fast import step as fstep
@@ -92,10 +93,13 @@ def test_fused_step_equals_the_eager_step_in_tritons_interpreter():
 
 
 def test_the_eager_step_serves_where_no_kernel_runs():
-    """On the CPU without Triton's interpreter fused_step hands back the eager step: the same numbers."""
+    """On the CPU without Triton's interpreter fused_step hands back the eager step: the same numbers. A batch
+    other than the cache's is refused by name (the kernels would read past its rows)."""
     m = GPTNeoX(Config(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                        intermediate_size=64))
     cache = new_cache(m, 8)
     m(torch.zeros(1, 4, dtype=torch.long), cache=cache)
     assert not fstep.serves(m, cache)
     assert fstep.fused_step(m, cache, 1, lambda logits: logits).__qualname__.startswith("eager_step")
+    with pytest.raises(ValueError, match="batch 3, but the cache holds \\[1\\] sequences"):
+        fstep.fused_step(m, cache, 3, lambda logits: logits)  # a batch the prefill did not run with
