@@ -1,7 +1,5 @@
 """Shared test set-up. It stays at the repository root: pytest (prepend import mode) puts a conftest's folder on
 sys.path, so the tests in tests/ import the modules (`import hyena`) as the scripts do, from any cwd."""
-import sys
-
 import pytest
 import torch
 
@@ -14,15 +12,3 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
-
-
-def pytest_collection_finish(session):
-    """The Triton-interpreter checks the collected test modules registered start now, in the background
-    (tests/triton_interpreter.py)."""
-    if "triton_interpreter" in sys.modules:
-        sys.modules["triton_interpreter"].start()
-
-
-def pytest_sessionfinish(session):
-    if "triton_interpreter" in sys.modules:
-        sys.modules["triton_interpreter"].stop()

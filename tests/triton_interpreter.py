@@ -1,7 +1,6 @@
-"""Run the test modules' scripts of fast/'s Triton kernels on the CPU, in Triton's interpreter (TRITON_INTERPRET=1),
-all in one fresh process (the interpreter is chosen when triton is imported), started in the background once
-the tests are collected (`register`, `start`, `output`). requirements-dev.txt installs Triton (the version
-torch's CUDA build pins), so CI runs these checks; only where Triton is absent do they skip.
+"""Run a script of fast/'s Triton kernels on the CPU, in Triton's interpreter (TRITON_INTERPRET=1), in a
+fresh process (the interpreter is chosen when triton is imported). requirements-dev.txt installs Triton (the
+version torch's CUDA build pins), so CI runs these checks; only where Triton is absent do they skip.
 
 Triton 3.6's interpreter turns a tensor used as a loop bound (`range(start, end)` over a loaded or program-id
 value: both kernels' loops) into an int by int() of a 1-element array, which NumPy >= 2.4 refuses ("only
@@ -15,7 +14,6 @@ exactly (a bf16 is an fp32 with 16 zero low bits): products of bf16 values are e
 as on tensor cores, so fast/toeplitz.py's kernel runs here as written. Casts to bf16 truncate in the interpreter
 (the GPU rounds to nearest): an ulp, not half of one.
 """
-import importlib.util
 import os
 import subprocess
 import sys
@@ -44,67 +42,39 @@ _interp.InterpreterBuilder.create_dot = _dot_of_fp32
 """
 
 
-def launch(code):
-    """`code` started in Triton's interpreter (after PRELUDE), from the repository root: a Popen; skips the test
-    where Triton is absent."""
+def run_interpreted(code, timeout=300):
+    """stdout of `code` run in Triton's interpreter (after PRELUDE), from the repository root; fails on an error."""
     pytest.importorskip("triton", reason="Triton is not installed: pip install -r requirements-dev.txt (CUDA "
                                          "builds of torch bring it)")
-    return subprocess.Popen([sys.executable, "-c", PRELUDE + code], env={**os.environ, "TRITON_INTERPRET": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parent.parent)
-
-
-def finish(proc, timeout=600):
-    """The stdout of a launched process; fails on an error."""
-    out, err = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, err[-3000:]
-    return out
+    run = subprocess.run([sys.executable, "-c", PRELUDE + code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
 
 
 SEPARATOR = "=" * 8 + " next script " + "=" * 8
 FAILED = "=" * 8 + " script failed " + "=" * 8
 SCRIPTS = {}  # name -> script, registered by the test modules at import
 OUTPUTS = {}  # name -> its stdout, once run
-RUNNING = {}  # the session's interpreter process while it runs: {"proc": Popen, "names": [script names]}
 
 
 def register(name, code):
     """Add a script to the session's interpreter run. Test modules register theirs when imported, which is before
-    any test runs (conftest.py then `start`s the run)."""
+    any test runs, so the first `output` runs them all in one process (one start of torch and Triton: seconds)."""
     SCRIPTS[name] = code
 
 
-def start():
-    """Run every registered script not yet run, one after another in ONE interpreter process (one start of torch
-    and Triton: seconds), each in its own namespace, in the background: the tests run one thread each
-    (conftest.py), so the process takes the idle core until the first test reads it. A later script sees what an
-    earlier one left patched, so each restores what it patches."""
-    names = [n for n in SCRIPTS if n not in OUTPUTS]
-    if RUNNING or not names:
-        return
-    if importlib.util.find_spec("triton") is None:
-        return  # output() skips the tests that read it
-    wrapped = [f"import sys, traceback\ntry:\n    exec(compile({SCRIPTS[n]!r}, {n!r}, 'exec'), {{'__name__': {n!r}}})\n"
-               f"except BaseException:\n    print({FAILED!r})\n    traceback.print_exc(file=sys.stdout)\n" for n in names]
-    RUNNING.update(proc=launch(f"\nprint({SEPARATOR!r})\n".join(wrapped)), names=names)
-
-
-def stop():
-    """End a run no test read (a session cut short)."""
-    if RUNNING:
-        RUNNING.pop("proc").kill()
-        RUNNING.clear()
-
-
 def output(name):
-    """The stdout of the registered script `name`, from the session's run (started now if it was not); a script
-    that raised fails only the tests that read it."""
+    """The stdout of the registered script `name`. The first call runs every registered script not yet run, one
+    after another in ONE interpreter process, each in its own namespace; a script that raises fails only the tests
+    that read it. A later script sees what an earlier one left patched, so each restores what it patches."""
     if name not in OUTPUTS:
-        start()
-        if not RUNNING:  # Triton is absent
-            launch("")  # skips, naming the fix
-        names = RUNNING.pop("names")
-        OUTPUTS.update(zip(names, finish(RUNNING.pop("proc")).split(SEPARATOR)))
+        todo = [n for n in SCRIPTS if n not in OUTPUTS]
+        wrapped = [f"import sys, traceback\ntry:\n    exec(compile({SCRIPTS[n]!r}, {n!r}, 'exec'), {{'__name__': {n!r}}})\n"
+                   f"except BaseException:\n    print({FAILED!r})\n    traceback.print_exc(file=sys.stdout)\n"
+                   for n in todo]
+        OUTPUTS.update(zip(todo, run_interpreted(f"\nprint({SEPARATOR!r})\n".join(wrapped), timeout=600)
+                           .split(SEPARATOR)))
     out = OUTPUTS[name].lstrip("\n")  # (what the separator's print left)
     if FAILED in out:
         pytest.fail(f"the interpreter script {name!r} raised:\n{out.split(FAILED)[1][-3000:]}", pytrace=False)
