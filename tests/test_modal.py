@@ -87,7 +87,7 @@ from fast import decode
 from hyena import Cache, HyenaOperator
 from modal.student import ModalFilter
 torch.manual_seed(0)
-D, d, B, steps = 40, 5, 3, 6  # channels not a multiple of the program's block, modes not a power of 2
+D, d, B, steps = 40, 5, 3, 3  # channels not a multiple of the program's block, modes not a power of 2
 for order in (2, 3):
     op = HyenaOperator(D, l_max=16, order=order)
     op.filter_fn = ModalFilter(D * (order - 1), d)

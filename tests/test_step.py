@@ -46,10 +46,10 @@ idx = torch.randint(0, 96, (B, T + steps))
 for dtype in (torch.float32, torch.bfloat16):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         runs = []
-        # the plain eager step; the fused step of the installed model (its own prefill: the fast history kernel);
-        # in fp32 also the fused step of the plain model (the plain history convolution's transposed output)
-        makers = [(plain, eager_step), (installed, fstep.fused_step)]
-        for model, make in makers + [(plain, fstep.fused_step)] * (dtype == torch.float32):
+        # the plain eager step against the fused step: in fp32 of the installed model (its own prefill: fast's
+        # kernels in the core, the history kernel too), in bf16 of the plain model (the plain history
+        # convolution's transposed output; fast's kernels in bf16 have their own checks)
+        for model, make in ((plain, eager_step), (installed if dtype == torch.float32 else plain, fstep.fused_step)):
             cache = new_cache(model, T + steps)
             model(idx[:, :T], cache=cache)
             assert make is eager_step or fstep.serves(model, cache)
@@ -78,15 +78,15 @@ register("fused step", FUSED_CHECK)
 def test_fused_step_equals_the_eager_step_in_tritons_interpreter():
     """fast.step.fused_step (a block in ~3 kernels: norms and both input projections in one matmul, the mixer's
     core, both output projections in one), run on the CPU by Triton's interpreter, against the plain model's
-    hyena.eager_step over two steps after a prompt, for an installed model (fast's kernels inside the core) and,
-    in fp32, a plain one: the logits and every cache tensor (keys and values, a modal state and tail, a conv
+    hyena.eager_step over two steps after a prompt, in fp32 for an installed model (fast's kernels inside the
+    core), in bf16 for a plain one: the logits and every cache tensor (keys and values, a modal state and tail, a conv
     layer's history) within fp32 rounding in fp32; within bf16's in bf16 (the interpreter truncates to bf16,
     and the fused step keeps the residual stream in fp32 where the eager step rounds it). No step reads the
     device back (what a CUDA graph could not capture)."""
     out = output("fused step").splitlines()
     errs = {line.split()[0]: tuple(map(float, line.split()[1:])) for line in out if not line.startswith("served")}
     assert max(errs["float32"]) <= 2e-6, errs
-    assert max(errs["bfloat16"]) <= 3e-2, errs
+    assert max(errs["bfloat16"]) <= 2e-2, errs  # (measured 7e-3)
     # what the kernels do not compute, the eager step does: blocks one after the other, RoPE that moves with pos
     assert [line for line in out if line.startswith("served")] == ["served use_parallel_residual False",
                                                                     "served rope_type rope_factor False"], out
