@@ -2,6 +2,7 @@
 sys.path, so the tests in tests/ import the modules (`import hyena`) as the scripts do, from any cwd."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @pytest.fixture(autouse=True)
@@ -12,3 +13,17 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
+
+class NoHostReads(TorchDispatchMode):
+    """Fails on a read of a device value back to the host (.item(), a tensor's bool): what a CUDA graph cannot
+    capture. Also imported by the Triton-interpreter scripts (tests/test_step.py), which run from this folder."""
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert func not in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default), func
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def no_host_reads():
+    """NoHostReads, the context manager: `with no_host_reads(): ...`."""
+    return NoHostReads

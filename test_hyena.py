@@ -384,16 +384,9 @@ def test_generate_asks_stop_after_every_new_token_and_zero_new_tokens_draw_nothi
     assert torch.equal(model.generate(prompt, 0), prompt) and torch.equal(torch.get_rng_state(), state)
 
 
-def test_sample_draws_what_multinomial_draws_without_reading_the_device_back():
+def test_sample_draws_what_multinomial_draws_without_reading_the_device_back(no_host_reads):
     """hyena.sample is torch.multinomial's own draw for one sample (probs / Exp(1) noise, argmax), minus its host
     check: from the same generator state, the same tokens, with top_k and temperature applied first."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class NoHostReads(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            assert func not in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default), func
-            return func(*args, **(kwargs or {}))
-
     logits = torch.randn(64, 300) * 3
     for temperature, top_k in ((1.0, None), (0.7, 20)):
         scaled = logits / temperature
@@ -402,7 +395,7 @@ def test_sample_draws_what_multinomial_draws_without_reading_the_device_back():
         torch.manual_seed(3)
         want = torch.multinomial(scaled.softmax(-1), 1)
         torch.manual_seed(3)
-        with NoHostReads():
+        with no_host_reads():
             got = sample(logits, temperature, top_k)
         assert got.shape == (64, 1) and torch.equal(got, want)
     assert torch.equal(sample(logits, 0), logits.argmax(-1, keepdim=True))
@@ -421,16 +414,9 @@ def test_bf16_autocast_forward_close_to_fp32():
 
 
 @pytest.mark.parametrize("layers", [None, []], ids=["hyena", "attention"])
-def test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_them(layers):
+def test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_them(layers, no_host_reads):
     """The position is one device tensor, shared by all layers and advanced in place: a step has fixed shapes
     and calls no .item() (what a CUDA graph cannot capture: `graphed_step` replays one)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class NoHostReads(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            assert func not in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default), func
-            return func(*args, **(kwargs or {}))
-
     torch.manual_seed(0)
     model = make_student(randomized(Config(**TINY)), layers=layers).eval()
     idx = torch.randint(TINY["vocab_size"], (2, 12))
@@ -439,7 +425,7 @@ def test_decoding_steps_never_read_the_device_back_so_a_cuda_graph_can_capture_t
     with torch.no_grad():
         model(idx[:, :8], cache=cache)
         assert cache.pos is pos and pos.item() == 8  # the same tensor, moved on by the prefill
-        with NoHostReads():
+        with no_host_reads():
             steps = [model(idx[:, i:i + 1], cache=cache)[0] for i in range(8, 12)]
         assert pos.item() == 12
         full = model(idx)[0]

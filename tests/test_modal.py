@@ -295,22 +295,15 @@ def test_config_refuses_bad_modal_states():
     assert from_hf(to_hf(Config(**TINY, mixers=["hyena"] * 3))).hyena_modal_state == [0, 0, 0]
 
 
-def test_modal_decoding_steps_never_read_the_device_back():
+def test_modal_decoding_steps_never_read_the_device_back(no_host_reads):
     """Fixed shapes and no .item() in a modal step: what fast.step.graphed_step needs to capture it."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class NoHostReads(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            assert func not in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default), func
-            return func(*args, **(kwargs or {}))
-
     model = modal_student([0, 2])
     idx = torch.randint(0, 64, (2, 12))
     cache = new_cache(model, 12)
     with torch.no_grad():
         model(idx[:, :8], cache=cache)
         state = cache.layers[0].state
-        with NoHostReads():
+        with no_host_reads():
             steps = [model(idx[:, i:i + 1], cache=cache)[0] for i in range(8, 12)]
         assert cache.layers[0].state is state  # updated in place: a replayed graph sees the same storage
         full = model(idx)[0]

@@ -10,7 +10,7 @@ FUSED_CHECK = """
 import copy
 from dataclasses import replace
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from conftest import NoHostReads  # (the repository root's)
 import fast
 from fast import step as fstep
 from hyena import Config, eager_step, new_cache
@@ -30,12 +30,6 @@ tiles, fstep.SMALL_BATCH_TILES = fstep.SMALL_BATCH_TILES, fstep.Tiles(16, 64, 32
 # turn); still a K chunk across the [mixer | MLP] boundary and past D, a C split across it, masked vocabulary
 
 
-class NoHostReads(TorchDispatchMode):  # what a CUDA graph cannot capture
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        assert func not in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default), func
-        return func(*args, **(kwargs or {}))
-
-
 def tensors(cache):  # every tensor a cache holds, its lists (a conv layer's history) opened
     return [t for s in cache.layers for v in vars(s).values() for t in (v if isinstance(v, list) else [v])
             if isinstance(t, torch.Tensor) and t.numel()]
@@ -49,7 +43,8 @@ for dtype in (torch.float32, torch.bfloat16):
         # the plain eager step against the fused step: in fp32 of the installed model (its own prefill: fast's
         # kernels in the core, the history kernel too), in bf16 of the plain model (the plain history
         # convolution's transposed output; fast's kernels in bf16 have their own checks)
-        for model, make in ((plain, eager_step), (installed if dtype == torch.float32 else plain, fstep.fused_step)):
+        fused_model = installed if dtype == torch.float32 else plain
+        for model, make in ((plain, eager_step), (fused_model, fstep.fused_step)):
             cache = new_cache(model, T + steps)
             model(idx[:, :T], cache=cache)
             assert make is eager_step or fstep.serves(model, cache)
