@@ -16,8 +16,9 @@ Glossary (code name -> paper symbol, Hyena paper section 3):
   l_max                    the longest sequence the filter is defined for (t = 0 .. l_max-1)
 
 What this file leaves out, and where it is:
-  speed        fast/: the same functions, faster (FFT convolution with a hand-written backward, the loss fused in
-               chunks, Triton decoding kernels, CUDA graphs), put in from outside by `fast.install(model)`.
+  speed        fast/: the same functions, faster (Triton: the long convolution as block-Toeplitz products with the
+               gates fused around it, decoding steps; the loss fused in chunks; CUDA graphs), put in from outside by
+               `fast.install(model)`.
   modal        modal/: Laughing Hyena's filters of d modes, decoded by a recurrence (Config.hyena_modal_state).
   checkpoints  from_pretrained / save_pretrained import the project's checked reader and writer when called
                (pretrained/, hub.py), as nanoGPT's from_pretrained imports transformers.
@@ -376,6 +377,20 @@ class HyenaState:
         return [self.tail]  # updated in place at every step (the history is written at the step's own position)
 
 
+def mix(op, p, k, bias):
+    """A Hyena layer between its projections over a sequence: the short convolution, then for n = N-1 down to 1
+    v <- h_n * (x_n ⊙ v) + D_n (x_n ⊙ v) (op.long_conv), then x0 ⊙ v. p (B, L, (N+1)D), k (>= L, N-1, D),
+    bias (N-1, D) -> (x0 ⊙ v (B, L, D), zs: each long convolution's input (B, L, D), which a prefill keeps)."""
+    L = p.shape[1]
+    pc = short_conv(p, op.short_filter.weight, op.short_filter.bias)  # (B, L, (N+1)D) sees t-2..t
+    *x, v = pc.split(op.d_model, dim=-1)  # N gates x (B, L, D), value v (B, L, D)
+    zs = []
+    for o, x_i in enumerate(reversed(x[1:])):
+        zs.append(v * x_i)  # (B, L, D)
+        v = op.long_conv(zs[o], k[:L, o], bias[o])  # (B, L, D)
+    return v * x[0], zs
+
+
 def mix_step(op, state, p, pos):
     """A decoding step at pos (a device tensor: a CUDA graph captures it) from p (B, (N+1)D) the token's in_proj
     to x0 ⊙ v (B, D): the short conv from the state's tail (which keeps p), each long conv from its state."""
@@ -389,8 +404,8 @@ def mix_step(op, state, p, pos):
 
 
 class HyenaOperator(nn.Module):
-    """The Hyena operator of order N: u (B, L, D) -> (B, L, D). `long_conv` (fftconv) and `mix_step` are plain
-    functions fast.install swaps for twins; `filter_fn` the long filter, a HyenaFilter (modal/: a ModalFilter)."""
+    """The Hyena operator of order N: u (B, L, D) -> (B, L, D). `long_conv` (fftconv), `mix` and `mix_step` are
+    plain functions fast.install swaps for twins; `filter_fn` the long filter, a HyenaFilter (modal/: a ModalFilter)."""
     def __init__(self, d_model, l_max, order=2, filter_order=64, emb_dim=33, short_filter_order=3, filter_lr=0.0):
         super().__init__()
         if order < 2:
@@ -404,6 +419,7 @@ class HyenaOperator(nn.Module):
         self.short_filter = nn.Conv1d(width, width, short_filter_order, groups=width, padding=short_filter_order - 1)
         self.filter_fn = HyenaFilter(d_model * (order - 1), l_max, emb_dim, filter_order)
         self.long_conv = fftconv
+        self.mix = mix  # everything between the projections over a sequence (fast.install: fused kernels)
         self.mix_step = mix_step  # decoding's step between the projections (fast.install: a fused kernel)
 
     def filters(self, L):
@@ -411,26 +427,20 @@ class HyenaOperator(nn.Module):
         return k, self.filter_fn.bias.view(self.order - 1, self.d_model)  # (N-1, D)
 
     def forward(self, u, cache=None, layer=0):
-        """For n = N-1 down to 1: v <- h_n * (x_n ⊙ v) + D_n (x_n ⊙ v) (a long convolution and its skip term);
-        then y = out_proj(x0 ⊙ v). With a decoding `cache`: the prefill from position 0 while cache.layers[layer]
+        """out_proj(mix(in_proj(u))). With a decoding `cache`: the prefill from position 0 while cache.layers[layer]
         is None (it fills it), then one token at a time (`mix_step`)."""
-        B, L, D = u.shape
+        L = u.shape[1]
         if cache is not None and cache.layers[layer] is not None:
             if L != 1:
                 raise ValueError(f"Hyena decoding takes one token at a time after the prefill, got {L}")
             return self.out_proj(self.mix_step(self, cache.layers[layer], self.in_proj(u)[:, 0], cache.pos))[:, None]
         p = self.in_proj(u)  # (B, L, (N+1)D)
-        pc = short_conv(p, self.short_filter.weight, self.short_filter.bias)  # (B, L, (N+1)D) sees t-2..t
-        *x, v = pc.split(D, dim=-1)  # N gates x (B, L, D), value v (B, L, D)
         # A prefill computes the filter as far as the layer's decoding state will read it.
         k, bias = self.filters(L if cache is None else self.filter_fn.prefill_length(L, cache.max_len))
-        zs = []  # every long convolution's input, which a prefill remembers for decoding
-        for o, x_i in enumerate(reversed(x[1:])):
-            zs.append(v * x_i)  # (B, L, D)
-            v = self.long_conv(zs[o], k[:L, o], bias[o])  # (B, L, D)
+        y, zs = self.mix(self, p, k, bias)  # (B, L, D), the long convolutions' inputs
         if cache is not None:  # the prefill: the filter makes the layer's decoding state
             cache.layers[layer] = self.filter_fn.new_state(self, p, zs, k, bias, cache.max_len)
-        return self.out_proj(v * x[0])  # (B, L, D)
+        return self.out_proj(y)  # (B, L, D)
 
 
 # ----------------------------------------------------------------------------- the network

@@ -32,6 +32,8 @@ class Checks:
                               ("student CE step, fast.install vs plain, fp32: max over loss, grads", 1e-4,
                                self.check_switch),
                               ("Hyena mixer compiled vs eager, bf16 autocast: max over y, dx", 2e-2, self.check_mixer),
+                              ("Hyena mixer fast.install (fused) vs plain, bf16 autocast: max over y, dx, grads", 2e-2,
+                               self.check_fused_mixer),
                               ("training step compiled vs eager, bf16 autocast: max over loss, grads", 2e-2,
                                self.check_step),
                               ("KD+CE chunk compiled vs eager, bf16 logits: max over loss, grad", 1e-2, self.check_chunk),
@@ -97,6 +99,22 @@ class Checks:
             y.backward(g)
             out.append((y, xi.grad))
         return max(self.rel(a, b) for a, b in zip(out[1], out[0]))
+
+    def check_fused_mixer(self):
+        """The mixer with fast.install (fast.mixer's fused gates and Toeplitz kernels on a GPU) against the plain one
+        (hyena.mix, FFTConv), both in bf16 autocast: y, dx and every parameter's gradient."""
+        B, L, D = 2, self.s.ls[0], self.cfg.hidden_size
+        op = HyenaOperator(D, L).to(self.dev)
+        x, g, out = torch.randn(B, L, D, device=self.dev), torch.randn(B, L, D, device=self.dev), []
+        for on in (True, False):
+            fast.install(op, on and self.cuda)
+            op.zero_grad(set_to_none=True)
+            xi = x.clone().requires_grad_()
+            with self.autocast():
+                y = op(xi)
+            y.backward(g)
+            out.append([y, xi.grad] + [p.grad for p in op.parameters()])
+        return max(self.rel(a, b) for a, b in zip(out[0], out[1]))
 
     def check_step(self):
         """A whole student's CE objective under torch.compile (train.py --compile) against eager: the loss and

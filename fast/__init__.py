@@ -12,6 +12,8 @@ fast.losses.lm_loss, distill.kd_loss -> fast.losses.kd_loss). `wanted` reads the
   toeplitz.py the long convolution as block-Toeplitz products (Triton)   twin of hyena.fftconv
               up to TOEPLITZ_MAX_L positions, fftconv.py's beyond (long_conv)
   losses.py   the head's loss fused with its gradient, chunk by chunk     twins of train.lm_loss, distill.kd_loss
+  mixer.py    the short convolution and gates fused around toeplitz.py  twin of hyena.mix
+              (Triton), forward and backward, order 2
   decode.py   a Triton kernel for Hyena's decoding step; a Triton scan    twins of hyena.history_conv,
               for a modal prefill's state; a modal layer's step between      modal.fit.prefill_state,
               its projections in one kernel                                  hyena.mix_step
@@ -22,11 +24,12 @@ fast.losses.lm_loss, distill.kd_loss -> fast.losses.kd_loss). `wanted` reads the
 import inspect
 
 import hyena
-from fast import attention, decode, step, toeplitz
+from fast import attention, decode, mixer, step, toeplitz
 from modal import fit
 
 TWINS = {  # plain function -> its fast twin, wherever a module holds it as an attribute
     hyena.fftconv: toeplitz.long_conv,          # HyenaOperator.long_conv (FFTConv where Toeplitz does not serve)
+    hyena.mix: mixer.mix,                       # HyenaOperator.mix (the gates fused around the Toeplitz kernels)
     hyena.history_conv: decode.long_conv_step,  # HyenaFilter.history_conv (the decoding step's long convolution)
     fit.prefill_state: decode.prefill_state,    # ModalFilter.prefill_state (a modal prefill's recurrence state)
     hyena.eager_step: step.cuda_graph_step,     # GPTNeoX.make_step (generate's step: a CUDA graph's replay)
