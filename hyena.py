@@ -16,9 +16,8 @@ Glossary (code name -> paper symbol, Hyena paper section 3):
   l_max                    the longest sequence the filter is defined for (t = 0 .. l_max-1)
 
 What this file leaves out, and where it is:
-  speed        fast/: the same functions, faster (Triton: the long convolution as block-Toeplitz products with the
-               gates fused around it, decoding steps; the loss fused in chunks; CUDA graphs), put in from outside by
-               `fast.install(model)`.
+  speed        fast/: the same functions, faster (Triton kernels for the long convolution, its gates, decoding and
+               the draw; the loss fused in chunks; CUDA graphs), put in from outside by `fast.install(model)`.
   modal        modal/: Laughing Hyena's filters of d modes, decoded by a recurrence (Config.hyena_modal_state).
   checkpoints  from_pretrained / save_pretrained import the project's checked reader and writer when called
                (pretrained/, hub.py), as nanoGPT's from_pretrained imports transformers.
@@ -538,6 +537,7 @@ class GPTNeoX(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
         self.make_step = eager_step  # generate's decoding step (fast.install: a CUDA graph's replay)
+        self.sample = sample  # generate's draw (fast.install: one kernel)
 
     def head(self, x):
         return self.embed_out(self.gpt_neox.final_layer_norm(x))  # (B, L, V)
@@ -576,7 +576,7 @@ class GPTNeoX(nn.Module):
                              "at; shorten the prompt or max_new_tokens, or pass extrapolate=True to run RoPE past it")
         cache = new_cache(self, T)
         logits, _ = self(idx, cache=cache)  # (B, 1, V)
-        pick = lambda logits: sample(logits, temperature, top_k)  # noqa: E731
+        pick = lambda logits: self.sample(logits, temperature, top_k)  # noqa: E731
         step = self.make_step(self, cache, idx.shape[0], pick)  # tokens (B, 1) -> the next ones: step and draw
         out = torch.cat([idx.long(), idx.new_empty(idx.shape[0], max_new_tokens, dtype=torch.long)], 1)  # new in place
         for n in range(idx.shape[1], T):

@@ -5,8 +5,8 @@
 That sweep's profile (results/gpu-logs-2026-12-07d/step.md) put a modal B = 1 step's A matmuls at 13 us each,
 latency-bound: a longer K chunk (BK 64 -> 128) was its best single change. This one tries BK up to the whole D
 (one load of a row, one dot), more C splits, wider head blocks and narrower modal-core blocks, at B = 1, 16, 64,
-and 128 / 256 (where FUSED_MAX_BATCH hands the step to the eager kernels). Then `generate`'s draw: the replayed
-step with the draw (temperature 1, and greedy) against the raw step, which is what generate's share loses.
+and 256 (past FUSED_MAX_BATCH, where the step goes to the eager kernels). Then `generate`'s draw: the replayed
+step with the draw (temperature 1 by hyena.sample and by fast.draw, and greedy) against the raw step, which is what generate's share loses.
 Writes OUT_DIR/sweep.md (one row per variant, as measured) and prints it."""
 import itertools
 import sys
@@ -19,7 +19,7 @@ import torch.nn as nn
 
 import fast
 from cli import write_atomic
-from fast import decode, step as fstep
+from fast import decode, draw, step as fstep
 from hyena import Config, new_cache, sample
 from modal.student import build
 
@@ -69,16 +69,18 @@ def timed(m, B, pick=lambda logits: logits, fused=True):
         return wall(lambda: one(tok))
 
 
-SMALL = [(16, bn, bnc, ks, bk, 128)
-         for bn, bnc, ks, bk in itertools.product((32, 64), (16, 32), (4, 8), (128, 256, 512))]
+SMALL = [(16, bn, bnc, ks, bk, 128) for bn, bnc, ks, bk in itertools.product((32, 64), (16, 32), (4, 8), (128, 512))]
 SMALL += [(16, 32, 16, 4, bk, 256) for bk in (128, 512)]  # a wider head block
-LARGE = [(bm, bn, 32, ks, bk, 128) for bm, bn, ks, bk in itertools.product((32, 64), (64, 128), (2, 4), (64, 128, 512))]
+LARGE = [(bm, bn, 32, ks, bk, 128) for bm, bn, ks, bk in itertools.product((32, 64), (64, 128), (2, 4), (64, 512))]
+SMALL.insert(0, fstep.SMALL_BATCH_TILES)  # the defaults first: the rows to beat
+LARGE.insert(0, fstep.LARGE_BATCH_TILES)
+BATCHES = {"modal": (1, 16, 64, 256), "teacher": (1, 64)}
 defaults = fstep.SMALL_BATCH_TILES, fstep.LARGE_BATCH_TILES, fstep.FUSED_MAX_BATCH, decode.MIX_BLOCK_D
 log("## tiles: one replayed step at a 2k context", "", "| model | B | tiles | mix block | us/step | tok/s |",
     "|---|---:|---|---:|---:|---:|")
 for name, c in MODELS.items():
     m = serving(c)
-    for B in (1, 16, 64, 128, 256):
+    for B in BATCHES[name]:
         fstep.FUSED_MAX_BATCH = 256
         base = timed(m, B, fused=False)
         log(f"| {name} | {B} | eager step's graph | | {1e6 * base:.1f} | {B / base:,.0f} |")
@@ -96,11 +98,13 @@ for name, c in MODELS.items():
 log("")
 
 log("## generate's draw: the replayed step with and without it (default tiles)", "",
-    "| model | B | raw us | greedy us | temperature 1 us |", "|---|---:|---:|---:|---:|")
+    "| model | B | raw us | greedy us | temperature 1 us (hyena.sample) | temperature 1 us (fast.draw) |",
+    "|---|---:|---:|---:|---:|---:|")
 for name, c in MODELS.items():
     m = serving(c)
     for B in (1, 64):
-        raw, greedy, hot = (timed(m, B, pick) for pick in (lambda logits: logits, lambda logits: sample(logits, 0),
-                                                           lambda logits: sample(logits, 1.0)))
-        log(f"| {name} | {B} | {1e6 * raw:.1f} | {1e6 * greedy:.1f} | {1e6 * hot:.1f} |")
+        raw, greedy, hot, fused = (timed(m, B, pick) for pick in (
+            lambda logits: logits, lambda logits: sample(logits, 0), lambda logits: sample(logits, 1.0),
+            lambda logits: draw.sample(logits, 1.0)))
+        log(f"| {name} | {B} | {1e6 * raw:.1f} | {1e6 * greedy:.1f} | {1e6 * hot:.1f} | {1e6 * fused:.1f} |")
     del m
