@@ -14,9 +14,10 @@ short convolution; h the long filter, D its skip term, o what out_proj takes):
             _gate_back          dx0 = do ⊙ y, dx1 = dz ⊙ v, dv = dz ⊙ x1; dp = the short convolution's transpose
                                 of (dx0, dx1, dv); its weight's and bias's gradients as sums per program
 
-Every kernel recomputes the gates it needs from p (K = 3 taps, read from cache), so nothing but z and y is kept
-for the backward, and each reads its (B, L, D) operands once. The transposes happen in registers: a tile loaded
-along one layout's contiguous axis is stored along the other's.
+Every kernel recomputes the gates it needs from p (K = 3 taps), so nothing but z and y is kept for the backward,
+and each brings its operands from memory once: _gate_back reads do, y and dz at K shifts and recomputes the gates
+at each, three times the loads and arithmetic of one pass, served by the cache. The transposes happen on chip: a
+tile loaded along one layout's contiguous axis is stored along the other's.
 
 Precision, as the plain code under bf16 autocast: the short convolution's weight and bias rounded to p's dtype;
 the gates, z, y, o, dy, dz and each gate's gradient rounded to p's dtype where the twin stores them; sums in fp32
@@ -117,9 +118,9 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _gate_back(go_ptr, y_ptr, dz_ptr, p_ptr, w_ptr, wb_ptr, dp_ptr, dw_ptr, dwb_ptr, L, D, n_seg,
+    def _gate_back(go_ptr, y_ptr, dz_ptr, p_ptr, w_ptr, wb_ptr, dp_ptr, dw_ptr, dwb_ptr, L, D, n_seg, SEG,
                    s_gb, s_gt, s_yb, s_yd, s_yt, s_zb, s_zd, s_zt, s_pb, s_pt, s_db, s_dt,
-                   SEG: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr):
+                   K: tl.constexpr, KP: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr):
         """dp (B, L, 3D) and, for program row (b, seg), the weight's (3D, KP) and bias's (3D,) gradient sums over
         its SEG tiles of positions, into dw[b n_seg + seg], dwb[b n_seg + seg]."""
         seg = tl.program_id(0)
@@ -168,13 +169,19 @@ if triton is not None:
         tl.store(dwb_ptr + row * 3 * D + 2 * D + c, db2, mask=cm)
 
 
-def _launch_shapes(p):
+def _launch_shapes(p, *rows):
+    """(B, L, D) of p (B, L, 3D); the kernels index p and any `rows` ((B, L, D) operands) with channel stride 1
+    and the short filter's w (3D, K) contiguous, which GatedConv's callers give: refuse anything else by name."""
     B, L, C = p.shape
+    if any(t.stride(-1) != 1 for t in (p, *rows)):
+        raise ValueError(f"fast.mixer: p {tuple(p.stride())} and (B, L, D) operands need channel stride 1")
     return B, L, C // 3
 
 
 def _gate_in_launch(a, p, w, wb, grad):
-    B, L, D = _launch_shapes(p)
+    B, L, D = _launch_shapes(p, *([] if a is None else [a]))
+    if not (w.is_contiguous() and wb.is_contiguous()):
+        raise ValueError("fast.mixer: the short filter's w (3D, K) and wb (3D,) must be contiguous")
     out = p.new_empty(B, D, L)
     tiles = GATE_TILES
     a = p if a is None else a
@@ -198,6 +205,8 @@ def _gate_grad_op(go: torch.Tensor, p: torch.Tensor, w: torch.Tensor, wb: torch.
 @torch.library.custom_op("fast::gate_out", mutates_args=())
 def _gate_out_op(y_t: torch.Tensor, p: torch.Tensor, w: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
     B, L, D = _launch_shapes(p)
+    if not (w.is_contiguous() and wb.is_contiguous()):
+        raise ValueError("fast.mixer: the short filter's w (3D, K) and wb (3D,) must be contiguous")
     out = p.new_empty(B, L, D)
     tiles = GATE_TILES
     _gate_out[(triton.cdiv(L, tiles["BL"]), triton.cdiv(D, tiles["BD"]), B)](
@@ -209,7 +218,9 @@ def _gate_out_op(y_t: torch.Tensor, p: torch.Tensor, w: torch.Tensor, wb: torch.
 @torch.library.custom_op("fast::gate_back", mutates_args=())
 def _gate_back_op(go: torch.Tensor, y_t: torch.Tensor, dz_t: torch.Tensor, p: torch.Tensor, w: torch.Tensor,
                   wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, L, D = _launch_shapes(p)
+    B, L, D = _launch_shapes(p, go)
+    if not (w.is_contiguous() and wb.is_contiguous()):
+        raise ValueError("fast.mixer: the short filter's w (3D, K) and wb (3D,) must be contiguous")
     K, tiles = w.shape[1], BACK_TILES
     n_d, n_tiles = triton.cdiv(D, tiles["BD"]), triton.cdiv(L, tiles["BL"])
     sms = torch.cuda.get_device_properties(p.device).multi_processor_count if p.is_cuda else 1
@@ -220,10 +231,10 @@ def _gate_back_op(go: torch.Tensor, y_t: torch.Tensor, dz_t: torch.Tensor, p: to
     dw = p.new_empty(B * n_seg, 3 * D, KP, dtype=torch.float32)
     dwb = p.new_empty(B * n_seg, 3 * D, dtype=torch.float32)
     _gate_back[(n_seg, n_d, B)](
-        go, y_t, dz_t, p, w, wb, dp, dw, dwb, L, D, n_seg, go.stride(0), go.stride(1), *y_t.stride(),
-        *dz_t.stride(), p.stride(0), p.stride(1), dp.stride(0), dp.stride(1), SEG=seg, K=K, KP=KP, BL=tiles["BL"],
+        go, y_t, dz_t, p, w, wb, dp, dw, dwb, L, D, n_seg, seg, go.stride(0), go.stride(1), *y_t.stride(),
+        *dz_t.stride(), p.stride(0), p.stride(1), dp.stride(0), dp.stride(1), K=K, KP=KP, BL=tiles["BL"],
         BD=tiles["BD"], num_warps=tiles["warps"])
-    return dp, dw.sum(0)[:, :K].to(w.dtype), dwb.sum(0).to(wb.dtype)
+    return dp, dw.sum(0)[:, :K].to(w.dtype).contiguous(), dwb.sum(0).to(wb.dtype)
 
 
 @_gate_in_op.register_fake
@@ -246,14 +257,15 @@ def _(y_t, p, w, wb):
 
 @_gate_back_op.register_fake
 def _(go, y_t, dz_t, p, w, wb):
-    return torch.empty_like(p), torch.empty_like(w), torch.empty_like(wb)
+    return torch.empty_like(p), w.new_empty(w.shape), wb.new_empty(wb.shape)
 
 
 class GatedConv(torch.autograd.Function):
-    """hyena.mix for order 2 with hyena.fftconv's long convolution, as five kernels each way (the module's
-    docstring): p (B, L, 3D) bf16/fp16, the short convolution's w (3D, K) and wb (3D,) in p's dtype, the long
-    filter k (L, D) (rounded to p's dtype, as fast.toeplitz rounds it) and bias (D,). Returns o (B, L, D) and the
-    long convolution's input z channels first (B, D, L); z's gradient, where one comes, joins the convolution's.
+    """hyena.mix for order 2 with hyena.fftconv's long convolution: three Triton kernels forward and four backward
+    (the module's docstring), besides the filter's channels-first and shifted copies. p (B, L, 3D) bf16/fp16, the
+    short convolution's w (3D, K) and wb (3D,) in p's dtype, the long filter k (L, D) (rounded to p's dtype, as
+    fast.toeplitz rounds it) and bias (D,). Returns o (B, L, D) and the long convolution's input z channels first
+    (B, D, L); z's gradient, where one comes, joins the convolution's.
     Plain twin: hyena.mix; held equal, in Triton's CPU interpreter, by
     tests/test_mixer.py::test_fused_mixer_equals_the_fp64_mixer_and_its_gradients."""
 
@@ -271,18 +283,19 @@ class GatedConv(torch.autograd.Function):
     def backward(ctx, go, gz):
         p, w, wb, k_t, bias, z_t, y_t = ctx.saved_tensors
         dp = dw = dwb = dk = dbias = None
-        if go is None:  # only z's gradient: o was not used
-            go = p.new_zeros(p.shape[0], p.shape[1], p.shape[2] // 3)
-        go = go.contiguous()
-        dy_t = _gate_grad_op(go, p, w, wb)  # (B, D, L)
+        dy_t = None if go is None else _gate_grad_op(go.contiguous(), p, w, wb)  # (B, D, L); None: o unused
         if any(ctx.needs_input_grad[:3]):
-            dz_t = toeplitz._du_op(dy_t, k_t, bias)  # (B, D, L)
-            if gz is not None:
+            dz_t = gz if dy_t is None else toeplitz._du_op(dy_t, k_t, bias)  # (B, D, L)
+            if gz is not None and dy_t is not None:
                 dz_t = dz_t + gz
-            dp, dw, dwb = _gate_back_op(go, y_t, dz_t, p, w, wb)
-        if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+            if go is None:  # o unused: its gradient is zero, and so is x0's
+                go = p.new_zeros(p.shape[0], p.shape[1], p.shape[2] // 3)
+            dp, dw, dwb = _gate_back_op(go.contiguous(), y_t, dz_t, p, w, wb)
+        if dy_t is not None and ctx.needs_input_grad[3]:
             dk_t = toeplitz._dk_op(dy_t, z_t)  # (D, L) fp32
             dk, dbias = dk_t.t(), dk_t[:, 0].clone()  # lag 0: sum_{b,t} dy z
+        elif dy_t is not None and ctx.needs_input_grad[4]:
+            dbias = (dy_t.float() * z_t.float()).sum((0, 2))  # (D,)
         return dp, dw, dwb, dk, dbias
 
 
@@ -291,7 +304,7 @@ def serves(op, p):
     function (plain or fast.toeplitz.long_conv); where fast.toeplitz serves (Triton, CUDA or its interpreter, bf16
     or fp16 p) and up to its TOEPLITZ_MAX_L positions."""
     return (triton is not None and op.order == 2 and op.long_conv in (hyena.fftconv, toeplitz.long_conv)
-            and toeplitz.available(p) and p.shape[1] <= toeplitz.TOEPLITZ_MAX_L)
+            and toeplitz.available(p) and 0 < p.shape[1] <= toeplitz.TOEPLITZ_MAX_L)
 
 
 def mix(op, p, k, bias):

@@ -60,6 +60,17 @@ out["gates fp64"] = [rel(mixer._gate_in_op(pn, w, wb).transpose(1, 2), x1 * v),
                      rel(mixer._gate_grad_op(go, pn, w, wb).transpose(1, 2), go * x0),
                      rel(mixer._gate_out_op(y_t, pn, w, wb), y_t.transpose(1, 2) * x0),
                      rel(dp, ref[0]), rel(dw, ref[1]), rel(dwb, ref[2])]
+# one batch row, one channel tile: the programs split the positions (4 segments, the last partial), and the weight's
+# gradient sums over them
+mixer.BACK_TILES.update(BL=4, BD=2)
+p1, go1, y1, dz1 = p[:1, :, [0, 1, 6, 7, 12, 13]], go[:1, :, :2], y_t[:1, :2], dz_t[:1, :2]
+w1, wb1 = w[[0, 1, 6, 7, 12, 13]], wb[[0, 1, 6, 7, 12, 13]]
+a = [t.clone().requires_grad_() for t in (p1, w1, wb1)]
+x0, x1, v = hyena.short_conv(a[0], a[1][:, None], a[2]).split(2, dim=-1)
+f = (go1 * y1.transpose(1, 2) * x0).sum() + (dz1.transpose(1, 2) * x1 * v).sum()
+out["gates fp64"] += [rel(x, r) for x, r in zip(mixer._gate_back_op(go1, y1, dz1, p1.contiguous(), w1, wb1),
+                                                torch.autograd.grad(f, a))]
+mixer.BACK_TILES.update(BL=8, BD=4)
 
 def mixed(op, p, k, bias, go, gz, twin):
     # (o, z, dp, dw, dwb, dk, dbias) of `twin` (hyena.mix or mixer.mix), gradients go into o and gz into z
@@ -67,7 +78,9 @@ def mixed(op, p, k, bias, go, gz, twin):
     for prm in op.short_filter.parameters():
         prm.grad = None
     o, zs = twin(op, a[0], a[1], a[2])
-    torch.autograd.backward([o, zs[0]], [go, gz])
+    torch.autograd.backward(*(([o, zs[0]], [go, gz]) if go is not None else ([zs[0]], [gz])))
+    if go is None:  # o unused: the long filter has no gradient
+        return [a[0].grad, op.short_filter.weight.grad[:, 0], op.short_filter.bias.grad]
     return [o.detach(), zs[0].detach(), a[0].grad, op.short_filter.weight.grad[:, 0], op.short_filter.bias.grad,
             a[1].grad[:, 0], a[2].grad[0]]
 
@@ -79,6 +92,7 @@ with torch.no_grad():  # every value of one scale (the initial short filter is s
 p, go, gz = torch.randn(B, L, 3 * D).bfloat16(), torch.randn(B, L, D).bfloat16(), torch.randn(B, L, D).bfloat16()
 k, bias = (t.detach() for t in op.filters(L))
 got = mixed(op, p, k, bias, go, gz, mixer.mix)
+got_z = mixed(op, p, k, bias, None, gz, mixer.mix)  # only z's gradient (a prefill's input kept under autograd)
 out["dtypes"] = [str(t.dtype)[6:] for t in got]
 op64 = hyena.HyenaOperator(D, L).double()
 with torch.no_grad():
@@ -86,13 +100,17 @@ with torch.no_grad():
         prm.copy_(getattr(op.short_filter, name).bfloat16())  # rounded, as the kernels take them
     args = (p.double(), k.bfloat16().double(), bias.double(), go.double(), gz.double())
     absolute = [x.abs() for x in args]
-ref = mixed(op64, *args, hyena.mix)
+ref, ref_z = mixed(op64, *args, hyena.mix), mixed(op64, *args[:3], None, args[4], hyena.mix)
 for prm in op64.short_filter.parameters():
     prm.data = prm.data.abs()
-bound = mixed(op64, *absolute, hyena.mix)
+bound, bound_z = mixed(op64, *absolute, hyena.mix), mixed(op64, *absolute[:3], None, absolute[4], hyena.mix)
 eps = torch.finfo(torch.bfloat16).eps
-out["mix bf16"] = [((x.double() - r).abs() / (9 * eps * b + (B * L + 1) * 2 ** -24 * b)).max().item()
-                   for x, r, b in zip(got, ref, bound)]
+def excess(x, r, b):
+    # max of |x - r| over its bound; where the bound is 0 (x0's gradients when o is unused) x must equal r exactly
+    err, tol = (x.double() - r).abs(), (9 * eps + (B * L + 1) * 2 ** -24) * b
+    return torch.where(tol > 0, err / tol, torch.where(err == 0, 0.0, float("inf"))).max().item()
+
+out["mix bf16"] = [excess(x, r, b) for x, r, b in zip(got + got_z, ref + ref_z, bound + bound_z)]
 out["mix bf16 relative"] = [rel(x, r) for x, r in zip(got, ref)]
 # causality, exactly: p changed from t0 on leaves o and z before t0 alone
 t0 = L // 2
@@ -128,14 +146,19 @@ def interpreted():
 def test_gate_kernels_equal_the_plain_gates_and_their_gradients_in_fp64(interpreted):
     """z = v x1 and dy = do x0 (channels first), o = y x0, and the backward's dp, dw, dwb (the short convolution's
     transpose of the gates' gradients) equal the plain short convolution's and gates' in fp64, reading p through
-    a view into NaNs (a NaN fails the comparison); to 1e-6 of the largest value (the kernels' fp32 arithmetic)."""
+    a view into NaNs (a NaN fails the comparison); to 1e-6 of the largest value (the kernels' fp32 arithmetic). The
+    backward also with its positions split over several programs (one batch row, one channel tile), whose
+    weight-gradient sums are added."""
+    assert len(interpreted["gates fp64"]) == 9
     assert all(e <= 1e-6 for e in interpreted["gates fp64"]), interpreted["gates fp64"]
 
 
 def test_fused_mixer_equals_the_fp64_mixer_and_its_gradients(interpreted):
-    """mixer.mix in bf16 (o, z, dp, the short filter's dw and dwb, the long filter's dk and dbias) within 9 bf16
-    roundings of hyena.mix in fp64 on the same rounded inputs (the module's docstring); dtypes as the twin's
-    under autocast: o, z, dp in p's dtype, the parameters' gradients fp32."""
+    """mixer.mix in bf16 (o, z, dp, the short filter's dw and dwb, the long filter's dk and dbias, with gradients
+    into o and z; and dp, dw, dwb with one into z alone) within 9 bf16 roundings of hyena.mix in fp64 on the same
+    rounded inputs (the module's docstring); dtypes as the twin's under autocast: o, z, dp in p's dtype, the
+    parameters' gradients fp32."""
+    assert len(interpreted["mix bf16"]) == 10
     assert all(e <= 1 for e in interpreted["mix bf16"]), interpreted["mix bf16"]
     assert interpreted["dtypes"] == ["bfloat16"] * 3 + ["float32"] * 4
 
