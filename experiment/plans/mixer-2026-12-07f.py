@@ -1,6 +1,6 @@
 """Issue 29 on one GPU: fast/mixer.py's fused gates around the Toeplitz convolution.
 
-    PYTHONPATH=. python experiment/plans/mixer-2026-12-07f.py OUT_DIR
+    PYTHONPATH=. python experiment/plans/mixer-2026-12-07f.py OUT_DIR [--tiles-only]
 
 1. Equality on the GPU: the Hyena mixer (d = 512, L = 2048, bf16 autocast) with fast.install (the fused mixer) and
    plain (hyena.mix, FFTConv in fp32), each against the plain mixer in fp32 without autocast: y, dx and every
@@ -9,7 +9,7 @@
    must move / time) for GATE_TILES and BACK_TILES candidates; the fastest are kept in OUT_DIR/tiles.json.
 3. With those tiles, the compiled mixer fwd+bwd (fused, and hyena.mix with the Toeplitz long_conv as before)
    against compiled SDPA attention at both lengths, and the fused one's top kernels (torch.profiler).
-Writes OUT_DIR/mixer.md and prints it."""
+--tiles-only stops after 2 (bench.py's mixer section then times the mixers). Writes OUT_DIR/mixer.md and prints it."""
 import json
 import sys
 import time
@@ -123,6 +123,8 @@ write_atomic(out / "tiles.json", json.dumps({"GATE_TILES": mixer.GATE_TILES, "BA
 log("", f"chosen: GATE_TILES {mixer.GATE_TILES}, BACK_TILES {mixer.BACK_TILES}", "")
 
 # 3. compiled mixers against SDPA, and the fused one's kernels
+if "--tiles-only" in sys.argv:
+    sys.exit()
 log("## 3. compiled fwd+bwd, bf16 autocast (ms)", "", "| L | B | fused | hyena.mix + Toeplitz | SDPA | fused / SDPA |",
     "|---:|---:|---:|---:|---:|---:|")
 profiles = []
