@@ -1,15 +1,16 @@
 """fast/mixer.py, Hyena's mixer fused around the block-Toeplitz convolution, against its plain twin hyena.mix; the
 kernels run on the CPU in Triton's interpreter (tests/triton_interpreter.py).
 
-Two checks. The gate kernels alone, on fp64 operands (they compute in fp32, so a few fp32 roundings, 2^-24 each,
-of the largest value: 1e-6 relative to it is 16 of them, where a wrong index or mask is off by O(1)): z, dy and o,
-and the backward's dp, dw, dwb against autograd of the plain short convolution and gates in fp64, with p a view into a NaN-filled buffer (a read outside it, a mask missing, shows as a
-NaN). The whole mixer in bf16 (the Toeplitz kernel takes bf16/fp16) against hyena.mix in fp64 on the same rounded
-inputs: its error comes from the roundings to bf16 where the twin stores values, first order in eps each: the
-forward rounds the short convolution's output, z, the filter, y and o (5), the backward also dy, dz and each gate's
-gradient, and dp (4 more, 9 in all). Each rounding changes a value by at most eps of it (the interpreter's casts
-truncate: eps, not eps / 2), and a sum or product carries that through at most the same computation on absolute
-values; so |fast - fp64| <= 9 eps |...|abs, plus the fp32 sums' n 2^-24 (n <= B L + 1), far below.
+Two checks. The gate kernels alone, on fp64 operands (they compute in fp32, so a few fp32 roundings, 2^-24 each, of
+the largest value: 1e-6 relative to it is 16 of them, where a wrong index or mask is off by O(1)): z, dy and o, and
+the backward's dp, dw, dwb against autograd of the plain short convolution and gates in fp64, with p a view into a
+NaN-filled buffer (a read outside it, a mask missing, shows as a NaN). The whole mixer in bf16 (the Toeplitz kernel
+takes bf16/fp16) against hyena.mix in fp64 on the same rounded inputs: its error comes from the roundings to bf16
+where the twin stores values, first order in eps each: the forward rounds the short convolution's output, z, the
+filter, y and o (5), the backward also dy, dz and each gate's gradient, and dp (4 more, 9 in all). Each rounding
+changes a value by at most eps of it (the interpreter's casts truncate: eps, not eps / 2), and a sum or product
+carries that through at most the same computation on absolute values; so |fast - fp64| <= 9 eps |...|abs, plus the
+fp32 sums' n 2^-24 (n <= B L + 1), far below.
 """
 import json
 
@@ -31,8 +32,8 @@ tiles = dict(chunk=8, width=16, rows=2, batch=2, vec=8, warps=4, stages=2)
 toeplitz.TILES.update(y=tiles, du=tiles, dk=dict(chunk=4, width=8, rows=4, warps=4, stages=2))
 # tiles smaller than the channels and the positions, neither dividing them: masks and several tiles a program
 mixer.GATE_TILES.update(BL=8, BD=4)
-mixer.BACK_TILES.update(BL=8, BD=4)
-out, B, L, D = {}, 3, 29, 6
+mixer.BACK_TILES.update(BL=16, BD=4)
+out, B, L, D = {}, 2, 21, 6
 
 def in_nans(x):
     # x (B, L, C) as a view into a NaN-filled buffer, a row and L positions on each side
@@ -60,17 +61,17 @@ out["gates fp64"] = [rel(mixer._gate_in_op(pn, w, wb).transpose(1, 2), x1 * v),
                      rel(mixer._gate_grad_op(go, pn, w, wb).transpose(1, 2), go * x0),
                      rel(mixer._gate_out_op(y_t, pn, w, wb), y_t.transpose(1, 2) * x0),
                      rel(dp, ref[0]), rel(dw, ref[1]), rel(dwb, ref[2])]
-# one batch row, one channel tile: the programs split the positions (4 segments, the last partial), and the weight's
-# gradient sums over them
+# one batch row, one channel tile: the programs split the positions (3 segments of 2 tiles, the last tile
+# partial), and the weight's gradient sums over them
 mixer.BACK_TILES.update(BL=4, BD=2)
-p1, go1, y1, dz1 = p[:1, :, [0, 1, 6, 7, 12, 13]], go[:1, :, :2], y_t[:1, :2], dz_t[:1, :2]
+p1, go1, y1, dz1 = p[:1, :, [0, 1, 6, 7, 12, 13]], go[:1, :, :2], y_t[:1, :2], dz_t[:1, :2]  # 6 tiles, 3 programs
 w1, wb1 = w[[0, 1, 6, 7, 12, 13]], wb[[0, 1, 6, 7, 12, 13]]
 a = [t.clone().requires_grad_() for t in (p1, w1, wb1)]
 x0, x1, v = hyena.short_conv(a[0], a[1][:, None], a[2]).split(2, dim=-1)
 f = (go1 * y1.transpose(1, 2) * x0).sum() + (dz1.transpose(1, 2) * x1 * v).sum()
 out["gates fp64"] += [rel(x, r) for x, r in zip(mixer._gate_back_op(go1, y1, dz1, p1.contiguous(), w1, wb1),
                                                 torch.autograd.grad(f, a))]
-mixer.BACK_TILES.update(BL=8, BD=4)
+mixer.BACK_TILES.update(BL=16, BD=4)
 
 def mixed(op, p, k, bias, go, gz, twin):
     # (o, z, dp, dw, dwb, dk, dbias) of `twin` (hyena.mix or mixer.mix), gradients go into o and gz into z
@@ -121,9 +122,11 @@ with torch.no_grad():
 out["causal"] = [(o2[:, :t0] - got[0][:, :t0]).abs().max().item(), (z2[:, :t0] - got[1][:, :t0]).abs().max().item()]
 # torch.compile traces the kernels by their fakes
 w16, wb16 = w.bfloat16(), wb.bfloat16()
-p16, go16, y16 = p.contiguous(), go, y_t.bfloat16()
+# small operands: opcheck runs each op several times
+p16, go16, y16 = p[:1, :9].contiguous(), go[:1, :9], y_t[:1, :, :9].bfloat16()
 out["opcheck"] = [torch.library.opcheck(op_, args_, test_utils=("test_schema", "test_faketensor"))
-                  for op_, args_ in ((mixer._gate_in_op, (p16, w16, wb16)), (mixer._gate_grad_op, (go16, p16, w16, wb16)),
+                  for op_, args_ in ((mixer._gate_in_op, (p16, w16, wb16)),
+                                     (mixer._gate_grad_op, (go16, p16, w16, wb16)),
                                      (mixer._gate_out_op, (y16, p16, w16, wb16)),
                                      (mixer._gate_back_op, (go16, y16, y16, p16, w16, wb16)))]
 toeplitz.TILES.clear(), toeplitz.TILES.update(kept[0])
