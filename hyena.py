@@ -96,8 +96,7 @@ class Config:
 
     @property
     def filter_context(self):
-        """The longest sequence the model computes at all: l_max while a Hyena layer has an implicit filter (its
-        table ends there); None (any length) otherwise."""
+        """The longest sequence the model computes: l_max while a Hyena layer has an implicit filter, else None."""
         conv = any(m == "hyena" and d == 0 for m, d in zip(self.mixers, self.hyena_modal_state))
         return self.l_max if conv else None
 
@@ -242,9 +241,8 @@ class HyenaFilter(nn.Module):
     """h(t) = FFN(PositionalEmbedding(t)) * Window(t) for `channels` channels, t < l_max: safari's parameters under
     safari's names (FFN = Linear, Sin, Linear, Sin, Linear, Sin, Linear without bias, the three Sin one module).
     On purpose unlike safari: bf16 / fp16 casts leave it fp32 (bf16 keeps ~640 of 2048 times distinct), and
-    forward(L) refuses L > l_max (safari truncates silently).
-    A prefill asks the filter how far decoding reads it (`prefill_length`) and for the layer's decoding state
-    (`new_state`): here the z history, stepped by `history_conv`. modal/'s ModalFilter answers with a recurrence."""
+    forward(L) refuses L > l_max (safari truncates silently). A prefill asks how far decoding reads it
+    (`prefill_length`) and for the decoding state (`new_state`): the z history, stepped by `history_conv`."""
     def __init__(self, channels, l_max, emb_dim=33, filter_order=64, fast_decay=0.3, slow_decay=1.5, target=1e-2,
                  lr_pos_emb=1e-5):
         super().__init__()
@@ -305,10 +303,9 @@ def fft_size(n):
 
 
 def fftconv(u, k, bias):
-    """Causal long convolution y_t = sum_{s<=t} k_{t-s} u_s + bias * u_t, by FFT of size >= 2L along time (the
-    zero padding makes the circular convolution linear), differentiated by autograd. u (B, L, D), k (L, D),
-    bias (D,). In fp32 (fp64 if given fp64) even under bf16 autocast: torch.fft rejects bf16, and half-precision
-    FFTs lose too much over long sequences."""
+    """Causal long convolution y_t = sum_{s<=t} k_{t-s} u_s + bias * u_t by FFT of size >= 2L (the zero padding
+    makes it linear), differentiated by autograd; u (B, L, D), k (L, D), bias (D,). fp32 (fp64 if given) even under
+    bf16 autocast: torch.fft rejects bf16, and half-precision FFTs lose too much over long sequences."""
     L, dtype = u.shape[1], torch.promote_types(u.dtype, torch.float32)
     n = fft_size(2 * L)
     with torch.autocast(u.device.type, enabled=False):
@@ -332,8 +329,7 @@ def short_conv(p, weight, bias):
 def history_conv(z, k_pad, pos):
     """One long convolution's output at position pos (a 0-dim device tensor) from its input history z (B, D, T):
     sum_{s<=pos} z[..., s] k[pos-s], k_pad (D, 2T-1) the filter reversed then zeros (k_pad[d, T-1-j] = k[j, d]).
-    Fixed shapes, so a CUDA graph captures it: the whole history meets a window of k_pad (later, stale history
-    meets its zeros)."""
+    Fixed shapes, so a CUDA graph captures it: the whole history meets a window of k_pad (stale history, its zeros)."""
     T = z.shape[-1]
     kr = k_pad.index_select(1, torch.arange(T, device=z.device) + (T - 1 - pos))  # (D, T): k[pos..0], 0...
     return torch.bmm(z.transpose(0, 1), kr[..., None])[..., 0].transpose(0, 1)  # (B, D) per-channel dot products
@@ -377,9 +373,8 @@ class HyenaState:
 
 
 def mix(op, p, k, bias):
-    """A Hyena layer between its projections over a sequence: the short convolution, then for n = N-1 down to 1
-    v <- h_n * (x_n ⊙ v) + D_n (x_n ⊙ v) (op.long_conv), then x0 ⊙ v. p (B, L, (N+1)D), k (>= L, N-1, D),
-    bias (N-1, D) -> (x0 ⊙ v (B, L, D), zs: each long convolution's input (B, L, D), which a prefill keeps)."""
+    """A Hyena layer between its projections: the short conv, v <- h_n * (x_n ⊙ v) + D_n (x_n ⊙ v) for n = N-1..1
+    (op.long_conv; k, bias from op.filters), x0 ⊙ v. p (B, L, (N+1)D) -> (x0 ⊙ v, zs: each long conv's input)."""
     L = p.shape[1]
     pc = short_conv(p, op.short_filter.weight, op.short_filter.bias)  # (B, L, (N+1)D) sees t-2..t
     *x, v = pc.split(op.d_model, dim=-1)  # N gates x (B, L, D), value v (B, L, D)
@@ -426,8 +421,7 @@ class HyenaOperator(nn.Module):
         return k, self.filter_fn.bias.view(self.order - 1, self.d_model)  # (N-1, D)
 
     def forward(self, u, cache=None, layer=0):
-        """out_proj(mix(in_proj(u))). With a decoding `cache`: the prefill from position 0 while cache.layers[layer]
-        is None (it fills it), then one token at a time (`mix_step`)."""
+        """out_proj(mix(in_proj(u))); with a `cache`, a prefill fills cache.layers[layer], then mix_step decodes."""
         L = u.shape[1]
         if cache is not None and cache.layers[layer] is not None:
             if L != 1:
@@ -551,8 +545,7 @@ class GPTNeoX(nn.Module):
 
     def forward(self, idx, targets=None, cache=None):
         """idx (B, L) -> (logits (B, L, V), loss): with targets (B, L) the mean cross-entropy over targets != -1,
-        else None. With a `cache` (see generate) it decodes on from cache.pos, advances it, and returns the last
-        position's logits only (B, 1, V)."""
+        else None. With a `cache` (generate's) it decodes on from cache.pos, advances it, and returns (B, 1, V)."""
         x = self.gpt_neox.embed_in(idx)  # (B, L, D)
         for i, block in enumerate(self.gpt_neox.layers):
             x = block(x, cache, i)  # (B, L, D)
@@ -613,14 +606,11 @@ class GPTNeoX(nn.Module):
 
 def make_student(teacher, layers=None, init="teacher", order=None, l_max=None, filter_lr=None):
     """The teacher with attention replaced by Hyena in `layers` (all by default); all else copied exactly.
-
     init="teacher" fills Hyena's projections from the attention they replace, reading Hyena as a gated linear
     recurrence y_t = x0_t * sum_s h_{t-s} (x1_s * v_s): the post-gate x0 plays the query (C in SSM terms), the
     pre-gate x1 the key (B), v the value, and out_proj the output `dense` (as MOHAWK and "The Mamba in the Llama"
     map attention to SSMs). The short filter starts as the identity, so at initialisation every projection the
-    MLP and the residual stream see is the teacher's own. order / l_max / filter_lr override the teacher config's
-    Hyena settings (None keeps them).
-    """
+    MLP and the residual stream see is the teacher's own. order / l_max / filter_lr override the teacher's (None)."""
     cfg = teacher.config
     n = cfg.num_hidden_layers
     layers = list(range(n)) if layers is None else sorted(set(layers))

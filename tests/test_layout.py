@@ -170,13 +170,13 @@ def test_the_root_holds_at_most_a_dozen_modules():
 def test_no_module_is_longer_than_a_sitting():
     """Every non-test file reads in one sitting: at most about 300 lines (330 at the most). A file that grows past
     that splits, moving a cohesive part into a folder named for it (training/, fast/, ...), never by packing lines.
-    hyena.py, the model whole in one file as the card asks, reads top to bottom in at most 660."""
+    hyena.py, the model whole in one file as the card asks, reads top to bottom in at most 650."""
     found = []
     for path in sorted(ROOT.glob("**/*.py")):
         rel = path.relative_to(ROOT)
         if {"tests", "data", "runs"} & set(rel.parts) or rel.name.startswith("test_"):
             continue
-        lines, limit = len(path.read_text().splitlines()), 660 if str(rel) == "hyena.py" else 330
+        lines, limit = len(path.read_text().splitlines()), 650 if str(rel) == "hyena.py" else 330
         found += [f"{rel}: {lines} lines (at most {limit})"] if lines > limit else []
     assert not found, found
 
