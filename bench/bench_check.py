@@ -9,7 +9,6 @@ import torch
 import fast
 import fast.losses
 from bench.bench_report import modal_cfg
-from fast import decode
 from fast.step import decode_step
 from hyena import HyenaOperator, eager_step, new_cache
 

@@ -172,22 +172,21 @@ if triton is not None:
         tl.store(dwb_ptr + row * 3 * D + 2 * D + c, db2, mask=cm)
 
 
-def _launch_shapes(p, *rows):
-    """(B, L, D) of p (B, L, 3D); the kernels index p and any `rows` ((B, L, D) operands) with channel stride 1
-    and the short filter's w (3D, K) contiguous, which GatedConv's callers give: refuse anything else by name."""
+def _launch_shapes(p, w, wb, *rows):
+    """(B, L, D) of p (B, L, 3D). The kernels index p and the (B, L, D) `rows` with channel stride 1, and the short
+    filter's w (3D, K) and wb (3D,) contiguous, as GatedConv gives them: anything else is refused by name."""
+    if any(t.stride(-1) != 1 for t in (p, *rows)) or not (w.is_contiguous() and wb.is_contiguous()):
+        raise ValueError(f"fast.mixer: p {tuple(p.stride())} and (B, L, D) operands need channel stride 1, the short "
+                         "filter's w (3D, K) and wb (3D,) contiguous")
     B, L, C = p.shape
-    if any(t.stride(-1) != 1 for t in (p, *rows)):
-        raise ValueError(f"fast.mixer: p {tuple(p.stride())} and (B, L, D) operands need channel stride 1")
     return B, L, C // 3
 
 
 def _gate_in_launch(a, p, w, wb, grad):
-    B, L, D = _launch_shapes(p, *([] if a is None else [a]))
-    if not (w.is_contiguous() and wb.is_contiguous()):
-        raise ValueError("fast.mixer: the short filter's w (3D, K) and wb (3D,) must be contiguous")
+    a = p if a is None else a  # (unread unless grad)
+    B, L, D = _launch_shapes(p, w, wb, a)
     out = p.new_empty(B, D, L)
     tiles = GATE_TILES
-    a = p if a is None else a
     _gate_in[(triton.cdiv(L, tiles["BL"]), triton.cdiv(D, tiles["BD"]), B)](
         a, p, w, wb, out, L, D, a.stride(0), a.stride(1), p.stride(0), p.stride(1), *out.stride(), GRAD=grad,
         K=w.shape[1], BL=tiles["BL"], BD=tiles["BD"], num_warps=tiles["warps"])
@@ -207,9 +206,7 @@ def _gate_grad_op(go: torch.Tensor, p: torch.Tensor, w: torch.Tensor, wb: torch.
 
 @torch.library.custom_op("fast::gate_out", mutates_args=())
 def _gate_out_op(y_t: torch.Tensor, p: torch.Tensor, w: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    B, L, D = _launch_shapes(p)
-    if not (w.is_contiguous() and wb.is_contiguous()):
-        raise ValueError("fast.mixer: the short filter's w (3D, K) and wb (3D,) must be contiguous")
+    B, L, D = _launch_shapes(p, w, wb)
     out = p.new_empty(B, L, D)
     tiles = GATE_TILES
     _gate_out[(triton.cdiv(L, tiles["BL"]), triton.cdiv(D, tiles["BD"]), B)](
@@ -221,9 +218,7 @@ def _gate_out_op(y_t: torch.Tensor, p: torch.Tensor, w: torch.Tensor, wb: torch.
 @torch.library.custom_op("fast::gate_back", mutates_args=())
 def _gate_back_op(go: torch.Tensor, y_t: torch.Tensor, dz_t: torch.Tensor, p: torch.Tensor, w: torch.Tensor,
                   wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    B, L, D = _launch_shapes(p, go)
-    if not (w.is_contiguous() and wb.is_contiguous()):
-        raise ValueError("fast.mixer: the short filter's w (3D, K) and wb (3D,) must be contiguous")
+    B, L, D = _launch_shapes(p, w, wb, go)
     K, tiles = w.shape[1], BACK_TILES
     n_d, n_tiles = triton.cdiv(D, tiles["BD"]), triton.cdiv(L, tiles["BL"])
     sms = torch.cuda.get_device_properties(p.device).multi_processor_count if p.is_cuda else 1
@@ -286,14 +281,14 @@ class GatedConv(torch.autograd.Function):
     def backward(ctx, go, gz):
         p, w, wb, k_t, bias, z_t, y_t = ctx.saved_tensors
         dp = dw = dwb = dk = dbias = None
-        dy_t = None if go is None else _gate_grad_op(go.contiguous(), p, w, wb)  # (B, D, L); None: o unused
+        o_used = go is not None  # (o unused: its gradient is zero, and so is x0's)
+        go = go.contiguous() if o_used else p.new_zeros(p.shape[0], p.shape[1], p.shape[2] // 3)
+        dy_t = _gate_grad_op(go, p, w, wb) if o_used else None  # (B, D, L)
         if any(ctx.needs_input_grad[:3]):
             dz_t = gz if dy_t is None else toeplitz._du_op(dy_t, k_t, bias)  # (B, D, L)
             if gz is not None and dy_t is not None:
                 dz_t = dz_t + gz
-            if go is None:  # o unused: its gradient is zero, and so is x0's
-                go = p.new_zeros(p.shape[0], p.shape[1], p.shape[2] // 3)
-            dp, dw, dwb = _gate_back_op(go.contiguous(), y_t, dz_t, p, w, wb)
+            dp, dw, dwb = _gate_back_op(go, y_t, dz_t, p, w, wb)
         if dy_t is not None and ctx.needs_input_grad[3]:
             dk_t = toeplitz._dk_op(dy_t, z_t)  # (D, L) fp32
             dk, dbias = dk_t.t(), dk_t[:, 0].clone()  # lag 0: sum_{b,t} dy z

@@ -7,7 +7,6 @@ E (the plain draw's exponential_ replaced by -log U), both pick the same tokens,
 rounding of two scores (none in these draws: the check would show it). And drawn many times, the kernel's tokens
 follow the softmax (a chi-square test at a fixed seed).
 """
-import json
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch
 import fast
 import hyena
 from fast import draw
-from triton_interpreter import output, register
+from triton_interpreter import output_json, register
 
 CHECK = """
 import json, torch
@@ -60,10 +59,7 @@ register("draw", CHECK)
 
 @pytest.fixture(scope="module")
 def interpreted():
-    out = json.loads(output("draw").splitlines()[-1])
-    for name, value in out.items():
-        print(name, value)
-    return out
+    return output_json("draw")
 
 
 def test_fused_draw_equals_the_plain_draw_on_the_same_noise(interpreted):

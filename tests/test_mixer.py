@@ -12,7 +12,6 @@ changes a value by at most eps of it (the interpreter's casts truncate: eps, not
 carries that through at most the same computation on absolute values; so |fast - fp64| <= 9 eps |...|abs, plus the
 fp32 sums' n 2^-24 (n <= B L + 1), far below.
 """
-import json
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import torch
 import fast
 import hyena
 from fast import mixer, toeplitz
-from triton_interpreter import output, register
+from triton_interpreter import output_json, register
 
 CHECK = """
 import json, torch
@@ -140,10 +139,7 @@ register("fused mixer", CHECK)
 @pytest.fixture(scope="module")
 def interpreted():
     """CHECK's results, run once in Triton's interpreter."""
-    out = json.loads(output("fused mixer").splitlines()[-1])
-    for name, value in out.items():
-        print(name, value)
-    return out
+    return output_json("fused mixer")
 
 
 def test_gate_kernels_equal_the_plain_gates_and_their_gradients_in_fp64(interpreted):

@@ -20,7 +20,7 @@ import torch
 
 import fast.toeplitz as toeplitz
 from fast.fftconv import fftconv as fast_fftconv
-from triton_interpreter import output, register
+from triton_interpreter import output_json, register
 
 # name: (tiles for y and du, tiles for dk, L, dtype); B = 3 throughout
 CASES = {"tiny": (dict(chunk=8, width=16, rows=2, batch=2, vec=8), dict(chunk=4, width=8, rows=4), 29, "bfloat16"),
@@ -116,10 +116,7 @@ register("toeplitz", f"CASES = {json.dumps(json.dumps(CASES))}\n" + CHECK)
 @pytest.fixture(scope="module")
 def interpreted():
     """CHECK's results, run once in Triton's interpreter: {check and case: numbers}."""
-    out = json.loads(output("toeplitz").splitlines()[-1])
-    for name, value in out.items():
-        print(name, value)
-    return out
+    return output_json("toeplitz")
 
 
 def cases(out, kind):

@@ -14,6 +14,7 @@ exactly (a bf16 is an fp32 with 16 zero low bits): products of bf16 values are e
 as on tensor cores, so fast/toeplitz.py's kernel runs here as written. Casts to bf16 truncate in the interpreter
 (the GPU rounds to nearest): an ulp, not half of one.
 """
+import json
 import os
 import subprocess
 import sys
@@ -78,4 +79,12 @@ def output(name):
     out = OUTPUTS[name].lstrip("\n")  # (what the separator's print left)
     if FAILED in out:
         pytest.fail(f"the interpreter script {name!r} raised:\n{out.split(FAILED)[1][-3000:]}", pytrace=False)
+    return out
+
+
+def output_json(name):
+    """The JSON object the script `name` prints last, each entry also printed (pytest -s shows the numbers)."""
+    out = json.loads(output(name).splitlines()[-1])
+    for key, value in out.items():
+        print(key, value)
     return out
