@@ -125,13 +125,18 @@ if triton is not None:
                    s_gb, s_gt, s_yb, s_yd, s_yt, s_zb, s_zd, s_zt, s_pb, s_pt, s_db, s_dt,
                    K: tl.constexpr, KP: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr):
         """dp (B, L, 3D) and, for program row (b, seg), the weight's (3D, KP) and bias's (3D,) gradient sums over
-        its SEG tiles of positions, into dw[b n_seg + seg], dwb[b n_seg + seg]."""
+        its SEG tiles of positions, into dw[b n_seg + seg], dwb[b n_seg + seg]. A tile computes the gates'
+        gradients at BL positions once and owns the first BL - (K-1) of them: dp there sums the gradients K-1
+        positions ahead, shifted within the tile by products with 0/1 matrices (exact: one nonzero term each)."""
         seg = tl.program_id(0)
         c = tl.program_id(1) * BD + tl.arange(0, BD)
         b = tl.program_id(2).to(tl.int64)
         cc = tl.minimum(c, D - 1)
         cm = c < D
         p_row = p_ptr + b * s_pb
+        dt = p_ptr.dtype.element_ty
+        r = tl.arange(0, BL)
+        own = r < BL - (K - 1)
         acc0 = tl.zeros((BD, KP), tl.float32)
         acc1 = tl.zeros((BD, KP), tl.float32)
         acc2 = tl.zeros((BD, KP), tl.float32)
@@ -139,25 +144,26 @@ if triton is not None:
         db1 = tl.zeros((BD,), tl.float32)
         db2 = tl.zeros((BD,), tl.float32)
         for it in range(SEG):
-            t = (seg * SEG + it) * BL + tl.arange(0, BL)
+            t = (seg * SEG + it) * (BL - (K - 1)) + r
+            dx0, dx1, dv = _gate_grads(go_ptr, y_ptr, dz_ptr, p_ptr, w_ptr, wb_ptr, b, t, c, cc, L, D,
+                                       s_gb, s_gt, s_yb, s_yd, s_yt, s_zb, s_zd, s_zt, s_pb, s_pt, K)
+            mine = own[:, None]  # the weight's and bias's gradients: the owned positions' gradients against p's taps
+            acc0 = _tap_sums(acc0, tl.where(mine, dx0, 0.0), p_row, t, cc, L, s_pt, K, KP)
+            acc1 = _tap_sums(acc1, tl.where(mine, dx1, 0.0), p_row, t, cc + D, L, s_pt, K, KP)
+            acc2 = _tap_sums(acc2, tl.where(mine, dv, 0.0), p_row, t, cc + 2 * D, L, s_pt, K, KP)
+            db0 += tl.sum(tl.where(mine, dx0, 0.0), axis=0)
+            db1 += tl.sum(tl.where(mine, dx1, 0.0), axis=0)
+            db2 += tl.sum(tl.where(mine, dv, 0.0), axis=0)
             dp0 = tl.zeros((BL, BD), tl.float32)
             dp1 = tl.zeros((BL, BD), tl.float32)
             dp2 = tl.zeros((BL, BD), tl.float32)
             for j in tl.static_range(K):  # dp[t] = sum_j w[K-1-j] dpc[t + j]
-                dx0, dx1, dv = _gate_grads(go_ptr, y_ptr, dz_ptr, p_ptr, w_ptr, wb_ptr, b, t + j, c, cc, L, D,
-                                           s_gb, s_gt, s_yb, s_yd, s_yt, s_zb, s_zd, s_zt, s_pb, s_pt, K)
-                dp0 += dx0 * tl.load(w_ptr + cc * K + K - 1 - j).to(tl.float32)[None, :]
-                dp1 += dx1 * tl.load(w_ptr + (cc + D) * K + K - 1 - j).to(tl.float32)[None, :]
-                dp2 += dv * tl.load(w_ptr + (cc + 2 * D) * K + K - 1 - j).to(tl.float32)[None, :]
-                if j == 0:  # the weight's and bias's gradients: dpc at t against p's taps
-                    acc0 = _tap_sums(acc0, dx0, p_row, t, cc, L, s_pt, K, KP)
-                    acc1 = _tap_sums(acc1, dx1, p_row, t, cc + D, L, s_pt, K, KP)
-                    acc2 = _tap_sums(acc2, dv, p_row, t, cc + 2 * D, L, s_pt, K, KP)
-                    db0 += tl.sum(dx0, axis=0)
-                    db1 += tl.sum(dx1, axis=0)
-                    db2 += tl.sum(dv, axis=0)
+                shift = tl.where(r[None, :] == r[:, None] + j, 1.0, 0.0).to(dt)  # (BL, BL): row r picks r + j
+                dp0 += tl.dot(shift, dx0.to(dt)) * tl.load(w_ptr + cc * K + K - 1 - j).to(tl.float32)[None, :]
+                dp1 += tl.dot(shift, dx1.to(dt)) * tl.load(w_ptr + (cc + D) * K + K - 1 - j).to(tl.float32)[None, :]
+                dp2 += tl.dot(shift, dv.to(dt)) * tl.load(w_ptr + (cc + 2 * D) * K + K - 1 - j).to(tl.float32)[None, :]
             out = dp_ptr + b * s_db + t[:, None].to(tl.int64) * s_dt + c[None, :]
-            inside = (t[:, None] < L) & cm[None, :]
+            inside = mine & (t[:, None] < L) & cm[None, :]
             tl.store(out, dp0.to(dp_ptr.dtype.element_ty), mask=inside)
             tl.store(out + D, dp1.to(dp_ptr.dtype.element_ty), mask=inside)
             tl.store(out + 2 * D, dp2.to(dp_ptr.dtype.element_ty), mask=inside)
@@ -220,7 +226,7 @@ def _gate_back_op(go: torch.Tensor, y_t: torch.Tensor, dz_t: torch.Tensor, p: to
                   wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, L, D = _launch_shapes(p, w, wb, go)
     K, tiles = w.shape[1], BACK_TILES
-    n_d, n_tiles = triton.cdiv(D, tiles["BD"]), triton.cdiv(L, tiles["BL"])
+    n_d, n_tiles = triton.cdiv(D, tiles["BD"]), triton.cdiv(L, tiles["BL"] - (K - 1))
     sms = torch.cuda.get_device_properties(p.device).multi_processor_count if p.is_cuda else 1
     seg = triton.cdiv(n_tiles, max(1, min(n_tiles, 4 * sms // (B * n_d))))  # tiles a program: 4 programs an SM
     n_seg = triton.cdiv(n_tiles, seg)
