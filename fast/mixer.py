@@ -15,9 +15,11 @@ short convolution; h the long filter, D its skip term, o what out_proj takes):
                                 of (dx0, dx1, dv); its weight's and bias's gradients as sums per program
 
 Every kernel recomputes the gates it needs from p (K = 3 taps), so nothing but z and y is kept for the backward,
-and each brings its operands from memory once: _gate_back reads do, y and dz at K shifts and recomputes the gates
-at each, three times the loads and arithmetic of one pass, served by the cache. The transposes happen on chip: a
-tile loaded along one layout's contiguous axis is stored along the other's.
+and each brings its operands from memory once. The short convolution's transpose needs the gates' gradients K-1
+positions ahead: _gate_back computes them once at each of a tile's BL positions, writes dp for the first BL-(K-1)
+(tiles overlap by K-1), and shifts within the tile by products with 0/1 matrices on tensor cores (exact: one
+nonzero term each). The transposes happen on chip: a tile loaded along one layout's contiguous axis is stored
+along the other's.
 
 Precision, as the plain code under bf16 autocast: the short convolution's weight and bias rounded to p's dtype;
 the gates, z, y, o, dy, dz and each gate's gradient rounded to p's dtype where the twin stores them; sums in fp32
@@ -304,11 +306,13 @@ class GatedConv(torch.autograd.Function):
 
 
 def serves(op, p):
-    """Whether `mix` runs the fused kernels for this layer and input: order 2; the long convolution hyena.fftconv's
-    function (plain or fast.toeplitz.long_conv); where fast.toeplitz serves (Triton, CUDA or its interpreter, bf16
-    or fp16 p) and up to its TOEPLITZ_MAX_L positions."""
-    return (triton is not None and op.order == 2 and op.long_conv in (hyena.fftconv, toeplitz.long_conv)
-            and toeplitz.available(p) and 0 < p.shape[1] <= toeplitz.TOEPLITZ_MAX_L)
+    """Whether `mix` runs the fused kernels for this layer and input: order 2; a short filter no longer than
+    _gate_back's tile of positions; the long convolution hyena.fftconv's function (plain or fast.toeplitz.long_conv);
+    where fast.toeplitz serves (Triton, CUDA or its interpreter, bf16 or fp16 p) and up to its TOEPLITZ_MAX_L
+    positions."""
+    return (triton is not None and op.order == 2 and op.short_filter.kernel_size[0] <= BACK_TILES["BL"]
+            and op.long_conv in (hyena.fftconv, toeplitz.long_conv) and toeplitz.available(p)
+            and 0 < p.shape[1] <= toeplitz.TOEPLITZ_MAX_L)
 
 
 def mix(op, p, k, bias):

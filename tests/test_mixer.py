@@ -173,8 +173,9 @@ def test_the_gate_ops_fakes_match_their_kernels(interpreted):
 
 
 def test_mix_hands_what_the_kernels_do_not_serve_to_the_plain_mixer(monkeypatch):
-    """Where the kernels do not serve (off CUDA and the interpreter, fp32 activations, order 3, past
-    TOEPLITZ_MAX_L, a long convolution other than hyena.fftconv's) mixer.mix is hyena.mix, bitwise."""
+    """Where the kernels do not serve (off CUDA and the interpreter, fp32 activations, order 3, a short filter
+    longer than _gate_back's tile, past TOEPLITZ_MAX_L, a long convolution other than hyena.fftconv's) mixer.mix
+    is hyena.mix, bitwise."""
     torch.manual_seed(0)
     op2, op3 = hyena.HyenaOperator(4, 16), hyena.HyenaOperator(4, 16, order=3)
     for op in (op2, op3):
@@ -186,6 +187,8 @@ def test_mix_hands_what_the_kernels_do_not_serve_to_the_plain_mixer(monkeypatch)
     monkeypatch.setattr(toeplitz, "available", lambda u: True)  # would launch a kernel on CPU tensors: an error
     p, (k, bias) = torch.randn(2, 9, 12).bfloat16(), op2.filters(9)
     assert mixer.serves(op2, p) and not mixer.serves(op3, torch.randn(2, 9, 16).bfloat16())
+    long_short = hyena.HyenaOperator(4, 16, short_filter_order=mixer.BACK_TILES["BL"] + 1)  # past a tile's positions
+    assert not mixer.serves(long_short, p)
     monkeypatch.setattr(toeplitz, "TOEPLITZ_MAX_L", 8)
     assert not mixer.serves(op2, p)
     monkeypatch.setattr(toeplitz, "TOEPLITZ_MAX_L", 8192)
