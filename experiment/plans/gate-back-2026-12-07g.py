@@ -99,5 +99,5 @@ for L, B in ((2048, 64), (8192, 16)):
     mixer.BACK_TILES.clear()
     mixer.BACK_TILES.update(kept)
 best = json.loads(min((t for t, ms in times.items() if len(ms) == 2), key=lambda t: sum(times[t])))
-write_atomic(out / "back_tiles.json", json.dumps(best))
+write_atomic(out / "back_tiles.json", json.dumps({"BACK_TILES": best}))
 log("", f"chosen: BACK_TILES {best}")

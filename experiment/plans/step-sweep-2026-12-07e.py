@@ -7,8 +7,11 @@ latency-bound: a longer K chunk (BK 64 -> 128) was its best single change. This 
 (one load of a row, one dot), more C splits, wider head blocks and narrower modal-core blocks, at B = 1, 16, 64,
 and 256 (past FUSED_MAX_BATCH, where the step goes to the eager kernels). Then `generate`'s draw: the replayed
 step with the draw (temperature 1 by hyena.sample and by fast.draw, and greedy) against the raw step, which is what generate's share loses.
-Writes OUT_DIR/sweep.md (one row per variant, as measured) and prints it."""
+Writes OUT_DIR/sweep.md (one row per variant, as measured) and prints it, and OUT_DIR/best.json: the fastest tiles
+for small (B <= 16) and large batches, summed over the models and batches each was timed at, and the modal-core
+block at the default small tiles (with-tiles-2026-12-07g.py puts them in for a bench run)."""
 import itertools
+import json
 import sys
 import time
 from dataclasses import replace
@@ -76,6 +79,7 @@ SMALL.insert(0, fstep.SMALL_BATCH_TILES)  # the defaults first: the rows to beat
 LARGE.insert(0, fstep.LARGE_BATCH_TILES)
 BATCHES = {"modal": (1, 16, 64, 256), "teacher": (1, 64)}
 defaults = fstep.SMALL_BATCH_TILES, fstep.LARGE_BATCH_TILES, fstep.FUSED_MAX_BATCH, decode.MIX_BLOCK_D
+timings = {}  # (small batch, tiles, mix block) -> {(model, B): seconds a step}
 log("## tiles: one replayed step at a 2k context", "", "| model | B | tiles | mix block | us/step | tok/s |",
     "|---|---:|---|---:|---:|---:|")
 for name, c in MODELS.items():
@@ -91,11 +95,22 @@ for name, c in MODELS.items():
                 try:
                     s = timed(m, B)
                     log(f"| {name} | {B} | {tiles} | {blk} | {1e6 * s:.1f} | {B / s:,.0f} |")
+                    timings.setdefault((B <= 16, tuple(tiles), blk), {})[(name, B)] = s
                 except Exception as e:  # a tile a GPU refuses (shared memory): say so, go on
                     log(f"| {name} | {B} | {tiles} | {blk} | error: {type(e).__name__}: {str(e)[:80]} | |")
         fstep.SMALL_BATCH_TILES, fstep.LARGE_BATCH_TILES, fstep.FUSED_MAX_BATCH, decode.MIX_BLOCK_D = defaults
     del m
-log("")
+# the fastest over every (model, batch) each class was timed at, as bench.py's serve section can take them
+best = {}
+for small in (True, False):
+    full = {k: v for k, v in timings.items() if k[0] == small and len(v) == max(len(u) for kk, u in timings.items()
+                                                                                 if kk[0] == small)}
+    best["SMALL_BATCH_TILES" if small else "LARGE_BATCH_TILES"] = list(min(full, key=lambda k: sum(full[k].values()))[1])
+blocks = {k[2]: sum(v[(n, B)] for n, B in v if n == "modal") for k, v in timings.items()
+          if k[0] and k[1] == tuple(defaults[0])}
+best["MIX_BLOCK_D"] = min(blocks, key=blocks.get)
+write_atomic(out / "best.json", json.dumps(best))
+log("", f"fastest: {best}", "")
 
 log("## generate's draw: the replayed step with and without it (default tiles)", "",
     "| model | B | raw us | greedy us | temperature 1 us (hyena.sample) | temperature 1 us (fast.draw) |",
