@@ -48,7 +48,7 @@ old = None
 if len(sys.argv) > 2 and Path(sys.argv[2]).exists():
     src = Path(sys.argv[2]).read_text().replace('"fast::', '"old_fast::')
     path = Path("/root/old_mixer.py")  # triton.jit reads a kernel's source from its file
-    path.write_text(src)
+    write_atomic(path, src)
     spec = importlib.util.spec_from_file_location("old_mixer", path)
     old = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(old)
