@@ -38,10 +38,9 @@ except ImportError:  # CPU-only installs: hyena.mix serves
     triton = None
 
 # Tiles: BL positions x BD channels a tile, Triton's num_warps; _gate_back takes `seg` tiles of positions a program
-# (its weight-gradient sums stay in registers across them) and as many programs as fill the GPU 4 times over. The
-# fastest of 7 candidates each at L = 2048 (B 64) and 8192 (B 16), D = 512, on one H100
-# (experiment/plans/mixer-2026-12-07f.py, results/gpu-logs-2026-12-07e/mixer.md): gate_in 0.24 ms (1.7 TB/s of
-# the bytes it must move), gate_out and gate_grad 0.17 (2.3 TB/s), gate_back 1.37 (0.88 TB/s) at 2k.
+# (its weight-gradient sums stay in registers across them), as many programs as fill the GPU 4 times over. The
+# fastest of 7 candidates each at L = 2048 (B 64) and 8192 (B 16), D = 512, on one H100 (results/gpu-logs-2026-12-07e/
+# mixer.md): gate_in 0.24 ms (1.7 TB/s of the bytes it must move), gate_out and gate_grad 0.17 (2.3 TB/s) at 2k.
 GATE_TILES = dict(BL=32, BD=64, warps=4)
 BACK_TILES = dict(BL=32, BD=32, warps=4)
 
@@ -136,7 +135,6 @@ if triton is not None:
         cc = tl.minimum(c, D - 1)
         cm = c < D
         p_row = p_ptr + b * s_pb
-        dt = p_ptr.dtype.element_ty
         r = tl.arange(0, BL)
         own = r < BL - (K - 1)
         acc0 = tl.zeros((BD, KP), tl.float32)
@@ -160,10 +158,11 @@ if triton is not None:
             dp1 = tl.zeros((BL, BD), tl.float32)
             dp2 = tl.zeros((BL, BD), tl.float32)
             for j in tl.static_range(K):  # dp[t] = sum_j w[K-1-j] dpc[t + j]
-                shift = tl.where(r[None, :] == r[:, None] + j, 1.0, 0.0).to(dt)  # (BL, BL): row r picks r + j
-                dp0 += tl.dot(shift, dx0.to(dt)) * tl.load(w_ptr + cc * K + K - 1 - j).to(tl.float32)[None, :]
-                dp1 += tl.dot(shift, dx1.to(dt)) * tl.load(w_ptr + (cc + D) * K + K - 1 - j).to(tl.float32)[None, :]
-                dp2 += tl.dot(shift, dv.to(dt)) * tl.load(w_ptr + (cc + 2 * D) * K + K - 1 - j).to(tl.float32)[None, :]
+                shift = tl.where(r[None, :] == r[:, None] + j, 1.0, 0.0).to(p_ptr.dtype.element_ty)  # row r: r + j
+                w_j = w_ptr + cc * K + K - 1 - j  # x0's tap K-1-j; x1's D K further on, v's 2 D K
+                dp0 += tl.dot(shift, dx0.to(shift.dtype)) * tl.load(w_j).to(tl.float32)[None, :]
+                dp1 += tl.dot(shift, dx1.to(shift.dtype)) * tl.load(w_j + D * K).to(tl.float32)[None, :]
+                dp2 += tl.dot(shift, dv.to(shift.dtype)) * tl.load(w_j + 2 * D * K).to(tl.float32)[None, :]
             out = dp_ptr + b * s_db + t[:, None].to(tl.int64) * s_dt + c[None, :]
             inside = mine & (t[:, None] < L) & cm[None, :]
             tl.store(out, dp0.to(dp_ptr.dtype.element_ty), mask=inside)
