@@ -15,11 +15,9 @@ short convolution; h the long filter, D its skip term, o what out_proj takes):
                                 of (dx0, dx1, dv); its weight's and bias's gradients as sums per program
 
 Every kernel recomputes the gates it needs from p (K = 3 taps), so nothing but z and y is kept for the backward,
-and each brings its operands from memory once. The short convolution's transpose needs the gates' gradients K-1
-positions ahead: _gate_back computes them once at each of a tile's BL positions, writes dp for the first BL-(K-1)
-(tiles overlap by K-1), and shifts within the tile by products with 0/1 matrices on tensor cores (exact: one
-nonzero term each). The transposes happen on chip: a tile loaded along one layout's contiguous axis is stored
-along the other's.
+and each brings its operands from memory once: _gate_back reads do, y and dz at K shifts and recomputes the gates
+at each, three times the loads and arithmetic of one pass, served by the cache. The transposes happen on chip: a
+tile loaded along one layout's contiguous axis is stored along the other's.
 
 Precision, as the plain code under bf16 autocast: the short convolution's weight and bias rounded to p's dtype;
 the gates, z, y, o, dy, dz and each gate's gradient rounded to p's dtype where the twin stores them; sums in fp32
@@ -38,9 +36,10 @@ except ImportError:  # CPU-only installs: hyena.mix serves
     triton = None
 
 # Tiles: BL positions x BD channels a tile, Triton's num_warps; _gate_back takes `seg` tiles of positions a program
-# (its weight-gradient sums stay in registers across them), as many programs as fill the GPU 4 times over. The
-# fastest of 7 candidates each at L = 2048 (B 64) and 8192 (B 16), D = 512, on one H100 (results/gpu-logs-2026-12-07e/
-# mixer.md): gate_in 0.24 ms (1.7 TB/s of the bytes it must move), gate_out and gate_grad 0.17 (2.3 TB/s) at 2k.
+# (its weight-gradient sums stay in registers across them) and as many programs as fill the GPU 4 times over. The
+# fastest of 7 candidates each at L = 2048 (B 64) and 8192 (B 16), D = 512, on one H100
+# (experiment/plans/mixer-2026-12-07f.py, results/gpu-logs-2026-12-07e/mixer.md): gate_in 0.24 ms (1.7 TB/s of
+# the bytes it must move), gate_out and gate_grad 0.17 (2.3 TB/s), gate_back 1.37 (0.88 TB/s) at 2k.
 GATE_TILES = dict(BL=32, BD=64, warps=4)
 BACK_TILES = dict(BL=32, BD=32, warps=4)
 
@@ -126,17 +125,13 @@ if triton is not None:
                    s_gb, s_gt, s_yb, s_yd, s_yt, s_zb, s_zd, s_zt, s_pb, s_pt, s_db, s_dt,
                    K: tl.constexpr, KP: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr):
         """dp (B, L, 3D) and, for program row (b, seg), the weight's (3D, KP) and bias's (3D,) gradient sums over
-        its SEG tiles of positions, into dw[b n_seg + seg], dwb[b n_seg + seg]. A tile computes the gates'
-        gradients at BL positions once and owns the first BL - (K-1) of them: dp there sums the gradients K-1
-        positions ahead, shifted within the tile by products with 0/1 matrices (exact: one nonzero term each)."""
+        its SEG tiles of positions, into dw[b n_seg + seg], dwb[b n_seg + seg]."""
         seg = tl.program_id(0)
         c = tl.program_id(1) * BD + tl.arange(0, BD)
         b = tl.program_id(2).to(tl.int64)
         cc = tl.minimum(c, D - 1)
         cm = c < D
         p_row = p_ptr + b * s_pb
-        r = tl.arange(0, BL)
-        own = r < BL - (K - 1)
         acc0 = tl.zeros((BD, KP), tl.float32)
         acc1 = tl.zeros((BD, KP), tl.float32)
         acc2 = tl.zeros((BD, KP), tl.float32)
@@ -144,27 +139,25 @@ if triton is not None:
         db1 = tl.zeros((BD,), tl.float32)
         db2 = tl.zeros((BD,), tl.float32)
         for it in range(SEG):
-            t = (seg * SEG + it) * (BL - (K - 1)) + r
-            dx0, dx1, dv = _gate_grads(go_ptr, y_ptr, dz_ptr, p_ptr, w_ptr, wb_ptr, b, t, c, cc, L, D,
-                                       s_gb, s_gt, s_yb, s_yd, s_yt, s_zb, s_zd, s_zt, s_pb, s_pt, K)
-            mine = own[:, None]  # the weight's and bias's gradients: the owned positions' gradients against p's taps
-            acc0 = _tap_sums(acc0, tl.where(mine, dx0, 0.0), p_row, t, cc, L, s_pt, K, KP)
-            acc1 = _tap_sums(acc1, tl.where(mine, dx1, 0.0), p_row, t, cc + D, L, s_pt, K, KP)
-            acc2 = _tap_sums(acc2, tl.where(mine, dv, 0.0), p_row, t, cc + 2 * D, L, s_pt, K, KP)
-            db0 += tl.sum(tl.where(mine, dx0, 0.0), axis=0)
-            db1 += tl.sum(tl.where(mine, dx1, 0.0), axis=0)
-            db2 += tl.sum(tl.where(mine, dv, 0.0), axis=0)
+            t = (seg * SEG + it) * BL + tl.arange(0, BL)
             dp0 = tl.zeros((BL, BD), tl.float32)
             dp1 = tl.zeros((BL, BD), tl.float32)
             dp2 = tl.zeros((BL, BD), tl.float32)
             for j in tl.static_range(K):  # dp[t] = sum_j w[K-1-j] dpc[t + j]
-                shift = tl.where(r[None, :] == r[:, None] + j, 1.0, 0.0).to(p_ptr.dtype.element_ty)  # row r: r + j
-                w_j = w_ptr + cc * K + K - 1 - j  # x0's tap K-1-j; x1's D K further on, v's 2 D K
-                dp0 += tl.dot(shift, dx0.to(shift.dtype)) * tl.load(w_j).to(tl.float32)[None, :]
-                dp1 += tl.dot(shift, dx1.to(shift.dtype)) * tl.load(w_j + D * K).to(tl.float32)[None, :]
-                dp2 += tl.dot(shift, dv.to(shift.dtype)) * tl.load(w_j + 2 * D * K).to(tl.float32)[None, :]
+                dx0, dx1, dv = _gate_grads(go_ptr, y_ptr, dz_ptr, p_ptr, w_ptr, wb_ptr, b, t + j, c, cc, L, D,
+                                           s_gb, s_gt, s_yb, s_yd, s_yt, s_zb, s_zd, s_zt, s_pb, s_pt, K)
+                dp0 += dx0 * tl.load(w_ptr + cc * K + K - 1 - j).to(tl.float32)[None, :]
+                dp1 += dx1 * tl.load(w_ptr + (cc + D) * K + K - 1 - j).to(tl.float32)[None, :]
+                dp2 += dv * tl.load(w_ptr + (cc + 2 * D) * K + K - 1 - j).to(tl.float32)[None, :]
+                if j == 0:  # the weight's and bias's gradients: dpc at t against p's taps
+                    acc0 = _tap_sums(acc0, dx0, p_row, t, cc, L, s_pt, K, KP)
+                    acc1 = _tap_sums(acc1, dx1, p_row, t, cc + D, L, s_pt, K, KP)
+                    acc2 = _tap_sums(acc2, dv, p_row, t, cc + 2 * D, L, s_pt, K, KP)
+                    db0 += tl.sum(dx0, axis=0)
+                    db1 += tl.sum(dx1, axis=0)
+                    db2 += tl.sum(dv, axis=0)
             out = dp_ptr + b * s_db + t[:, None].to(tl.int64) * s_dt + c[None, :]
-            inside = mine & (t[:, None] < L) & cm[None, :]
+            inside = (t[:, None] < L) & cm[None, :]
             tl.store(out, dp0.to(dp_ptr.dtype.element_ty), mask=inside)
             tl.store(out + D, dp1.to(dp_ptr.dtype.element_ty), mask=inside)
             tl.store(out + 2 * D, dp2.to(dp_ptr.dtype.element_ty), mask=inside)
@@ -227,7 +220,7 @@ def _gate_back_op(go: torch.Tensor, y_t: torch.Tensor, dz_t: torch.Tensor, p: to
                   wb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, L, D = _launch_shapes(p, w, wb, go)
     K, tiles = w.shape[1], BACK_TILES
-    n_d, n_tiles = triton.cdiv(D, tiles["BD"]), triton.cdiv(L, tiles["BL"] - (K - 1))
+    n_d, n_tiles = triton.cdiv(D, tiles["BD"]), triton.cdiv(L, tiles["BL"])
     sms = torch.cuda.get_device_properties(p.device).multi_processor_count if p.is_cuda else 1
     seg = triton.cdiv(n_tiles, max(1, min(n_tiles, 4 * sms // (B * n_d))))  # tiles a program: 4 programs an SM
     n_seg = triton.cdiv(n_tiles, seg)
@@ -305,13 +298,11 @@ class GatedConv(torch.autograd.Function):
 
 
 def serves(op, p):
-    """Whether `mix` runs the fused kernels for this layer and input: order 2; a short filter no longer than
-    _gate_back's tile of positions; the long convolution hyena.fftconv's function (plain or fast.toeplitz.long_conv);
-    where fast.toeplitz serves (Triton, CUDA or its interpreter, bf16 or fp16 p) and up to its TOEPLITZ_MAX_L
-    positions."""
-    return (triton is not None and op.order == 2 and op.short_filter.kernel_size[0] <= BACK_TILES["BL"]
-            and op.long_conv in (hyena.fftconv, toeplitz.long_conv) and toeplitz.available(p)
-            and 0 < p.shape[1] <= toeplitz.TOEPLITZ_MAX_L)
+    """Whether `mix` runs the fused kernels for this layer and input: order 2; the long convolution hyena.fftconv's
+    function (plain or fast.toeplitz.long_conv); where fast.toeplitz serves (Triton, CUDA or its interpreter, bf16
+    or fp16 p) and up to its TOEPLITZ_MAX_L positions."""
+    return (triton is not None and op.order == 2 and op.long_conv in (hyena.fftconv, toeplitz.long_conv)
+            and toeplitz.available(p) and 0 < p.shape[1] <= toeplitz.TOEPLITZ_MAX_L)
 
 
 def mix(op, p, k, bias):

@@ -1,15 +1,22 @@
-"""Issue 29 on one GPU: fast.mixer's _gate_back computing the gates' gradients once a position (shifted on tensor
-cores) against the kernel it replaces (dcb2492: recomputed at K = 3 shifts) and a two-kernel variant, and tiles.
+"""Issue 29 on one GPU: fast.mixer's backward gate kernel (dcb2492: the gates' gradients recomputed at K = 3 shifts,
+1.37 ms at 2k on an H100) against two unmeasured candidates, each a whole fast/mixer.py on its own branch with its
+tests/test_mixer.py (both pass in Triton's interpreter): candidate/gate-back-dot (the gradients once a position,
+shifted within a tile by 0/1 products on tensor cores) and candidate/gate-back-split (the gradients written out by
+one kernel, the short convolution's transpose by another).
 
-    PYTHONPATH=. python experiment/plans/gate-back-2026-12-07g.py OUT_DIR [LABEL=MIXER_PY ...]
+    git show candidate/gate-back-dot:fast/mixer.py > .carry/cand/mixer_dot.py     # here, before the call
+    git show candidate/gate-back-split:fast/mixer.py > .carry/cand/mixer_split.py
+    PYTHONPATH=. python experiment/plans/gate-back-2026-12-07g.py OUT_DIR dot=.carry/cand/mixer_dot.py \
+        split=.carry/cand/mixer_split.py     # there, carrying .carry/cand; then cp "$(cat OUT_DIR/winner.txt)"
+                                             # fast/mixer.py and bench with experiment/plans/with-tiles-2026-12-07g.py
 
-Each LABEL=MIXER_PY is another whole fast/mixer.py (the old one; "split": the gates' gradients written out, then
-the short convolution's transpose as its own kernel), loaded beside fast.mixer with its ops renamed.
+Each LABEL=MIXER_PY is loaded beside fast.mixer ("new" here: the product's) with its ops renamed.
 1. Equality at L = 2048, B = 8, d = 512, bf16 operands: dp, dw, dwb against autograd of the plain short convolution
    and gates in fp32 on the same operands (norm-relative), for each.
 2. Time alone at L = 2048 (B 64) and 8192 (B 16) for BACK_TILES candidates (a label starting "old" at its own
    tiles only), GB/s of the bytes it must move. The fastest (module, tiles), summed over both lengths, goes to
-   OUT_DIR/back_tiles.json and the path of its module to OUT_DIR/winner.txt.
+   OUT_DIR/back_tiles.json and the path of its module to OUT_DIR/winner.txt; adopting a candidate here is
+   `git checkout candidate/gate-back-NAME -- fast/mixer.py tests/test_mixer.py`.
 Writes OUT_DIR/gate-back.md and prints it."""
 import importlib.util
 import json
