@@ -1,22 +1,22 @@
 """Issue 29 on one GPU: fast.mixer's backward gate kernel (dcb2492: the gates' gradients recomputed at K = 3 shifts,
-1.37 ms at 2k on an H100) against two unmeasured candidates, each a whole fast/mixer.py on its own branch with its
-tests/test_mixer.py (both pass in Triton's interpreter): candidate/gate-back-dot (the gradients once a position,
-shifted within a tile by 0/1 products on tensor cores) and candidate/gate-back-split (the gradients written out by
-one kernel, the short convolution's transpose by another).
+1.37 ms at 2k on an H100) against two unmeasured candidates, each a patch to fast/mixer.py and its
+tests/test_mixer.py beside this file (both pass in Triton's interpreter; also branches candidate/gate-back-*):
+"dot" computes the gates' gradients once a position and shifts them within a tile by 0/1 products on tensor cores;
+"split" writes them out from one kernel and applies the short convolution's transpose in another.
 
-    git show candidate/gate-back-dot:fast/mixer.py > .carry/cand/mixer_dot.py     # here, before the call
-    git show candidate/gate-back-split:fast/mixer.py > .carry/cand/mixer_split.py
+    for v in dot split; do git apply experiment/plans/gate-back-$v-2026-12-07g.patch   # here, before the call
+        cp fast/mixer.py .carry/cand/mixer_$v.py; git checkout -- fast/mixer.py tests/test_mixer.py; done
     PYTHONPATH=. python experiment/plans/gate-back-2026-12-07g.py OUT_DIR dot=.carry/cand/mixer_dot.py \
         split=.carry/cand/mixer_split.py     # there, carrying .carry/cand; then cp "$(cat OUT_DIR/winner.txt)"
                                              # fast/mixer.py and bench with experiment/plans/with-tiles-2026-12-07g.py
 
-Each LABEL=MIXER_PY is loaded beside fast.mixer ("new" here: the product's) with its ops renamed.
+Each LABEL=MIXER_PY is loaded beside fast.mixer (labelled "product") with its ops renamed.
 1. Equality at L = 2048, B = 8, d = 512, bf16 operands: dp, dw, dwb against autograd of the plain short convolution
    and gates in fp32 on the same operands (norm-relative), for each.
-2. Time alone at L = 2048 (B 64) and 8192 (B 16) for BACK_TILES candidates (a label starting "old" at its own
-   tiles only), GB/s of the bytes it must move. The fastest (module, tiles), summed over both lengths, goes to
+2. Time alone at L = 2048 (B 64) and 8192 (B 16) for each of 12 BACK_TILES candidates, GB/s of the bytes it
+   must move. The fastest (module, tiles), summed over both lengths, goes to
    OUT_DIR/back_tiles.json and the path of its module to OUT_DIR/winner.txt; adopting a candidate here is
-   `git checkout candidate/gate-back-NAME -- fast/mixer.py tests/test_mixer.py`.
+   `git apply experiment/plans/gate-back-NAME-2026-12-07g.patch`.
 Writes OUT_DIR/gate-back.md and prints it."""
 import importlib.util
 import json
@@ -53,7 +53,7 @@ def wall(step, n=50):
     return 1e3 * (time.perf_counter() - t0) / n
 
 
-modules = {"new": mixer}
+modules = {"product": mixer}
 for arg in sys.argv[2:]:
     label, src_path = arg.split("=", 1)
     path = Path(f"/root/{label}_mixer.py")  # triton.jit reads a kernel's source from its file
@@ -100,7 +100,7 @@ for L, B in ((2048, 64), (8192, 16)):
     nbytes = 9 * B * L * D * 2
     for name, mod in modules.items():
         kept = dict(mod.BACK_TILES)
-        for tiles in ([kept] if name.startswith("old") else CANDIDATES):
+        for tiles in CANDIDATES:
             mod.BACK_TILES.update(tiles)
             try:
                 ms = wall(lambda: mod._gate_back_op(go, y_t, dz_t, p, w, wb))
@@ -110,8 +110,7 @@ for L, B in ((2048, 64), (8192, 16)):
                 log(f"| {L} | {B} | {name} | {tiles} | error: {type(e).__name__}: {str(e)[:80]} | |")
         mod.BACK_TILES.clear()
         mod.BACK_TILES.update(kept)
-name, tiles = min((k for k, ms in times.items() if len(ms) == 2 and not k[0].startswith("old")),
-                  key=lambda k: sum(times[k]))
+name, tiles = min((k for k, ms in times.items() if len(ms) == 2), key=lambda k: sum(times[k]))
 write_atomic(out / "back_tiles.json", json.dumps({"BACK_TILES": json.loads(tiles)}))
 write_atomic(out / "winner.txt", modules[name].source + "\n")
 log("", f"chosen: {name} ({modules[name].source}), BACK_TILES {tiles}")
