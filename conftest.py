@@ -1,8 +1,23 @@
 """Shared test set-up. It stays at the repository root: pytest (prepend import mode) puts a conftest's folder on
 sys.path, so the tests in tests/ import the modules (`import hyena`) as the scripts do, from any cwd."""
+import sys
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def pytest_collection_finish(session):
+    """The Triton-interpreter scripts of the selected tests' modules start now, in the background
+    (tests/triton_interpreter.py: start)."""
+    interpreter = sys.modules.get("triton_interpreter")  # imported by the test modules that register scripts
+    if interpreter and any(str(item.path.resolve()) in interpreter.MODULES for item in session.items):
+        interpreter.start()
+
+
+def pytest_sessionfinish(session):
+    if "triton_interpreter" in sys.modules:
+        sys.modules["triton_interpreter"].stop()
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,7 @@
 """Run a script of fast/'s Triton kernels on the CPU, in Triton's interpreter (TRITON_INTERPRET=1), in a
-fresh process (the interpreter is chosen when triton is imported). requirements-dev.txt installs Triton (the
+fresh process (the interpreter is chosen when triton is imported). The registered scripts run together in one
+process, started in the background once pytest has collected (`start`): about 20 s of interpreting that would
+otherwise hold up the first test to read one. requirements-dev.txt installs Triton (the
 version torch's CUDA build pins), so CI runs these checks; only where Triton is absent do they skip.
 
 Triton 3.6's interpreter turns a tensor used as a loop bound (`range(start, end)` over a loaded or program-id
@@ -14,6 +16,7 @@ exactly (a bf16 is an fp32 with 16 zero low bits): products of bf16 values are e
 as on tensor cores, so fast/toeplitz.py's kernel runs here as written. Casts to bf16 truncate in the interpreter
 (the GPU rounds to nearest): an ulp, not half of one.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -43,39 +46,83 @@ _interp.InterpreterBuilder.create_dot = _dot_of_fp32
 """
 
 
-def run_interpreted(code, timeout=300):
-    """stdout of `code` run in Triton's interpreter (after PRELUDE), from the repository root; fails on an error."""
+def launch(code):
+    """`code` (after PRELUDE) started in Triton's interpreter from the repository root: the process, its output
+    piped."""
     pytest.importorskip("triton", reason="Triton is not installed: pip install -r requirements-dev.txt (CUDA "
                                          "builds of torch bring it)")
-    run = subprocess.run([sys.executable, "-c", PRELUDE + code], env={**os.environ, "TRITON_INTERPRET": "1"},
-                         capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return run.stdout
+    return subprocess.Popen([sys.executable, "-c", PRELUDE + code], env={**os.environ, "TRITON_INTERPRET": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+
+
+def finish(proc, timeout=300):
+    """The stdout of a launched process once it ends; fails on an error (or kills it past `timeout` seconds)."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def run_interpreted(code, timeout=300):
+    """stdout of `code` run in Triton's interpreter (after PRELUDE), from the repository root; fails on an error."""
+    return finish(launch(code), timeout)
 
 
 SEPARATOR = "=" * 8 + " next script " + "=" * 8
 FAILED = "=" * 8 + " script failed " + "=" * 8
 SCRIPTS = {}  # name -> script, registered by the test modules at import
+MODULES = set()  # the files of the test modules that registered scripts
 OUTPUTS = {}  # name -> its stdout, once run
+BACKGROUND = {}  # the run start() began: {"proc": its process, "names": the scripts it runs}
 
 
 def register(name, code):
     """Add a script to the session's interpreter run. Test modules register theirs when imported, which is before
-    any test runs, so the first `output` runs them all in one process (one start of torch and Triton: seconds)."""
+    any test runs, so one run (one start of torch and Triton: seconds) takes them all."""
     SCRIPTS[name] = code
+    MODULES.add(str(Path(sys._getframe(1).f_globals["__file__"]).resolve()))
+
+
+def _batch(todo):
+    """One program running the scripts `todo` one after another, each in its own namespace; a script that raises
+    prints FAILED and its traceback, and the next one runs."""
+    wrapped = [f"import sys, traceback\ntry:\n    exec(compile({SCRIPTS[n]!r}, {n!r}, 'exec'), {{'__name__': {n!r}}})\n"
+               f"except BaseException:\n    print({FAILED!r})\n    traceback.print_exc(file=sys.stdout)\n"
+               for n in todo]
+    return f"\nprint({SEPARATOR!r})\n".join(wrapped)
+
+
+def start():
+    """Begin running every registered script not yet run, in the background, in one interpreter process:
+    conftest.py calls it once collection is done, so the run overlaps the tests before the first that reads
+    one (the other tests keep to one thread: a second core is free). Where Triton is absent, nothing starts."""
+    todo = [n for n in SCRIPTS if n not in OUTPUTS]
+    if todo and not BACKGROUND and importlib.util.find_spec("triton") is not None:
+        BACKGROUND.update(proc=launch(_batch(todo)), names=todo)
+
+
+def stop():
+    """Kill a background run no test read (conftest.py, at the session's end)."""
+    if BACKGROUND and BACKGROUND["proc"].poll() is None:
+        BACKGROUND["proc"].kill()
+        BACKGROUND["proc"].communicate()
 
 
 def output(name):
-    """The stdout of the registered script `name`. The first call runs every registered script not yet run, one
-    after another in ONE interpreter process, each in its own namespace; a script that raises fails only the tests
-    that read it. A later script sees what an earlier one left patched, so each restores what it patches."""
+    """The stdout of the registered script `name`: from the background run where it ran there, else the first call
+    runs every registered script not yet run, one after another in ONE interpreter process (`_batch`). A later
+    script sees what an earlier one left patched, so each restores what it patches."""
+    if name not in OUTPUTS and BACKGROUND.get("names") and name in BACKGROUND["names"]:
+        names = BACKGROUND["names"]
+        BACKGROUND["names"] = []  # read once, even if it failed
+        OUTPUTS.update(zip(names, finish(BACKGROUND["proc"], timeout=600).split(SEPARATOR)))
     if name not in OUTPUTS:
         todo = [n for n in SCRIPTS if n not in OUTPUTS]
-        wrapped = [f"import sys, traceback\ntry:\n    exec(compile({SCRIPTS[n]!r}, {n!r}, 'exec'), {{'__name__': {n!r}}})\n"
-                   f"except BaseException:\n    print({FAILED!r})\n    traceback.print_exc(file=sys.stdout)\n"
-                   for n in todo]
-        OUTPUTS.update(zip(todo, run_interpreted(f"\nprint({SEPARATOR!r})\n".join(wrapped), timeout=600)
-                           .split(SEPARATOR)))
+        OUTPUTS.update(zip(todo, run_interpreted(_batch(todo), timeout=600).split(SEPARATOR)))
     out = OUTPUTS[name].lstrip("\n")  # (what the separator's print left)
     if FAILED in out:
         pytest.fail(f"the interpreter script {name!r} raised:\n{out.split(FAILED)[1][-3000:]}", pytrace=False)
