@@ -74,6 +74,7 @@ def timed(m, B, pick=lambda logits: logits, fused=True):
 
 SMALL = [(16, bn, bnc, ks, bk, 128) for bn, bnc, ks, bk in itertools.product((32, 64), (16, 32), (4, 8), (128, 512))]
 SMALL += [(16, 32, 16, 4, bk, 256) for bk in (128, 512)]  # a wider head block
+SMALL += [(16, 16, 16, 4, bk, 128) for bk in (128, 512)]  # A's narrowest block: 224 programs, more loads in flight
 LARGE = [(bm, bn, 32, ks, bk, 128) for bm, bn, ks, bk in itertools.product((32, 64), (64, 128), (2, 4), (64, 512))]
 SMALL.insert(0, fstep.SMALL_BATCH_TILES)  # the defaults first: the rows to beat
 LARGE.insert(0, fstep.LARGE_BATCH_TILES)
