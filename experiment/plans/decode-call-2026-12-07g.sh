@@ -6,10 +6,10 @@
 # results/bench/, redraw with bench/bench_report.py.
 export PYTHONPATH=.
 nvidia-smi --query-gpu=name --format=csv,noheader
-timeout 200 python experiment/plans/step-sweep-2026-12-07e.py "$OUT/sweep" > "$OUT/sweep.log" 2>&1
+timeout 260 python experiment/plans/step-sweep-2026-12-07e.py "$OUT/sweep" > "$OUT/sweep.log" 2>&1
 echo "sweep rc=$?"; grep -n "fastest" "$OUT/sweep/sweep.md"
 mkdir -p "$OUT/bench" && cp results/bench/bench.json "$OUT/bench/"
-timeout 360 python experiment/plans/with-tiles-2026-12-07g.py "$OUT/sweep/best.json" bench/bench.py --quick \
+timeout 300 python experiment/plans/with-tiles-2026-12-07g.py "$OUT/sweep/best.json" bench/bench.py --quick \
   --only serve --out "$OUT/bench" > "$OUT/serve.log" 2>&1
 echo "serve rc=$?"
 rm -f "$OUT/bench/bench.png" "$OUT/bench/bench.md"
