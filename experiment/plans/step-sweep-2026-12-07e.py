@@ -81,6 +81,28 @@ LARGE.insert(0, fstep.LARGE_BATCH_TILES)
 BATCHES = {"modal": (1, 16, 64, 256), "teacher": (1, 64)}
 defaults = fstep.SMALL_BATCH_TILES, fstep.LARGE_BATCH_TILES, fstep.FUSED_MAX_BATCH, decode.MIX_BLOCK_D
 timings = {}  # (small batch, tiles, mix block) -> {(model, B): seconds a step}
+
+
+def choose():
+    """The fastest over every (model, batch) each class was timed at so far, written to best.json as bench.py's
+    serve section can take them (with-tiles-2026-12-07g.py): rewritten after each batch, so a run cut short keeps
+    what it measured."""
+    best = {}
+    for small in (True, False):
+        seen = [k for k in timings if k[0] == small]
+        if seen:
+            most = max(len(timings[k]) for k in seen)
+            full = [k for k in seen if len(timings[k]) == most]
+            best["SMALL_BATCH_TILES" if small else "LARGE_BATCH_TILES"] = list(
+                min(full, key=lambda k: sum(timings[k].values()))[1])
+    blocks = {k[2]: sum(t for (n, _), t in v.items() if n == "modal") for k, v in timings.items()
+              if k[0] and k[1] == tuple(defaults[0])}
+    if blocks:
+        best["MIX_BLOCK_D"] = min(blocks, key=blocks.get)
+    write_atomic(out / "best.json", json.dumps(best))
+    return best
+
+
 log("## tiles: one replayed step at a 2k context", "", "| model | B | tiles | mix block | us/step | tok/s |",
     "|---|---:|---|---:|---:|---:|")
 for name, c in MODELS.items():
@@ -100,18 +122,9 @@ for name, c in MODELS.items():
                 except Exception as e:  # a tile a GPU refuses (shared memory): say so, go on
                     log(f"| {name} | {B} | {tiles} | {blk} | error: {type(e).__name__}: {str(e)[:80]} | |")
         fstep.SMALL_BATCH_TILES, fstep.LARGE_BATCH_TILES, fstep.FUSED_MAX_BATCH, decode.MIX_BLOCK_D = defaults
+        choose()
     del m
-# the fastest over every (model, batch) each class was timed at, as bench.py's serve section can take them
-best = {}
-for small in (True, False):
-    full = {k: v for k, v in timings.items() if k[0] == small and len(v) == max(len(u) for kk, u in timings.items()
-                                                                                 if kk[0] == small)}
-    best["SMALL_BATCH_TILES" if small else "LARGE_BATCH_TILES"] = list(min(full, key=lambda k: sum(full[k].values()))[1])
-blocks = {k[2]: sum(v[(n, B)] for n, B in v if n == "modal") for k, v in timings.items()
-          if k[0] and k[1] == tuple(defaults[0])}
-best["MIX_BLOCK_D"] = min(blocks, key=blocks.get)
-write_atomic(out / "best.json", json.dumps(best))
-log("", f"fastest: {best}", "")
+log("", f"fastest: {choose()}", "")
 
 log("## generate's draw: the replayed step with and without it (default tiles)", "",
     "| model | B | raw us | greedy us | temperature 1 us (hyena.sample) | temperature 1 us (fast.draw) |",
