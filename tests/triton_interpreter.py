@@ -49,14 +49,12 @@ _interp.InterpreterBuilder.create_dot = _dot_of_fp32
 def launch(code):
     """`code` (after PRELUDE) started in Triton's interpreter from the repository root: the process, its output
     piped."""
-    pytest.importorskip("triton", reason="Triton is not installed: pip install -r requirements-dev.txt (CUDA "
-                                         "builds of torch bring it)")
     return subprocess.Popen([sys.executable, "-c", PRELUDE + code], env={**os.environ, "TRITON_INTERPRET": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parent.parent)
 
 
-def finish(proc, timeout=300):
+def finish(proc, timeout=600):
     """The stdout of a launched process once it ends; fails on an error (or kills it past `timeout` seconds)."""
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -65,11 +63,6 @@ def finish(proc, timeout=300):
         raise
     assert proc.returncode == 0, err[-3000:]
     return out
-
-
-def run_interpreted(code, timeout=300):
-    """stdout of `code` run in Triton's interpreter (after PRELUDE), from the repository root; fails on an error."""
-    return finish(launch(code), timeout)
 
 
 SEPARATOR = "=" * 8 + " next script " + "=" * 8
@@ -97,11 +90,11 @@ def _batch(todo):
 
 
 def start():
-    """Begin running every registered script not yet run, in the background, in one interpreter process:
-    conftest.py calls it once collection is done, so the run overlaps the tests before the first that reads
-    one (the other tests keep to one thread: a second core is free). Where Triton is absent, nothing starts."""
+    """Begin running every registered script not yet run, in the background, in one interpreter process, unless
+    a run is in flight. conftest.py calls it once collection is done, so the run overlaps the tests before the
+    first that reads one (the other tests keep to one thread: a second core is free). Without Triton, nothing."""
     todo = [n for n in SCRIPTS if n not in OUTPUTS]
-    if todo and not BACKGROUND and importlib.util.find_spec("triton") is not None:
+    if todo and not BACKGROUND.get("names") and importlib.util.find_spec("triton") is not None:
         BACKGROUND.update(proc=launch(_batch(todo)), names=todo)
 
 
@@ -113,16 +106,15 @@ def stop():
 
 
 def output(name):
-    """The stdout of the registered script `name`: from the background run where it ran there, else the first call
-    runs every registered script not yet run, one after another in ONE interpreter process (`_batch`). A later
-    script sees what an earlier one left patched, so each restores what it patches."""
-    if name not in OUTPUTS and BACKGROUND.get("names") and name in BACKGROUND["names"]:
-        names = BACKGROUND["names"]
-        BACKGROUND["names"] = []  # read once, even if it failed
-        OUTPUTS.update(zip(names, finish(BACKGROUND["proc"], timeout=600).split(SEPARATOR)))
+    """The stdout of the registered script `name`, from the run that has it (`start`'s, begun at collection or
+    now); a script that raises fails only the tests that read it. A later script sees what an earlier one left
+    patched, so each restores what it patches."""
     if name not in OUTPUTS:
-        todo = [n for n in SCRIPTS if n not in OUTPUTS]
-        OUTPUTS.update(zip(todo, run_interpreted(_batch(todo), timeout=600).split(SEPARATOR)))
+        pytest.importorskip("triton", reason="Triton is not installed: pip install -r requirements-dev.txt (CUDA "
+                                             "builds of torch bring it)")
+        start()
+        names, BACKGROUND["names"] = BACKGROUND["names"], []  # read once, even if it failed
+        OUTPUTS.update(zip(names, finish(BACKGROUND["proc"]).split(SEPARATOR)))
     out = OUTPUTS[name].lstrip("\n")  # (what the separator's print left)
     if FAILED in out:
         pytest.fail(f"the interpreter script {name!r} raised:\n{out.split(FAILED)[1][-3000:]}", pytrace=False)
