@@ -161,7 +161,7 @@ def long_conv_step(z, k_rev, pos):
                                                          chunk, BLOCK_D=BLOCK_D, BLOCK_S=BLOCK_S)
     return out.sum(0) if splits > 1 else out[0]  # (B, D)
 
-MIX_BLOCK_D = 32  # channels per program of the fused modal step
+MIX_BLOCK_D = 16  # channels per program of the fused modal step (results/gpu-logs-2026-12-07h/step-sweep.md)
 
 
 def mix_step(op, state, p, pos):

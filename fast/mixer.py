@@ -11,13 +11,13 @@ short convolution; h the long filter, D its skip term, o what out_proj takes):
             _gate_out           o = y ⊙ x0                                            (B, L, D)
   backward  _gate_in (GRAD)     dy = do ⊙ x0, channels first
             fast::toeplitz_du   dz = h^T * dy + D dy;  fast::toeplitz_dk: dh, and dD its lag 0
-            _gate_back          dx0 = do ⊙ y, dx1 = dz ⊙ v, dv = dz ⊙ x1; dp = the short convolution's transpose
-                                of (dx0, dx1, dv); its weight's and bias's gradients as sums per program
+            _gate_back          g = (dx0, dx1, dv) = (do ⊙ y, dz ⊙ v, dz ⊙ x1) (B, L, 3D); the short convolution's
+                                weight's and bias's gradients as sums per program
+            _short_back         dp = the short convolution's transpose of g
 
-Every kernel recomputes the gates it needs from p (K = 3 taps), so nothing but z and y is kept for the backward,
-and each brings its operands from memory once: _gate_back reads do, y and dz at K shifts and recomputes the gates
-at each, three times the loads and arithmetic of one pass, served by the cache. The transposes happen on chip: a
-tile loaded along one layout's contiguous axis is stored along the other's.
+Every kernel recomputes the gates it needs from p (K = 3 taps), so nothing but z and y is kept for the backward;
+g costs a write and a read more than one fused pass, and keeps each kernel's registers few. The transposes happen
+on chip: a tile loaded along one layout's contiguous axis is stored along the other's.
 
 Precision, as the plain code under bf16 autocast: the short convolution's weight and bias rounded to p's dtype;
 the gates, z, y, o, dy, dz and each gate's gradient rounded to p's dtype where the twin stores them; sums in fp32
@@ -36,12 +36,11 @@ except ImportError:  # CPU-only installs: hyena.mix serves
     triton = None
 
 # Tiles: BL positions x BD channels a tile, Triton's num_warps; _gate_back takes `seg` tiles of positions a program
-# (its weight-gradient sums stay in registers across them) and as many programs as fill the GPU 4 times over. The
-# fastest of 7 candidates each at L = 2048 (B 64) and 8192 (B 16), D = 512, on one H100
-# (experiment/plans/mixer-2026-12-07f.py, results/gpu-logs-2026-12-07e/mixer.md): gate_in 0.24 ms (1.7 TB/s of
-# the bytes it must move), gate_out and gate_grad 0.17 (2.3 TB/s), gate_back 1.37 (0.88 TB/s) at 2k.
+# (its weight-gradient sums stay in registers across them), as many programs as fill the GPU 4 times over. Fastest
+# at L = 2048 (B 64) and 8192 (B 16), D = 512, on one H100: gate_in 0.24 ms, gate_out 0.17 at 2k (7 candidates,
+# results/gpu-logs-2026-12-07e/mixer.md); gate_back with short_back 0.96 ms (12, results/gpu-logs-2026-12-07h/).
 GATE_TILES = dict(BL=32, BD=64, warps=4)
-BACK_TILES = dict(BL=32, BD=32, warps=4)
+BACK_TILES = dict(BL=32, BD=64, warps=4)
 
 if triton is not None:
     @triton.jit
@@ -124,8 +123,8 @@ if triton is not None:
     def _gate_back(go_ptr, y_ptr, dz_ptr, p_ptr, w_ptr, wb_ptr, dp_ptr, dw_ptr, dwb_ptr, L, D, n_seg, SEG,
                    s_gb, s_gt, s_yb, s_yd, s_yt, s_zb, s_zd, s_zt, s_pb, s_pt, s_db, s_dt,
                    K: tl.constexpr, KP: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr):
-        """dp (B, L, 3D) and, for program row (b, seg), the weight's (3D, KP) and bias's (3D,) gradient sums over
-        its SEG tiles of positions, into dw[b n_seg + seg], dwb[b n_seg + seg]."""
+        """The gates' gradients (B, L, 3D) into dp_ptr and, for program row (b, seg), the weight's (3D, KP) and
+        bias's (3D,) gradient sums over its SEG tiles of positions, into dw[b n_seg + seg], dwb[b n_seg + seg]."""
         seg = tl.program_id(0)
         c = tl.program_id(1) * BD + tl.arange(0, BD)
         b = tl.program_id(2).to(tl.int64)
@@ -140,27 +139,19 @@ if triton is not None:
         db2 = tl.zeros((BD,), tl.float32)
         for it in range(SEG):
             t = (seg * SEG + it) * BL + tl.arange(0, BL)
-            dp0 = tl.zeros((BL, BD), tl.float32)
-            dp1 = tl.zeros((BL, BD), tl.float32)
-            dp2 = tl.zeros((BL, BD), tl.float32)
-            for j in tl.static_range(K):  # dp[t] = sum_j w[K-1-j] dpc[t + j]
-                dx0, dx1, dv = _gate_grads(go_ptr, y_ptr, dz_ptr, p_ptr, w_ptr, wb_ptr, b, t + j, c, cc, L, D,
-                                           s_gb, s_gt, s_yb, s_yd, s_yt, s_zb, s_zd, s_zt, s_pb, s_pt, K)
-                dp0 += dx0 * tl.load(w_ptr + cc * K + K - 1 - j).to(tl.float32)[None, :]
-                dp1 += dx1 * tl.load(w_ptr + (cc + D) * K + K - 1 - j).to(tl.float32)[None, :]
-                dp2 += dv * tl.load(w_ptr + (cc + 2 * D) * K + K - 1 - j).to(tl.float32)[None, :]
-                if j == 0:  # the weight's and bias's gradients: dpc at t against p's taps
-                    acc0 = _tap_sums(acc0, dx0, p_row, t, cc, L, s_pt, K, KP)
-                    acc1 = _tap_sums(acc1, dx1, p_row, t, cc + D, L, s_pt, K, KP)
-                    acc2 = _tap_sums(acc2, dv, p_row, t, cc + 2 * D, L, s_pt, K, KP)
-                    db0 += tl.sum(dx0, axis=0)
-                    db1 += tl.sum(dx1, axis=0)
-                    db2 += tl.sum(dv, axis=0)
+            dx0, dx1, dv = _gate_grads(go_ptr, y_ptr, dz_ptr, p_ptr, w_ptr, wb_ptr, b, t, c, cc, L, D,
+                                       s_gb, s_gt, s_yb, s_yd, s_yt, s_zb, s_zd, s_zt, s_pb, s_pt, K)
+            acc0 = _tap_sums(acc0, dx0, p_row, t, cc, L, s_pt, K, KP)
+            acc1 = _tap_sums(acc1, dx1, p_row, t, cc + D, L, s_pt, K, KP)
+            acc2 = _tap_sums(acc2, dv, p_row, t, cc + 2 * D, L, s_pt, K, KP)
+            db0 += tl.sum(dx0, axis=0)
+            db1 += tl.sum(dx1, axis=0)
+            db2 += tl.sum(dv, axis=0)
             out = dp_ptr + b * s_db + t[:, None].to(tl.int64) * s_dt + c[None, :]
             inside = (t[:, None] < L) & cm[None, :]
-            tl.store(out, dp0.to(dp_ptr.dtype.element_ty), mask=inside)
-            tl.store(out + D, dp1.to(dp_ptr.dtype.element_ty), mask=inside)
-            tl.store(out + 2 * D, dp2.to(dp_ptr.dtype.element_ty), mask=inside)
+            tl.store(out, dx0.to(dp_ptr.dtype.element_ty), mask=inside)
+            tl.store(out + D, dx1.to(dp_ptr.dtype.element_ty), mask=inside)
+            tl.store(out + 2 * D, dv.to(dp_ptr.dtype.element_ty), mask=inside)
         row = b * n_seg + seg
         col = tl.arange(0, KP)[None, :]
         dw_row = dw_ptr + row * 3 * D * KP
@@ -170,6 +161,21 @@ if triton is not None:
         tl.store(dwb_ptr + row * 3 * D + c, db0, mask=cm)
         tl.store(dwb_ptr + row * 3 * D + D + c, db1, mask=cm)
         tl.store(dwb_ptr + row * 3 * D + 2 * D + c, db2, mask=cm)
+
+    @triton.jit
+    def _short_back(g_ptr, w_ptr, dp_ptr, L, C, s_b, s_t, K: tl.constexpr, BL: tl.constexpr, BD: tl.constexpr):
+        """dp[t, c] = sum_j w[c, K-1-j] g[t + j, c] over C channels, g and dp (B, L, C) alike."""
+        t = tl.program_id(0) * BL + tl.arange(0, BL)
+        c = tl.program_id(1) * BD + tl.arange(0, BD)
+        b, cc = tl.program_id(2).to(tl.int64), tl.minimum(c, C - 1)
+        acc = tl.zeros((BL, BD), tl.float32)
+        for j in tl.static_range(K):
+            s = t[:, None] + j
+            g = tl.load(g_ptr + b * s_b + s.to(tl.int64) * s_t + c[None, :], mask=(s < L) & (c[None, :] < C),
+                        other=0.0)
+            acc += g.to(tl.float32) * tl.load(w_ptr + cc * K + K - 1 - j).to(tl.float32)[None, :]
+        tl.store(dp_ptr + b * s_b + t[:, None].to(tl.int64) * s_t + c[None, :], acc.to(dp_ptr.dtype.element_ty),
+                 mask=(t[:, None] < L) & (c[None, :] < C))
 
 
 def _launch_shapes(p, w, wb, *rows):
@@ -225,13 +231,16 @@ def _gate_back_op(go: torch.Tensor, y_t: torch.Tensor, dz_t: torch.Tensor, p: to
     seg = triton.cdiv(n_tiles, max(1, min(n_tiles, 4 * sms // (B * n_d))))  # tiles a program: 4 programs an SM
     n_seg = triton.cdiv(n_tiles, seg)
     KP = triton.next_power_of_2(K)
-    dp = torch.empty_like(p)
+    dpc, dp = torch.empty_like(p), torch.empty_like(p)
     dw = p.new_empty(B * n_seg, 3 * D, KP, dtype=torch.float32)
     dwb = p.new_empty(B * n_seg, 3 * D, dtype=torch.float32)
     _gate_back[(n_seg, n_d, B)](
-        go, y_t, dz_t, p, w, wb, dp, dw, dwb, L, D, n_seg, seg, go.stride(0), go.stride(1), *y_t.stride(),
+        go, y_t, dz_t, p, w, wb, dpc, dw, dwb, L, D, n_seg, seg, go.stride(0), go.stride(1), *y_t.stride(),
         *dz_t.stride(), p.stride(0), p.stride(1), dp.stride(0), dp.stride(1), K=K, KP=KP, BL=tiles["BL"],
         BD=tiles["BD"], num_warps=tiles["warps"])
+    _short_back[(triton.cdiv(L, GATE_TILES["BL"]), triton.cdiv(3 * D, GATE_TILES["BD"]), B)](
+        dpc, w, dp, L, 3 * D, dp.stride(0), dp.stride(1), K=K, BL=GATE_TILES["BL"], BD=GATE_TILES["BD"],
+        num_warps=GATE_TILES["warps"])
     return dp, dw.sum(0)[:, :K].to(w.dtype).contiguous(), dwb.sum(0).to(wb.dtype)
 
 

@@ -117,9 +117,9 @@ class Tiles(NamedTuple):
 
 
 # Short batches spread the weights over more programs (a step reads them once); long ones re-read the residual
-# rows less. Chosen by the sweep in results/gpu-logs-2026-12-07d/step.md.
-SMALL_BATCH_TILES = Tiles(16, 32, 16, 4, 128, 128)
-LARGE_BATCH_TILES = Tiles(32, 64, 32, 2, 64, 128)
+# rows less. Chosen by the sweep in results/gpu-logs-2026-12-07h/step-sweep.md.
+SMALL_BATCH_TILES = Tiles(16, 32, 16, 4, 128, 256)
+LARGE_BATCH_TILES = Tiles(32, 128, 32, 2, 64, 128)
 # past this batch the eager step's kernels (cuBLAS) ran faster than these: the fused step's graph gave 1.35x the
 # eager step's at B = 64, 0.84x at 256 (bench.py serve, one H100, results/gpu-logs-2026-12-07d)
 FUSED_MAX_BATCH = 128
