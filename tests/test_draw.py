@@ -50,6 +50,16 @@ for T in (1.0, 0.5):
     expect = n * torch.softmax(x[0] / T, -1)
     counts = torch.bincount(tokens, minlength=4).double()
     out[f"chi2 T={T}"] = ((counts - expect) ** 2 / expect).sum().item()
+# equal maxima in blocks 1 and 2 (and everywhere): the first wins, as argmax keeps it
+draw.DRAW_BLOCK = 256
+x = torch.zeros(2, 1000)
+x[0, 300] = x[0, 700] = 5.0
+rand = torch.rand
+torch.rand = lambda *shape, **kw: torch.full(shape, 0.5)  # equal noise: ties stay ties
+try:
+    out["ties"] = draw.sample(x, 1.0)[:, 0].tolist()
+finally:
+    torch.rand = rand
 draw.DRAW_BLOCK = kept
 print(json.dumps(out))
 """
@@ -67,6 +77,12 @@ def test_fused_draw_equals_the_plain_draw_on_the_same_noise(interpreted):
     temperatures, for fp32 and bf16 logits; shapes (B, 1) and dtype int64 alike."""
     same = {k: v for k, v in interpreted.items() if k.startswith("same noise")}
     assert len(same) == 6 and all(v == [True, True, 0] for v in same.values()), same
+
+
+def test_fused_draw_keeps_the_first_of_equal_maxima_across_blocks(interpreted):
+    """Equal scores at 300 and 700 (blocks 1 and 2 of 256) give 300, a row of equal scores gives 0: the plain
+    draw's argmax keeps the first maximum, so a tie must not go to a later block."""
+    assert interpreted["ties"] == [300, 0], interpreted
 
 
 def test_fused_draw_follows_the_softmax(interpreted):

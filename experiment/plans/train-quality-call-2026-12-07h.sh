@@ -1,17 +1,20 @@
 #!/bin/bash
-# One device call for issue 29 (about 8 minutes): bench.py's train section with the split backward gate kernel
+# One device call for issues 29 and 30 (about 9 minutes): generate's rows with the draw split over the vocabulary
+# (generate-2026-12-07h.py); bench.py's train section with the split backward gate kernel
 # (adopted in fast/mixer.py, its tiles from results/gpu-logs-2026-12-07h/gate-back.md, commit 404516a), then the quality check:
-# the Hyena student trained from scratch on a 14M-token Gutenberg slice (carried in .carry/q) with fast.install on
+# the Hyena student trained from scratch on 10M tokens of a 14M-token Gutenberg slice (carried in .carry/q) with fast.install on
 # and off, same seed, and fast off with a second seed for the seed-to-seed spread.   usage: bash THIS  (OUT set)
 export PYTHONPATH=.
 nvidia-smi --query-gpu=name --format=csv,noheader
+timeout 70 python experiment/plans/generate-2026-12-07h.py "$OUT" > "$OUT/generate.log" 2>&1
+echo "generate rc=$?"; tail -9 "$OUT/generate.log"; rm -f "$OUT/generate/bench.md"
 mkdir -p "$OUT/bench" && cp results/bench/bench.json "$OUT/bench/"
 timeout 230 python bench/bench.py --quick --only train --out "$OUT/bench" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"; rm -f "$OUT/bench/bench.png" "$OUT/bench/bench.md"; grep "^train\|== " "$OUT/bench.log"
 for run in on:1 off:1 off:2; do
   f=${run%:*}; s=${run#*:}
-  timeout 110 python finetune.py --init scratch --mixer hyena --config pythia-70m --data .carry/q/gutenberg \
-    --fast $f --seed $s --compile on --max-tokens 20000000 --eval-interval 300 --eval-batches 40 \
+  timeout 100 python finetune.py --init scratch --mixer hyena --config pythia-70m --data .carry/q/gutenberg \
+    --fast $f --seed $s --compile on --max-tokens 10000000 --eval-interval 300 --eval-batches 40 \
     --out-dir /root/q-$f-$s > "$OUT/q-$f-$s.log" 2>&1
   echo "q $f seed $s rc=$?"; python - "$f" "$s" <<'PY'
 import json, sys
