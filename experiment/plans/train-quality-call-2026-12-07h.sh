@@ -7,7 +7,7 @@
 export PYTHONPATH=.
 nvidia-smi --query-gpu=name --format=csv,noheader
 timeout 70 python experiment/plans/generate-2026-12-07h.py "$OUT" > "$OUT/generate.log" 2>&1
-echo "generate rc=$?"; tail -9 "$OUT/generate.log"; rm -f "$OUT/generate/bench.md"
+echo "generate rc=$?"; tail -9 "$OUT/generate.log"; rm -f "$OUT/generate/bench.md" "$OUT/generate/bench.json"  # at most 8 files come back
 mkdir -p "$OUT/bench" && cp results/bench/bench.json "$OUT/bench/"
 timeout 230 python bench/bench.py --quick --only train --out "$OUT/bench" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"; rm -f "$OUT/bench/bench.png" "$OUT/bench/bench.md"; grep "^train\|== " "$OUT/bench.log"
@@ -23,5 +23,5 @@ d = json.load(open(f"/root/q-{f}-{s}/summary.json"))
 print(f"fast {f} seed {s}: val {d['val']['loss']:.4f} train {d['train']['loss']:.4f} tokens {d['tokens']} "
       f"tok/s {d['tokens_per_s']:.0f} compile {d['compile_s']:.0f} s")
 PY
-  grep '"val' /root/q-$f-$s/log.jsonl | cut -c1-200 > "$OUT/q-$f-$s.val.jsonl"
+  grep "\"val" /root/q-$f-$s/log.jsonl | cut -c1-200 >> "$OUT/q-$f-$s.log"
 done
