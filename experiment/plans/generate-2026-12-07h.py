@@ -10,7 +10,9 @@ from pathlib import Path
 
 import torch
 
-from bench.bench import H200, MODES, SMOKE, Bench
+from bench.bench import H200, SMOKE, Bench
+from bench.bench_report import MODES
+from cli import write_atomic
 
 out = Path(sys.argv[1]) / "generate"
 cuda = torch.cuda.is_available()
@@ -22,7 +24,7 @@ env = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch
 bench = Bench(sizes, torch.device("cuda" if cuda else "cpu"), MODES["on" if cuda else "off"], out, env)
 for name in ("modal", "teacher"):
     bench.serve_generate(name)
-(out / "generate.json").write_text(json.dumps({"env": env, "serve": bench.res["serve"]}, indent=1))
+write_atomic(out / "generate.json", json.dumps({"env": env, "serve": bench.res["serve"]}, indent=1))
 print(env["device"])
 for r in bench.res["serve"]:
     print(r["model"], r["run"], r["B"], f"{r.get('tok_s', 0):,.0f} tok/s", r.get("share_of_step", ""))
