@@ -1,6 +1,7 @@
 """Issue 29 on one GPU: fast.mixer's backward gate kernel (dcb2492: the gates' gradients recomputed at K = 3 shifts,
 1.37 ms at 2k on an H100) against two unmeasured candidates, each a patch to fast/mixer.py and its
-tests/test_mixer.py beside this file (both pass in Triton's interpreter; also branches candidate/gate-back-*):
+tests/test_mixer.py beside this file at commit c997182 (both passed in Triton's interpreter). Ran once, on one
+H100 (results/gpu-logs-2026-12-07h/gate-back.md): "split" won and is fast/mixer.py since 404516a.
 "dot" computes the gates' gradients once a position and shifts them within a tile by 0/1 products on tensor cores;
 "split" writes them out from one kernel and applies the short convolution's transpose in another.
 
