@@ -4,9 +4,10 @@ twins, each step replayed from a CUDA graph.
 
   generate  at a short context (serve_short), B in serve_generate_batch: the raw step (tokens -> logits) and
             generate()'s tokens/s per new token (its step, the draw, the sequence it keeps), from two generate calls
-            of different lengths (their difference: no prefill, no graph capture), and the share of the raw
-            step's tokens/s generate keeps. generate sizes its cache to its call, so the teacher's longer call
-            attends over 3 decode_steps more positions a step: its share is slightly understated
+            of different lengths (their difference: no prefill, no graph capture; each the median of
+            GENERATE_RUNS), and the share of the raw step's tokens/s generate keeps. generate sizes its cache to
+            its call, so the teacher's longer call attends over 6 decode_steps more positions a step: its share
+            is slightly understated
   serve     at serve_ctx context, raw-step tokens/s against the batch, each model up to its memory limit (its first OOM
             ends its sweep; the rows past it are not tried): cache GB, tokens/s per GB of cache; the modal
             student's weight-bandwidth floor (its bf16 weights read once a step at the GPU's HBM bandwidth: the
@@ -31,6 +32,9 @@ from hyena import new_cache
 
 HBM_TBS = {"H100": 3.35, "H200": 4.8}  # HBM bandwidth, TB/s, by device name (SXM parts)
 PROMPT = 16  # the serving rows' prefill
+# generate's calls timed at each length (their median): with 3 calls of 64 and 256 tokens a share scattered by up
+# to 0.07 from run to run (results/gpu-logs-2026-12-07h/generate-ab.md)
+GENERATE_RUNS = 7
 
 
 class ServeCases:
@@ -52,7 +56,7 @@ class ServeCases:
 
     def serve_generate(self, name):
         s = self.s
-        gen = 4 * s.decode_steps  # generate's longer call: the per-token rate is the difference of two calls
+        gen = 8 * s.decode_steps  # generate's longer call: the per-token rate is the difference of two calls
         m = self.serving_model(name, s.serve_short + gen + s.decode_steps + 2)
         for B in s.serve_generate_batch:
             for run in ("step", "generate"):
@@ -81,7 +85,7 @@ class ServeCases:
             m.generate(prompt, 2, temperature=1.0)  # warm-up
             for n in (gen // 4, gen):
                 runs = []
-                for _ in range(3):
+                for _ in range(GENERATE_RUNS):
                     self.sync()
                     t0 = time.perf_counter()
                     m.generate(prompt, n, temperature=1.0)
