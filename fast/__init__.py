@@ -20,7 +20,7 @@ fast.losses.lm_loss, distill.kd_loss -> fast.losses.kd_loss). `wanted` reads the
   step.py     a whole decoding step in ~3 kernels a block, replayed        twin of hyena.eager_step
               from a CUDA graph
   attention.py a teacher's decoding attention up to pos only (Triton)      twin of hyena.cached_attention
-  draw.py     the draw of the next tokens in one kernel (Triton)          twin of hyena.sample
+  draw.py     the draw of the next tokens in two kernels (Triton)         twin of hyena.sample
 """
 import inspect
 
@@ -36,7 +36,7 @@ TWINS = {  # plain function -> its fast twin, wherever a module holds it as an a
     hyena.eager_step: step.cuda_graph_step,     # GPTNeoX.make_step (generate's step: a CUDA graph's replay)
     hyena.mix_step: decode.mix_step,            # HyenaOperator.mix_step (a modal layer's step: one kernel)
     hyena.cached_attention: attention.cached_attention,  # Attention.cached_attention (decoding's attention)
-    hyena.sample: draw.sample,                  # GPTNeoX.sample (generate's draw: one kernel)
+    hyena.sample: draw.sample,                  # GPTNeoX.sample (generate's draw: two kernels)
 }
 
 

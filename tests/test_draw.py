@@ -1,4 +1,4 @@
-"""fast/draw.py, generate's draw in one kernel, against its plain twin hyena.sample; the kernel runs on the CPU in
+"""fast/draw.py, generate's draw in two kernels, against its plain twin hyena.sample; the kernel runs on the CPU in
 Triton's interpreter (tests/triton_interpreter.py).
 
 hyena.sample draws argmax(softmax(x / T) / E) with E from Tensor.exponential_; the kernel draws argmax(x / T - log E)
@@ -60,6 +60,22 @@ try:
     out["ties"] = draw.sample(x, 1.0)[:, 0].tolist()
 finally:
     torch.rand = rand
+# 768 = 3 blocks of 256, padded to 4 partial sums: padding filled with the largest values must never count as a
+# block; a row of NaN logits draws token 0, as the plain draw does (never a token past the vocabulary)
+x = 3 * torch.randn(2, 768)
+x[0, 700] = 100.0  # the winner in the last block, not the first
+x[1] = float("nan")
+empty = torch.empty
+torch.empty = lambda *shape, dtype=None, **kw: empty(*shape, dtype=dtype, **kw).fill_(
+    2 ** 62 if dtype == torch.long else 3e38)
+state = torch.get_rng_state()
+try:
+    got = draw.sample(x, 1.0)[:, 0].tolist()
+finally:
+    torch.empty = empty
+torch.set_rng_state(state)
+want = (x[0] - torch.log(-torch.log(torch.rand(2, 768)[0]))).argmax().item()
+out["padding, nan"] = [got[0] == want, got[1]]
 draw.DRAW_BLOCK = kept
 print(json.dumps(out))
 """
@@ -83,6 +99,12 @@ def test_fused_draw_keeps_the_first_of_equal_maxima_across_blocks(interpreted):
     """Equal scores at 300 and 700 (blocks 1 and 2 of 256) give 300, a row of equal scores gives 0: the plain
     draw's argmax keeps the first maximum, so a tie must not go to a later block."""
     assert interpreted["ties"] == [300, 0], interpreted
+
+
+def test_fused_draw_never_reads_the_padding_and_draws_token_0_from_a_nan_row(interpreted):
+    """Three blocks padded to four partial sums, the padding holding the largest float and int: the token is the
+    same-noise argmax; a row of NaN logits gives token 0, as hyena.sample does, never an index past V."""
+    assert interpreted["padding, nan"] == [True, 0], interpreted
 
 
 def test_fused_draw_follows_the_softmax(interpreted):
