@@ -35,10 +35,10 @@ try:
 except ImportError:  # CPU-only installs: hyena.mix serves
     triton = None
 
-# Tiles: BL positions x BD channels a tile, Triton's num_warps; _gate_back takes `seg` tiles of positions a program
-# (its weight-gradient sums stay in registers across them), as many programs as fill the GPU 4 times over. Fastest
-# at L = 2048 (B 64) and 8192 (B 16), D = 512, on one H100: gate_in 0.24 ms, gate_out 0.17 at 2k (7 candidates,
-# results/gpu-logs-2026-12-07e/mixer.md); gate_back with short_back 0.96 ms (12, results/gpu-logs-2026-12-07h/).
+# Tiles: BL positions x BD channels a tile, Triton's num_warps; _gate_back (BACK_TILES) takes `seg` tiles of positions
+# a program (its weight-gradient sums stay in registers), as many programs as fill the GPU 4 times over; the others
+# take GATE_TILES. Fastest at L = 2048 (B 64) and 8192 (B 16), D = 512, on one H100: gate_in 0.24 ms, gate_out 0.17
+# at 2k (results/gpu-logs-2026-12-07e/mixer.md); gate_back with short_back 0.96 (results/gpu-logs-2026-12-07h/).
 GATE_TILES = dict(BL=32, BD=64, warps=4)
 BACK_TILES = dict(BL=32, BD=64, warps=4)
 
@@ -236,7 +236,7 @@ def _gate_back_op(go: torch.Tensor, y_t: torch.Tensor, dz_t: torch.Tensor, p: to
     dwb = p.new_empty(B * n_seg, 3 * D, dtype=torch.float32)
     _gate_back[(n_seg, n_d, B)](
         go, y_t, dz_t, p, w, wb, dpc, dw, dwb, L, D, n_seg, seg, go.stride(0), go.stride(1), *y_t.stride(),
-        *dz_t.stride(), p.stride(0), p.stride(1), dp.stride(0), dp.stride(1), K=K, KP=KP, BL=tiles["BL"],
+        *dz_t.stride(), p.stride(0), p.stride(1), dpc.stride(0), dpc.stride(1), K=K, KP=KP, BL=tiles["BL"],
         BD=tiles["BD"], num_warps=tiles["warps"])
     _short_back[(triton.cdiv(L, GATE_TILES["BL"]), triton.cdiv(3 * D, GATE_TILES["BD"]), B)](
         dpc, w, dp, L, 3 * D, dp.stride(0), dp.stride(1), K=K, BL=GATE_TILES["BL"], BD=GATE_TILES["BD"],
@@ -268,7 +268,7 @@ def _(go, y_t, dz_t, p, w, wb):
 
 
 class GatedConv(torch.autograd.Function):
-    """hyena.mix for order 2 with hyena.fftconv's long convolution: three Triton kernels forward and four backward
+    """hyena.mix for order 2 with hyena.fftconv's long convolution: three Triton kernels forward and five backward
     (the module's docstring), besides the filter's channels-first and shifted copies. p (B, L, 3D) bf16/fp16, the
     short convolution's w (3D, K) and wb (3D,) in p's dtype, the long filter k (L, D) (rounded to p's dtype, as
     fast.toeplitz rounds it) and bias (D,). Returns o (B, L, D) and the long convolution's input z channels first

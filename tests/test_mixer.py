@@ -31,7 +31,7 @@ tiles = dict(chunk=8, width=16, rows=2, batch=2, vec=8, warps=4, stages=2)
 toeplitz.TILES.update(y=tiles, du=tiles, dk=dict(chunk=4, width=8, rows=4, warps=4, stages=2))
 # tiles smaller than the channels and the positions, neither dividing them: masks and several tiles a program
 mixer.GATE_TILES.update(BL=8, BD=4)
-mixer.BACK_TILES.update(BL=16, BD=16)  # tl.dot's least: 16
+mixer.BACK_TILES.update(BL=16, BD=16)
 out, B, L, D = {}, 2, 21, 6
 
 def in_nans(x):
@@ -60,10 +60,11 @@ out["gates fp64"] = [rel(mixer._gate_in_op(pn, w, wb).transpose(1, 2), x1 * v),
                      rel(mixer._gate_grad_op(go, pn, w, wb).transpose(1, 2), go * x0),
                      rel(mixer._gate_out_op(y_t, pn, w, wb), y_t.transpose(1, 2) * x0),
                      rel(dp, ref[0]), rel(dw, ref[1]), rel(dwb, ref[2])]
-# one batch row, one channel tile: the programs split the positions (3 segments of 2 tiles of 14 owned positions,
-# the last tile partial), and the weight's gradient sums over them
-p1, go1 = torch.randn(1, 64, 6, dtype=torch.float64), torch.randn(1, 64, 2, dtype=torch.float64)
-y1, dz1 = torch.randn(1, 2, 64, dtype=torch.float64), torch.randn(1, 2, 64, dtype=torch.float64)
+# one batch row, one channel tile: the programs split the positions (72 = 5 tiles of 16, the last partial; on the
+# CPU 4 programs at most, so 3 segments of 2 tiles, the last one's second tile past L), and the weight's gradient
+# sums over them
+p1, go1 = torch.randn(1, 72, 6, dtype=torch.float64), torch.randn(1, 72, 2, dtype=torch.float64)
+y1, dz1 = torch.randn(1, 2, 72, dtype=torch.float64), torch.randn(1, 2, 72, dtype=torch.float64)
 w1, wb1 = w[[0, 1, 6, 7, 12, 13]], wb[[0, 1, 6, 7, 12, 13]]
 a = [t.clone().requires_grad_() for t in (p1, w1, wb1)]
 x0, x1, v = hyena.short_conv(a[0], a[1][:, None], a[2]).split(2, dim=-1)
