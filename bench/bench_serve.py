@@ -33,7 +33,7 @@ from hyena import new_cache
 HBM_TBS = {"H100": 3.35, "H200": 4.8}  # HBM bandwidth, TB/s, by device name (SXM parts)
 PROMPT = 16  # the serving rows' prefill
 # generate's calls timed at each length (their median): with 3 calls of 64 and 256 tokens a share scattered by up
-# to 0.07 from run to run (results/gpu-logs-2026-12-07h/generate-ab.md)
+# to 0.09 from run to run (results/gpu-logs-2026-12-07h/generate-ab.md)
 GENERATE_RUNS = 7
 
 
