@@ -531,7 +531,7 @@ class GPTNeoX(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
         self.make_step = eager_step  # generate's decoding step (fast.install: a CUDA graph's replay)
-        self.sample = sample  # generate's draw (fast.install: one kernel)
+        self.sample = sample  # generate's draw (fast.install: two Triton kernels)
 
     def head(self, x):
         return self.embed_out(self.gpt_neox.final_layer_norm(x))  # (B, L, V)
