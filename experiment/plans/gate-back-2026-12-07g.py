@@ -22,36 +22,18 @@ Writes OUT_DIR/gate-back.md and prints it."""
 import importlib.util
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import hyena
 from cli import write_atomic
+from experiment.plans.gpu_report import Report, wall
 from fast import mixer
 
 out = Path(sys.argv[1])
-out.mkdir(parents=True, exist_ok=True)
-lines = [f"# gate_back: {torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
+log = Report(out / "gate-back.md", "gate_back")
 D = 512
-
-
-def log(*rows):
-    lines.extend(rows)
-    print(*rows, sep="\n", flush=True)
-    write_atomic(out / "gate-back.md", "\n".join(lines) + "\n")
-
-
-def wall(step, n=50):
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - t0) / n
 
 
 modules = {"product": mixer}
@@ -106,7 +88,7 @@ for L, B in ((2048, 64), (8192, 16)):
         for tiles in CANDIDATES:
             mod.BACK_TILES.update(tiles)
             try:
-                ms = wall(lambda: mod._gate_back_op(go, y_t, dz_t, p, w, wb))
+                ms = wall(lambda: mod._gate_back_op(go, y_t, dz_t, p, w, wb), 50)
                 log(f"| {L} | {B} | {name} | {tiles} | {ms:.3f} | {nbytes / ms / 1e6:,.0f} |")
                 times.setdefault((name, json.dumps(tiles)), []).append(ms)
             except Exception as e:  # a tile this GPU refuses: say so, go on

@@ -12,7 +12,6 @@
 --tiles-only stops after 2 (bench.py's mixer section then times the mixers). Writes OUT_DIR/mixer.md and prints it."""
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,30 +20,13 @@ from torch.profiler import ProfilerActivity, profile
 import fast
 import hyena
 from cli import write_atomic
+from experiment.plans.gpu_report import Report, wall
 from fast import mixer, toeplitz
 from hyena import Attention, Config, HyenaOperator
 
 out = Path(sys.argv[1])
-out.mkdir(parents=True, exist_ok=True)
-lines = [f"# fused mixer: {torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
+log = Report(out / "mixer.md", "fused mixer")
 D = 512
-
-
-def log(*rows):
-    lines.extend(rows)
-    print(*rows, sep="\n", flush=True)
-    write_atomic(out / "mixer.md", "\n".join(lines) + "\n")
-
-
-def wall(step, n=20):
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - t0) / n
 
 
 def rel(a, b):
@@ -143,7 +125,7 @@ for L, B in ((2048, 64), (8192, 16)):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 y = mc(x)
             y.backward(g)
-        ms[name] = wall(step)
+        ms[name] = wall(step, 20)
         if name == "fused":
             step()
             torch.cuda.synchronize()

@@ -12,58 +12,20 @@
    CUDA time against the step's wall time; and the eager step's kernel count.
 Writes OUT_DIR/profile.md (tables) and prints it."""
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import fast
-from cli import write_atomic
+from experiment.plans.gpu_report import Report, kernels, wall
 from fast.step import graphed_step
 from fast.fftconv import fftconv
 from hyena import Config, HyenaOperator, new_cache
 from modal.student import build
 
 out = Path(sys.argv[1])
-out.mkdir(parents=True, exist_ok=True)
-lines = [f"# profile: {torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
-
-
-def log(*rows):
-    lines.extend(rows)
-    print(*rows, sep="\n", flush=True)
-    write_atomic(out / "profile.md", "\n".join(lines) + "\n")
-
-
-def wall(step, n=20):
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    torch.cuda.synchronize()
-    return 1e3 * (time.perf_counter() - t0) / n
-
-
-def kernels(step, n=5, top=25):
-    """(table rows of the top kernels by CUDA time per call, kernel launches per call, CUDA ms per call)"""
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            step()
-        torch.cuda.synchronize()
-    ev = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    total = sum(e.device_time_total for e in ev) / n / 1e3
-    count = sum(e.count for e in ev) / n
-    ev.sort(key=lambda e: -e.device_time_total)
-    rows = ["| kernel | calls/step | ms/step | share |", "|---|---:|---:|---:|"]
-    rows += [f"| {e.key[:90]} | {e.count / n:g} | {e.device_time_total / n / 1e3:.3f} | "
-             f"{e.device_time_total / n / 1e3 / total:.1%} |" for e in ev[:top]]
-    return rows, count, total
+log = Report(out / "profile.md", "profile")
 
 
 D = 512
@@ -80,7 +42,7 @@ for L, B in ((2048, 64), (8192, 16)):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 y = mc(x)
             y.backward(g)
-        ms = wall(step)
+        ms = wall(step, 20)
         rows, count, total = kernels(step)
         log(f"## compiled mixer fwd+bwd, {conv}, L={L}, B={B}: {ms:.2f} ms wall, {total:.2f} ms of kernels, "
             f"{count:g} kernels", "", *rows, "")
@@ -119,7 +81,7 @@ for L, B in ((2048, 64), (8192, 16)):
     g = torch.randn(B, L, D, device="cuda", dtype=torch.bfloat16)
     res = {}
     for name, conv in (("toeplitz", toeplitz.toeplitz_conv), ("views", views_conv)):
-        res[name, "conv"] = wall(lambda: torch.autograd.grad(conv(u, k, bias), (u, k, bias), g))
+        res[name, "conv"] = wall(lambda: torch.autograd.grad(conv(u, k, bias), (u, k, bias), g), 20)
         m = fast.install(HyenaOperator(D, L, order=2)).cuda()
         m.long_conv = conv
         mc = torch.compile(m)
@@ -129,7 +91,7 @@ for L, B in ((2048, 64), (8192, 16)):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 y = mc(x)
             y.backward(g)
-        res[name, "mixer"] = wall(step)
+        res[name, "mixer"] = wall(step, 20)
     log(f"## outputs as views, L={L}, B={B}: conv fwd+bwd eager {res['toeplitz', 'conv']:.2f} -> "
         f"{res['views', 'conv']:.2f} ms; compiled mixer fwd+bwd {res['toeplitz', 'mixer']:.2f} -> "
         f"{res['views', 'mixer']:.2f} ms", "")

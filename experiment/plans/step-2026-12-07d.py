@@ -12,7 +12,6 @@
 4. The kernels of the fused step's replay (torch.profiler), default tiles.
 Writes OUT_DIR/step.md and prints it."""
 import sys
-import time
 import traceback
 from dataclasses import replace
 from pathlib import Path
@@ -23,31 +22,13 @@ from torch.profiler import ProfilerActivity, profile
 
 import fast
 import hyena
-from cli import write_atomic
+from experiment.plans.gpu_report import Report, wall
 from fast import attention, decode, step as fstep
 from hyena import AttentionState, Config, eager_step, new_cache
 from modal.student import build
 
 out = Path(sys.argv[1])
-out.mkdir(parents=True, exist_ok=True)
-lines = [f"# fused step: {torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
-
-
-def log(*rows):
-    lines.extend(rows)
-    print(*rows, sep="\n", flush=True)
-    write_atomic(out / "step.md", "\n".join(lines) + "\n")
-
-
-def wall(fn, n=100):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n
+log = Report(out / "step.md", "fused step")
 
 
 cfg = Config()
@@ -121,7 +102,7 @@ for name, c in (("modal", MODAL), ("teacher", TEACHER)):
                     cache.pos.fill_(2048)  # attention reads up to pos: a 2k context
                     tok = torch.randint(cfg.vocab_size, (B, 1), device="cuda")
                     one = fstep.graphed_step(m, cache, B, fused=kind == "fused")
-                    s = wall(lambda: one(tok), n=200)
+                    s = wall(lambda: one(tok), 200, warmup=5) / 1e3
                 log(f"| {name} | {B} | {kind} | {tiles or fstep._tiles(B)} | {decode.MIX_BLOCK_D} | {1e6 * s:.1f} | "
                     f"{B / s:,.0f} |")
             except Exception as e:  # a tile a GPU refuses: say so, go on
@@ -142,13 +123,14 @@ for B in (1, 64):
     q = torch.randn(B, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
     pos = torch.tensor(65536, device="cuda")
     gb = 2 * B * 8 * 65536 * 64 * 2 / 1e9
-    s = wall(lambda: hyena.cached_attention(state, q, q, q, pos), n=20)
+    s = wall(lambda: hyena.cached_attention(state, q, q, q, pos), 20, warmup=5) / 1e3
     log(f"| {B} | plain (masked SDPA) | | | {1e6 * s:.0f} | {gb / s:,.0f} |")
     for programs in (1024, 4096, 16384):
         for block in (64, 128, 256):
             attention.ATTEND_PROGRAMS, attention.ATTEND_BLOCK = programs, block
             try:
-                s = wall(lambda: attention.attend(state, q[:, :, 0], q[:, :, 0], q[:, :, 0], pos, freq), n=50)
+                s = wall(lambda: attention.attend(state, q[:, :, 0], q[:, :, 0], q[:, :, 0], pos, freq), 50,
+                         warmup=5) / 1e3
                 log(f"| {B} | attend | {programs} | {block} | {1e6 * s:.0f} | {gb / s:,.0f} |")
             except Exception as e:
                 log(f"| {B} | attend | {programs} | {block} | error: {type(e).__name__}: {str(e)[:80]} | |")
@@ -167,7 +149,7 @@ for name, c in (("modal", MODAL), ("teacher", TEACHER)):
             cache.pos.fill_(2048)
             tok = torch.randint(cfg.vocab_size, (B, 1), device="cuda")
             one = fstep.graphed_step(m, cache, B)
-            wall(lambda: one(tok), n=10)
+            wall(lambda: one(tok), 10, warmup=5)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(10):
                     one(tok)

@@ -13,7 +13,6 @@ block at the default small tiles (with-tiles-2026-12-07g.py puts them in for a b
 import itertools
 import json
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,30 +21,13 @@ import torch.nn as nn
 
 import fast
 from cli import write_atomic
+from experiment.plans.gpu_report import Report, wall
 from fast import decode, draw, step as fstep
 from hyena import Config, new_cache, sample
 from modal.student import build
 
 out = Path(sys.argv[1])
-out.mkdir(parents=True, exist_ok=True)
-lines = [f"# fused step sweep: {torch.cuda.get_device_name()}, torch {torch.__version__}", ""]
-
-
-def log(*rows):
-    lines.extend(rows)
-    print(*rows, sep="\n", flush=True)
-    write_atomic(out / "sweep.md", "\n".join(lines) + "\n")
-
-
-def wall(fn, n=200):
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n
+log = Report(out / "sweep.md", "fused step sweep")
 
 
 cfg = Config()
@@ -69,7 +51,7 @@ def timed(m, B, pick=lambda logits: logits, fused=True):
         cache.pos.fill_(2048)  # attention reads up to pos: a 2k context
         tok = torch.randint(cfg.vocab_size, (B, 1), device="cuda")
         one = fstep.graphed_step(m, cache, B, pick, fused=fused)
-        return wall(lambda: one(tok))
+        return wall(lambda: one(tok), 200, warmup=5) / 1e3
 
 
 SMALL = [(16, bn, bnc, ks, bk, 128) for bn, bnc, ks, bk in itertools.product((32, 64), (16, 32), (4, 8), (128, 512))]
